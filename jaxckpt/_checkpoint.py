@@ -1,0 +1,192 @@
+"""`Checkpoint`: TF's ``tf.train.Checkpoint`` for JAX pytrees, on Orbax."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+
+from jaxckpt._background import Saver
+from jaxckpt._errors import InvalidOptionsError, TreeError
+from jaxckpt._future import CommitFuture, SavePath
+from jaxckpt._io_device import resolve_io_device
+from jaxckpt._load_status import InitializationOnlyStatus, LoadStatus
+from jaxckpt._manifest import Manifest, read_manifest
+from jaxckpt._options import CheckpointOptions
+from jaxckpt._restore import read_leaves
+from jaxckpt._snapshot import take_snapshot
+from jaxckpt._tree import flatten_items
+from jaxckpt._write import SaveJob
+
+
+def _check_options(options) -> CheckpointOptions:
+  if options is None:
+    return CheckpointOptions()
+  if not isinstance(options, CheckpointOptions):
+    raise InvalidOptionsError(
+        f"options must be a jaxckpt.CheckpointOptions or None, got "
+        f"{type(options).__name__}.")
+  return options
+
+
+class Checkpoint:
+  """Groups pytrees of arrays to save and restore together, like ``tf.train.Checkpoint``.
+
+  Items are pytrees of ``jax.Array``, numpy arrays and Python scalars, passed as
+  keyword arguments or assigned as attributes later. Restoring replaces each
+  item with a tree of the same structure holding the checkpoint's values (JAX
+  arrays are immutable), in the dtype and sharding of the current values.
+
+  Example:
+    >>> import jaxckpt, jax.numpy as jnp, tempfile
+    >>> prefix = tempfile.mkdtemp() + "/ckpt"
+    >>> ckpt = jaxckpt.Checkpoint(params={"w": jnp.ones(3)}, step=0)
+    >>> ckpt.save(prefix)
+    '...ckpt-1'
+    >>> ckpt.params = {"w": jnp.zeros(3)}
+    >>> status = ckpt.restore(prefix + "-1").assert_consumed()
+    >>> ckpt.params["w"].tolist()
+    [1.0, 1.0, 1.0]
+  """
+
+  def __init__(self, **items: Any):
+    object.__setattr__(self, "_items", {})
+    object.__setattr__(self, "_save_counter", 0)
+    object.__setattr__(self, "_saver", Saver())
+    for name, value in items.items():
+      setattr(self, name, value)
+
+  # -- tracked items -------------------------------------------------------
+
+  def __getattr__(self, name: str) -> Any:
+    items = self.__dict__.get("_items", {})
+    if name in items:
+      return items[name]
+    raise AttributeError(
+        f"Checkpoint tracks no item {name!r}; it tracks {sorted(items)}.")
+
+  def __setattr__(self, name: str, value: Any) -> None:
+    if name.startswith("_"):
+      object.__setattr__(self, name, value)
+      return
+    if hasattr(type(self), name):
+      raise TreeError(
+          f"Cannot track an item named {name!r}: it is a Checkpoint "
+          "attribute. Choose another name.")
+    if "/" in name or "." in name:
+      raise TreeError(f"Item name {name!r} must not contain '/' or '.'.")
+    self._items[name] = value
+
+  def __delattr__(self, name: str) -> None:
+    if name in self._items:
+      del self._items[name]
+    else:
+      object.__delattr__(self, name)
+
+  def __dir__(self):
+    return sorted(set(super().__dir__()) | set(self._items))
+
+  def __repr__(self) -> str:
+    return f"Checkpoint({', '.join(self._items)}; save_counter={self._save_counter})"
+
+  @property
+  def save_counter(self) -> int:
+    """Number of `save` calls so far (restored by `restore`); `write` leaves it."""
+    return self._save_counter
+
+  # -- saving --------------------------------------------------------------
+
+  def save(self, file_prefix: str | os.PathLike,
+           options: CheckpointOptions | None = None) -> SavePath:
+    """Saves to ``f"{file_prefix}-{save_counter + 1}"`` and updates the state file.
+
+    Increments `save_counter`. With ``options.enable_async`` it returns once the
+    snapshot is taken; the write, commit, write callbacks and state-file update
+    run in the background (at most one save in flight).
+
+    Returns:
+      The checkpoint path, a ``str`` whose ``.future`` is its `CommitFuture`.
+
+    Raises:
+      SaveError: this sync save failed, or an earlier async save failed.
+      TreeError, UnknownDeviceError, InvalidOptionsError: bad input; nothing
+        is written and the counter is unchanged.
+    """
+    prefix = os.fspath(file_prefix)
+    return self._save(lambda n: f"{prefix}-{n}", _check_options(options),
+                      kind="save", state_dir=os.path.dirname(prefix) or ".")
+
+  def write(self, file_prefix: str | os.PathLike,
+            options: CheckpointOptions | None = None) -> SavePath:
+    """Writes exactly ``file_prefix``: no counter change, no state file.
+
+    Overwrites an existing checkpoint there only once the new one is complete.
+    """
+    path = os.fspath(file_prefix)
+    return self._save(lambda n: path, _check_options(options),
+                      kind="write", state_dir=None)
+
+  def _save(self, path_for, options: CheckpointOptions, *, kind: str,
+            state_dir: str | None) -> SavePath:
+    self._saver.wait()
+    leaves, _ = flatten_items(self._items)
+    flat = [leaf for item_leaves in leaves.values() for leaf in item_leaves]
+    io_device = resolve_io_device(options.experimental_io_device)
+    counter = self._save_counter + (kind == "save")
+    path = path_for(counter)
+    snapshot = take_snapshot(flat, copy=options.enable_async, io_device=io_device)
+    object.__setattr__(self, "_save_counter", counter)
+    future = CommitFuture(path)
+    job = SaveJob(final=path, snapshot=snapshot,
+                  manifest=Manifest.build(flat, save_counter=counter, kind=kind),
+                  callbacks=list(options.experimental_write_callbacks or ()),
+                  state_dir=state_dir, future=future)
+    self._saver.submit(job, background=options.enable_async)
+    return SavePath(path, future)
+
+  def sync(self) -> None:
+    """Waits for the pending async save; raises if it (or an earlier one) failed."""
+    self._saver.wait()
+
+  # -- restoring -----------------------------------------------------------
+
+  def restore(self, save_path: str | os.PathLike | None,
+              options: CheckpointOptions | None = None) -> LoadStatus:
+    """Restores tracked items and `save_counter` from a checkpoint.
+
+    Waits for a pending async save first. ``save_path=None`` (e.g. from
+    `latest_checkpoint` on a fresh directory) restores nothing and returns a
+    status whose assertions fail, as in TF.
+
+    Raises:
+      CheckpointNotFoundError: nothing at ``save_path`` (a FileNotFoundError).
+      ShapeMismatchError: a tracked value's shape differs (a ValueError);
+        nothing is restored.
+    """
+    return self._restore(save_path, _check_options(options), restore_counter=True)
+
+  def read(self, save_path: str | os.PathLike,
+           options: CheckpointOptions | None = None) -> LoadStatus:
+    """Like `restore`, for checkpoints made by `write`: leaves `save_counter` alone."""
+    return self._restore(save_path, _check_options(options), restore_counter=False)
+
+  def _restore(self, save_path, options: CheckpointOptions, *,
+               restore_counter: bool) -> LoadStatus:
+    self._saver.wait()
+    leaves, treedefs = flatten_items(self._items)
+    tracked = {leaf.name for item_leaves in leaves.values() for leaf in item_leaves}
+    if save_path is None:
+      return InitializationOnlyStatus(tracked)
+    path = os.fspath(save_path)
+    manifest = read_manifest(path)
+    io_device = resolve_io_device(options.experimental_io_device)
+    flat = [leaf for item_leaves in leaves.values() for leaf in item_leaves]
+    restored = read_leaves(path, manifest, flat, io_device)
+    for name, item_leaves in leaves.items():
+      if any(leaf.name in restored for leaf in item_leaves):
+        self._items[name] = jax.tree_util.tree_unflatten(
+            treedefs[name], [restored.get(l.name, l.value) for l in item_leaves])
+    if restore_counter:
+      object.__setattr__(self, "_save_counter", manifest.save_counter)
+    return LoadStatus(path, tracked, set(manifest.leaves))

@@ -1,0 +1,80 @@
+"""Durability and atomic visibility on POSIX filesystems.
+
+Orbax renames its temporary directory into place but does not fsync the data
+files or the directories, so after a power loss a "committed" checkpoint can be
+empty. jaxckpt fsyncs everything under the staging directory, then renames it to
+its final name and fsyncs the parent, so a checkpoint is visible only once its
+bytes are durable.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+
+
+def fsync_dir(path: str) -> None:
+  fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.fsync(fd)
+  finally:
+    os.close(fd)
+
+
+def fsync_tree(root: str) -> None:
+  """fsyncs every file and directory under ``root`` (directories last)."""
+  for dirpath, _, filenames in os.walk(root, topdown=False):
+    for name in filenames:
+      fd = os.open(os.path.join(dirpath, name), os.O_RDONLY)
+      try:
+        os.fsync(fd)
+      finally:
+        os.close(fd)
+    fsync_dir(dirpath)
+
+
+def staging_path(final: str) -> str:
+  """A hidden sibling of ``final`` to write into before the commit rename."""
+  parent, base = os.path.split(final)
+  return os.path.join(parent, f".{base}.jaxckpt-tmp-{uuid.uuid4().hex[:12]}")
+
+
+def commit(staging: str, final: str) -> None:
+  """Makes ``staging`` durable and visible as ``final``.
+
+  If ``final`` already exists (TF's ``write`` overwrites), the old directory is
+  moved aside first and deleted only after the new one is in place, so a
+  failure never leaves neither.
+  """
+  fsync_tree(staging)
+  parent = os.path.dirname(final) or "."
+  old = None
+  if os.path.lexists(final):
+    if not os.path.isdir(final) or os.path.islink(final):
+      raise FileExistsError(
+          f"Cannot save to {final!r}: a file that is not a checkpoint directory is "
+          "in the way. Remove it or choose another path.")
+    old = staging.replace(".jaxckpt-tmp-", ".jaxckpt-old-")
+    os.rename(final, old)
+  try:
+    os.rename(staging, final)
+  except BaseException:
+    if old is not None:
+      os.rename(old, final)
+    raise
+  fsync_dir(parent)
+  if old is not None:
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def remove_staging(staging: str) -> None:
+  """Best-effort removal of a failed save's staging data (incl. Orbax's tmp dirs)."""
+  parent, base = os.path.split(staging)
+  try:
+    names = os.listdir(parent or ".")
+  except OSError:
+    return
+  for name in names:
+    if name == base or name.startswith(base + "."):
+      shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

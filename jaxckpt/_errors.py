@@ -1,0 +1,49 @@
+"""The one exception hierarchy of jaxckpt.
+
+Every error jaxckpt raises derives from :class:`JaxckptError` and from the
+builtin a caller would naturally catch (``FileNotFoundError``, ``ValueError``,
+``AssertionError`` ...), so ``except FileNotFoundError`` keeps working for code
+migrated from ``tf.train.Checkpoint``.
+"""
+
+from __future__ import annotations
+
+
+class JaxckptError(Exception):
+  """Base class of every error raised by jaxckpt."""
+
+
+class InvalidOptionsError(JaxckptError, TypeError, ValueError):
+  """A `CheckpointOptions` field has a bad value (wrong type or signature)."""
+
+
+class UnknownDeviceError(JaxckptError, ValueError):
+  """``experimental_io_device`` names no device this process can use."""
+
+
+class TreeError(JaxckptError, ValueError):
+  """A tracked pytree holds something jaxckpt cannot save or restore into."""
+
+
+class ShapeMismatchError(JaxckptError, ValueError):
+  """A checkpointed array and the tracked value at the same path differ in shape."""
+
+
+class CheckpointNotFoundError(JaxckptError, FileNotFoundError):
+  """The path given to restore/read/load_checkpoint holds no committed checkpoint."""
+
+
+class NotACheckpointError(JaxckptError, ValueError):
+  """The path exists but is not a (complete) jaxckpt checkpoint."""
+
+
+class SaveError(JaxckptError, RuntimeError):
+  """A save or write failed; for async saves, raised at the next call."""
+
+
+class WriteCallbackError(SaveError):
+  """A write callback raised; the checkpoint itself is committed."""
+
+
+class LoadStatusError(JaxckptError, AssertionError):
+  """A load-status assertion (``assert_consumed`` ...) failed."""

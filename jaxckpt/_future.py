@@ -1,0 +1,49 @@
+"""Commit futures and the path strings that carry them."""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+
+class CommitFuture(concurrent.futures.Future):
+  """Resolves to the committed checkpoint path once the save is complete.
+
+  "Complete" means: data durable, directory renamed to its final path, write
+  callbacks run, state file updated. A failure anywhere (including a raising
+  callback) fails the future with a `SaveError`. It is a real
+  ``concurrent.futures.Future``: ``result(timeout)``, ``done()``,
+  ``exception()``, ``add_done_callback`` and ``concurrent.futures.wait`` work.
+
+  Attributes:
+    path: the path being saved (known before the save completes).
+  """
+
+  def __init__(self, path: str):
+    super().__init__()
+    self.path = path
+
+  def __repr__(self) -> str:
+    return f"<CommitFuture {self.path!r} {self._state.lower()}>"
+
+
+class SavePath(str):
+  """The ``str`` path TF's ``save``/``write`` return, with its commit future.
+
+  Example:
+    >>> import jaxckpt, jax.numpy as jnp, tempfile
+    >>> ckpt = jaxckpt.Checkpoint(w=jnp.ones(3))
+    >>> opts = jaxckpt.CheckpointOptions(enable_async=True)
+    >>> path = ckpt.save(tempfile.mkdtemp() + "/ckpt", options=opts)
+    >>> path.future.result(timeout=60) == path
+    True
+  """
+
+  future: CommitFuture
+
+  def __new__(cls, path: str, future: CommitFuture) -> SavePath:
+    self = super().__new__(cls, path)
+    self.future = future
+    return self
+
+  def __reduce__(self):  # Pickles (and copies) as a plain string.
+    return (str, (str(self),))

@@ -1,0 +1,90 @@
+"""Resolves TF-style ``experimental_io_device`` values to a ``jax.Device``.
+
+TF device strings map onto JAX's runtime like this:
+
+* ``/job:NAME`` — any job name; with a single JAX process only the local task
+  exists. ``/task:K`` (and ``/replica:R``, which must be 0) names
+  ``jax.process_index() == K``. Multi-process routing comes with the
+  distributed issue; here task K must be this process.
+* ``/device:TYPE:N``, ``TYPE:N``, ``/TYPE:N`` — device N of backend TYPE
+  (``CPU``, ``GPU``, ``TPU``) among that process's devices.
+* No device part (``"/job:localhost"``) — the host CPU of that task, which is
+  what TF places save ops on.
+
+``None`` means no routing: each device's shards go straight to storage.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+
+from jaxckpt._errors import UnknownDeviceError
+
+_SPEC = re.compile(
+    r"^(?:/job:(?P<job>[A-Za-z0-9_\-]+))?"
+    r"(?:/replica:(?P<replica>\d+))?"
+    r"(?:/task:(?P<task>\d+))?"
+    r"(?:/?(?:device:)?(?P<type>[A-Za-z]+):(?P<index>\d+|\*))?$")
+
+
+def _available() -> str:
+  devices = []
+  for backend in ("cpu", jax.default_backend()):
+    try:
+      devices += [d for d in jax.local_devices(backend=backend) if d not in devices]
+    except RuntimeError:
+      pass
+  names = [f"/job:localhost/task:{d.process_index}/device:{d.platform.upper()}:{d.id}"
+           for d in devices]
+  return ", ".join(names) + " (or a jax.Device, or None)"
+
+
+def resolve_io_device(spec) -> jax.Device | None:
+  """Returns the device whose host does the I/O, or None for direct I/O.
+
+  Raises:
+    UnknownDeviceError: ``spec`` names no device of this process; the message
+      lists the available ones.
+  """
+  if spec is None:
+    return None
+  if isinstance(spec, jax.Device):
+    if spec.process_index != jax.process_index():
+      raise UnknownDeviceError(
+          f"experimental_io_device {spec} belongs to process {spec.process_index}, "
+          f"this is process {jax.process_index()}. Available: {_available()}.")
+    return spec
+  if not isinstance(spec, str):
+    raise UnknownDeviceError(
+        f"experimental_io_device must be None, a TF device string or a jax.Device, "
+        f"got {type(spec).__name__} {spec!r}.")
+  text = spec.strip()
+  m = _SPEC.match(text)
+  if not text or m is None:
+    raise UnknownDeviceError(
+        f"experimental_io_device {spec!r} is not a device string like "
+        f"'/job:localhost', '/job:worker/task:0/device:CPU:0' or 'cpu:0'. "
+        f"Available: {_available()}.")
+  if m["replica"] not in (None, "0"):
+    raise UnknownDeviceError(
+        f"experimental_io_device {spec!r}: replica {m['replica']} does not exist; "
+        f"JAX has one replica per job. Available: {_available()}.")
+  task = jax.process_index() if m["task"] is None else int(m["task"])
+  if task != jax.process_index():
+    raise UnknownDeviceError(
+        f"experimental_io_device {spec!r} names task {task}, but this is process "
+        f"{jax.process_index()} of {jax.process_count()}. Available: {_available()}.")
+  backend = (m["type"] or "cpu").lower()
+  index = 0 if m["index"] in (None, "*") else int(m["index"])
+  try:
+    devices = jax.local_devices(backend=backend)
+  except RuntimeError:
+    devices = []
+  # TF numbers devices per task; JAX ids are global, so index into local ones.
+  if index >= len(devices):
+    raise UnknownDeviceError(
+        f"experimental_io_device {spec!r}: no {backend.upper()}:{index} device in "
+        f"this process. Available: {_available()}.")
+  return devices[index]

@@ -1,0 +1,16 @@
+"""Tunables, in one place. Tests override them with ``monkeypatch.setattr``."""
+
+# Seconds the interpreter-exit hook waits for each pending async save
+# (TF's async helper waits 300 s).
+EXIT_TIMEOUT_S: float = 300.0
+
+# Name of the TF-format text state file written next to ``save()``'d checkpoints.
+STATE_FILE_NAME: str = "checkpoint"
+
+# On-disk layout inside one checkpoint directory. ``STATE_ITEM`` is a plain
+# Orbax PyTree checkpoint; ``MANIFEST_ITEM`` holds jaxckpt's own metadata.
+STATE_ITEM: str = "state"
+MANIFEST_ITEM: str = "jaxckpt"
+
+# Format version written into every manifest; readers refuse newer versions.
+FORMAT_VERSION: int = 1

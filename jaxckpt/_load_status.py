@@ -1,0 +1,98 @@
+"""TF's load status: what a restore matched, with TF's assertion methods."""
+
+from __future__ import annotations
+
+import logging
+import weakref
+
+from jaxckpt._errors import LoadStatusError
+
+logger = logging.getLogger("jaxckpt")
+
+
+def _list(names) -> str:
+  names = sorted(names)
+  shown = ", ".join(repr(n) for n in names[:10])
+  return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
+
+
+def _warn_unused(path: str, unused: frozenset[str], silenced: list[bool]) -> None:
+  if unused and not silenced[0]:
+    logger.warning(
+        "Values in checkpoint %s were never restored (nothing tracks them): %s. "
+        "Call expect_partial() on the load status to silence this.", path, _list(unused))
+
+
+class LoadStatus:
+  """Returned by `Checkpoint.restore`/`read`; every method returns ``self``.
+
+  Attributes:
+    matched: names restored (tracked and in the checkpoint).
+    missing: tracked names absent from the checkpoint (left unchanged).
+    unused: checkpoint names nothing tracks (not read).
+  """
+
+  def __init__(self, path: str, tracked: set[str], in_checkpoint: set[str]):
+    self.path = path
+    self.matched = frozenset(tracked & in_checkpoint)
+    self.missing = frozenset(tracked - in_checkpoint)
+    self.unused = frozenset(in_checkpoint - tracked)
+    self._silenced = [False]
+    weakref.finalize(self, _warn_unused, path, self.unused, self._silenced)
+
+  def assert_consumed(self) -> LoadStatus:
+    """Every checkpoint value was restored and every tracked value was found."""
+    self.assert_existing_objects_matched()
+    if self.unused:
+      raise LoadStatusError(
+          f"Unresolved values in checkpoint {self.path!r}: {_list(self.unused)} "
+          "are in the checkpoint but not tracked. Track them, or use "
+          "assert_existing_objects_matched() if that is intended.")
+    self._silenced[0] = True
+    return self
+
+  def assert_existing_objects_matched(self) -> LoadStatus:
+    """Every tracked value was found in the checkpoint (extra values are fine)."""
+    if self.missing:
+      raise LoadStatusError(
+          f"Tracked values not found in checkpoint {self.path!r}: "
+          f"{_list(self.missing)}; they kept their current values.")
+    return self
+
+  def assert_nontrivial_match(self) -> LoadStatus:
+    """At least one tracked value was restored."""
+    if not self.matched:
+      raise LoadStatusError(
+          f"Nothing tracked matched checkpoint {self.path!r} (tracked: "
+          f"{_list(self.missing) or 'nothing'}; in checkpoint: {_list(self.unused)}).")
+    return self
+
+  def expect_partial(self) -> LoadStatus:
+    """Silences the warning about checkpoint values that were not restored."""
+    self._silenced[0] = True
+    return self
+
+  def __repr__(self) -> str:
+    return (f"LoadStatus({self.path!r}, matched={len(self.matched)}, "
+            f"missing={len(self.missing)}, unused={len(self.unused)})")
+
+
+class InitializationOnlyStatus(LoadStatus):
+  """What ``restore(None)`` returns (e.g. ``restore(latest_checkpoint(d))`` on a
+  fresh directory): nothing was restored; the assertions say so."""
+
+  def __init__(self, tracked: set[str]):
+    super().__init__("<no checkpoint>", tracked, set())
+
+  def _fail(self):
+    raise LoadStatusError(
+        "No checkpoint specified (save_path=None); nothing was restored.")
+
+  def assert_consumed(self) -> LoadStatus:
+    self._fail()
+
+  def assert_existing_objects_matched(self) -> LoadStatus:
+    self._fail()
+
+  def assert_nontrivial_match(self) -> LoadStatus:
+    self._fail()

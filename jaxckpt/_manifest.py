@@ -1,0 +1,122 @@
+"""jaxckpt's own metadata inside each checkpoint (``<ckpt>/jaxckpt/metadata``).
+
+Orbax owns the array data (``<ckpt>/state``, a plain Orbax PyTree checkpoint);
+the manifest records what jaxckpt adds: format version, ``save_counter`` and
+each leaf's name, shape, dtype and Python kind. Its presence at the final path
+is the commit marker, since the directory only gets there by an atomic rename.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from jaxckpt import _knobs
+from jaxckpt._errors import CheckpointNotFoundError, NotACheckpointError
+from jaxckpt._tree import Leaf
+
+
+@dataclasses.dataclass(frozen=True)
+class LeafInfo:
+  shape: tuple[int, ...]
+  dtype: str
+  kind: str  # "jax", "numpy", "bool", "int" or "float"
+
+
+@dataclasses.dataclass(frozen=True)
+class Manifest:
+  version: int
+  save_counter: int
+  kind: str  # "save" or "write"
+  created: float
+  leaves: dict[str, LeafInfo]
+
+  @classmethod
+  def build(cls, leaves: list[Leaf], *, save_counter: int, kind: str) -> Manifest:
+    return cls(
+        version=_knobs.FORMAT_VERSION, save_counter=save_counter, kind=kind,
+        created=time.time(),
+        leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves})
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+        "format": "jaxckpt", "version": self.version,
+        "save_counter": self.save_counter, "kind": self.kind,
+        "created": self.created,
+        "leaves": {n: {"shape": list(i.shape), "dtype": i.dtype, "kind": i.kind}
+                   for n, i in self.leaves.items()},
+    }
+
+  @classmethod
+  def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
+    if data.get("format") != "jaxckpt":
+      raise NotACheckpointError(f"{where} is not a jaxckpt manifest.")
+    version = data.get("version")
+    if not isinstance(version, int) or version > _knobs.FORMAT_VERSION:
+      raise NotACheckpointError(
+          f"{where} has format version {version!r}; this jaxckpt reads versions "
+          f"<= {_knobs.FORMAT_VERSION}. Upgrade jaxckpt to read it.")
+    return cls(
+        version=version, save_counter=int(data["save_counter"]),
+        kind=data["kind"], created=float(data["created"]),
+        leaves={n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"])
+                for n, i in data["leaves"].items()})
+
+
+def manifest_file(path: str | os.PathLike) -> str:
+  # Orbax's JsonCheckpointHandler stores the item as "<item>/metadata".
+  return os.path.join(os.fspath(path), _knobs.MANIFEST_ITEM, "metadata")
+
+
+def is_committed(path: str | os.PathLike) -> bool:
+  return os.path.isfile(manifest_file(path))
+
+
+def _not_found(path: str) -> CheckpointNotFoundError:
+  hint = ""
+  parent = os.path.dirname(path) or "."
+  base = os.path.basename(path)
+  if os.path.isdir(parent):
+    numbered = sorted(
+        (n for n in os.listdir(parent)
+         if n.startswith(base + "-") and n[len(base) + 1:].isdigit()),
+        key=lambda n: int(n[len(base) + 1:]))
+    if numbered:
+      hint = (f" save() appends '-N' to the prefix: did you mean "
+              f"'{os.path.join(parent, numbered[-1])}'? "
+              f"jaxckpt.latest_checkpoint({parent!r}) finds the newest.")
+  if os.path.isfile(os.path.join(path, _knobs.STATE_FILE_NAME)):
+    hint = (f" {path!r} is a directory of checkpoints; pass "
+            f"jaxckpt.latest_checkpoint({path!r}) instead.")
+  return CheckpointNotFoundError(f"No checkpoint found at {path!r}.{hint}")
+
+
+def read_manifest(path: str | os.PathLike) -> Manifest:
+  """Reads the manifest of the committed checkpoint at ``path``.
+
+  Raises:
+    CheckpointNotFoundError: nothing is at ``path`` (hints the ``-N`` suffix).
+    NotACheckpointError: something is there but it is not a committed jaxckpt
+      checkpoint (or it is from a newer format).
+  """
+  path = os.fspath(path)
+  if not os.path.exists(path):
+    raise _not_found(path)
+  if os.path.isdir(path) and os.path.isfile(
+      os.path.join(path, _knobs.STATE_FILE_NAME)) and not is_committed(path):
+    raise _not_found(path)
+  file = manifest_file(path)
+  if not os.path.isfile(file):
+    raise NotACheckpointError(
+        f"{path!r} exists but is not a committed jaxckpt checkpoint (no "
+        f"{_knobs.MANIFEST_ITEM}/metadata inside). If it is a plain Orbax "
+        "checkpoint, restore it with orbax.checkpoint directly.")
+  with open(file) as f:
+    try:
+      data = json.load(f)
+    except json.JSONDecodeError as e:
+      raise NotACheckpointError(f"{file!r} is not valid JSON: {e}.") from e
+  return Manifest.from_json(data, file)

@@ -1,0 +1,183 @@
+"""`CheckpointOptions`: TF's options object, with TF's async-flag gotcha fixed."""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import warnings
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from jaxckpt._errors import InvalidOptionsError
+
+WriteCallback = Callable[..., Any]
+
+_DEPRECATED_ALIAS = (
+    "CheckpointOptions(experimental_enable_async_checkpoint=...) is deprecated; "
+    "use enable_async=... instead."
+)
+
+
+def _takes_path(callback: WriteCallback) -> bool:
+  """Whether ``callback`` is called as ``cb(save_path)`` (else ``cb()``)."""
+  try:
+    params = inspect.signature(callback).parameters.values()
+  except (TypeError, ValueError):  # Builtins without a signature, e.g. print.
+    return True
+  positional = (inspect.Parameter.POSITIONAL_ONLY,
+                inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                inspect.Parameter.VAR_POSITIONAL)
+  return any(p.kind in positional for p in params)
+
+
+def _check_callback(index: int, callback: Any) -> None:
+  if not callable(callback):
+    raise InvalidOptionsError(
+        f"experimental_write_callbacks[{index}] must be callable, got "
+        f"{type(callback).__name__} {callback!r}.")
+  try:
+    params = inspect.signature(callback).parameters.values()
+  except (TypeError, ValueError):
+    return
+  required = [
+      p.name for p in params
+      if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD)
+      and p.default is inspect.Parameter.empty
+  ]
+  required_kw = [
+      p.name for p in params
+      if p.kind is inspect.Parameter.KEYWORD_ONLY
+      and p.default is inspect.Parameter.empty
+  ]
+  if len(required) > 1 or required_kw:
+    raise InvalidOptionsError(
+        f"experimental_write_callbacks[{index}] ({callback!r}) must take at most "
+        f"one positional argument (the save path), got required parameters "
+        f"{required + required_kw}. Give the others defaults or wrap it: "
+        f"lambda path: {getattr(callback, '__name__', 'cb')}(path, ...).")
+
+
+def call_write_callback(callback: WriteCallback, save_path: str) -> None:
+  """Calls a write callback the way TF does: ``cb(save_path)`` or ``cb()``."""
+  if _takes_path(callback):
+    callback(save_path)
+  else:
+    callback()
+
+
+class CheckpointOptions:
+  """Options for `Checkpoint.save`/`write`/`restore`/`read`, as in TF.
+
+  The four parameters are TF's, in TF's order and with TF's meaning:
+
+  * ``experimental_io_device``: the device whose host does the file I/O
+    (``None``, a TF device string such as ``"/job:localhost"`` or ``"cpu:0"``,
+    or a ``jax.Device``). Changes where I/O happens, never what is saved.
+  * ``experimental_enable_async_checkpoint``: deprecated alias of
+    ``enable_async`` (passing it warns). The two are OR-merged.
+  * ``experimental_write_callbacks``: callables run in order after each
+    save/write is committed, as ``cb()`` or ``cb(save_path)``; for async saves
+    on the background thread.
+  * ``enable_async``: write in the background; ``save`` returns once the
+    snapshot is taken.
+
+  Unlike TF, assigning ``enable_async`` (or its alias) after construction keeps
+  both in sync and takes effect.
+
+  Example:
+    >>> import jaxckpt
+    >>> opts = jaxckpt.CheckpointOptions(enable_async=True,
+    ...                                  experimental_write_callbacks=[print])
+    >>> opts.experimental_enable_async_checkpoint
+    True
+    >>> opts.enable_async = False
+    >>> opts.experimental_enable_async_checkpoint
+    False
+  """
+
+  __slots__ = ("experimental_io_device", "_async", "_callbacks")
+
+  def __init__(
+      self,
+      experimental_io_device: Any = None,
+      experimental_enable_async_checkpoint: bool = False,
+      experimental_write_callbacks: Iterable[WriteCallback] | None = None,
+      enable_async: bool = False,
+  ):
+    if experimental_enable_async_checkpoint:
+      warnings.warn(_DEPRECATED_ALIAS, DeprecationWarning, stacklevel=2)
+    self.experimental_io_device = experimental_io_device
+    self._async = False
+    self.enable_async = bool(experimental_enable_async_checkpoint or enable_async)
+    self.experimental_write_callbacks = experimental_write_callbacks
+
+  @property
+  def enable_async(self) -> bool:
+    return self._async
+
+  @enable_async.setter
+  def enable_async(self, value: bool) -> None:
+    if not isinstance(value, (bool, int)):
+      raise InvalidOptionsError(
+          f"enable_async must be a bool, got {type(value).__name__} {value!r}.")
+    self._async = bool(value)
+
+  @property
+  def experimental_enable_async_checkpoint(self) -> bool:
+    """Deprecated alias of `enable_async`; reads and writes the same flag."""
+    return self._async
+
+  @experimental_enable_async_checkpoint.setter
+  def experimental_enable_async_checkpoint(self, value: bool) -> None:
+    warnings.warn(_DEPRECATED_ALIAS, DeprecationWarning, stacklevel=2)
+    self.enable_async = value
+
+  @property
+  def experimental_write_callbacks(self) -> list[WriteCallback] | None:
+    return self._callbacks
+
+  @experimental_write_callbacks.setter
+  def experimental_write_callbacks(self, callbacks) -> None:
+    if callbacks is None:
+      self._callbacks = None
+      return
+    if callable(callbacks) or isinstance(callbacks, (str, bytes)):
+      raise InvalidOptionsError(
+          "experimental_write_callbacks must be a list of callables, got a "
+          f"single {type(callbacks).__name__}; wrap it: [{callbacks!r}].")
+    callbacks = list(callbacks)
+    for i, cb in enumerate(callbacks):
+      _check_callback(i, cb)
+    self._callbacks = callbacks
+
+  def __copy__(self) -> CheckpointOptions:
+    new = object.__new__(CheckpointOptions)
+    new.experimental_io_device = self.experimental_io_device
+    new._async = self._async
+    new._callbacks = None if self._callbacks is None else list(self._callbacks)
+    return new
+
+  def __deepcopy__(self, memo) -> CheckpointOptions:
+    # Callbacks and devices are not data: copy the list, share its elements.
+    return self.__copy__()
+
+  def copy(self) -> CheckpointOptions:
+    """Returns a copy with its own callback list."""
+    return copy.copy(self)
+
+  def _key(self):
+    return (self.experimental_io_device, self._async,
+            None if self._callbacks is None else tuple(self._callbacks))
+
+  def __eq__(self, other) -> bool:
+    if not isinstance(other, CheckpointOptions):
+      return NotImplemented
+    return self._key() == other._key()
+
+  __hash__ = None  # Mutable.
+
+  def __repr__(self) -> str:
+    return (f"CheckpointOptions(experimental_io_device={self.experimental_io_device!r}, "
+            f"enable_async={self._async}, "
+            f"experimental_write_callbacks={self._callbacks!r})")

@@ -1,0 +1,91 @@
+"""Reading checkpoints without a model: TF's list_variables / load_checkpoint."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from jaxckpt import _knobs
+from jaxckpt._errors import CheckpointNotFoundError, JaxckptError
+from jaxckpt._manifest import is_committed, read_manifest
+from jaxckpt._restore import read_leaves
+from jaxckpt._state_file import latest_checkpoint
+from jaxckpt._tree import Leaf
+
+
+class VariableNotFoundError(JaxckptError, KeyError):
+  """`CheckpointReader.get_tensor` was asked for a name not in the checkpoint."""
+
+
+def _resolve(dir_or_path) -> str:
+  path = os.fspath(dir_or_path)
+  if os.path.isdir(path) and not is_committed(path):
+    latest = latest_checkpoint(path)
+    if latest is None:
+      if os.path.isfile(os.path.join(path, _knobs.STATE_FILE_NAME)):
+        raise CheckpointNotFoundError(
+            f"The state file in {path!r} names no committed checkpoint.")
+      raise CheckpointNotFoundError(
+          f"{path!r} is neither a checkpoint nor a directory with a "
+          f"'{_knobs.STATE_FILE_NAME}' state file.")
+    return latest
+  return path
+
+
+class CheckpointReader:
+  """Reads one checkpoint's variables as numpy arrays (TF's ``CheckpointReader``).
+
+  Example:
+    >>> import jaxckpt, jax.numpy as jnp, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> _ = jaxckpt.Checkpoint(model={"w": jnp.ones((2, 3))}).save(d + "/ckpt")
+    >>> reader = jaxckpt.load_checkpoint(d)
+    >>> reader.get_variable_to_shape_map()
+    {'model/w': [2, 3]}
+    >>> reader.get_tensor("model/w").sum()
+    np.float32(6.0)
+  """
+
+  def __init__(self, path: str):
+    self.path = path
+    self._manifest = read_manifest(path)
+
+  @property
+  def save_counter(self) -> int:
+    return self._manifest.save_counter
+
+  def get_variable_to_shape_map(self) -> dict[str, list[int]]:
+    return {n: list(i.shape) for n, i in self._manifest.leaves.items()}
+
+  def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
+    return {n: np.dtype(i.dtype) if i.dtype != "bfloat16" else _bfloat16()
+            for n, i in self._manifest.leaves.items()}
+
+  def has_tensor(self, name: str) -> bool:
+    return name in self._manifest.leaves
+
+  def get_tensor(self, name: str) -> np.ndarray:
+    info = self._manifest.leaves.get(name)
+    if info is None:
+      raise VariableNotFoundError(
+          f"{name!r} is not in checkpoint {self.path!r}; it has "
+          f"{sorted(self._manifest.leaves)[:10]}.")
+    dtype = self.get_variable_to_dtype_map()[name]
+    template = Leaf(name, np.zeros(info.shape, dtype))
+    return read_leaves(self.path, self._manifest, [template])[name]
+
+
+def _bfloat16():
+  import ml_dtypes  # A dependency of jax.
+  return np.dtype(ml_dtypes.bfloat16)
+
+
+def load_checkpoint(dir_or_path) -> CheckpointReader:
+  """Returns a `CheckpointReader` for a checkpoint, or a directory's latest one."""
+  return CheckpointReader(_resolve(dir_or_path))
+
+
+def list_variables(dir_or_path) -> list[tuple[str, list[int]]]:
+  """Returns ``[(name, shape), ...]`` sorted by name, like ``tf.train.list_variables``."""
+  return sorted(load_checkpoint(dir_or_path).get_variable_to_shape_map().items())

@@ -1,0 +1,134 @@
+"""TF's text state file ``checkpoint``: which checkpoint in a directory is latest.
+
+Same format as TF's ``CheckpointState`` text proto, so TF tools read it::
+
+    model_checkpoint_path: "ckpt-2"
+    all_model_checkpoint_paths: "ckpt-2"
+
+Paths inside the directory are stored relative to it. The file is rewritten
+atomically (temp file, fsync, ``os.replace``, fsync of the directory).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+
+from jaxckpt import _knobs
+from jaxckpt._durable import fsync_dir
+from jaxckpt._manifest import is_committed
+
+
+@dataclasses.dataclass
+class CheckpointState:
+  model_checkpoint_path: str
+  all_model_checkpoint_paths: list[str]
+  all_model_checkpoint_timestamps: list[float] = dataclasses.field(default_factory=list)
+  last_preserved_timestamp: float | None = None
+
+
+_LINE = re.compile(r'^\s*(\w+)\s*:\s*(.+?)\s*$')
+
+
+def _quote(text: str) -> str:
+  # JSON string escaping is a subset of text-proto escaping for these paths.
+  return json.dumps(text)
+
+
+def _unquote(text: str) -> str:
+  if text.startswith("'") and text.endswith("'"):
+    text = '"' + text[1:-1].replace('"', '\\"') + '"'
+  return json.loads(text)
+
+
+def state_file_path(directory: str) -> str:
+  return os.path.join(directory or ".", _knobs.STATE_FILE_NAME)
+
+
+def _relative(directory: str, path: str) -> str:
+  directory = directory or "."
+  if os.path.dirname(os.path.abspath(path)) == os.path.abspath(directory):
+    return os.path.basename(path)
+  return path
+
+
+def _absolute(directory: str, path: str) -> str:
+  return path if os.path.isabs(path) else os.path.join(directory or ".", path)
+
+
+def format_state(directory: str, state: CheckpointState) -> str:
+  lines = [f"model_checkpoint_path: {_quote(_relative(directory, state.model_checkpoint_path))}"]
+  lines += [f"all_model_checkpoint_paths: {_quote(_relative(directory, p))}"
+            for p in state.all_model_checkpoint_paths]
+  lines += [f"all_model_checkpoint_timestamps: {t!r}"
+            for t in state.all_model_checkpoint_timestamps]
+  if state.last_preserved_timestamp is not None:
+    lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
+  return "\n".join(lines) + "\n"
+
+
+def write_state(directory: str, state: CheckpointState) -> None:
+  """Atomically replaces ``<directory>/checkpoint``."""
+  directory = directory or "."
+  text = format_state(directory, state)
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{_knobs.STATE_FILE_NAME}.",
+                             suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(text)
+      f.flush()
+      os.fsync(f.fileno())
+    os.replace(tmp, state_file_path(directory))
+  except BaseException:
+    if os.path.exists(tmp):
+      os.unlink(tmp)
+    raise
+  fsync_dir(directory)
+
+
+def read_state(directory: str) -> CheckpointState | None:
+  """Parses ``<directory>/checkpoint``; None if absent. Paths come back absolute-joined."""
+  try:
+    with open(state_file_path(directory)) as f:
+      text = f.read()
+  except FileNotFoundError:
+    return None
+  state = CheckpointState("", [])
+  for line in text.splitlines():
+    m = _LINE.match(line)
+    if not m:
+      continue
+    key, value = m.groups()
+    if key == "model_checkpoint_path":
+      state.model_checkpoint_path = _absolute(directory, _unquote(value))
+    elif key == "all_model_checkpoint_paths":
+      state.all_model_checkpoint_paths.append(_absolute(directory, _unquote(value)))
+    elif key == "all_model_checkpoint_timestamps":
+      state.all_model_checkpoint_timestamps.append(float(value))
+    elif key == "last_preserved_timestamp":
+      state.last_preserved_timestamp = float(value)
+  return state if state.model_checkpoint_path else None
+
+
+def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
+  """Returns the path of the newest committed checkpoint in a directory, or None.
+
+  Reads the ``checkpoint`` state file that `Checkpoint.save` maintains, like
+  ``tf.train.latest_checkpoint``. A path the state file names but that is not a
+  committed checkpoint (deleted, or an interrupted save) gives None.
+
+  Example:
+    >>> import jaxckpt, jax.numpy as jnp, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> path = jaxckpt.Checkpoint(step=jnp.array(0)).save(d + "/ckpt")
+    >>> jaxckpt.latest_checkpoint(d) == path
+    True
+  """
+  directory = os.fspath(checkpoint_dir)
+  state = read_state(directory)
+  if state is None or not is_committed(state.model_checkpoint_path):
+    return None
+  return state.model_checkpoint_path

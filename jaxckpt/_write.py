@@ -1,0 +1,82 @@
+"""One save, start to finish: snapshot → Orbax/TensorStore write → commit → callbacks → state file.
+
+`run_save` is the same for sync and async saves; only the thread differs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+from jaxckpt import _knobs
+from jaxckpt._durable import commit, remove_staging, staging_path
+from jaxckpt._errors import SaveError, WriteCallbackError
+from jaxckpt._future import CommitFuture
+from jaxckpt._manifest import Manifest
+from jaxckpt._options import call_write_callback
+from jaxckpt._state_file import CheckpointState, write_state
+from jaxckpt._tree import nest
+
+logger = logging.getLogger("jaxckpt")
+
+
+@dataclasses.dataclass
+class SaveJob:
+  """Everything a save needs after the caller has moved on."""
+  final: str
+  snapshot: dict[str, Any] | None  # name -> value; dropped once Orbax holds host copies
+  manifest: Manifest
+  callbacks: list[Callable[..., Any]]
+  state_dir: str | None  # Set for save(): update the state file there.
+  future: CommitFuture
+  started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def new_checkpointer() -> ocp.AsyncCheckpointer:
+  """The Orbax engine: a Composite of the PyTree data and jaxckpt's JSON manifest."""
+  return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
+
+
+def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
+  staging = staging_path(job.final)
+  try:
+    os.makedirs(os.path.dirname(job.final) or ".", exist_ok=True)
+    items = {_knobs.MANIFEST_ITEM: ocp.args.JsonSave(job.manifest.to_json())}
+    if job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
+      items[_knobs.STATE_ITEM] = ocp.args.PyTreeSave(nest(job.snapshot))
+    args = ocp.args.Composite(**items)
+    # Returns once Orbax has the data on the host (device→host copies done);
+    # TensorStore writes continue on Orbax's thread.
+    checkpointer.save(staging, args=args)
+    job.snapshot = None  # Frees the on-device snapshot copies early.
+    checkpointer.wait_until_finished()
+    commit(staging, job.final)
+  except BaseException as e:
+    remove_staging(staging)
+    raise SaveError(
+        f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). "
+        "Earlier checkpoints are untouched and this one was not committed.") from e
+
+
+def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> str:
+  """Writes, commits, runs callbacks, updates the state file; returns the path."""
+  _write_and_commit(job, checkpointer)
+  for i, callback in enumerate(job.callbacks):
+    try:
+      call_write_callback(callback, job.final)
+    except BaseException as e:
+      raise WriteCallbackError(
+          f"Checkpoint {job.final!r} was committed, but write callback #{i} "
+          f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
+          "run and the state file was not updated.") from e
+  if job.state_dir is not None:
+    write_state(job.state_dir, CheckpointState(job.final, [job.final]))
+  logger.info("Committed checkpoint %s (%d leaves) in %.3f s.", job.final,
+              len(job.manifest.leaves), time.perf_counter() - job.started)
+  return job.final
