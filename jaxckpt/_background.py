@@ -77,24 +77,34 @@ class Saver:
   def _join_at_exit(self, deadline: float) -> None:
     job = self._pending
     if job is not None and not job.future.done():
-      logger.warning("jaxckpt: waiting for async save of %s to finish before exit.",
+      logger.warning("Waiting for async save of %s to finish before exit.",
                      job.final)
       done, _ = concurrent.futures.wait(
           [job.future], timeout=max(0.0, deadline - time.monotonic()))
       if not done:
         logger.error(
-            "jaxckpt: async save of %s did not finish within %.0f s of interpreter "
+            "Async save of %s did not finish within %.0f s of interpreter "
             "exit; it is NOT committed and latest_checkpoint still names the "
             "previous checkpoint.", job.final, _knobs.EXIT_TIMEOUT_S)
         return
     with self._lock:
       error, self._unreported = self._unreported, None
     if error is not None:
-      logger.error("jaxckpt: an async save failed and was never reported: %s", error)
+      logger.error("An async save failed and was never reported: %s", error)
 
 
-@atexit.register
 def _join_pending_saves() -> None:
   deadline = time.monotonic() + _knobs.EXIT_TIMEOUT_S
   for saver in list(_LIVE):
     saver._join_at_exit(deadline)
+
+
+# A plain atexit hook runs too late: by then concurrent.futures has refused new
+# work ("cannot schedule new futures after interpreter shutdown") and Orbax's
+# save, which uses thread pools, fails mid-write. The stdlib's own executors
+# hook in earlier with threading._register_atexit; registered after them, this
+# runs before them.
+try:
+  threading._register_atexit(_join_pending_saves)
+except (AttributeError, RuntimeError):  # pragma: no cover - other Pythons.
+  atexit.register(_join_pending_saves)

@@ -115,7 +115,7 @@ class Checkpoint:
     """
     prefix = os.fspath(file_prefix)
     return self._save(lambda n: f"{prefix}-{n}", _check_options(options),
-                      kind="save", state_dir=os.path.dirname(prefix) or ".")
+                      kind="save", state_dir=os.path.abspath(os.path.dirname(prefix) or "."))
 
   def write(self, file_prefix: str | os.PathLike,
             options: CheckpointOptions | None = None) -> SavePath:
@@ -141,7 +141,7 @@ class Checkpoint:
     job = SaveJob(final=path, snapshot=snapshot,
                   manifest=Manifest.build(flat, save_counter=counter, kind=kind),
                   callbacks=list(options.experimental_write_callbacks or ()),
-                  state_dir=state_dir, future=future)
+                  state_dir=state_dir, future=future, target=os.path.abspath(path))
     self._saver.submit(job, background=options.enable_async)
     return SavePath(path, future)
 

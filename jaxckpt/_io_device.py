@@ -36,8 +36,11 @@ def _available() -> str:
       devices += [d for d in jax.local_devices(backend=backend) if d not in devices]
     except RuntimeError:
       pass
-  names = [f"/job:localhost/task:{d.process_index}/device:{d.platform.upper()}:{d.id}"
-           for d in devices]
+  per_platform: dict[str, int] = {}
+  names = []
+  for d in devices:  # TF numbers devices per task and type; so do we.
+    i = per_platform[d.platform] = per_platform.get(d.platform, -1) + 1
+    names.append(f"/job:localhost/task:{d.process_index}/device:{d.platform.upper()}:{i}")
   return ", ".join(names) + " (or a jax.Device, or None)"
 
 
@@ -59,7 +62,7 @@ def resolve_io_device(spec) -> jax.Device | None:
   if not isinstance(spec, str):
     raise UnknownDeviceError(
         f"experimental_io_device must be None, a TF device string or a jax.Device, "
-        f"got {type(spec).__name__} {spec!r}.")
+        f"got {type(spec).__name__} {spec!r}. Available: {_available()}.")
   text = spec.strip()
   m = _SPEC.match(text)
   if not text or m is None:

@@ -65,7 +65,7 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
   restore_args = nest({l.name: _restore_args(l, io_device) for l in wanted})
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(
-        os.path.join(path, _knobs.STATE_ITEM),
+        os.path.abspath(os.path.join(path, _knobs.STATE_ITEM)),
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                     partial_restore=True))
   out = {}

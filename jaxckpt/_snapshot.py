@@ -46,5 +46,5 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool,
     else:
       targets = [x.sharding for x in jax_values]
     jax_values = jax.device_put(jax_values, targets, may_alias=False)
-  out.update(zip(jax_names, jax_values))
+  out.update(zip(jax_names, jax_values, strict=True))
   return out

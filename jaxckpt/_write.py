@@ -29,12 +29,13 @@ logger = logging.getLogger("jaxckpt")
 @dataclasses.dataclass
 class SaveJob:
   """Everything a save needs after the caller has moved on."""
-  final: str
+  final: str  # As the caller wrote it (returned, passed to callbacks).
   snapshot: dict[str, Any] | None  # name -> value; dropped once Orbax holds host copies
   manifest: Manifest
   callbacks: list[Callable[..., Any]]
   state_dir: str | None  # Set for save(): update the state file there.
   future: CommitFuture
+  target: str = ""  # Absolute form of `final`, fixed at save time (cwd may change).
   started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -44,9 +45,10 @@ def new_checkpointer() -> ocp.AsyncCheckpointer:
 
 
 def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
-  staging = staging_path(job.final)
+  target = job.target or os.path.abspath(job.final)
+  staging = staging_path(target)  # Absolute: Orbax's OCDBT refuses relative paths.
   try:
-    os.makedirs(os.path.dirname(job.final) or ".", exist_ok=True)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
     items = {_knobs.MANIFEST_ITEM: ocp.args.JsonSave(job.manifest.to_json())}
     if job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
       items[_knobs.STATE_ITEM] = ocp.args.PyTreeSave(nest(job.snapshot))
@@ -56,7 +58,7 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     checkpointer.save(staging, args=args)
     job.snapshot = None  # Frees the on-device snapshot copies early.
     checkpointer.wait_until_finished()
-    commit(staging, job.final)
+    commit(staging, target)
   except BaseException as e:
     remove_staging(staging)
     raise SaveError(

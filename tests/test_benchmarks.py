@@ -1,0 +1,74 @@
+"""Smoke test of benchmarks/async_save.py on a tiny state (structure only, no timing asserts)."""
+
+import importlib.util
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "async_save.py"
+
+
+def _load_benchmark():
+  spec = importlib.util.spec_from_file_location("async_save_benchmark", BENCHMARK)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+  return _load_benchmark()
+
+
+def _positive(x) -> bool:
+  return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_tiny_run_reports_every_mode(bench, tmp_path, capsys):
+  workdir = tmp_path / "work"
+  json_path = tmp_path / "out" / "result.json"
+  results = bench.main(["--size-mib", "2", "--leaves", "4", "--repeats", "1",
+                        "--step-seconds", "0.2", "--dir", str(workdir),
+                        "--json", str(json_path)])
+
+  assert set(results["modes"]) == set(bench.MODES)
+  assert {"jaxckpt-async", "orbax-async", "jaxckpt-async-step-running",
+          "orbax-async-step-running", "jaxckpt-sync", "orbax-sync"} <= set(results["modes"])
+  for mode, r in results["modes"].items():
+    assert len(r["blocked_ms"]) == len(r["commit_s"]) == 1, mode
+    for key in ("p50_blocked_ms", "min_blocked_ms", "max_blocked_ms", "p50_commit_s",
+                "blocked_vs_orbax_async"):
+      assert _positive(r[key]), (mode, key, r[key])
+    assert all(_positive(b) for b in r["blocked_ms"]), mode
+    assert r["min_blocked_ms"] <= r["p50_blocked_ms"] <= r["max_blocked_ms"], mode
+    if "async" in mode:
+      for blocked_ms, commit_s in zip(r["blocked_ms"], r["commit_s"], strict=True):
+        assert commit_s * 1e3 >= blocked_ms, mode
+  assert results["modes"]["orbax-async"]["blocked_vs_orbax_async"] == pytest.approx(1.0)
+
+  config = results["config"]
+  assert config["leaves"] == 4 and config["repeats"] == 1
+  assert config["state_bytes"] == 2 * 2**20
+
+  assert json_path.is_file()
+  assert results["json_path"] == str(json_path)
+  on_disk = json.loads(json_path.read_text())
+  assert on_disk["modes"].keys() == results["modes"].keys()
+  assert on_disk["config"] == config
+
+  # Every measurement's directory is cleaned up; the root given with --dir stays.
+  assert workdir.is_dir() and not any(workdir.iterdir())
+
+  out = capsys.readouterr().out
+  for mode in bench.MODES:
+    assert mode in out
+
+
+def test_table_formats_results(bench):
+  row = {"p50_blocked_ms": 2.0, "min_blocked_ms": 1.0, "max_blocked_ms": 3.0,
+         "p50_commit_s": 0.5, "blocked_vs_orbax_async": 0.25}
+  table = bench.format_table({"modes": {m: row for m in bench.MODES}})
+  assert len(table.splitlines()) == len(bench.MODES) + 3
+  assert "0.250x" in table
