@@ -1,0 +1,42 @@
+"""Runs the docstring examples and the README quick start, so the docs cannot rot."""
+
+import doctest
+import importlib
+import pathlib
+import pkgutil
+import re
+
+import pytest
+
+import jaxckpt
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+MODULES = sorted(m.name for m in pkgutil.iter_modules(jaxckpt.__path__, "jaxckpt."))
+
+
+@pytest.mark.parametrize("name", MODULES)
+def test_docstring_examples(name):
+  module = importlib.import_module(name)
+  result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
+  assert result.failed == 0
+  if ">>>" in pathlib.Path(module.__file__).read_text():
+    assert result.attempted > 0
+
+
+def test_every_public_name_is_documented():
+  for name in jaxckpt.__all__:
+    assert getattr(jaxckpt, name).__doc__, name
+
+
+def test_readme_quick_start_runs(capsys):
+  text = (ROOT / "README.md").read_text()
+  section = text.split("## Quick start", 1)[1]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  exec(compile(code, "README.md", "exec"), {})
+  assert "committed" in capsys.readouterr().out
+
+
+def test_readme_commands_are_what_ci_runs():
+  readme = (ROOT / "README.md").read_text()
+  assert "make test" in readme and "make demo" in readme
+  assert "make test" in (ROOT / ".ci" / "run").read_text()
