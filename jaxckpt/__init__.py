@@ -15,6 +15,7 @@ from jaxckpt._errors import (
 )
 from jaxckpt._future import CommitFuture, SavePath
 from jaxckpt._load_status import LoadStatus
+from jaxckpt._manager import CheckpointManager
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._reader import CheckpointReader, VariableNotFoundError, list_variables, load_checkpoint
 from jaxckpt._state_file import latest_checkpoint
@@ -24,6 +25,7 @@ __version__ = "0.1.0"
 __all__ = (
     "Checkpoint",
     "CheckpointNotFoundError",
+    "CheckpointManager",
     "CheckpointOptions",
     "CheckpointReader",
     "CommitFuture",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -16,6 +17,7 @@ from jaxckpt._manifest import Manifest, read_manifest
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._restore import read_leaves
 from jaxckpt._snapshot import take_snapshot
+from jaxckpt._state_file import CheckpointState, write_state
 from jaxckpt._tree import flatten_items
 from jaxckpt._write import SaveJob
 
@@ -114,8 +116,11 @@ class Checkpoint:
         is written and the counter is unchanged.
     """
     prefix = os.fspath(file_prefix)
-    return self._save(lambda n: f"{prefix}-{n}", _check_options(options),
-                      kind="save", state_dir=os.path.abspath(os.path.dirname(prefix) or "."))
+    state_dir = os.path.abspath(os.path.dirname(prefix) or ".")
+    def record(path: str) -> None:
+      write_state(state_dir, CheckpointState(path, [path]))
+    return self._save(lambda n: f"{prefix}-{n}", _check_options(options), kind="save",
+                      on_commit=record)
 
   def write(self, file_prefix: str | os.PathLike,
             options: CheckpointOptions | None = None) -> SavePath:
@@ -124,11 +129,16 @@ class Checkpoint:
     Overwrites an existing checkpoint there only once the new one is complete.
     """
     path = os.fspath(file_prefix)
-    return self._save(lambda n: path, _check_options(options),
-                      kind="write", state_dir=None)
+    return self._save(lambda n: path, _check_options(options), kind="write",
+                      on_commit=None)
 
-  def _save(self, path_for, options: CheckpointOptions, *, kind: str,
-            state_dir: str | None) -> SavePath:
+  def _save(self, path_for: Callable[[int], str], options: CheckpointOptions, *, kind: str,
+            on_commit: Callable[[str], None] | None) -> SavePath:
+    """The one save path behind save(), write() and CheckpointManager.save().
+
+    ``path_for(counter)`` names the checkpoint; ``kind == "save"`` increments
+    the counter; ``on_commit(path)`` runs after the write callbacks.
+    """
     self._saver.wait()
     leaves, _ = flatten_items(self._items)
     flat = [leaf for item_leaves in leaves.values() for leaf in item_leaves]
@@ -141,7 +151,7 @@ class Checkpoint:
     job = SaveJob(final=path, snapshot=snapshot,
                   manifest=Manifest.build(flat, save_counter=counter, kind=kind),
                   callbacks=list(options.experimental_write_callbacks or ()),
-                  state_dir=state_dir, future=future, target=os.path.abspath(path))
+                  on_commit=on_commit, future=future, target=os.path.abspath(path))
     self._saver.submit(job, background=options.enable_async)
     return SavePath(path, future)
 

@@ -78,3 +78,31 @@ def remove_staging(staging: str) -> None:
   for name in names:
     if name == base or name.startswith(base + "."):
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+
+
+def remove_checkpoint(path: str) -> None:
+  """Deletes a committed checkpoint: first renamed aside, so a half-deleted
+  directory is never mistaken for a checkpoint."""
+  if not os.path.isdir(path):
+    return
+  doomed = staging_path(path).replace(".jaxckpt-tmp-", ".jaxckpt-del-")
+  os.rename(path, doomed)
+  fsync_dir(os.path.dirname(path) or ".")
+  shutil.rmtree(doomed, ignore_errors=True)
+
+
+LEFTOVER_MARKERS = (".jaxckpt-tmp-", ".jaxckpt-old-", ".jaxckpt-del-")
+
+
+def remove_leftovers(directory: str) -> list[str]:
+  """Removes what interrupted saves/deletes left in ``directory``; returns the names.
+
+  Such entries are hidden (leading '.') and never listed or restored; this only
+  reclaims their space. Only call it where no save is in flight.
+  """
+  removed = []
+  for name in os.listdir(directory):
+    if name.startswith(".") and any(m in name for m in LEFTOVER_MARKERS):
+      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+      removed.append(name)
+  return removed

@@ -20,7 +20,6 @@ from jaxckpt._errors import SaveError, WriteCallbackError
 from jaxckpt._future import CommitFuture
 from jaxckpt._manifest import Manifest
 from jaxckpt._options import call_write_callback
-from jaxckpt._state_file import CheckpointState, write_state
 from jaxckpt._tree import nest
 
 logger = logging.getLogger("jaxckpt")
@@ -33,7 +32,9 @@ class SaveJob:
   snapshot: dict[str, Any] | None  # name -> value; dropped once Orbax holds host copies
   manifest: Manifest
   callbacks: list[Callable[..., Any]]
-  state_dir: str | None  # Set for save(): update the state file there.
+  # Runs last, after the callbacks, with the committed path: save() records it
+  # in the state file; CheckpointManager also sweeps old checkpoints.
+  on_commit: Callable[[str], None] | None
   future: CommitFuture
   target: str = ""  # Absolute form of `final`, fixed at save time (cwd may change).
   started: float = dataclasses.field(default_factory=time.perf_counter)
@@ -77,8 +78,8 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> str:
           f"Checkpoint {job.final!r} was committed, but write callback #{i} "
           f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
           "run and the state file was not updated.") from e
-  if job.state_dir is not None:
-    write_state(job.state_dir, CheckpointState(job.final, [job.final]))
+  if job.on_commit is not None:
+    job.on_commit(job.final)
   logger.info("Committed checkpoint %s (%d leaves) in %.3f s.", job.final,
               len(job.manifest.leaves), time.perf_counter() - job.started)
   return job.final

@@ -1,0 +1,220 @@
+"""`CheckpointManager`: TF's ``tf.train.CheckpointManager`` on jaxckpt saves."""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+
+from jaxckpt._checkpoint import Checkpoint, _check_options
+from jaxckpt._durable import remove_checkpoint, remove_leftovers
+from jaxckpt._errors import InvalidOptionsError
+from jaxckpt._future import SavePath
+from jaxckpt._manifest import is_committed
+from jaxckpt._options import CheckpointOptions
+from jaxckpt._state_file import CheckpointState, read_state, write_state
+
+logger = logging.getLogger("jaxckpt")
+
+
+def _positive_or_none(name: str, value, *, number=(int,)) -> None:
+  if value is not None and (isinstance(value, bool) or not isinstance(value, number)
+                            or value <= 0):
+    raise InvalidOptionsError(
+        f"{name} must be None or a positive number, got {value!r}.")
+
+
+def _read_step(step_counter) -> int:
+  value = step_counter() if callable(step_counter) else step_counter
+  return int(np.asarray(value))
+
+
+class CheckpointManager:
+  """Keeps the newest ``max_to_keep`` checkpoints of a `Checkpoint` in a directory.
+
+  Same constructor, methods and semantics as ``tf.train.CheckpointManager``:
+  numbered saves (``checkpoint_number`` or the save counter), deletion beyond
+  ``max_to_keep`` (``None`` keeps all), one kept every
+  ``keep_checkpoint_every_n_hours``, save intervals by ``step_counter``, and
+  state recovered from the directory's ``checkpoint`` file. With async options
+  the sweep and state-file update run after the commit, on the background
+  thread. ``step_counter`` may be an int-like value or a zero-argument callable
+  returning one (JAX arrays are immutable, so a callable is usually right).
+
+  Example:
+    >>> import jaxckpt, jax.numpy as jnp, tempfile, os
+    >>> d = tempfile.mkdtemp()
+    >>> ckpt = jaxckpt.Checkpoint(w=jnp.ones(2))
+    >>> manager = jaxckpt.CheckpointManager(ckpt, d, max_to_keep=2)
+    >>> for _ in range(4):
+    ...   _ = manager.save()
+    >>> [os.path.basename(p) for p in manager.checkpoints]
+    ['ckpt-3', 'ckpt-4']
+  """
+
+  def __init__(self, checkpoint: Checkpoint, directory: str | os.PathLike,
+               max_to_keep: int | None, keep_checkpoint_every_n_hours: float | None = None,
+               checkpoint_name: str = "ckpt", step_counter: Any = None,
+               checkpoint_interval: int | None = None,
+               init_fn: Callable[[], Any] | None = None):
+    if not isinstance(checkpoint, Checkpoint):
+      raise InvalidOptionsError(
+          f"checkpoint must be a jaxckpt.Checkpoint, got {type(checkpoint).__name__}.")
+    _positive_or_none("max_to_keep", max_to_keep)
+    _positive_or_none("keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours,
+                      number=(int, float))
+    _positive_or_none("checkpoint_interval", checkpoint_interval)
+    if checkpoint_interval is not None and step_counter is None:
+      raise InvalidOptionsError("step_counter must be given when checkpoint_interval is.")
+    if not checkpoint_name or "/" in checkpoint_name:
+      raise InvalidOptionsError(
+          f"checkpoint_name must be a non-empty file name, got {checkpoint_name!r}.")
+    self._checkpoint = checkpoint
+    self._directory = os.fspath(directory)
+    if os.path.exists(self._directory) and not os.path.isdir(self._directory):
+      raise InvalidOptionsError(
+          f"directory {self._directory!r} exists and is not a directory.")
+    self._abs_directory = os.path.abspath(self._directory)
+    self._max_to_keep = max_to_keep
+    self._keep_every_n_hours = keep_checkpoint_every_n_hours
+    self._prefix = os.path.join(self._directory, checkpoint_name)
+    self._step_counter = step_counter
+    self._checkpoint_interval = checkpoint_interval
+    self._init_fn = init_fn
+    self._last_checkpoint_step: int | None = None
+    self._lock = threading.Lock()  # Guards the recorded state (background thread).
+    self._recover()
+
+  def _recover(self) -> None:
+    """Reads the directory's state file; drops leftovers of interrupted saves."""
+    now = time.time()
+    if os.path.isdir(self._directory):
+      remove_leftovers(self._directory)
+    state = read_state(self._directory)
+    self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
+    self._latest: str | None = None
+    self._last_preserved = now
+    if state is None:
+      return
+    timestamps = state.all_model_checkpoint_timestamps
+    if len(timestamps) != len(state.all_model_checkpoint_paths):
+      timestamps = [now] * len(state.all_model_checkpoint_paths)
+    for path, stamp in zip(state.all_model_checkpoint_paths, timestamps, strict=True):
+      if is_committed(path):
+        self._maybe_delete[self._user_path(path)] = stamp
+    if state.last_preserved_timestamp is not None and state.last_preserved_timestamp <= now:
+      self._last_preserved = state.last_preserved_timestamp
+    if is_committed(state.model_checkpoint_path):
+      self._latest = self._user_path(state.model_checkpoint_path)
+
+  def _user_path(self, path: str) -> str:
+    """State-file paths come back joined to the directory; keep the user's spelling."""
+    return os.path.join(self._directory, os.path.basename(path)) if (
+        os.path.dirname(os.path.abspath(path)) == self._abs_directory) else path
+
+  # -- TF's read-only properties -------------------------------------------
+
+  @property
+  def directory(self) -> str:
+    return self._directory
+
+  @property
+  def checkpoint(self) -> Checkpoint:
+    return self._checkpoint
+
+  @property
+  def checkpoint_interval(self) -> int | None:
+    return self._checkpoint_interval
+
+  @property
+  def checkpoints(self) -> list[str]:
+    """Managed checkpoints, oldest first (those kept forever are not listed)."""
+    with self._lock:
+      return list(self._maybe_delete)
+
+  @property
+  def latest_checkpoint(self) -> str | None:
+    with self._lock:
+      return self._latest
+
+  # -- saving ----------------------------------------------------------------
+
+  def save(self, checkpoint_number: int | None = None, check_interval: bool = True,
+           options: CheckpointOptions | None = None) -> SavePath | None:
+    """Saves a numbered checkpoint; returns its path, or None if skipped by the interval.
+
+    The sweep beyond ``max_to_keep`` and the state-file update run after the
+    commit (on the background thread for async saves).
+    """
+    options = _check_options(options)
+    if self._checkpoint_interval is not None:
+      step = _read_step(self._step_counter)
+      if self._last_checkpoint_step is not None:
+        if step == self._last_checkpoint_step:
+          return None
+        if check_interval and step < self._last_checkpoint_step + self._checkpoint_interval:
+          return None
+      self._last_checkpoint_step = step
+    if checkpoint_number is not None:
+      checkpoint_number = _read_step(checkpoint_number)
+    prefix = self._prefix
+    def path_for(counter: int) -> str:
+      return f"{prefix}-{counter if checkpoint_number is None else checkpoint_number}"
+    return self._checkpoint._save(path_for, options, kind="save",
+                                  on_commit=self._record_and_sweep)
+
+  def _record_and_sweep(self, path: str) -> None:
+    with self._lock:
+      self._maybe_delete.pop(path, None)
+      self._maybe_delete[path] = time.time()
+      self._latest = path
+      doomed = self._sweep()
+      self._record_state()
+    for old in doomed:  # After the state file stops naming them.
+      remove_checkpoint(old)
+      logger.info("Deleted old checkpoint %s.", old)
+
+  def _sweep(self) -> list[str]:
+    doomed = []
+    if self._max_to_keep is None:
+      return doomed
+    while len(self._maybe_delete) > self._max_to_keep:
+      path, stamp = self._maybe_delete.popitem(last=False)
+      if (self._keep_every_n_hours is not None
+          and stamp - self._keep_every_n_hours * 3600.0 >= self._last_preserved):
+        self._last_preserved = stamp
+        continue  # Kept forever; no longer managed.
+      doomed.append(path)
+    return doomed
+
+  def _record_state(self) -> None:
+    os.makedirs(self._directory, exist_ok=True)
+    write_state(self._directory, CheckpointState(
+        model_checkpoint_path=self._latest,
+        all_model_checkpoint_paths=list(self._maybe_delete),
+        all_model_checkpoint_timestamps=list(self._maybe_delete.values()),
+        last_preserved_timestamp=self._last_preserved))
+
+  def sync(self) -> None:
+    """Waits for the pending async save (and its sweep); raises if it failed."""
+    self._checkpoint.sync()
+
+  def restore_or_initialize(self) -> str | None:
+    """Restores the latest checkpoint (returning its path), else calls ``init_fn``.
+
+    Waits for pending saves first (TF forgets to).
+    """
+    self.sync()
+    latest = self.latest_checkpoint
+    if latest is not None:
+      self._checkpoint.restore(latest)
+      return latest
+    if self._init_fn is not None:
+      self._init_fn()
+    return None
