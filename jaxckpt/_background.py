@@ -1,16 +1,22 @@
-"""Runs saves in the background, one in flight, and never loses an error.
+"""Runs saves in order on one background thread, within a memory budget, and
+never loses an error.
 
-Each `Checkpoint` owns one `Saver`. An async save runs `run_save` on a daemon
-thread; the next save/write/sync/restore first waits for it and re-raises its
-failure once. At interpreter exit pending saves are joined for at most
-``_knobs.EXIT_TIMEOUT_S`` and anything unfinished or unreported is logged.
+Each `Checkpoint` owns one `Saver`. Jobs run FIFO on a worker thread, so commits,
+callbacks and state-file updates happen in save order. Before a save takes its
+snapshot it reserves room: at most ``max_in_flight`` saves and
+``memory_budget_bytes`` of snapshot data may be held at once; otherwise it waits
+for earlier commits (and logs how long). A failed job's error is raised once at
+the next save/write/sync/restore. At interpreter exit queued saves are joined
+for at most ``_knobs.EXIT_TIMEOUT_S``; anything unfinished or unreported is
+logged.
 """
 
 from __future__ import annotations
 
 import atexit
-import concurrent.futures
+import collections
 import logging
+import os
 import threading
 import time
 import weakref
@@ -23,73 +29,123 @@ logger = logging.getLogger("jaxckpt")
 _LIVE: weakref.WeakSet[Saver] = weakref.WeakSet()
 
 
+def default_memory_budget() -> int:
+  """Half the machine's physical memory."""
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+  except (ValueError, OSError, AttributeError):  # pragma: no cover - non-POSIX.
+    return 8 << 30
+
+
 class Saver:
   """Serializes the saves of one `Checkpoint` and surfaces their errors."""
 
   def __init__(self):
-    self._checkpointer = None
-    self._pending: SaveJob | None = None
-    self._unreported: BaseException | None = None
-    self._lock = threading.Lock()
+    self._engines: dict[bool, object] = {}
+    self._cond = threading.Condition()
+    self._queue: collections.deque[SaveJob] = collections.deque()  # Head may be running.
+    self._inflight_bytes = 0
+    self._peak_inflight_bytes = 0  # For tests and benchmarks.
+    self._errors: list[BaseException] = []
+    self._worker_running = False
     _LIVE.add(self)
 
-  def _engine(self):
-    if self._checkpointer is None:
-      self._checkpointer = new_checkpointer()
-    return self._checkpointer
+  def _engine(self, compression: bool):
+    if compression not in self._engines:
+      self._engines[compression] = new_checkpointer(compression=compression)
+    return self._engines[compression]
+
+  def _raise_errors(self) -> None:
+    with self._cond:
+      errors, self._errors = self._errors, []
+    if errors:
+      first = errors[0]
+      if len(errors) > 1:
+        first.add_note(f"{len(errors) - 1} later async save(s) failed too: "
+                       + "; ".join(str(e) for e in errors[1:]))
+      raise first
 
   def wait(self) -> None:
-    """Waits for the in-flight save; raises its error if nobody has seen it yet."""
-    job = self._pending
-    if job is not None:
-      concurrent.futures.wait([job.future])
-      self._pending = None
-    with self._lock:
-      error, self._unreported = self._unreported, None
-    if error is not None:
-      raise error
+    """Waits for every queued save; raises the first error nobody has seen yet."""
+    with self._cond:
+      while self._queue:
+        self._cond.wait()
+    self._raise_errors()
+
+  def reserve(self, nbytes: int, *, max_in_flight: int, budget: int | None) -> float:
+    """Blocks until a save of ``nbytes`` fits; returns the seconds waited.
+
+    Raises the error of an earlier failed save, if any.
+    """
+    budget = default_memory_budget() if budget is None else budget
+    start = time.perf_counter()
+    with self._cond:
+      while self._queue and (len(self._queue) >= max_in_flight
+                             or self._inflight_bytes + nbytes > budget):
+        self._cond.wait()
+    waited = time.perf_counter() - start
+    if waited > 0.01:
+      logger.info("Waited %.3f s for earlier saves to commit (max_in_flight=%d, "
+                  "memory budget %.1f MiB).", waited, max_in_flight, budget / 2**20)
+    if nbytes > budget:
+      logger.warning("A %.1f MiB snapshot exceeds the memory budget of %.1f MiB; it "
+                     "runs alone.", nbytes / 2**20, budget / 2**20)
+    self._raise_errors()
+    return waited
 
   def submit(self, job: SaveJob, *, background: bool) -> None:
-    """Runs ``job`` inline (raising on failure) or on a background thread."""
-    self.wait()
+    """Runs ``job`` inline (raising on failure) or queues it for the worker."""
     if not background:
+      self.wait()
       try:
-        job.future.set_result(run_save(job, self._engine()))
+        job.future.set_result(run_save(job, self._engine(job.compression)))
       except BaseException as e:
         job.future.set_exception(e)
         raise
       return
     job.future.set_running_or_notify_cancel()
-    self._pending = job
-    threading.Thread(target=self._run, args=(job,), daemon=True,
-                     name=f"jaxckpt-save:{job.final}").start()
+    with self._cond:
+      self._queue.append(job)
+      self._inflight_bytes += job.nbytes
+      self._peak_inflight_bytes = max(self._peak_inflight_bytes, self._inflight_bytes)
+      if not self._worker_running:
+        self._worker_running = True
+        threading.Thread(target=self._work, daemon=True, name="jaxckpt-save").start()
 
-  def _run(self, job: SaveJob) -> None:
-    try:
-      path = run_save(job, self._engine())
-    except BaseException as e:
-      with self._lock:
-        self._unreported = e
-      job.future.set_exception(e)
-    else:
-      job.future.set_result(path)
+  def _work(self) -> None:
+    while True:
+      with self._cond:
+        if not self._queue:
+          self._worker_running = False
+          return
+        job = self._queue[0]
+      try:
+        path = run_save(job, self._engine(job.compression))
+      except BaseException as e:
+        with self._cond:
+          self._errors.append(e)
+        job.future.set_exception(e)
+      else:
+        job.future.set_result(path)
+      with self._cond:
+        self._queue.popleft()
+        self._inflight_bytes -= job.nbytes
+        self._cond.notify_all()
 
   def _join_at_exit(self, deadline: float) -> None:
-    job = self._pending
-    if job is not None and not job.future.done():
-      logger.warning("Waiting for async save of %s to finish before exit.",
-                     job.final)
-      done, _ = concurrent.futures.wait(
-          [job.future], timeout=max(0.0, deadline - time.monotonic()))
-      if not done:
+    with self._cond:
+      if self._queue:
+        logger.warning("Waiting for %d async save(s) to finish before exit: %s.",
+                       len(self._queue), ", ".join(j.final for j in self._queue))
+      while self._queue and time.monotonic() < deadline:
+        self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
+      for job in self._queue:
         logger.error(
-            "Async save of %s did not finish within %.0f s of interpreter "
-            "exit; it is NOT committed and latest_checkpoint still names the "
-            "previous checkpoint.", job.final, _knobs.EXIT_TIMEOUT_S)
-        return
-    with self._lock:
-      error, self._unreported = self._unreported, None
-    if error is not None:
+            "Async save of %s did not finish within %.0f s of interpreter exit; it "
+            "is NOT committed and latest_checkpoint still names the previous "
+            "checkpoint.", job.final, _knobs.EXIT_TIMEOUT_S)
+      errors, self._errors = self._errors, []
+    for error in errors:
       logger.error("An async save failed and was never reported: %s", error)
 
 

@@ -139,10 +139,15 @@ class Checkpoint:
     ``path_for(counter)`` names the checkpoint; ``kind == "save"`` increments
     the counter; ``on_commit(path)`` runs after the write callbacks.
     """
-    self._saver.wait()
     leaves, _ = flatten_items(self._items)
     flat = [leaf for item_leaves in leaves.values() for leaf in item_leaves]
     io_device = resolve_io_device(options.experimental_io_device)
+    nbytes = sum(leaf.nbytes for leaf in flat)
+    if options.enable_async:  # Backpressure; also raises an earlier save's error.
+      self._saver.reserve(nbytes, max_in_flight=options.max_in_flight,
+                          budget=options.memory_budget_bytes)
+    else:
+      self._saver.wait()
     counter = self._save_counter + (kind == "save")
     path = path_for(counter)
     snapshot = take_snapshot(flat, copy=options.enable_async, io_device=io_device)
@@ -151,7 +156,9 @@ class Checkpoint:
     job = SaveJob(final=path, snapshot=snapshot,
                   manifest=Manifest.build(flat, save_counter=counter, kind=kind),
                   callbacks=list(options.experimental_write_callbacks or ()),
-                  on_commit=on_commit, future=future, target=os.path.abspath(path))
+                  on_commit=on_commit, future=future, target=os.path.abspath(path),
+                  nbytes=nbytes, compression=options.compression,
+                  chunk_byte_size=options.chunk_byte_size)
     self._saver.submit(job, background=options.enable_async)
     return SavePath(path, future)
 

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from jaxckpt import _knobs
@@ -37,12 +38,18 @@ class SaveJob:
   on_commit: Callable[[str], None] | None
   future: CommitFuture
   target: str = ""  # Absolute form of `final`, fixed at save time (cwd may change).
+  nbytes: int = 0  # Snapshot bytes held until the job finishes (memory budget).
+  compression: bool = False
+  chunk_byte_size: int | None = None
   started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
-def new_checkpointer() -> ocp.AsyncCheckpointer:
+def new_checkpointer(*, compression: bool = False) -> ocp.AsyncCheckpointer:
   """The Orbax engine: a Composite of the PyTree data and jaxckpt's JSON manifest."""
-  return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler())
+  return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
+      _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression),
+      _knobs.MANIFEST_ITEM: ocp.JsonCheckpointHandler(),
+  }))
 
 
 def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
@@ -52,7 +59,12 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     os.makedirs(os.path.dirname(target), exist_ok=True)
     items = {_knobs.MANIFEST_ITEM: ocp.args.JsonSave(job.manifest.to_json())}
     if job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
-      items[_knobs.STATE_ITEM] = ocp.args.PyTreeSave(nest(job.snapshot))
+      tree = nest(job.snapshot)
+      save_args = None
+      if job.chunk_byte_size is not None:
+        save_args = jax.tree.map(
+            lambda _: ocp.SaveArgs(chunk_byte_size=job.chunk_byte_size), tree)
+      items[_knobs.STATE_ITEM] = ocp.args.PyTreeSave(tree, save_args=save_args)
     args = ocp.args.Composite(**items)
     # Returns once Orbax has the data on the host (device→host copies done);
     # TensorStore writes continue on Orbax's thread.
