@@ -27,7 +27,7 @@ def test_every_async_save_in_a_donating_loop_is_bit_exact(tmp_path):
   ckpt = jaxckpt.Checkpoint(state=state)
   opts = jaxckpt.CheckpointOptions(enable_async=True, max_in_flight=2)
   expected = {}
-  for i in range(6):
+  for _ in range(6):
     ckpt.state = state
     expected[ckpt.save(tmp_path / "m", options=opts)] = np.asarray(state["w"]).copy()
     state = step(state)  # Donates the buffers the save just snapshotted.
