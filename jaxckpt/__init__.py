@@ -1,23 +1,26 @@
 """jaxckpt: TF's ``tf.train.Checkpoint`` semantics for JAX, on Orbax and TensorStore."""
 
 from jaxckpt._checkpoint import Checkpoint
-from jaxckpt._errors import (
-    CheckpointNotFoundError,
-    InvalidOptionsError,
-    JaxckptError,
-    LoadStatusError,
-    NotACheckpointError,
-    SaveError,
-    ShapeMismatchError,
-    TreeError,
-    UnknownDeviceError,
-    WriteCallbackError,
-)
-from jaxckpt._future import CommitFuture, SavePath
+from jaxckpt._errors import CheckpointNotFoundError
+from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import InvalidOptionsError
+from jaxckpt._errors import JaxckptError
+from jaxckpt._errors import LoadStatusError
+from jaxckpt._errors import NotACheckpointError
+from jaxckpt._errors import SaveError
+from jaxckpt._errors import ShapeMismatchError
+from jaxckpt._errors import TreeError
+from jaxckpt._errors import UnknownDeviceError
+from jaxckpt._errors import WriteCallbackError
+from jaxckpt._future import CommitFuture
+from jaxckpt._future import SavePath
 from jaxckpt._load_status import LoadStatus
 from jaxckpt._manager import CheckpointManager
 from jaxckpt._options import CheckpointOptions
-from jaxckpt._reader import CheckpointReader, VariableNotFoundError, list_variables, load_checkpoint
+from jaxckpt._reader import CheckpointReader
+from jaxckpt._reader import VariableNotFoundError
+from jaxckpt._reader import list_variables
+from jaxckpt._reader import load_checkpoint
 from jaxckpt._state_file import latest_checkpoint
 
 __version__ = "0.1.0"
@@ -28,6 +31,7 @@ __all__ = (
     "CheckpointManager",
     "CheckpointOptions",
     "CheckpointReader",
+    "CorruptCheckpointError",
     "CommitFuture",
     "InvalidOptionsError",
     "JaxckptError",

@@ -22,7 +22,9 @@ import time
 import weakref
 
 from jaxckpt import _knobs
-from jaxckpt._write import SaveJob, new_checkpointer, run_save
+from jaxckpt._write import SaveJob
+from jaxckpt._write import new_checkpointer
+from jaxckpt._write import run_save
 
 logger = logging.getLogger("jaxckpt")
 

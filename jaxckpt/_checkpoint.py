@@ -9,15 +9,20 @@ from typing import Any
 import jax
 
 from jaxckpt._background import Saver
-from jaxckpt._errors import InvalidOptionsError, TreeError
-from jaxckpt._future import CommitFuture, SavePath
+from jaxckpt._errors import InvalidOptionsError
+from jaxckpt._errors import TreeError
+from jaxckpt._future import CommitFuture
+from jaxckpt._future import SavePath
 from jaxckpt._io_device import resolve_io_device
-from jaxckpt._load_status import InitializationOnlyStatus, LoadStatus
-from jaxckpt._manifest import Manifest, read_manifest
+from jaxckpt._load_status import InitializationOnlyStatus
+from jaxckpt._load_status import LoadStatus
+from jaxckpt._manifest import Manifest
+from jaxckpt._manifest import read_manifest
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._restore import read_leaves
 from jaxckpt._snapshot import take_snapshot
-from jaxckpt._state_file import CheckpointState, write_state
+from jaxckpt._state_file import CheckpointState
+from jaxckpt._state_file import write_state
 from jaxckpt._tree import flatten_items
 from jaxckpt._write import SaveJob
 
@@ -199,7 +204,8 @@ class Checkpoint:
     manifest = read_manifest(path)
     io_device = resolve_io_device(options.experimental_io_device)
     flat = [leaf for item_leaves in leaves.values() for leaf in item_leaves]
-    restored = read_leaves(path, manifest, flat, io_device)
+    restored = read_leaves(path, manifest, flat, io_device,
+                           verify_checksums=options.verify_checksums)
     for name, item_leaves in leaves.items():
       if any(leaf.name in restored for leaf in item_leaves):
         self._items[name] = jax.tree_util.tree_unflatten(

@@ -37,6 +37,10 @@ class NotACheckpointError(JaxckptError, ValueError):
   """The path exists but is not a (complete) jaxckpt checkpoint."""
 
 
+class CorruptCheckpointError(JaxckptError, ValueError):
+  """Array data failed its checksum or could not be decoded; names the array."""
+
+
 class SaveError(JaxckptError, RuntimeError):
   """A save or write failed; for async saves, raised at the next call."""
 

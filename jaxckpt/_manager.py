@@ -12,13 +12,17 @@ from typing import Any
 
 import numpy as np
 
-from jaxckpt._checkpoint import Checkpoint, _check_options
-from jaxckpt._durable import remove_checkpoint, remove_leftovers
+from jaxckpt._checkpoint import Checkpoint
+from jaxckpt._checkpoint import _check_options
+from jaxckpt._durable import remove_checkpoint
+from jaxckpt._durable import remove_leftovers
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._future import SavePath
 from jaxckpt._manifest import is_committed
 from jaxckpt._options import CheckpointOptions
-from jaxckpt._state_file import CheckpointState, read_state, write_state
+from jaxckpt._state_file import CheckpointState
+from jaxckpt._state_file import read_state
+from jaxckpt._state_file import write_state
 
 logger = logging.getLogger("jaxckpt")
 

@@ -15,7 +15,8 @@ import time
 from typing import Any
 
 from jaxckpt import _knobs
-from jaxckpt._errors import CheckpointNotFoundError, NotACheckpointError
+from jaxckpt._errors import CheckpointNotFoundError
+from jaxckpt._errors import NotACheckpointError
 from jaxckpt._tree import Leaf
 
 
@@ -33,6 +34,8 @@ class Manifest:
   kind: str  # "save" or "write"
   created: float
   leaves: dict[str, LeafInfo]
+  # CRC-32 of each leaf's stored bytes; None where not computed (multi-process).
+  checksums: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def build(cls, leaves: list[Leaf], *, save_counter: int, kind: str) -> Manifest:
@@ -46,7 +49,8 @@ class Manifest:
         "format": "jaxckpt", "version": self.version,
         "save_counter": self.save_counter, "kind": self.kind,
         "created": self.created,
-        "leaves": {n: {"shape": list(i.shape), "dtype": i.dtype, "kind": i.kind}
+        "leaves": {n: {"shape": list(i.shape), "dtype": i.dtype, "kind": i.kind,
+                       "crc32": self.checksums.get(n)}
                    for n, i in self.leaves.items()},
     }
 
@@ -63,7 +67,8 @@ class Manifest:
         version=version, save_counter=int(data["save_counter"]),
         kind=data["kind"], created=float(data["created"]),
         leaves={n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"])
-                for n, i in data["leaves"].items()})
+                for n, i in data["leaves"].items()},
+        checksums={n: i.get("crc32") for n, i in data["leaves"].items()})
 
 
 def manifest_file(path: str | os.PathLike) -> str:

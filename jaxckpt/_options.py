@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 import inspect
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
+from collections.abc import Iterable
 from typing import Any
 
 from jaxckpt._errors import InvalidOptionsError
@@ -96,6 +97,8 @@ class CheckpointOptions:
   * ``memory_budget_bytes``: cap on snapshot bytes held by in-flight saves; a
     save that would exceed it waits for earlier commits and logs the wait.
     Default: half the machine's physical memory.
+  * ``verify_checksums``: on restore/read, check each array against the CRC-32
+    recorded at save time (default True).
 
   Example:
     >>> import jaxckpt
@@ -109,7 +112,8 @@ class CheckpointOptions:
   """
 
   __slots__ = ("experimental_io_device", "_async", "_callbacks", "compression",
-               "chunk_byte_size", "max_in_flight", "memory_budget_bytes")
+               "chunk_byte_size", "max_in_flight", "memory_budget_bytes",
+               "verify_checksums")
 
   def __init__(
       self,
@@ -122,6 +126,7 @@ class CheckpointOptions:
       chunk_byte_size: int | None = None,
       max_in_flight: int = 1,
       memory_budget_bytes: int | None = None,
+      verify_checksums: bool = True,
   ):
     if experimental_enable_async_checkpoint:
       warnings.warn(_DEPRECATED_ALIAS, DeprecationWarning, stacklevel=2)
@@ -138,6 +143,10 @@ class CheckpointOptions:
     self.chunk_byte_size = chunk_byte_size
     self.max_in_flight = max_in_flight
     self.memory_budget_bytes = memory_budget_bytes
+    if not isinstance(verify_checksums, bool):
+      raise InvalidOptionsError(
+          f"verify_checksums must be a bool, got {verify_checksums!r}.")
+    self.verify_checksums = verify_checksums
 
   @property
   def enable_async(self) -> bool:
@@ -214,7 +223,7 @@ class CheckpointOptions:
 
 
 _KNOB_DEFAULTS = {"compression": False, "chunk_byte_size": None, "max_in_flight": 1,
-                  "memory_budget_bytes": None}
+                  "memory_budget_bytes": None, "verify_checksums": True}
 
 
 def _check_positive(name: str, value: Any, *, allow_none: bool) -> None:

@@ -7,9 +7,12 @@ import os
 import numpy as np
 
 from jaxckpt import _knobs
-from jaxckpt._errors import CheckpointNotFoundError, JaxckptError
-from jaxckpt._manifest import is_committed, read_manifest
+from jaxckpt._errors import CheckpointNotFoundError
+from jaxckpt._errors import JaxckptError
+from jaxckpt._manifest import is_committed
+from jaxckpt._manifest import read_manifest
 from jaxckpt._restore import read_leaves
+from jaxckpt._restore import stored_dtype
 from jaxckpt._state_file import latest_checkpoint
 from jaxckpt._tree import Leaf
 
@@ -59,8 +62,7 @@ class CheckpointReader:
     return {n: list(i.shape) for n, i in self._manifest.leaves.items()}
 
   def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
-    return {n: np.dtype(i.dtype) if i.dtype != "bfloat16" else _bfloat16()
-            for n, i in self._manifest.leaves.items()}
+    return {n: stored_dtype(self._manifest, n) for n in self._manifest.leaves}
 
   def has_tensor(self, name: str) -> bool:
     return name in self._manifest.leaves
@@ -71,14 +73,8 @@ class CheckpointReader:
       raise VariableNotFoundError(
           f"{name!r} is not in checkpoint {self.path!r}; it has "
           f"{sorted(self._manifest.leaves)[:10]}.")
-    dtype = self.get_variable_to_dtype_map()[name]
-    template = Leaf(name, np.zeros(info.shape, dtype))
+    template = Leaf(name, np.zeros(info.shape, stored_dtype(self._manifest, name)))
     return read_leaves(self.path, self._manifest, [template])[name]
-
-
-def _bfloat16():
-  import ml_dtypes  # A dependency of jax.
-  return np.dtype(ml_dtypes.bfloat16)
 
 
 def load_checkpoint(dir_or_path) -> CheckpointReader:

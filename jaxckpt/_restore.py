@@ -1,9 +1,10 @@
 """Restore: checkpoint leaves → values shaped like the currently tracked ones.
 
 Only leaves present both in the checkpoint and in the tracked items are read
-(Orbax partial restore). Each takes the tracked value's dtype, sharding (so a new
-mesh reshards) and Python type. Shapes are checked for every leaf before
-anything is read, so a mismatch changes nothing.
+(Orbax partial restore). Each is read in its stored dtype, checked against its
+CRC-32, then cast to the tracked value's dtype and placed in its sharding (so a
+new mesh reshards) and Python type. Shapes and dtype kinds are checked for every
+leaf before anything is read, so a mismatch changes nothing.
 """
 
 from __future__ import annotations
@@ -16,23 +17,67 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxckpt import _knobs
+from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import ShapeMismatchError
+from jaxckpt._errors import TreeError
+from jaxckpt._integrity import verify
 from jaxckpt._manifest import Manifest
-from jaxckpt._tree import Leaf, nest
+from jaxckpt._tree import Leaf
+from jaxckpt._tree import nest
 
 
-def _restore_args(leaf: Leaf, io_device: jax.Device | None):
+def stored_dtype(manifest: Manifest, name: str) -> np.dtype:
+  return np.dtype(jax.numpy.dtype(manifest.leaves[name].dtype))
+
+
+def _group(dtype: np.dtype) -> str:
+  if jax.numpy.issubdtype(dtype, jax.numpy.bool_):
+    return "bool"
+  if jax.numpy.issubdtype(dtype, jax.numpy.complexfloating):
+    return "complex"
+  if jax.numpy.issubdtype(dtype, jax.numpy.floating):
+    return "float"
+  return "int"
+
+
+# Casts restore may make: within a kind, and integer → float. Anything else
+# (float → int, → bool, complex → real) would silently change values.
+_ALLOWED = {("int", "float"), ("bool", "int"), ("bool", "float")}
+
+
+def check_compatible(path: str, manifest: Manifest, leaves: list[Leaf]) -> None:
+  for leaf in leaves:
+    info = manifest.leaves.get(leaf.name)
+    if info is None:
+      continue
+    if tuple(info.shape) != leaf.shape:
+      raise ShapeMismatchError(
+          f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has shape "
+          f"{tuple(info.shape)} but the tracked value has shape {leaf.shape}. "
+          "Nothing was restored. Build the model with the checkpoint's shapes, or "
+          "stop tracking this value.")
+    saved, tracked = _group(stored_dtype(manifest, leaf.name)), _group(leaf.dtype)
+    if saved != tracked and (saved, tracked) not in _ALLOWED:
+      raise TreeError(
+          f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has dtype "
+          f"{info.dtype} but the tracked value has dtype {leaf.dtype.name}; casting "
+          f"{saved} to {tracked} would change values. Nothing was restored.")
+
+
+def _restore_args(leaf: Leaf, dtype: np.dtype, io_device: jax.Device | None):
   if isinstance(leaf.value, jax.Array):
     sharding = (jax.sharding.SingleDeviceSharding(io_device) if io_device is not None
                 else leaf.value.sharding)
-    return ocp.ArrayRestoreArgs(sharding=sharding, dtype=leaf.dtype,
-                                global_shape=leaf.shape)
-  return ocp.RestoreArgs(restore_type=np.ndarray, dtype=leaf.dtype)
+    return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=leaf.shape)
+  return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
 
 
 def _as_tracked_type(leaf: Leaf, value: Any) -> Any:
   tracked = leaf.value
   if isinstance(tracked, jax.Array):
+    if value.dtype != leaf.dtype:
+      value = value.astype(leaf.dtype)
     return value if value.sharding == tracked.sharding else jax.device_put(
         value, tracked.sharding)
   value = np.asarray(value, dtype=leaf.dtype)
@@ -43,35 +88,60 @@ def _as_tracked_type(leaf: Leaf, value: Any) -> Any:
   return type(tracked)(value.item())
 
 
-def check_shapes(path: str, manifest: Manifest, leaves: list[Leaf]) -> None:
-  for leaf in leaves:
-    info = manifest.leaves.get(leaf.name)
-    if info is not None and tuple(info.shape) != leaf.shape:
-      raise ShapeMismatchError(
-          f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has shape "
-          f"{tuple(info.shape)} but the tracked value has shape {leaf.shape}. "
-          "Nothing was restored. Build the model with the checkpoint's shapes, or "
-          "stop tracking this value.")
-
-
-def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
-                io_device: jax.Device | None = None) -> dict[str, Any]:
-  """Reads the leaves of ``leaves`` present in the checkpoint; returns {name: value}."""
-  check_shapes(path, manifest, leaves)
-  wanted = [l for l in leaves if l.name in manifest.leaves]
-  if not wanted:
-    return {}
-  item = nest({l.name: jax.ShapeDtypeStruct(l.shape, l.dtype) for l in wanted})
-  restore_args = nest({l.name: _restore_args(l, io_device) for l in wanted})
+def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
+                io_device: jax.Device | None) -> dict[str, Any]:
+  item = nest({l.name: jax.ShapeDtypeStruct(l.shape, stored_dtype(manifest, l.name))
+               for l in leaves})
+  restore_args = nest({l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device)
+                       for l in leaves})
   with ocp.PyTreeCheckpointer() as checkpointer:
     restored = checkpointer.restore(
         os.path.abspath(os.path.join(path, _knobs.STATE_ITEM)),
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
                                     partial_restore=True))
   out = {}
-  for leaf in wanted:
+  for leaf in leaves:
     node = restored
     for part in leaf.name.split("/"):
       node = node[part]
-    out[leaf.name] = _as_tracked_type(leaf, node)
+    out[leaf.name] = node
+  return out
+
+
+def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
+                io_device: jax.Device | None = None, *,
+                verify_checksums: bool = True) -> dict[str, Any]:
+  """Reads the leaves of ``leaves`` present in the checkpoint; returns {name: value}.
+
+  Raises:
+    ShapeMismatchError, TreeError: a tracked value cannot take the saved one.
+    CorruptCheckpointError: an array's data is unreadable or fails its CRC; the
+      message names the checkpoint and the array.
+  """
+  check_compatible(path, manifest, leaves)
+  wanted = [l for l in leaves if l.name in manifest.leaves]
+  if not wanted:
+    return {}
+  try:
+    raw = _orbax_read(path, manifest, wanted, io_device)
+  except JaxckptError:
+    raise
+  except Exception as batch_error:
+    # Name the broken array: TensorStore's error names a chunk key at best.
+    for leaf in wanted:
+      try:
+        _orbax_read(path, manifest, [leaf], io_device)
+      except Exception as e:
+        raise CorruptCheckpointError(
+            f"Checkpoint {path!r} is unreadable: array '{leaf.name}' failed to load "
+            f"({type(e).__name__}: {e}).") from e
+    raise CorruptCheckpointError(
+        f"Checkpoint {path!r} could not be read ({type(batch_error).__name__}: "
+        f"{batch_error}).") from batch_error
+  out = {}
+  for leaf in wanted:
+    if verify_checksums:
+      verify(path, leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
+             manifest.checksums.get(leaf.name))
+    out[leaf.name] = _as_tracked_type(leaf, raw[leaf.name])
   return out

@@ -16,9 +16,13 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxckpt import _knobs
-from jaxckpt._durable import commit, remove_staging, staging_path
-from jaxckpt._errors import SaveError, WriteCallbackError
+from jaxckpt._durable import commit
+from jaxckpt._durable import remove_staging
+from jaxckpt._durable import staging_path
+from jaxckpt._errors import SaveError
+from jaxckpt._errors import WriteCallbackError
 from jaxckpt._future import CommitFuture
+from jaxckpt._integrity import checksum
 from jaxckpt._manifest import Manifest
 from jaxckpt._options import call_write_callback
 from jaxckpt._tree import nest
@@ -57,7 +61,10 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
   staging = staging_path(target)  # Absolute: Orbax's OCDBT refuses relative paths.
   try:
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    items = {_knobs.MANIFEST_ITEM: ocp.args.JsonSave(job.manifest.to_json())}
+    # Off the caller's path: waits for the snapshot copies, then CRCs them.
+    manifest = dataclasses.replace(job.manifest, checksums={
+        name: checksum(value) for name, value in job.snapshot.items()})
+    items = {_knobs.MANIFEST_ITEM: ocp.args.JsonSave(manifest.to_json())}
     if job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
       tree = nest(job.snapshot)
       save_args = None
