@@ -190,7 +190,8 @@ def build_parser() -> argparse.ArgumentParser:
   ls = sub.add_parser("ls", help="list the checkpoints in a directory")
   ls.add_argument("directory")
   ls.set_defaults(func=cmd_ls)
-  inspect = sub.add_parser("inspect", help="show a checkpoint's arrays (like TF's inspect_checkpoint)")
+  inspect = sub.add_parser(
+      "inspect", help="show a checkpoint's arrays (like TF's inspect_checkpoint)")
   inspect.add_argument("path", help="a checkpoint, or a directory (its latest checkpoint)")
   inspect.add_argument("--values", action="store_true", help="also print every array's values")
   inspect.set_defaults(func=cmd_inspect)
