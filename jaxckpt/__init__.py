@@ -4,6 +4,7 @@ from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import InvalidOptionsError
+from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import LoadStatusError
 from jaxckpt._errors import NotACheckpointError
@@ -17,6 +18,7 @@ from jaxckpt._future import SavePath
 from jaxckpt._load_status import LoadStatus
 from jaxckpt._manager import CheckpointManager
 from jaxckpt._options import CheckpointOptions
+from jaxckpt._preemption import install_preemption_handler
 from jaxckpt._reader import CheckpointReader
 from jaxckpt._reader import VariableNotFoundError
 from jaxckpt._reader import list_variables
@@ -34,6 +36,7 @@ __all__ = (
     "CorruptCheckpointError",
     "CommitFuture",
     "InvalidOptionsError",
+    "InvalidPathError",
     "JaxckptError",
     "LoadStatus",
     "LoadStatusError",
@@ -45,6 +48,7 @@ __all__ = (
     "UnknownDeviceError",
     "VariableNotFoundError",
     "WriteCallbackError",
+    "install_preemption_handler",
     "latest_checkpoint",
     "list_variables",
     "load_checkpoint",

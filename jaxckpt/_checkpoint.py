@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from jaxckpt._background import Saver
+from jaxckpt._durable import check_target
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import TreeError
 from jaxckpt._future import CommitFuture
@@ -155,6 +156,7 @@ class Checkpoint:
       self._saver.wait()
     counter = self._save_counter + (kind == "save")
     path = path_for(counter)
+    check_target(path)
     snapshot = take_snapshot(flat, copy=options.enable_async, io_device=io_device)
     object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)

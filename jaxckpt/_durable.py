@@ -14,6 +14,25 @@ import shutil
 import uuid
 
 
+def check_target(final: str) -> None:
+  """Raises `InvalidPathError` now if ``final`` can never become a checkpoint.
+
+  Cheap (a few stats) so it can run on the caller's thread: a bad path fails the
+  call itself instead of the background write.
+  """
+  from jaxckpt._errors import InvalidPathError
+  if os.path.lexists(final) and not os.path.isdir(final):
+    raise InvalidPathError(
+        f"Cannot save to {final!r}: it exists and is not a directory. Remove it or "
+        "choose another path.")
+  ancestor = os.path.dirname(os.path.abspath(final))
+  while not os.path.lexists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise InvalidPathError(
+        f"Cannot save to {final!r}: {ancestor!r} is a file, not a directory.")
+
+
 def fsync_dir(path: str) -> None:
   fd = os.open(path or ".", os.O_RDONLY | os.O_DIRECTORY)
   try:

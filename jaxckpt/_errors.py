@@ -17,6 +17,10 @@ class InvalidOptionsError(JaxckptError, TypeError, ValueError):
   """A `CheckpointOptions` field has a bad value (wrong type or signature)."""
 
 
+class InvalidPathError(JaxckptError, ValueError):
+  """A save path cannot hold a checkpoint (e.g. a parent is a regular file)."""
+
+
 class UnknownDeviceError(JaxckptError, ValueError):
   """``experimental_io_device`` names no device this process can use."""
 

@@ -2,6 +2,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax.numpy as jnp
 import pytest
@@ -21,22 +22,37 @@ def _boom():
   raise RuntimeError("callback exploded")
 
 
-def _blocked_dir(tmp_path):
+def test_path_under_a_file_fails_the_call_and_writes_nothing(tmp_path):
   (tmp_path / "file").write_text("not a directory")
-  return tmp_path / "file" / "sub" / "m"  # Parent is a regular file: mkdir fails for real.
+  ckpt = jaxckpt.Checkpoint(x=jnp.ones(3))
+  with pytest.raises(jaxckpt.InvalidPathError, match=r"'.*/file' is a file, not a directory"):
+    ckpt.save(tmp_path / "file" / "sub" / "m", options=_async())
+  with pytest.raises(jaxckpt.InvalidPathError, match="exists and is not a directory"):
+    ckpt.write(tmp_path / "file")
+  assert ckpt.save_counter == 0 and (tmp_path / "file").read_text() == "not a directory"
 
 
 def test_background_write_failure_fails_future_and_surfaces_once_at_next_save(tmp_path):
+  release = threading.Event()
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(3))
-  path = ckpt.save(_blocked_dir(tmp_path), options=_async())
-  error = path.future.exception(timeout=TIMEOUT)
-  assert isinstance(error, jaxckpt.SaveError)
+  opts = jaxckpt.CheckpointOptions(enable_async=True, max_in_flight=2)
+  first = ckpt.save(tmp_path / "a" / "m", options=jaxckpt.CheckpointOptions(
+      enable_async=True, max_in_flight=2,
+      experimental_write_callbacks=[lambda: release.wait(TIMEOUT)]))
+  (tmp_path / "b").mkdir()
+  second = ckpt.save(tmp_path / "b" / "m", options=opts)  # Queued behind the first.
+  (tmp_path / "b").rmdir()
+  (tmp_path / "b").write_text("now a file")  # The directory became a file: a real fault.
+  release.set()
+  assert first.future.result(timeout=TIMEOUT) == first
+  error = second.future.exception(timeout=TIMEOUT)
+  assert isinstance(error, jaxckpt.SaveError) and str(second) in str(error)
   assert isinstance(error.__cause__, (NotADirectoryError, FileExistsError))
-  assert str(path) in str(error)
   with pytest.raises(jaxckpt.SaveError, match="was not committed"):
-    ckpt.save(tmp_path / "ok")
+    ckpt.save(tmp_path / "a" / "m")
   # The call that reports the error saves nothing; the next one works.
-  assert ckpt.save(tmp_path / "ok") == str(tmp_path / "ok-2")
+  assert ckpt.save(tmp_path / "a" / "m") == str(tmp_path / "a" / "m-3")
+  assert jaxckpt.latest_checkpoint(tmp_path / "a") == str(tmp_path / "a" / "m-3")
 
 
 @pytest.mark.parametrize("surface", ["save", "write", "sync", "restore"])

@@ -1,0 +1,156 @@
+"""Issue 4: SIGKILL at random moments, real write faults, preemption, soak."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxckpt
+
+sys.path.insert(0, os.path.dirname(__file__))
+import crash_harness  # noqa: E402
+
+TIMEOUT = 120
+
+
+def test_sigkill_at_random_moments_never_leaves_a_bad_latest(tmp_path):
+  steps = crash_harness.run(str(tmp_path), kills=4, seed=1, max_delay=1.5)
+  assert any(s is not None for s in steps)
+  resumed = [s for s in steps if s is not None]
+  assert resumed == sorted(resumed)  # Each run resumed from where the last one stopped.
+  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(**crash_harness.state_at(0)),
+                                      tmp_path, max_to_keep=3)
+  assert not [n for n in os.listdir(tmp_path) if ".jaxckpt-" in n]  # Leftovers cleaned.
+  assert len(manager.checkpoints) <= 3
+
+
+FSIZE_CHILD = r"""
+import resource, signal, sys
+import jax.numpy as jnp, numpy as np
+import jaxckpt
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # Get EFBIG instead of being killed.
+d = sys.argv[1]
+ckpt = jaxckpt.Checkpoint(x=jnp.ones(16))
+manager = jaxckpt.CheckpointManager(ckpt, d, max_to_keep=5)
+opts = jaxckpt.CheckpointOptions(enable_async=True)
+print("small", manager.save(options=opts).future.result(), flush=True)
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+ckpt.x = jnp.arange(4 << 20, dtype=jnp.float32)  # 16 MiB: over the 1 MiB file limit.
+big = manager.save(options=opts)
+print("big-error", type(big.future.exception(timeout=120)).__name__, flush=True)
+try:
+  manager.save(options=opts)
+except jaxckpt.SaveError as e:
+  print("surfaced", "File too large" in str(e) or "EFBIG" in str(e) or "27" in str(e), flush=True)
+print("listed", [p.rsplit("/", 1)[1] for p in manager.checkpoints], flush=True)
+resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+ok = manager.save(options=opts)
+print("after", ok.future.result(timeout=120).rsplit("/", 1)[1],
+      float(jaxckpt.load_checkpoint(ok).get_tensor("x")[-1]), flush=True)
+"""
+
+
+def test_file_too_large_surfaces_lists_nothing_and_recovers(tmp_path):
+  proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(tmp_path)],
+                        capture_output=True, text=True, timeout=TIMEOUT)
+  lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert lines["big-error"] == "SaveError"
+  assert lines["surfaced"] == "True", proc.stderr[-3000:]
+  assert lines["listed"] == "['ckpt-1']"  # The failed save is not listed...
+  assert lines["after"] == f"ckpt-3 {float((4 << 20) - 1)}"  # ...and the loop recovers.
+  assert not [n for n in os.listdir(tmp_path) if ".jaxckpt-" in n]
+
+
+def test_vanished_directory_is_recreated(tmp_path):
+  release = threading.Event()
+  ckpt = jaxckpt.Checkpoint(x=jnp.ones(3))
+  ckpt.save(tmp_path / "a" / "m", options=jaxckpt.CheckpointOptions(
+      enable_async=True, max_in_flight=2,
+      experimental_write_callbacks=[lambda: release.wait(TIMEOUT)]))
+  (tmp_path / "b").mkdir()
+  path = ckpt.save(tmp_path / "b" / "m", options=jaxckpt.CheckpointOptions(
+      enable_async=True, max_in_flight=2))
+  os.rmdir(tmp_path / "b")  # Vanishes while the save is queued.
+  release.set()
+  assert path.future.result(timeout=TIMEOUT) == path
+  assert jaxckpt.latest_checkpoint(tmp_path / "b") == path
+
+
+PREEMPT_CHILD = r"""
+import sys, time, logging
+import jax.numpy as jnp
+import jaxckpt
+logging.basicConfig(level=logging.WARNING, format="%(message)s")
+d = sys.argv[1]
+ckpt = jaxckpt.Checkpoint(w=jnp.zeros(4), step=0)
+manager = jaxckpt.CheckpointManager(ckpt, d, max_to_keep=2)
+done = []
+opts = jaxckpt.CheckpointOptions(enable_async=True,
+                                 experimental_write_callbacks=[lambda p: done.append(p)])
+jaxckpt.install_preemption_handler(manager, options=jaxckpt.CheckpointOptions(
+    experimental_write_callbacks=[lambda p: print("final-callback", p, flush=True)]))
+step = 0
+while True:
+  step += 1
+  ckpt.w, ckpt.step = jnp.full(4, float(step)), step
+  if step % 5 == 0:
+    manager.save(options=opts)
+  if step == 12:
+    print("training", flush=True)
+  time.sleep(0.01)
+"""
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  child = subprocess.Popen([sys.executable, "-c", PREEMPT_CHILD, str(tmp_path)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  while child.stdout.readline().strip() != "training":
+    pass
+  child.send_signal(signal.SIGTERM)
+  out, err = child.communicate(timeout=TIMEOUT)
+  assert child.returncode == 0, err[-3000:]
+  latest = jaxckpt.latest_checkpoint(tmp_path)
+  assert f"final-callback {latest}" in out
+  assert "SIGTERM received" in err and f"Saved {latest} after SIGTERM" in err
+  reader = jaxckpt.load_checkpoint(latest)
+  step = int(reader.get_tensor("step"))
+  assert step >= 12 and reader.get_tensor("w").tolist() == [float(step)] * 4
+
+
+def test_soak_200_async_saves_keep_order_threads_and_memory_flat(tmp_path):
+  ckpt = jaxckpt.Checkpoint(w=jnp.zeros((128, 128)), step=0)
+  calls = []
+  opts = jaxckpt.CheckpointOptions(enable_async=True,
+                                   experimental_write_callbacks=[calls.append])
+  manager = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=3)
+  threads, rss = [], []
+  for step in range(1, 201):
+    ckpt.w, ckpt.step = jnp.full((128, 128), float(step)), step
+    manager.save(options=opts)
+    if step % 50 == 0:
+      manager.sync()
+      # The worker thread may still be exiting right after sync(): don't count it.
+      threads.append(len([t for t in threading.enumerate() if t.name != "jaxckpt-save"]))
+      with open("/proc/self/statm") as f:
+        rss.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE"))
+  manager.sync()
+  assert calls == [str(tmp_path / f"ckpt-{i}") for i in range(1, 201)]  # Once each, in order.
+  assert _names(manager.checkpoints) == ["ckpt-198", "ckpt-199", "ckpt-200"]
+  assert len(set(threads)) == 1, threads
+  assert rss[-1] - rss[0] < 32 * 2**20, [r // 2**20 for r in rss]
+  assert jaxckpt.load_checkpoint(tmp_path).get_tensor("step") == 200
+
+
+def _names(paths):
+  return [os.path.basename(p) for p in paths]
+
+
+def test_harness_state_is_deterministic():
+  a, b = crash_harness.state_at(7), crash_harness.state_at(7)
+  assert np.array_equal(a["params"]["w"], b["params"]["w"]) and a["step"] == 7
+  assert not np.array_equal(a["params"]["w"], crash_harness.state_at(8)["params"]["w"])
