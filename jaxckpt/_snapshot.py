@@ -2,29 +2,52 @@
 
 An async save must not read the caller's arrays after ``save`` returns: the next
 training step may donate (free) or overwrite them. So the snapshot makes the
-save own its data:
+save own its data, without waiting for anything:
 
-* ``jax.Array`` leaves: one batched ``jax.device_put(..., may_alias=False)``,
-  which enqueues an on-device copy and returns at once. It neither waits for the
-  step that produces the array nor for the copy (measured on this 2-core CPU:
-  0.4–1.5 ms to issue while a 3.5 s matmul chain was still running), and the
-  runtime orders a later donation after the copy's read. The device→host
-  transfer then happens in the background, inside Orbax.
+* ``jax.Array`` leaves: one batched ``jax.device_put(..., may_alias=False)`` to
+  the same sharding in the ``pinned_host`` memory kind. It enqueues the
+  device→host copies and returns: it neither waits for the step that produces
+  the arrays nor for the copies, and the runtime orders a later donation after
+  the copies' reads. On GPU/TPU this is the DMA into host RAM that Orbax would
+  otherwise do synchronously inside ``save`` (94–138 ms blocked per save for a
+  313 MiB state on this machine class), and it holds no extra accelerator
+  memory. On CPU, "device" memory is host RAM and the same call is a memcpy.
+  Measured here (2-core CPU, 16 MiB sharded array): 0.35–0.5 ms to issue,
+  5–60 ms until done, while the donating next step runs. Rejected alternative:
+  a jitted copy into donated, reused staging buffers — XLA:CPU did not alias
+  them and ran the copy synchronously (160–447 ms to issue for 320 MiB).
 * numpy leaves are mutable host memory: copied now (the only blocking copy).
 * Python scalars are immutable: kept as they are.
 
-With an ``io_device`` every array is copied to that device instead (TF's
-meaning: I/O goes through that device's host), which is also a copy.
-Sync saves skip the copy unless an ``io_device`` asks for one: the caller is
-blocked until the write is done.
+With an ``io_device`` every array goes to that device's host memory instead
+(TF's meaning: I/O goes through that device). Sync saves skip the copy unless an
+``io_device`` asks for one: the caller is blocked until the write is done.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import numpy as np
 
 from jaxckpt._tree import Leaf
+
+_HOST = "pinned_host"
+
+
+@functools.cache
+def _has_host_memory(device: jax.Device) -> bool:
+  try:
+    return any(m.kind == _HOST for m in device.addressable_memories())
+  except Exception:  # Backends without memory kinds.
+    return False
+
+
+def _host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
+  if all(_has_host_memory(d) for d in sharding.device_set):
+    return sharding.with_memory_kind(_HOST)
+  return sharding
 
 
 def take_snapshot(leaves: list[Leaf], *, copy: bool,
@@ -42,9 +65,9 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool,
       out[leaf.name] = leaf.value
   if jax_values and (copy or io_device is not None):
     if io_device is not None:
-      targets = [jax.sharding.SingleDeviceSharding(io_device)] * len(jax_values)
+      targets = [_host_sharding(jax.sharding.SingleDeviceSharding(io_device))] * len(jax_values)
     else:
-      targets = [x.sharding for x in jax_values]
+      targets = [_host_sharding(x.sharding) for x in jax_values]
     jax_values = jax.device_put(jax_values, targets, may_alias=False)
   out.update(zip(jax_names, jax_values, strict=True))
   return out
