@@ -23,6 +23,22 @@ def _warn_unused(path: str, unused: frozenset[str], silenced: list[bool]) -> Non
         "Call expect_partial() on the load status to silence this.", path, _list(unused))
 
 
+def _structure_hints(missing: frozenset[str], unused: frozenset[str]) -> str:
+  """Explains missing/unused pairs that are really one structure mismatch."""
+  hints = []
+  for name in sorted(missing):
+    below = sorted(u for u in unused if u.startswith(name + "/"))
+    if below:
+      hints.append(f"at '{name}' the checkpoint has a subtree ({_list(below)}) but a "
+                   "single value is tracked")
+    above = [u for u in unused if name.startswith(u + "/")]
+    if above:
+      hints.append(f"at '{above[0]}' the checkpoint has a single value but a subtree "
+                   f"(incl. '{name}') is tracked")
+  hints = list(dict.fromkeys(hints))
+  return (" Structure differs: " + "; ".join(hints) + ".") if hints else ""
+
+
 class LoadStatus:
   """Returned by `Checkpoint.restore`/`read`; every method returns ``self``.
 
@@ -56,7 +72,8 @@ class LoadStatus:
     if self.missing:
       raise LoadStatusError(
           f"Tracked values not found in checkpoint {self.path!r}: "
-          f"{_list(self.missing)}; they kept their current values.")
+          f"{_list(self.missing)}; they kept their current values."
+          + _structure_hints(self.missing, self.unused))
     return self
 
   def assert_nontrivial_match(self) -> LoadStatus:

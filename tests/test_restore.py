@@ -161,3 +161,17 @@ def test_list_variables_and_reader(tmp_path):
 def test_load_checkpoint_on_empty_directory_is_clear(tmp_path):
   with pytest.raises(FileNotFoundError, match="state file"):
     jaxckpt.load_checkpoint(tmp_path)
+
+
+def test_structure_mismatch_is_explained_with_tree_paths(tmp_path):
+  path = jaxckpt.Checkpoint(model={"layers": [jnp.ones(2), jnp.ones(2)], "w": jnp.ones(3)}).save(
+      tmp_path / "m")
+  status = jaxckpt.Checkpoint(model={"layers": jnp.zeros(2), "w": {"k": jnp.zeros(3)}}).restore(
+      path)
+  with pytest.raises(AssertionError) as info:
+    status.assert_existing_objects_matched()
+  message = str(info.value)
+  assert "at 'model/layers' the checkpoint has a subtree ('model/layers/0', " in message
+  assert "at 'model/w' the checkpoint has a single value but a subtree (incl. 'model/w/k')" in (
+      message)
+  status.expect_partial()
