@@ -6,8 +6,6 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-import jax
-
 from jaxckpt._background import Saver
 from jaxckpt._durable import check_target
 from jaxckpt._errors import InvalidOptionsError
@@ -145,8 +143,12 @@ class Checkpoint:
     ``path_for(counter)`` names the checkpoint; ``kind == "save"`` increments
     the counter; ``on_commit(path)`` runs after the write callbacks.
     """
-    leaves, _ = flatten_items(self._items)
-    flat = [leaf for item_leaves in leaves.values() for leaf in item_leaves]
+    flat = [leaf for item in flatten_items(self._items) for leaf in item.leaves]
+    abstract = [leaf.name for leaf in flat if leaf.abstract]
+    if abstract:
+      raise TreeError(
+          f"Cannot save abstract values (jax.ShapeDtypeStruct) at {abstract[:5]}: they "
+          "are restore targets. Restore or initialize them first.")
     io_device = resolve_io_device(options.experimental_io_device)
     nbytes = sum(leaf.nbytes for leaf in flat)
     if options.enable_async:  # Backpressure; also raises an earlier save's error.
@@ -198,20 +200,19 @@ class Checkpoint:
   def _restore(self, save_path, options: CheckpointOptions, *,
                restore_counter: bool) -> LoadStatus:
     self._saver.wait()
-    leaves, treedefs = flatten_items(self._items)
-    tracked = {leaf.name for item_leaves in leaves.values() for leaf in item_leaves}
+    items = flatten_items(self._items)
+    flat = [leaf for item in items for leaf in item.leaves]
+    tracked = {leaf.name for leaf in flat}
     if save_path is None:
       return InitializationOnlyStatus(tracked)
     path = os.fspath(save_path)
     manifest = read_manifest(path)
     io_device = resolve_io_device(options.experimental_io_device)
-    flat = [leaf for item_leaves in leaves.values() for leaf in item_leaves]
     restored = read_leaves(path, manifest, flat, io_device,
                            verify_checksums=options.verify_checksums)
-    for name, item_leaves in leaves.items():
-      if any(leaf.name in restored for leaf in item_leaves):
-        self._items[name] = jax.tree_util.tree_unflatten(
-            treedefs[name], [restored.get(l.name, l.value) for l in item_leaves])
+    for item in items:
+      if any(leaf.name in restored for leaf in item.leaves):
+        self._items[item.name] = item.rebuild(restored)
     if restore_counter:
       object.__setattr__(self, "_save_counter", manifest.save_counter)
     return LoadStatus(path, tracked, set(manifest.leaves))

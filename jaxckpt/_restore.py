@@ -65,21 +65,26 @@ def check_compatible(path: str, manifest: Manifest, leaves: list[Leaf]) -> None:
           f"{saved} to {tracked} would change values. Nothing was restored.")
 
 
+def _target_sharding(leaf: Leaf) -> jax.sharding.Sharding:
+  sharding = getattr(leaf.value, "sharding", None)  # None on unsharded abstract leaves.
+  return sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
+
 def _restore_args(leaf: Leaf, dtype: np.dtype, io_device: jax.Device | None):
-  if isinstance(leaf.value, jax.Array):
+  if isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)):
     sharding = (jax.sharding.SingleDeviceSharding(io_device) if io_device is not None
-                else leaf.value.sharding)
+                else _target_sharding(leaf))
     return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=leaf.shape)
   return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
 
 
 def _as_tracked_type(leaf: Leaf, value: Any) -> Any:
   tracked = leaf.value
-  if isinstance(tracked, jax.Array):
+  if isinstance(tracked, (jax.Array, jax.ShapeDtypeStruct)):
     if value.dtype != leaf.dtype:
       value = value.astype(leaf.dtype)
-    return value if value.sharding == tracked.sharding else jax.device_put(
-        value, tracked.sharding)
+    target = _target_sharding(leaf)
+    return value if value.sharding == target else jax.device_put(value, target)
   value = np.asarray(value, dtype=leaf.dtype)
   if isinstance(tracked, np.ndarray):
     return value

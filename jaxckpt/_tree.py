@@ -5,13 +5,17 @@ Every leaf gets a TF-like name: the item name and its pytree key path joined by
 `list_variables` shows and what restore matches on, so saving and restoring
 only need the two structures to agree on names, not on Python types.
 
-Flax NNX objects slot in here later: an item adapter turns them into leaves
-and updates them in place on restore.
+Items are plain pytrees or Flax NNX objects (``nnx.Module``, ``nnx.Optimizer``):
+those are read through ``nnx.state`` and restored in place with ``nnx.update``,
+like TF restoring variables. Typed PRNG keys are stored as their key data and
+re-wrapped on restore. ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape`` /
+``nnx.eval_shape`` models) are restore targets that need no initialization.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -25,13 +29,19 @@ SCALAR_TYPES = (bool, int, float)
 
 @dataclasses.dataclass(frozen=True)
 class Leaf:
-  """One named leaf of a tracked item."""
+  """One named leaf of a tracked item; ``value`` is what gets saved."""
   name: str
   value: Any
+  key_impl: str | None = None  # Set for typed PRNG keys (value is their key data).
+
+  @property
+  def abstract(self) -> bool:
+    return isinstance(self.value, jax.ShapeDtypeStruct)
 
   @property
   def shape(self) -> tuple[int, ...]:
-    return tuple(np.shape(self.value))
+    shape = getattr(self.value, "shape", None)
+    return tuple(shape) if shape is not None else tuple(np.shape(self.value))
 
   @property
   def dtype(self) -> np.dtype:
@@ -41,7 +51,9 @@ class Leaf:
 
   @property
   def kind(self) -> str:
-    if isinstance(self.value, jax.Array):
+    if self.key_impl is not None:
+      return f"prng_key:{self.key_impl}"
+    if isinstance(self.value, (jax.Array, jax.ShapeDtypeStruct)):
       return "jax"
     if isinstance(self.value, (np.ndarray, np.generic)):
       return "numpy"
@@ -50,6 +62,15 @@ class Leaf:
   @property
   def nbytes(self) -> int:
     return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+
+
+def _nnx():
+  return sys.modules.get("flax.nnx")  # Never import Flax ourselves.
+
+
+def is_nnx_object(obj: Any) -> bool:
+  nnx = _nnx()
+  return nnx is not None and isinstance(obj, nnx.Pytree)
 
 
 def _key_name(key) -> str:
@@ -64,43 +85,81 @@ def _key_name(key) -> str:
   return str(key)
 
 
-def _check_leaf(name: str, value: Any) -> None:
+def _to_leaf(name: str, value: Any) -> Leaf:
   if isinstance(value, jax.Array):
     if value.is_deleted():
       raise TreeError(
           f"Leaf '{name}' is a deleted jax.Array (was it donated to a jitted step?). "
           "Save the step's outputs, not its donated inputs.")
     if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
-      raise TreeError(
-          f"Leaf '{name}' is a typed PRNG key array; save jax.random.key_data(key) "
-          "and rebuild it with jax.random.wrap_key_data after restore.")
-    return
+      return Leaf(name, jax.random.key_data(value), str(jax.random.key_impl(value)))
+    return Leaf(name, value)
+  if isinstance(value, jax.ShapeDtypeStruct):
+    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+      # JAX has no public accessor for an abstract key's impl; the dtype holds it.
+      data = jax.eval_shape(jax.random.key_data, value)
+      return Leaf(name, jax.ShapeDtypeStruct(data.shape, data.dtype,
+                                             sharding=getattr(value, "sharding", None)),
+                  value.dtype._impl.name)
+    return Leaf(name, value)
   if isinstance(value, (np.ndarray, np.generic)):
     if value.dtype.kind not in "biufc" and value.dtype.name != "bfloat16":
       raise TreeError(
           f"Leaf '{name}' is a numpy array of dtype {value.dtype}; expected a "
           "numeric dtype.")
-    return
+    return Leaf(name, value)
   if isinstance(value, SCALAR_TYPES):
-    return
+    return Leaf(name, value)
   raise TreeError(
       f"Leaf '{name}' is a {type(value).__module__}.{type(value).__qualname__}; "
       "expected a jax.Array, a numpy array or a Python bool/int/float. Remove it "
       "from the tracked item or register its type as a pytree node.")
 
 
-def flatten_item(item_name: str, item: Any) -> tuple[list[Leaf], Any]:
-  """Flattens one tracked item into named leaves and its treedef.
+@dataclasses.dataclass
+class Item:
+  """One tracked item, flattened; `rebuild` puts restored values back."""
+  name: str
+  obj: Any
+  leaves: list[Leaf]
+  originals: list[Any]
+  treedef: Any
+  nnx: bool
+
+  def rebuild(self, restored: Mapping[str, Any]) -> Any:
+    """Returns the item with restored values (NNX objects: updated in place)."""
+    values = []
+    for leaf, original in zip(self.leaves, self.originals, strict=True):
+      if leaf.name not in restored:
+        values.append(original)
+      elif leaf.key_impl is not None:
+        values.append(jax.random.wrap_key_data(restored[leaf.name], impl=leaf.key_impl))
+      else:
+        values.append(restored[leaf.name])
+    tree = jax.tree_util.tree_unflatten(self.treedef, values)
+    if self.nnx:
+      _nnx().update(self.obj, tree)
+      return self.obj
+    return tree
+
+
+def flatten_item(item_name: str, item: Any) -> Item:
+  """Flattens one tracked item into named leaves.
 
   Raises:
     TreeError: a leaf has an unsupported type, or a key would make an
       ambiguous name (contains '/' or '.', or collides with another key).
   """
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(item)
-  leaves = []
+  nnx_object = is_nnx_object(item)
+  tree = _nnx().state(item) if nnx_object else item
+  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  leaves, originals, seen = [], [], set()
   for path, value in with_path:
+    keys = list(path)
+    if nnx_object and keys and _key_name(keys[-1]) == "value":
+      keys.pop()  # nnx.Variable's payload: name the variable, not its attribute.
     parts = [item_name]
-    for key in path:
+    for key in keys:
       part = _key_name(key)
       if not part or "/" in part or "." in part:
         raise TreeError(
@@ -108,25 +167,19 @@ def flatten_item(item_name: str, item: Any) -> tuple[list[Leaf], Any]:
             "entry: keys must be non-empty and contain no '/' or '.'. Rename it.")
       parts.append(part)
     name = "/".join(parts)
-    _check_leaf(name, value)
-    leaves.append(Leaf(name, value))
-  return leaves, treedef
+    if name in seen:
+      raise TreeError(
+          f"Two leaves of item '{item_name}' map to the same name '{name}' "
+          "(e.g. dict keys 0 and '0'); make the keys distinct.")
+    seen.add(name)
+    leaves.append(_to_leaf(name, value))
+    originals.append(value)
+  return Item(item_name, item, leaves, originals, treedef, nnx_object)
 
 
-def flatten_items(
-    items: Mapping[str, Any]) -> tuple[dict[str, list[Leaf]], dict[str, Any]]:
-  """Flattens all tracked items; returns each item's leaves and treedef."""
-  leaves, treedefs, seen = {}, {}, {}
-  for item_name, item in items.items():
-    item_leaves, treedefs[item_name] = flatten_item(item_name, item)
-    for leaf in item_leaves:
-      if leaf.name in seen:
-        raise TreeError(
-            f"Two leaves of item '{item_name}' map to the same name '{leaf.name}' "
-            "(e.g. dict keys 0 and '0'); make the keys distinct.")
-      seen[leaf.name] = True
-    leaves[item_name] = item_leaves
-  return leaves, treedefs
+def flatten_items(items: Mapping[str, Any]) -> list[Item]:
+  """Flattens all tracked items."""
+  return [flatten_item(name, item) for name, item in items.items()]
 
 
 def nest(named: Mapping[str, Any]) -> dict[str, Any]:
@@ -139,15 +192,3 @@ def nest(named: Mapping[str, Any]) -> dict[str, Any]:
       node = node.setdefault(part, {})
     node[last] = value
   return root
-
-
-def unnest(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-  """Inverse of `nest`."""
-  out = {}
-  for key, value in tree.items():
-    name = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping):
-      out.update(unnest(value, name))
-    else:
-      out[name] = value
-  return out

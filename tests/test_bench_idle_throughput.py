@@ -56,6 +56,9 @@ def test_tpu_idle_tiny(tmp_path, capsys):
       assert rec["saves"] == 0 and rec["blocked_ms"] == [] and rec["overhead"] == 0
       continue
     assert rec["saves"] == 2, mode
+    assert 0 <= rec["saves_found_previous_in_flight"] <= 2, mode
+    if mode.endswith("_sync"):
+      assert rec["saves_found_previous_in_flight"] == 0, mode
     assert len(rec["blocked_ms"]) == len(rec["commit_s"]) == 2, mode
     assert all(_positive(b) for b in rec["blocked_ms"]), mode
     assert all(_positive(c) for c in rec["commit_s"]), mode

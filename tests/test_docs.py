@@ -40,3 +40,13 @@ def test_readme_commands_are_what_ci_runs():
   readme = (ROOT / "README.md").read_text()
   assert "make test" in readme and "make demo" in readme
   assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_import_is_quiet_and_does_not_pull_flax():
+  import subprocess
+  import sys
+  proc = subprocess.run(
+      [sys.executable, "-c", "import sys, jaxckpt; print('flax' in sys.modules)"],
+      capture_output=True, text=True, timeout=120)
+  assert proc.stdout == "False\n"
+  assert proc.stderr == ""
