@@ -70,8 +70,14 @@ def _target_sharding(leaf: Leaf) -> jax.sharding.Sharding:
   return sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
+def _uncommitted(leaf: Leaf) -> bool:
+  # An array JAX placed by default (not device_put to a device) is "uncommitted";
+  # handing back a committed one would make every jitted step recompile once.
+  return isinstance(leaf.value, jax.Array) and not leaf.value.committed
+
+
 def _restore_args(leaf: Leaf, dtype: np.dtype, io_device: jax.Device | None):
-  if isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)):
+  if isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)) and not _uncommitted(leaf):
     sharding = (jax.sharding.SingleDeviceSharding(io_device) if io_device is not None
                 else _target_sharding(leaf))
     return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=leaf.shape)
@@ -80,6 +86,8 @@ def _restore_args(leaf: Leaf, dtype: np.dtype, io_device: jax.Device | None):
 
 def _as_tracked_type(leaf: Leaf, value: Any) -> Any:
   tracked = leaf.value
+  if _uncommitted(leaf):
+    return jax.device_put(np.asarray(value, dtype=leaf.dtype))  # Stays uncommitted.
   if isinstance(tracked, (jax.Array, jax.ShapeDtypeStruct)):
     if value.dtype != leaf.dtype:
       value = value.astype(leaf.dtype)

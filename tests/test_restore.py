@@ -175,3 +175,15 @@ def test_structure_mismatch_is_explained_with_tree_paths(tmp_path):
   assert "at 'model/w' the checkpoint has a single value but a subtree (incl. 'model/w/k')" in (
       message)
   status.expect_partial()
+
+
+def test_restore_keeps_uncommitted_arrays_uncommitted_so_jit_does_not_recompile(tmp_path):
+  x = jnp.zeros(3)
+  ckpt = jaxckpt.Checkpoint(x=x, y=jax.device_put(jnp.ones(2), jax.devices()[1]))
+  ckpt.restore(ckpt.save(tmp_path / "ckpt"))
+  assert not ckpt.x.committed and ckpt.y.committed
+  assert ckpt.y.sharding == jax.sharding.SingleDeviceSharding(jax.devices()[1])
+  f = jax.jit(lambda a: a + 1)
+  f(x)
+  f(ckpt.x)
+  assert f._cache_size() == 1
