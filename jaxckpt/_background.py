@@ -110,13 +110,18 @@ class Saver:
       self._queue.append(job)
       self._inflight_bytes += job.nbytes
       self._peak_inflight_bytes = max(self._peak_inflight_bytes, self._inflight_bytes)
+      self._cond.notify_all()
       if not self._worker_running:
         self._worker_running = True
         threading.Thread(target=self._work, daemon=True, name="jaxckpt-save").start()
 
   def _work(self) -> None:
+    # Stays up between saves (a thread start costs ~1-5 ms on save()'s path under
+    # load) and exits after WORKER_IDLE_S without work.
     while True:
       with self._cond:
+        if not self._queue:
+          self._cond.wait(timeout=_knobs.WORKER_IDLE_S)
         if not self._queue:
           self._worker_running = False
           return

@@ -15,7 +15,6 @@ from jaxckpt._future import SavePath
 from jaxckpt._io_device import resolve_io_device
 from jaxckpt._load_status import InitializationOnlyStatus
 from jaxckpt._load_status import LoadStatus
-from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import read_manifest
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._restore import read_leaves
@@ -162,8 +161,7 @@ class Checkpoint:
     snapshot = take_snapshot(flat, copy=options.enable_async, io_device=io_device)
     object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)
-    job = SaveJob(final=path, snapshot=snapshot,
-                  manifest=Manifest.build(flat, save_counter=counter, kind=kind),
+    job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
                   callbacks=list(options.experimental_write_callbacks or ()),
                   on_commit=on_commit, future=future, target=os.path.abspath(path),
                   nbytes=nbytes, compression=options.compression,

@@ -1,10 +1,12 @@
 """Durability and atomic visibility on POSIX filesystems.
 
-Orbax renames its temporary directory into place but does not fsync the data
-files or the directories, so after a power loss a "committed" checkpoint can be
-empty. jaxckpt fsyncs everything under the staging directory, then renames it to
-its final name and fsyncs the parent, so a checkpoint is visible only once its
-bytes are durable.
+TensorStore fsyncs the array data and OCDBT manifests it writes, but Orbax's own
+metadata files (``_METADATA``, ``_CHECKPOINT_METADATA``, the JSON item) and the
+directories are not fsynced, and neither is the parent after Orbax's rename
+(checked with strace: 22 fsyncs for a 256 MiB save, none of those). jaxckpt
+fsyncs everything under the staging directory (cheap: the data is already
+durable), renames it to its final name and fsyncs the parent, so a checkpoint
+is visible only once all of its bytes are durable.
 """
 
 from __future__ import annotations

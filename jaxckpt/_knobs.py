@@ -4,6 +4,9 @@
 # (TF's async helper waits 300 s).
 EXIT_TIMEOUT_S: float = 300.0
 
+# Seconds the background save thread lingers without work before exiting.
+WORKER_IDLE_S: float = 10.0
+
 # Name of the TF-format text state file written next to ``save()``'d checkpoints.
 STATE_FILE_NAME: str = "checkpoint"
 

@@ -38,11 +38,13 @@ class Manifest:
   checksums: dict[str, int | None] = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def build(cls, leaves: list[Leaf], *, save_counter: int, kind: str) -> Manifest:
+  def build(cls, leaves: list[Leaf], *, save_counter: int, kind: str,
+            checksums: dict[str, int | None] | None = None) -> Manifest:
     return cls(
         version=_knobs.FORMAT_VERSION, save_counter=save_counter, kind=kind,
         created=time.time(),
-        leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves})
+        leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves},
+        checksums=checksums or {})
 
   def to_json(self) -> dict[str, Any]:
     return {

@@ -15,6 +15,8 @@ re-wrapped on restore. ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape`` /
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import sys
 from collections.abc import Mapping
 from typing import Any
@@ -61,7 +63,10 @@ class Leaf:
 
   @property
   def nbytes(self) -> int:
-    return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
+    nbytes = getattr(self.value, "nbytes", None)
+    if nbytes is not None:
+      return int(nbytes)
+    return math.prod(self.shape) * self.dtype.itemsize
 
 
 def _nnx():
@@ -85,17 +90,23 @@ def _key_name(key) -> str:
   return str(key)
 
 
+@functools.cache
+def _is_key_dtype(dtype) -> bool:
+  return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
 def _to_leaf(name: str, value: Any) -> Leaf:
+  # On save()'s blocking path: keep per-leaf work to a few attribute reads.
   if isinstance(value, jax.Array):
     if value.is_deleted():
       raise TreeError(
           f"Leaf '{name}' is a deleted jax.Array (was it donated to a jitted step?). "
           "Save the step's outputs, not its donated inputs.")
-    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    if _is_key_dtype(value.dtype):
       return Leaf(name, jax.random.key_data(value), str(jax.random.key_impl(value)))
     return Leaf(name, value)
   if isinstance(value, jax.ShapeDtypeStruct):
-    if jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key):
+    if _is_key_dtype(value.dtype):
       # JAX has no public accessor for an abstract key's impl; the dtype holds it.
       data = jax.eval_shape(jax.random.key_data, value)
       return Leaf(name, jax.ShapeDtypeStruct(data.shape, data.dtype,

@@ -25,6 +25,7 @@ from jaxckpt._future import CommitFuture
 from jaxckpt._integrity import checksum
 from jaxckpt._manifest import Manifest
 from jaxckpt._options import call_write_callback
+from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
 
 logger = logging.getLogger("jaxckpt")
@@ -35,7 +36,9 @@ class SaveJob:
   """Everything a save needs after the caller has moved on."""
   final: str  # As the caller wrote it (returned, passed to callbacks).
   snapshot: dict[str, Any] | None  # name -> value; dropped once Orbax holds host copies
-  manifest: Manifest
+  leaves: list[Leaf]  # For the manifest, built on the worker (off the caller's path).
+  save_counter: int
+  kind: str  # "save" or "write"
   callbacks: list[Callable[..., Any]]
   # Runs last, after the callbacks, with the committed path: save() records it
   # in the state file; CheckpointManager also sweeps old checkpoints.
@@ -62,8 +65,10 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
   try:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     # Off the caller's path: waits for the snapshot copies, then CRCs them.
-    manifest = dataclasses.replace(job.manifest, checksums={
-        name: checksum(value) for name, value in job.snapshot.items()})
+    manifest = Manifest.build(job.leaves, save_counter=job.save_counter, kind=job.kind,
+                              checksums={name: checksum(value)
+                                         for name, value in job.snapshot.items()})
+    job.leaves = None  # Holds the caller's arrays; not needed any more.
     items = {_knobs.MANIFEST_ITEM: ocp.args.JsonSave(manifest.to_json())}
     if job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
       tree = nest(job.snapshot)
@@ -99,6 +104,6 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> str:
           "run and the state file was not updated.") from e
   if job.on_commit is not None:
     job.on_commit(job.final)
-  logger.info("Committed checkpoint %s (%d leaves) in %.3f s.", job.final,
-              len(job.manifest.leaves), time.perf_counter() - job.started)
+  logger.info("Committed checkpoint %s (%.1f MiB) in %.3f s.", job.final,
+              job.nbytes / 2**20, time.perf_counter() - job.started)
   return job.final
