@@ -9,9 +9,13 @@ from typing import Any
 from jaxckpt._background import Saver
 from jaxckpt._durable import check_target
 from jaxckpt._errors import InvalidOptionsError
+from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import TreeError
 from jaxckpt._future import CommitFuture
 from jaxckpt._future import SavePath
+from jaxckpt._incremental import History
+from jaxckpt._incremental import reuse_by_identity
+from jaxckpt._incremental import weak
 from jaxckpt._io_device import resolve_io_device
 from jaxckpt._load_status import InitializationOnlyStatus
 from jaxckpt._load_status import LoadStatus
@@ -59,6 +63,7 @@ class Checkpoint:
     object.__setattr__(self, "_items", {})
     object.__setattr__(self, "_save_counter", 0)
     object.__setattr__(self, "_saver", Saver())
+    object.__setattr__(self, "_history", History())
     for name, value in items.items():
       setattr(self, name, value)
 
@@ -158,14 +163,25 @@ class Checkpoint:
     counter = self._save_counter + (kind == "save")
     path = path_for(counter)
     check_target(path)
-    snapshot = take_snapshot(flat, copy=options.enable_async, io_device=io_device)
+    reused = {}
+    if options.incremental:
+      if os.path.lexists(path):
+        raise InvalidPathError(
+            f"Incremental saves never overwrite: {path!r} exists, and newer "
+            "checkpoints may read data from it. Choose a new path.")
+      reused = reuse_by_identity(flat, self._history)
+    to_copy = [leaf for leaf in flat if leaf.name not in reused]
+    snapshot = take_snapshot(to_copy, copy=options.enable_async, io_device=io_device)
     object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)
     job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
                   callbacks=list(options.experimental_write_callbacks or ()),
                   on_commit=on_commit, future=future, target=os.path.abspath(path),
                   nbytes=nbytes, compression=options.compression,
-                  chunk_byte_size=options.chunk_byte_size)
+                  chunk_byte_size=options.chunk_byte_size,
+                  history=self._history if options.incremental else None, reused=reused,
+                  refs={leaf.name: weak(leaf.value) for leaf in flat} if options.incremental
+                  else {})
     self._saver.submit(job, background=options.enable_async)
     return SavePath(path, future)
 

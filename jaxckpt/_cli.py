@@ -122,7 +122,8 @@ def cmd_inspect(args) -> tuple[Any, int]:
     row = {"name": name, "shape": list(info.shape), "dtype": info.dtype,
            "bytes": int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize,
            "sharding": shardings.get(name, ""), "kind": info.kind,
-           "crc32": manifest.checksums.get(name)}
+           "crc32": manifest.checksums.get(name),
+           "stored_in": manifest.sources.get(name)}  # Incremental: reused from there.
     if args.values:
       row["value"] = reader.get_tensor(name).tolist()
     rows.append(row)
@@ -132,11 +133,13 @@ def cmd_inspect(args) -> tuple[Any, int]:
     from rich.console import Console
     from rich.table import Table
     table = Table(title=f"{reader.path} (save_counter={manifest.save_counter})")
-    for col in ("tensor", "shape", "dtype", "bytes", "sharding"):
+    reused = any(r["stored_in"] for r in rows)
+    for col in ("tensor", "shape", "dtype", "bytes", "sharding") + (
+        ("reused from",) if reused else ()):
       table.add_column(col)
     for r in rows:
       table.add_row(r["name"], str(tuple(r["shape"])), r["dtype"], str(r["bytes"]),
-                    r["sharding"])
+                    r["sharding"], *((r["stored_in"] or "",) if reused else ()))
     console = Console()
     console.print(table)
     if args.values:

@@ -14,10 +14,10 @@ import numpy as np
 
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._checkpoint import _check_options
-from jaxckpt._durable import remove_checkpoint
 from jaxckpt._durable import remove_leftovers
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._future import SavePath
+from jaxckpt._incremental import retire_or_remove
 from jaxckpt._manifest import is_committed
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._state_file import CheckpointState
@@ -180,9 +180,9 @@ class CheckpointManager:
       self._latest = path
       doomed = self._sweep()
       self._record_state()
-    for old in doomed:  # After the state file stops naming them.
-      remove_checkpoint(old)
-      logger.info("Deleted old checkpoint %s.", old)
+    if doomed:  # After the state file stops naming them.
+      retire_or_remove(doomed, self._directory)
+      logger.info("Swept old checkpoints %s.", ", ".join(doomed))
 
   def _sweep(self) -> list[str]:
     doomed = []

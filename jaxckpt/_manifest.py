@@ -36,25 +36,38 @@ class Manifest:
   leaves: dict[str, LeafInfo]
   # CRC-32 of each leaf's stored bytes; None where not computed (multi-process).
   checksums: dict[str, int | None] = dataclasses.field(default_factory=dict)
+  # Incremental saves: leaf name -> path (relative to this checkpoint) of the
+  # checkpoint holding its bytes; absent when this checkpoint holds them.
+  sources: dict[str, str] = dataclasses.field(default_factory=dict)
+  digests: dict[str, str | None] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def build(cls, leaves: list[Leaf], *, save_counter: int, kind: str,
-            checksums: dict[str, int | None] | None = None) -> Manifest:
+            checksums: dict[str, int | None] | None = None,
+            sources: dict[str, str] | None = None,
+            digests: dict[str, str | None] | None = None) -> Manifest:
     return cls(
         version=_knobs.FORMAT_VERSION, save_counter=save_counter, kind=kind,
         created=time.time(),
         leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves},
-        checksums=checksums or {})
+        checksums=checksums or {}, sources=sources or {}, digests=digests or {})
 
   def to_json(self) -> dict[str, Any]:
     return {
         "format": "jaxckpt", "version": self.version,
         "save_counter": self.save_counter, "kind": self.kind,
         "created": self.created,
-        "leaves": {n: {"shape": list(i.shape), "dtype": i.dtype, "kind": i.kind,
-                       "crc32": self.checksums.get(n)}
-                   for n, i in self.leaves.items()},
+        "leaves": {n: self._leaf_json(n, i) for n, i in self.leaves.items()},
     }
+
+  def _leaf_json(self, name: str, info: LeafInfo) -> dict[str, Any]:
+    out = {"shape": list(info.shape), "dtype": info.dtype, "kind": info.kind,
+           "crc32": self.checksums.get(name)}
+    if name in self.sources:
+      out["source"] = self.sources[name]
+    if self.digests.get(name):
+      out["sha1"] = self.digests[name]
+    return out
 
   @classmethod
   def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
@@ -70,7 +83,9 @@ class Manifest:
         kind=data["kind"], created=float(data["created"]),
         leaves={n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"])
                 for n, i in data["leaves"].items()},
-        checksums={n: i.get("crc32") for n, i in data["leaves"].items()})
+        checksums={n: i.get("crc32") for n, i in data["leaves"].items()},
+        sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
+        digests={n: i.get("sha1") for n, i in data["leaves"].items()})
 
 
 def manifest_file(path: str | os.PathLike) -> str:

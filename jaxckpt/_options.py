@@ -99,6 +99,9 @@ class CheckpointOptions:
     Default: half the machine's physical memory.
   * ``verify_checksums``: on restore/read, check each array against the CRC-32
     recorded at save time (default True).
+  * ``incremental``: do not write leaves unchanged since this Checkpoint's last
+    committed save (same array object, or same bytes); the new checkpoint
+    refers to the earlier one's data. Never overwrites an existing path.
 
   Example:
     >>> import jaxckpt
@@ -113,7 +116,7 @@ class CheckpointOptions:
 
   __slots__ = ("experimental_io_device", "_async", "_callbacks", "compression",
                "chunk_byte_size", "max_in_flight", "memory_budget_bytes",
-               "verify_checksums")
+               "verify_checksums", "incremental")
 
   def __init__(
       self,
@@ -127,6 +130,7 @@ class CheckpointOptions:
       max_in_flight: int = 1,
       memory_budget_bytes: int | None = None,
       verify_checksums: bool = True,
+      incremental: bool = False,
   ):
     if experimental_enable_async_checkpoint:
       warnings.warn(_DEPRECATED_ALIAS, DeprecationWarning, stacklevel=2)
@@ -147,6 +151,9 @@ class CheckpointOptions:
       raise InvalidOptionsError(
           f"verify_checksums must be a bool, got {verify_checksums!r}.")
     self.verify_checksums = verify_checksums
+    if not isinstance(incremental, bool):
+      raise InvalidOptionsError(f"incremental must be a bool, got {incremental!r}.")
+    self.incremental = incremental
 
   @property
   def enable_async(self) -> bool:
@@ -223,7 +230,8 @@ class CheckpointOptions:
 
 
 _KNOB_DEFAULTS = {"compression": False, "chunk_byte_size": None, "max_in_flight": 1,
-                  "memory_budget_bytes": None, "verify_checksums": True}
+                  "memory_budget_bytes": None, "verify_checksums": True,
+                  "incremental": False}
 
 
 def _check_positive(name: str, value: Any, *, allow_none: bool) -> None:

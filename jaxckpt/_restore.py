@@ -135,8 +135,32 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
   wanted = [l for l in leaves if l.name in manifest.leaves]
   if not wanted:
     return {}
+  raw = {}
+  by_holder: dict[str, list[Leaf]] = {}
+  for leaf in wanted:
+    source = manifest.sources.get(leaf.name)
+    holder = os.path.normpath(os.path.join(path, source)) if source else path
+    by_holder.setdefault(holder, []).append(leaf)
+  for holder, group in by_holder.items():
+    if holder != path and not os.path.isdir(os.path.join(holder, _knobs.STATE_ITEM)):
+      raise CorruptCheckpointError(
+          f"Checkpoint {path!r} is incremental and reads '{group[0].name}' (and "
+          f"{len(group) - 1} more) from {holder!r}, which no longer exists. Delete "
+          "checkpoints through CheckpointManager, which keeps such data.")
+    raw.update(_read_group(holder, manifest, group, io_device))
+  out = {}
+  for leaf in wanted:
+    if verify_checksums:
+      verify(path, leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
+             manifest.checksums.get(leaf.name))
+    out[leaf.name] = _as_tracked_type(leaf, raw[leaf.name])
+  return out
+
+
+def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
+                io_device: jax.Device | None) -> dict[str, Any]:
   try:
-    raw = _orbax_read(path, manifest, wanted, io_device)
+    return _orbax_read(path, manifest, wanted, io_device)
   except JaxckptError:
     raise
   except Exception as batch_error:
@@ -151,10 +175,3 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
     raise CorruptCheckpointError(
         f"Checkpoint {path!r} could not be read ({type(batch_error).__name__}: "
         f"{batch_error}).") from batch_error
-  out = {}
-  for leaf in wanted:
-    if verify_checksums:
-      verify(path, leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
-             manifest.checksums.get(leaf.name))
-    out[leaf.name] = _as_tracked_type(leaf, raw[leaf.name])
-  return out

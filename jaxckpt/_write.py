@@ -22,6 +22,9 @@ from jaxckpt._durable import staging_path
 from jaxckpt._errors import SaveError
 from jaxckpt._errors import WriteCallbackError
 from jaxckpt._future import CommitFuture
+from jaxckpt._incremental import History
+from jaxckpt._incremental import Written
+from jaxckpt._incremental import content_digest
 from jaxckpt._integrity import checksum
 from jaxckpt._manifest import Manifest
 from jaxckpt._options import call_write_callback
@@ -48,6 +51,12 @@ class SaveJob:
   nbytes: int = 0  # Snapshot bytes held until the job finishes (memory budget).
   compression: bool = False
   chunk_byte_size: int | None = None
+  # Incremental saves: the Checkpoint's history, leaves reused by identity (not
+  # in the snapshot) and weakrefs to the saved arrays for the next save.
+  history: History | None = None
+  reused: dict[str, Written] = dataclasses.field(default_factory=dict)
+  refs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  manifest: Manifest | None = None  # Set by the worker.
   started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
@@ -65,9 +74,17 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
   try:
     os.makedirs(os.path.dirname(target), exist_ok=True)
     # Off the caller's path: waits for the snapshot copies, then CRCs them.
-    manifest = Manifest.build(job.leaves, save_counter=job.save_counter, kind=job.kind,
-                              checksums={name: checksum(value)
-                                         for name, value in job.snapshot.items()})
+    checksums = {name: checksum(value) for name, value in job.snapshot.items()}
+    digests: dict[str, str | None] = {}
+    if job.history is not None:
+      _reuse_by_content(job, digests)
+      for name, w in job.reused.items():
+        checksums[name], digests[name] = w.crc32, w.sha1
+    manifest = Manifest.build(
+        job.leaves, save_counter=job.save_counter, kind=job.kind, checksums=checksums,
+        sources={n: os.path.relpath(w.holder, target) for n, w in job.reused.items()},
+        digests=digests)
+    job.manifest = manifest
     job.leaves = None  # Holds the caller's arrays; not needed any more.
     items = {_knobs.MANIFEST_ITEM: ocp.args.JsonSave(manifest.to_json())}
     if job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
@@ -91,9 +108,35 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
         "Earlier checkpoints are untouched and this one was not committed.") from e
 
 
+def _reuse_by_content(job: SaveJob, digests: dict[str, str | None]) -> None:
+  """Drops snapshot leaves whose bytes equal what the last commit wrote."""
+  for name in list(job.snapshot):
+    digests[name] = content_digest(job.snapshot[name])
+    w = job.history.last.get(name)
+    value = job.snapshot[name]
+    if (w is not None and digests[name] is not None and w.sha1 == digests[name]
+        and tuple(getattr(value, "shape", ())) == w.shape and os.path.isdir(w.holder)):
+      job.reused[name] = w
+      del job.snapshot[name]
+
+
+def _record_history(job: SaveJob, target: str) -> None:
+  last = {}
+  for name, info in job.manifest.leaves.items():
+    if name in job.reused:
+      last[name] = dataclasses.replace(job.reused[name], ref=job.refs.get(name))
+    else:
+      last[name] = Written(holder=target, shape=tuple(info.shape), dtype=info.dtype,
+                           crc32=job.manifest.checksums.get(name),
+                           sha1=job.manifest.digests.get(name), ref=job.refs.get(name))
+  job.history.last = last
+
+
 def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> str:
   """Writes, commits, runs callbacks, updates the state file; returns the path."""
   _write_and_commit(job, checkpointer)
+  if job.history is not None:
+    _record_history(job, job.target or os.path.abspath(job.final))
   for i, callback in enumerate(job.callbacks):
     try:
       call_write_callback(callback, job.final)

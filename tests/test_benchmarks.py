@@ -72,3 +72,16 @@ def test_table_formats_results(bench):
   table = bench.format_table({"modes": {m: row for m in bench.MODES}})
   assert len(table.splitlines()) == len(bench.MODES) + 3
   assert "0.250x" in table
+
+
+def test_incremental_benchmark_runs_tiny(tmp_path):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(
+      "incremental_bench", Path(__file__).parent.parent / "benchmarks" / "incremental.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "incr.json"
+  result = module.main(["--size-mib", "4", "--repeats", "1", "--dir", str(tmp_path / "d"),
+                        "--json", str(out)])
+  assert out.exists() and result["incremental_bytes"] < result["full_bytes"]
+  assert result["full_second_save_s"] > 0 and result["incremental_second_save_s"] > 0
