@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +29,8 @@ from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import write_state
 from jaxckpt._tree import flatten_items
 from jaxckpt._write import SaveJob
+
+logger = logging.getLogger("jaxckpt")
 
 
 def _check_options(options) -> CheckpointOptions:
@@ -147,6 +151,7 @@ class Checkpoint:
     ``path_for(counter)`` names the checkpoint; ``kind == "save"`` increments
     the counter; ``on_commit(path)`` runs after the write callbacks.
     """
+    start = time.perf_counter()
     flat = [leaf for item in flatten_items(self._items) for leaf in item.leaves]
     abstract = [leaf.name for leaf in flat if leaf.abstract]
     if abstract:
@@ -182,6 +187,11 @@ class Checkpoint:
                   history=self._history if options.incremental else None, reused=reused,
                   refs={leaf.name: weak(leaf.value) for leaf in flat} if options.incremental
                   else {})
+    if options.enable_async:
+      logger.info("Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
+                  path, len(flat), nbytes / 2**20,
+                  f" ({len(reused)} reused)" if reused else "",
+                  1e3 * (time.perf_counter() - start))
     self._saver.submit(job, background=options.enable_async)
     return SavePath(path, future)
 

@@ -171,3 +171,15 @@ def test_io_device_routing_saves_same_values(tmp_path, async_):
   ckpt.restore(path, options=opts).assert_consumed()
   assert ckpt.x.sharding == sharding
   assert ckpt.x.tolist() == list(range(16))
+
+
+def test_info_logs_say_what_was_saved_and_how_long_it_took(tmp_path, caplog):
+  import logging
+  with caplog.at_level(logging.INFO, logger="jaxckpt"):
+    ckpt = jaxckpt.Checkpoint(x=jnp.ones(1024))
+    path = ckpt.save(tmp_path / "m", options=_async())
+    ckpt.sync()
+  messages = [r.getMessage() for r in caplog.records]
+  assert any(m.startswith(f"Saving {path} in the background: 1 arrays, 0.0 MiB") and
+             "blocked" in m for m in messages)
+  assert any(m.startswith(f"Committed checkpoint {path}") and " in " in m for m in messages)
