@@ -153,6 +153,11 @@ class CheckpointOptions:
     self.verify_checksums = verify_checksums
     if not isinstance(incremental, bool):
       raise InvalidOptionsError(f"incremental must be a bool, got {incremental!r}.")
+    if incremental and max_in_flight != 1:
+      # The next save must see the previous one committed (and its sweep done)
+      # to know which earlier data is safe to refer to.
+      raise InvalidOptionsError(
+          f"incremental=True needs max_in_flight=1, got max_in_flight={max_in_flight}.")
     self.incremental = incremental
 
   @property

@@ -119,3 +119,8 @@ def test_inspect_shows_reused_arrays(tmp_path, capsys):
   assert main(["inspect", second, "--json"]) == 0
   rows = {r["name"]: r["stored_in"] for r in json.loads(capsys.readouterr().out)["arrays"]}
   assert rows["frozen/f0"] == "../c-1" and rows["head/head"] is None
+
+
+def test_incremental_requires_one_save_in_flight():
+  with pytest.raises(jaxckpt.InvalidOptionsError, match="max_in_flight=1"):
+    jaxckpt.CheckpointOptions(incremental=True, max_in_flight=2)
