@@ -1,11 +1,17 @@
-"""jaxckpt demo: survive a preemption with async checkpoints, bit for bit.
+"""jaxckpt demo: a Flax NNX training job survives a preemption, bit for bit.
 
-Trains a small MLP regressor (pure JAX, hand-written SGD with momentum) on
-synthetic data, saving asynchronously every ``--save-every`` steps. Phase 1 is
-"preempted" at ~65% of ``--steps``; phase 2 starts from fresh zero state,
-restores the latest checkpoint and finishes. A reference run trains without
-interruption (and without checkpoints); the resumed run must end with
-bit-identical parameters. Exits 1 on mismatch.
+Trains a small NNX MLP regressor (Linear-GELU-Dropout-Linear-GELU-Linear) with
+``optax.adamw`` through ``nnx.Optimizer`` on synthetic data (fixed seeds; batch
+``i`` depends only on ``i``). A `jaxckpt.CheckpointManager` (max_to_keep=3)
+saves the model and the optimizer asynchronously every ``--save-every`` steps; a
+write callback logs each committed checkpoint. Phase 1 is "preempted" at ~65% of
+``--steps`` and every model/optimizer object is dropped. Phase 2 builds a fresh
+model and optimizer from a *different* seed, restores the latest checkpoint in
+place (``assert_consumed()``: weights, Adam moments, step and Dropout RNG state)
+and finishes. A reference run trains without interruption or checkpoints; the
+resumed run must match it bit for bit (final state and every loss after the
+resume point). Exits 1 on mismatch. Also reports how long each save blocked
+training once the step's outputs were ready, and the commit latency.
 
 Usage:
   python demo.py [--steps 200] [--save-every 40] [--width 512] [--dir DIR]
@@ -14,7 +20,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import shutil
 import statistics
@@ -25,70 +30,82 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
+from flax import nnx
+from rich.progress import BarColumn
+from rich.progress import MofNCompleteColumn
+from rich.progress import Progress
+from rich.progress import TextColumn
+from rich.progress import TimeElapsedColumn
 
 import jaxckpt
 
-IN_DIM, BATCH, LR, BETA, CLIP, SEED = 16, 256, 0.05, 0.9, 1.0, 0
+IN_DIM, BATCH, LR, DROPOUT, SEED = 16, 256, 1e-3, 0.1, 0
 TEACHER = jax.random.normal(jax.random.key(SEED + 1), (IN_DIM, 4)) / 4
+# One transform for every optimizer: it is static in nnx.jit's cache key, so fresh optimizers
+# reuse the compiled step instead of recompiling it.
+TX = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(LR))
 
 
-def init_params(width: int, zeros: bool = False) -> dict[str, jax.Array]:
-  """He-initialized MLP IN_DIM -> width -> width -> 1 (or all zeros)."""
-  dims = (IN_DIM, width, width, 1)
-  keys = jax.random.split(jax.random.key(SEED), len(dims) - 1)
-  params = {}
-  for i, (k, a, b) in enumerate(zip(keys, dims[:-1], dims[1:], strict=True)):
-    w = jax.random.normal(k, (a, b)) * jnp.sqrt(2.0 / a)
-    params[f"w{i}"] = jnp.zeros_like(w) if zeros else w
-    params[f"b{i}"] = jnp.zeros((b,))
-  return params
+class MLP(nnx.Module):
+  """IN_DIM -> width -> width -> 1 with GELUs and Dropout (whose RNG is checkpointed state)."""
+
+  def __init__(self, width: int, rngs: nnx.Rngs):
+    self.l1 = nnx.Linear(IN_DIM, width, rngs=rngs)
+    self.drop = nnx.Dropout(DROPOUT, rngs=rngs)
+    self.l2 = nnx.Linear(width, width, rngs=rngs)
+    self.out = nnx.Linear(width, 1, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(nnx.gelu(self.l2(self.drop(nnx.gelu(self.l1(x))))))
 
 
-def loss_fn(params, x, y):
-  """Mean squared error of the GELU MLP."""
-  h = x
-  for i in range(len(params) // 2):
-    h = h @ params[f"w{i}"] + params[f"b{i}"]
-    if i < len(params) // 2 - 1:
-      h = jax.nn.gelu(h)
-  return jnp.mean((h - y) ** 2)
+def make(width: int, seed: int) -> tuple[MLP, nnx.Optimizer]:
+  """A model initialized from ``seed`` and its optimizer (step 0)."""
+  model = MLP(width, nnx.Rngs(params=seed, dropout=seed + 1))
+  return model, nnx.Optimizer(model, TX, wrt=nnx.Param)
 
 
-@functools.partial(jax.jit, donate_argnums=(0, 1))
-def train_step(params, momentum, step):
-  """One SGD+momentum step (global-norm clipped) on batch ``step`` (data depends only on it)."""
-  key = jax.random.fold_in(jax.random.key(SEED + 2), step)
-  x = jax.random.normal(key, (BATCH, IN_DIM))
+@nnx.jit
+def train_step(model: MLP, optimizer: nnx.Optimizer):
+  """One step on batch ``optimizer.step``; updates both objects in place, returns the loss."""
+  x = jax.random.normal(jax.random.fold_in(jax.random.key(SEED + 2), optimizer.step[...]),
+                        (BATCH, IN_DIM))
   y = jnp.sum(jnp.sin(x @ TEACHER), axis=-1, keepdims=True)
-  loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
-  norm = jnp.sqrt(sum(jnp.sum(g * g) for g in jax.tree.leaves(grads)))
-  grads = jax.tree.map(lambda g: g * jnp.minimum(1.0, CLIP / norm), grads)
-  momentum = jax.tree.map(lambda m, g: BETA * m + g, momentum, grads)
-  params = jax.tree.map(lambda p, m: p - LR * m, params, momentum)
-  return params, momentum, step + 1, loss
+  loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
+  optimizer.update(model, grads)
+  return loss
 
 
-def train(params, momentum, step, stop, *, ckpt=None, prefix=None, opts=None,
-          save_every=0, stats=None):
-  """Trains until step ``stop``, saving asynchronously every ``save_every`` steps.
+def train(model, optimizer, stop, label, *, manager=None, opts=None, save_every=0, stats=None):
+  """Trains until step ``stop``; returns {step: loss}. Saves every ``save_every`` steps.
 
-  Steps are dispatched without waiting for each other; only a save waits for
-  its step's outputs. Records each save's blocked and commit seconds in ``stats``
-  and counts in ``stats["waited"]`` saves that found the previous one in flight.
+  Steps are dispatched without waiting for each other; only a save waits for its
+  step's outputs, and its blocked time is measured from then (idle time).
   """
-  loss, path = None, None
-  for i in range(int(step) + 1, stop + 1):
-    params, momentum, step, loss = train_step(params, momentum, step)
-    if ckpt is not None and i % save_every == 0:
-      jax.block_until_ready((params, momentum, step))  # Idle time starts here.
-      stats["waited"] += path is not None and not path.future.done()
-      start = time.perf_counter()
-      ckpt.params, ckpt.momentum, ckpt.step = params, momentum, step
-      path = ckpt.save(prefix, options=opts)
-      stats["blocked"].append(time.perf_counter() - start)
-      path.future.add_done_callback(
-          lambda _, t=start: stats["commit"].append(time.perf_counter() - t))
-  return params, momentum, step, loss
+  losses, path = {}, None
+  start = int(optimizer.step[...])
+  columns = TextColumn("{task.description:<9}"), BarColumn(), MofNCompleteColumn()
+  with Progress(*columns, TimeElapsedColumn()) as progress:
+    task = progress.add_task(label, total=stop, completed=start)
+    for i in range(start + 1, stop + 1):
+      losses[i] = train_step(model, optimizer)
+      progress.advance(task)
+      if manager is not None and i % save_every == 0:
+        jax.block_until_ready(nnx.state((model, optimizer)))  # Idle time starts here.
+        stats["waited"] += path is not None and not path.future.done()
+        t = time.perf_counter()
+        path = manager.save(checkpoint_number=i, options=opts)
+        stats["blocked"].append(time.perf_counter() - t)
+        path.future.add_done_callback(
+            lambda _, t=t: stats["commit"].append(time.perf_counter() - t))
+  return {i: float(loss) for i, loss in losses.items()}
+
+
+def host_leaves(tree) -> list[np.ndarray]:
+  """Every array of ``tree`` on the host; typed PRNG keys as their raw key data."""
+  return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                     else x) for x in jax.tree.leaves(tree)]
 
 
 def main(argv=None) -> int:
@@ -101,11 +118,10 @@ def main(argv=None) -> int:
   args = parser.parse_args(argv)
   if args.steps < 2 or args.save_every < 1 or args.width < 1:
     parser.error("--steps must be >= 2; --save-every and --width must be positive")
-  preempt_at = max(1, int(args.steps * 0.65))
   own_dir = args.dir is None
   ckpt_dir = tempfile.mkdtemp(prefix="jaxckpt-demo-") if own_dir else args.dir
   try:
-    return run(args, ckpt_dir, preempt_at)
+    return run(args, ckpt_dir, preempt_at=max(1, int(args.steps * 0.65)))
   finally:
     if own_dir:
       shutil.rmtree(ckpt_dir, ignore_errors=True)
@@ -113,55 +129,58 @@ def main(argv=None) -> int:
 
 def run(args, ckpt_dir: str, preempt_at: int) -> int:
   """Phase 1, preemption, phase 2, reference run and the comparison; returns the exit code."""
-  prefix = os.path.join(ckpt_dir, "ckpt")
   opts = jaxckpt.CheckpointOptions(
       enable_async=True,
       experimental_write_callbacks=[lambda path: print(f"  committed {path}")])
-  zero_step = lambda: jnp.array(0, jnp.int32)  # noqa: E731
-  zeros_like = lambda tree: jax.tree.map(jnp.zeros_like, tree)  # noqa: E731
   stats = {"blocked": [], "commit": [], "waited": 0}
-  p0 = init_params(args.width)  # Compiles outside the timed regions.
-  jax.block_until_ready(train_step(p0, zeros_like(p0), zero_step()))
-  print(f"MLP {IN_DIM}-{args.width}-{args.width}-1, {args.steps} steps, async save every "
-        f"{args.save_every}, preemption after step {preempt_at}; checkpoints in {ckpt_dir}")
+  jax.block_until_ready(train_step(*make(args.width, SEED)))  # Compiles outside timed regions.
+  print(f"NNX MLP {IN_DIM}-{args.width}-{args.width}-1 + Dropout, adamw, {args.steps} steps, "
+        f"async save every {args.save_every}, preemption after step {preempt_at}; "
+        f"checkpoints in {ckpt_dir}")
 
   # Phase 1: train until the "preemption".
   t0 = time.perf_counter()
-  params = init_params(args.width)
-  ckpt = jaxckpt.Checkpoint(params=params, momentum=zeros_like(params), step=zero_step())
-  params, momentum, step, loss = train(params, zeros_like(params), zero_step(), preempt_at,
-                                       ckpt=ckpt, prefix=prefix, opts=opts,
-                                       save_every=args.save_every, stats=stats)
-  ckpt.sync()  # Keeps the demo deterministic: the in-flight save lands first.
-  print(f"phase 1: preempted at step {int(step)} (loss {float(loss):.4f}); all state dropped")
-  del ckpt, params, momentum, step, loss
+  model, optimizer = make(args.width, SEED)
+  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(model=model, optimizer=optimizer),
+                                      ckpt_dir, max_to_keep=3)
+  losses = train(model, optimizer, preempt_at, "phase 1", manager=manager, opts=opts,
+                 save_every=args.save_every, stats=stats)
+  manager.sync()  # Keeps the demo deterministic: the in-flight save lands first.
+  print(f"phase 1: preempted at step {preempt_at} (loss {losses[preempt_at]:.4f}); "
+        "model, optimizer and manager dropped")
+  del model, optimizer, manager, losses
 
-  # Phase 2: what a restarted job does, from fresh zero-initialized state.
+  # Phase 2: what a restarted job does: fresh objects (another seed), restore, continue.
   t1 = time.perf_counter()
+  model, optimizer = make(args.width, SEED + 42)
+  ckpt = jaxckpt.Checkpoint(model=model, optimizer=optimizer)
+  manager = jaxckpt.CheckpointManager(ckpt, ckpt_dir, max_to_keep=3)  # Reads the state file.
   latest = jaxckpt.latest_checkpoint(ckpt_dir)
   if latest is None:
     print(f"FAIL: no checkpoint in {ckpt_dir} (is --save-every > {preempt_at}?)")
     return 1
-  params = init_params(args.width, zeros=True)
-  ckpt = jaxckpt.Checkpoint(params=params, momentum=zeros_like(params), step=zero_step())
-  ckpt.restore(latest).assert_consumed()
-  restored_at = int(ckpt.step)
-  print(f"phase 2: restored {latest} in {time.perf_counter() - t1:.2f} s: step "
-        f"{restored_at}, {preempt_at - restored_at} steps to redo")
-  params, momentum, step, loss = train(ckpt.params, ckpt.momentum, ckpt.step, args.steps,
-                                       ckpt=ckpt, prefix=prefix, opts=opts,
-                                       save_every=args.save_every, stats=stats)
-  ckpt.sync()
+  ckpt.restore(latest).assert_consumed()  # Every variable restored, every array used.
+  assert ckpt.model is model and ckpt.optimizer is optimizer  # Updated in place.
+  restored_at = int(optimizer.step[...])
+  print(f"phase 2: restored {latest} into a fresh model in {time.perf_counter() - t1:.2f} s: "
+        f"step {restored_at}, {preempt_at - restored_at} steps to redo")
+  losses = train(model, optimizer, args.steps, "phase 2", manager=manager, opts=opts,
+                 save_every=args.save_every, stats=stats)
+  manager.sync()
   t2 = time.perf_counter()
-  print(f"phase 2: finished at step {int(step)} (loss {float(loss):.4f})")
+  kept = ", ".join(os.path.basename(p) for p in manager.checkpoints)
+  print(f"phase 2: finished at step {args.steps} (loss {losses[args.steps]:.4f}); "
+        f"kept {kept} (max_to_keep=3)")
 
   # Reference: uninterrupted, no checkpoints.
-  p0 = init_params(args.width)
-  ref = jax.block_until_ready(train(p0, zeros_like(p0), zero_step(), args.steps))
+  ref_model, ref_optimizer = make(args.width, SEED)
+  ref_losses = train(ref_model, ref_optimizer, args.steps, "reference")
   t3 = time.perf_counter()
 
-  same = all(np.array_equal(a, b) for a, b in zip(
-      jax.tree.leaves((params, momentum, step)), jax.tree.leaves(ref[:3]), strict=True))
+  same_state = all(np.array_equal(a, b) for a, b in zip(
+      host_leaves(nnx.state((model, optimizer))),
+      host_leaves(nnx.state((ref_model, ref_optimizer))), strict=True))
+  same_losses = losses == {i: ref_losses[i] for i in losses}
   blocked = [b * 1e3 for b in stats["blocked"]]
   print(f"\nidle time per save (from step outputs ready): p50 {statistics.median(blocked):.2f} "
         f"ms, max {max(blocked):.2f} ms over {len(blocked)} saves; commit p50 "
@@ -171,9 +190,13 @@ def run(args, ckpt_dir: str, preempt_at: int) -> int:
   print(f"time: preempted+resumed {total:.2f} s (phase 1 {t1 - t0:.2f} s, phase 2 "
         f"{t2 - t1:.2f} s); reference {ref_time:.2f} s; overhead {total - ref_time:+.2f} s "
         f"(saves, restore, redone steps)")
-  print("PASS: resumed run is bit-identical to the uninterrupted run" if same else
+  print(f"final params, Adam state, step and Dropout RNG: "
+        f"{'bit-identical' if same_state else 'DIFFERENT'}; losses of steps "
+        f"{restored_at + 1}-{args.steps}: {'identical' if same_losses else 'DIFFERENT'}")
+  ok = same_state and same_losses
+  print("PASS: resumed run is bit-identical to the uninterrupted run" if ok else
         "FAIL: resumed run differs from the uninterrupted run")
-  return 0 if same else 1
+  return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -142,7 +142,8 @@ def test_soak_200_async_saves_keep_order_threads_and_memory_flat(tmp_path):
   manager.sync()
   assert calls == [str(tmp_path / f"ckpt-{i}") for i in range(1, 201)]  # Once each, in order.
   assert _names(manager.checkpoints) == ["ckpt-198", "ckpt-199", "ckpt-200"]
-  assert len(set(threads)) == 1, threads
+  # Threads left by earlier tests may still exit; none may be added by saving.
+  assert threads == sorted(threads, reverse=True), threads
   assert rss[-1] - rss[0] < 48 * 2**20, [r // 2**20 for r in rss]  # 150 MiB if leaked.
   assert jaxckpt.load_checkpoint(tmp_path).get_tensor("step") == 200
 
