@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -27,6 +28,7 @@ from jaxckpt._incremental import Written
 from jaxckpt._incremental import content_digest
 from jaxckpt._integrity import checksum
 from jaxckpt._manifest import Manifest
+from jaxckpt._manifest import manifest_file
 from jaxckpt._options import call_write_callback
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
@@ -61,11 +63,18 @@ class SaveJob:
 
 
 def new_checkpointer(*, compression: bool = False) -> ocp.AsyncCheckpointer:
-  """The Orbax engine: a Composite of the PyTree data and jaxckpt's JSON manifest."""
+  """The Orbax engine: a Composite whose ``state`` item is a PyTree of the arrays."""
   return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
       _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression),
-      _knobs.MANIFEST_ITEM: ocp.JsonCheckpointHandler(),
   }))
+
+
+def _write_manifest(staging: str, manifest: Manifest) -> None:
+  # Written by jaxckpt, after Orbax finished, so the CRCs it holds can be
+  # computed while TensorStore writes (measured: 0.15 s per 512 MiB).
+  os.makedirs(os.path.join(staging, _knobs.MANIFEST_ITEM), exist_ok=True)
+  with open(manifest_file(staging), "w") as f:
+    json.dump(manifest.to_json(), f)
 
 
 def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
@@ -73,33 +82,33 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
   staging = staging_path(target)  # Absolute: Orbax's OCDBT refuses relative paths.
   try:
     os.makedirs(os.path.dirname(target), exist_ok=True)
-    # Off the caller's path: waits for the snapshot copies, then CRCs them.
-    checksums = {name: checksum(value) for name, value in job.snapshot.items()}
     digests: dict[str, str | None] = {}
-    if job.history is not None:
+    if job.history is not None:  # Must hash before deciding what to write.
       _reuse_by_content(job, digests)
-      for name, w in job.reused.items():
-        checksums[name], digests[name] = w.crc32, w.sha1
-    manifest = Manifest.build(
-        job.leaves, save_counter=job.save_counter, kind=job.kind, checksums=checksums,
-        sources={n: os.path.relpath(w.holder, target) for n, w in job.reused.items()},
-        digests=digests)
-    job.manifest = manifest
-    job.leaves = None  # Holds the caller's arrays; not needed any more.
-    items = {_knobs.MANIFEST_ITEM: ocp.args.JsonSave(manifest.to_json())}
     if job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
       tree = nest(job.snapshot)
       save_args = None
       if job.chunk_byte_size is not None:
         save_args = jax.tree.map(
             lambda _: ocp.SaveArgs(chunk_byte_size=job.chunk_byte_size), tree)
-      items[_knobs.STATE_ITEM] = ocp.args.PyTreeSave(tree, save_args=save_args)
-    args = ocp.args.Composite(**items)
-    # Returns once Orbax has the data on the host (device→host copies done);
-    # TensorStore writes continue on Orbax's thread.
-    checkpointer.save(staging, args=args)
-    job.snapshot = None  # Frees the on-device snapshot copies early.
+      # Returns once Orbax has the data on the host (device→host copies done);
+      # TensorStore writes continue on Orbax's thread.
+      checkpointer.save(staging, args=ocp.args.Composite(**{
+          _knobs.STATE_ITEM: ocp.args.PyTreeSave(tree, save_args=save_args)}))
+    else:
+      os.makedirs(staging)
+    # Overlaps the TensorStore writes: reads the snapshot, which is ours alone.
+    checksums = {name: checksum(value) for name, value in job.snapshot.items()}
+    job.snapshot = None  # Frees the snapshot copies.
+    for name, w in job.reused.items():
+      checksums[name], digests[name] = w.crc32, w.sha1
+    job.manifest = Manifest.build(
+        job.leaves, save_counter=job.save_counter, kind=job.kind, checksums=checksums,
+        sources={n: os.path.relpath(w.holder, target) for n, w in job.reused.items()},
+        digests=digests)
+    job.leaves = None  # Holds the caller's arrays; not needed any more.
     checkpointer.wait_until_finished()
+    _write_manifest(staging, job.manifest)
     commit(staging, target)
   except BaseException as e:
     remove_staging(staging)
