@@ -134,3 +134,21 @@ def test_data_and_directories_are_fsynced_before_the_commit_rename(tmp_path, mon
     written.update(os.path.join(d, f).replace(final, staging, 1) for f in files)
   assert written and written <= synced_before  # Every file and directory durable first.
   assert ("fsync", str(tmp_path)) in events[commit_at + 1:]  # Then the rename itself.
+
+
+def test_snapshot_fast_path_copies_like_device_put(monkeypatch):
+  from jaxckpt import _snapshot
+  from jaxckpt._tree import Leaf
+  sharded = jax.device_put(jnp.arange(16.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)),
+                                                               jax.P("d")))
+  leaves = [Leaf("a", sharded), Leaf("b", jnp.ones((3, 3), jnp.bfloat16))]
+  def no_fallback(*args, **kwargs):
+    raise AssertionError("fell back to jax.device_put: the fast path broke")
+  monkeypatch.setattr(jax, "device_put", no_fallback)
+  snap = _snapshot.take_snapshot(leaves, copy=True, io_device=None)
+  for leaf in leaves:
+    copy = snap[leaf.name]
+    assert copy is not leaf.value and copy.dtype == leaf.value.dtype
+    assert copy.sharding == _snapshot._host_sharding(leaf.value.sharding)
+    assert copy.sharding.memory_kind == "pinned_host"
+    np.testing.assert_array_equal(np.asarray(copy), np.asarray(leaf.value))
