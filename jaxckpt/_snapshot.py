@@ -60,6 +60,7 @@ def _has_host_memory(device: jax.Device) -> bool:
     return False
 
 
+@functools.lru_cache(maxsize=1024)  # Shardings are hashable; a model has few distinct ones.
 def _host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
   if all(_has_host_memory(d) for d in sharding.device_set):
     return sharding.with_memory_kind(_HOST)
