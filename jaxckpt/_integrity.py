@@ -9,6 +9,8 @@ after reading, before any dtype cast.
 
 from __future__ import annotations
 
+import concurrent.futures
+import os
 import zlib
 from typing import Any
 
@@ -31,6 +33,19 @@ def host_bytes(value: Any, dtype: np.dtype | None = None) -> memoryview | None:
 def checksum(value: Any, dtype: np.dtype | None = None) -> int | None:
   data = host_bytes(value, dtype)
   return None if data is None else zlib.crc32(data)
+
+
+def verify_all(path: str, entries: list[tuple[str, Any, np.dtype, int | None]]) -> None:
+  """`verify` for many arrays, on all cores: zlib.crc32 releases the GIL, and
+  the restore has nothing else to do meanwhile (0.15 s per 512 MiB on one core)."""
+  workers = min(len(entries), os.cpu_count() or 1)
+  if workers <= 1:
+    for entry in entries:
+      verify(path, *entry)
+    return
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    for future in [pool.submit(verify, path, *entry) for entry in entries]:
+      future.result()
 
 
 def verify(path: str, name: str, value: Any, dtype: np.dtype, expected: int | None) -> None:

@@ -21,7 +21,7 @@ from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._errors import TreeError
-from jaxckpt._integrity import verify
+from jaxckpt._integrity import verify_all
 from jaxckpt._manifest import Manifest
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
@@ -148,13 +148,10 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
           f"{len(group) - 1} more) from {holder!r}, which no longer exists. Delete "
           "checkpoints through CheckpointManager, which keeps such data.")
     raw.update(_read_group(holder, manifest, group, io_device))
-  out = {}
-  for leaf in wanted:
-    if verify_checksums:
-      verify(path, leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
-             manifest.checksums.get(leaf.name))
-    out[leaf.name] = _as_tracked_type(leaf, raw[leaf.name])
-  return out
+  if verify_checksums:
+    verify_all(path, [(leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
+                       manifest.checksums.get(leaf.name)) for leaf in wanted])
+  return {leaf.name: _as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}
 
 
 def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
