@@ -154,18 +154,13 @@ class Item:
     return tree
 
 
-def flatten_item(item_name: str, item: Any) -> Item:
-  """Flattens one tracked item into named leaves.
+_NAMES: dict[tuple[str, Any], list[str]] = {}  # (item name, treedef) -> leaf names
 
-  Raises:
-    TreeError: a leaf has an unsupported type, or a key would make an
-      ambiguous name (contains '/' or '.', or collides with another key).
-  """
-  nnx_object = is_nnx_object(item)
-  tree = _nnx().state(item) if nnx_object else item
-  with_path, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  leaves, originals, seen = [], [], set()
-  for path, value in with_path:
+
+def _leaf_names(item_name: str, tree: Any, nnx_object: bool) -> list[str]:
+  """Names for the leaves of ``tree``, from its key paths (validated)."""
+  names, seen = [], set()
+  for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
     keys = list(path)
     if nnx_object and keys and _key_name(keys[-1]) == "value":
       keys.pop()  # nnx.Variable's payload: name the variable, not its attribute.
@@ -183,9 +178,33 @@ def flatten_item(item_name: str, item: Any) -> Item:
           f"Two leaves of item '{item_name}' map to the same name '{name}' "
           "(e.g. dict keys 0 and '0'); make the keys distinct.")
     seen.add(name)
-    leaves.append(_to_leaf(name, value))
-    originals.append(value)
-  return Item(item_name, item, leaves, originals, treedef, nnx_object)
+    names.append(name)
+  return names
+
+
+def flatten_item(item_name: str, item: Any) -> Item:
+  """Flattens one tracked item into named leaves.
+
+  Names depend only on the tree structure, so they are computed once per
+  (item, treedef) and cached: key paths cost ~10 µs per leaf, on save()'s
+  blocking path.
+
+  Raises:
+    TreeError: a leaf has an unsupported type, or a key would make an
+      ambiguous name (contains '/' or '.', or collides with another key).
+  """
+  nnx_object = is_nnx_object(item)
+  tree = _nnx().state(item) if nnx_object else item
+  values, treedef = jax.tree_util.tree_flatten(tree)
+  key = (item_name, treedef)
+  names = _NAMES.get(key)
+  if names is None:
+    names = _leaf_names(item_name, tree, nnx_object)
+    if len(_NAMES) > 256:
+      _NAMES.clear()
+    _NAMES[key] = names
+  leaves = [_to_leaf(name, value) for name, value in zip(names, values, strict=True)]
+  return Item(item_name, item, leaves, values, treedef, nnx_object)
 
 
 def flatten_items(items: Mapping[str, Any]) -> list[Item]:
