@@ -96,9 +96,11 @@ class Saver:
     return waited
 
   def submit(self, job: SaveJob, *, background: bool) -> None:
-    """Runs ``job`` inline (raising on failure) or queues it for the worker."""
+    """Runs ``job`` inline (raising on failure) or queues it for the worker.
+
+    The caller has already called `wait` (sync) or `reserve` (async).
+    """
     if not background:
-      self.wait()
       try:
         job.future.set_result(run_save(job, self._engine(job.compression)))
       except BaseException as e:

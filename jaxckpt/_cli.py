@@ -113,12 +113,13 @@ def _sharding_metadata(path: str) -> dict[str, str]:
 
 def cmd_inspect(args) -> tuple[Any, int]:
   reader = load_checkpoint(args.path)
-  manifest = read_manifest(reader.path)
+  manifest = reader.manifest
+  dtypes = reader.get_variable_to_dtype_map()
   shardings = _sharding_metadata(reader.path)
   rows = []
   for name in sorted(manifest.leaves):
     info = manifest.leaves[name]
-    dtype = reader.get_variable_to_dtype_map()[name]
+    dtype = dtypes[name]
     row = {"name": name, "shape": list(info.shape), "dtype": info.dtype,
            "bytes": int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize,
            "sharding": shardings.get(name, ""), "kind": info.kind,

@@ -89,7 +89,8 @@ class Manifest:
 
 
 def manifest_file(path: str | os.PathLike) -> str:
-  # Orbax's JsonCheckpointHandler stores the item as "<item>/metadata".
+  # Written by jaxckpt after Orbax finished (see _write.py); the layout matches
+  # what Orbax's JsonCheckpointHandler would write for an item "jaxckpt".
   return os.path.join(os.fspath(path), _knobs.MANIFEST_ITEM, "metadata")
 
 

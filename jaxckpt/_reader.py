@@ -9,6 +9,7 @@ import numpy as np
 from jaxckpt import _knobs
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import JaxckptError
+from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
 from jaxckpt._restore import read_leaves
@@ -53,6 +54,11 @@ class CheckpointReader:
   def __init__(self, path: str):
     self.path = path
     self._manifest = read_manifest(path)
+
+  @property
+  def manifest(self) -> Manifest:
+    """jaxckpt's metadata of this checkpoint (leaf names, shapes, dtypes, CRCs)."""
+    return self._manifest
 
   @property
   def save_counter(self) -> int:

@@ -40,7 +40,7 @@ logger = logging.getLogger("jaxckpt")
 class SaveJob:
   """Everything a save needs after the caller has moved on."""
   final: str  # As the caller wrote it (returned, passed to callbacks).
-  snapshot: dict[str, Any] | None  # name -> value; dropped once Orbax holds host copies
+  snapshot: dict[str, Any] | None  # name -> value; dropped after Orbax took it and CRCs ran
   leaves: list[Leaf]  # For the manifest, built on the worker (off the caller's path).
   save_counter: int
   kind: str  # "save" or "write"
