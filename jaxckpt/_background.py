@@ -57,6 +57,10 @@ class Saver:
       self._engines[compression] = new_checkpointer(compression=compression)
     return self._engines[compression]
 
+  def _run(self, job: SaveJob) -> str:
+    # Multi-process saves build their own engine (see new_checkpointer).
+    return run_save(job, None if job.coordination else self._engine(job.compression))
+
   def _raise_errors(self) -> None:
     with self._cond:
       errors, self._errors = self._errors, []
@@ -102,7 +106,7 @@ class Saver:
     """
     if not background:
       try:
-        job.future.set_result(run_save(job, self._engine(job.compression)))
+        job.future.set_result(self._run(job))
       except BaseException as e:
         job.future.set_exception(e)
         raise
@@ -129,7 +133,7 @@ class Saver:
           return
         job = self._queue[0]
       try:
-        path = run_save(job, self._engine(job.compression))
+        path = self._run(job)
       except BaseException as e:
         with self._cond:
           self._errors.append(e)

@@ -22,6 +22,9 @@ from jaxckpt._io_device import resolve_io_device
 from jaxckpt._load_status import InitializationOnlyStatus
 from jaxckpt._load_status import LoadStatus
 from jaxckpt._manifest import read_manifest
+from jaxckpt._multihost import begin
+from jaxckpt._multihost import is_primary
+from jaxckpt._multihost import process_count
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._restore import read_leaves
 from jaxckpt._snapshot import take_snapshot
@@ -130,7 +133,8 @@ class Checkpoint:
     prefix = os.fspath(file_prefix)
     state_dir = os.path.abspath(os.path.dirname(prefix) or ".")
     def record(path: str) -> None:
-      write_state(state_dir, CheckpointState(path, [path]))
+      if is_primary():
+        write_state(state_dir, CheckpointState(path, [path]))
     return self._save(lambda n: f"{prefix}-{n}", _check_options(options), kind="save",
                       on_commit=record)
 
@@ -158,6 +162,10 @@ class Checkpoint:
       raise TreeError(
           f"Cannot save abstract values (jax.ShapeDtypeStruct) at {abstract[:5]}: they "
           "are restore targets. Restore or initialize them first.")
+    if options.incremental and process_count() > 1:
+      raise InvalidOptionsError(
+          "incremental=True is single-process only: with several JAX processes every "
+          "process would have to make the same reuse decisions. Use incremental=False.")
     io_device = resolve_io_device(options.experimental_io_device)
     nbytes = sum(leaf.nbytes for leaf in flat)
     if options.enable_async:  # Backpressure; also raises an earlier save's error.
@@ -177,6 +185,7 @@ class Checkpoint:
       reused = reuse_by_identity(flat, self._history)
     to_copy = [leaf for leaf in flat if leaf.name not in reused]
     snapshot = take_snapshot(to_copy, copy=options.enable_async, io_device=io_device)
+    coordination = begin(f"save of {path!r}", options.timeout_s)
     object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)
     job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
@@ -186,7 +195,7 @@ class Checkpoint:
                   chunk_byte_size=options.chunk_byte_size,
                   history=self._history if options.incremental else None, reused=reused,
                   refs={leaf.name: weak(leaf.value) for leaf in flat} if options.incremental
-                  else {})
+                  else {}, coordination=coordination)
     if options.enable_async:
       logger.info("Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
                   path, len(flat), nbytes / 2**20,

@@ -19,6 +19,7 @@ from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._future import SavePath
 from jaxckpt._incremental import retire_or_remove
 from jaxckpt._manifest import is_committed
+from jaxckpt._multihost import is_primary
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import read_state
@@ -98,7 +99,7 @@ class CheckpointManager:
   def _recover(self) -> None:
     """Reads the directory's state file; drops leftovers of interrupted saves."""
     now = time.time()
-    if os.path.isdir(self._directory):
+    if os.path.isdir(self._directory) and is_primary():
       remove_leftovers(self._directory)
     state = read_state(self._directory)
     self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -179,6 +180,8 @@ class CheckpointManager:
       self._maybe_delete[path] = time.time()
       self._latest = path
       doomed = self._sweep()
+      if not is_primary():  # Every process tracks the list; the primary owns the files.
+        return
       self._record_state()
     if doomed:  # After the state file stops naming them.
       retire_or_remove(doomed, self._directory)

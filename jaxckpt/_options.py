@@ -102,6 +102,9 @@ class CheckpointOptions:
   * ``incremental``: do not write leaves unchanged since this Checkpoint's last
     committed save (same array object, or same bytes); the new checkpoint
     refers to the earlier one's data. Never overwrites an existing path.
+  * ``timeout_s``: with several JAX processes, how long a save or restore
+    waits for the other processes (barriers, the primary's commit) before
+    failing with an error that names the missing process (default 300).
 
   Example:
     >>> import jaxckpt
@@ -116,7 +119,7 @@ class CheckpointOptions:
 
   __slots__ = ("experimental_io_device", "_async", "_callbacks", "compression",
                "chunk_byte_size", "max_in_flight", "memory_budget_bytes",
-               "verify_checksums", "incremental")
+               "verify_checksums", "incremental", "timeout_s")
 
   def __init__(
       self,
@@ -131,6 +134,7 @@ class CheckpointOptions:
       memory_budget_bytes: int | None = None,
       verify_checksums: bool = True,
       incremental: bool = False,
+      timeout_s: float = 300.0,
   ):
     if experimental_enable_async_checkpoint:
       warnings.warn(_DEPRECATED_ALIAS, DeprecationWarning, stacklevel=2)
@@ -159,6 +163,10 @@ class CheckpointOptions:
       raise InvalidOptionsError(
           f"incremental=True needs max_in_flight=1, got max_in_flight={max_in_flight}.")
     self.incremental = incremental
+    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
+        timeout_s > 0):
+      raise InvalidOptionsError(f"timeout_s must be a positive number, got {timeout_s!r}.")
+    self.timeout_s = float(timeout_s)
 
   @property
   def enable_async(self) -> bool:
@@ -236,7 +244,7 @@ class CheckpointOptions:
 
 _KNOB_DEFAULTS = {"compression": False, "chunk_byte_size": None, "max_in_flight": 1,
                   "memory_budget_bytes": None, "verify_checksums": True,
-                  "incremental": False}
+                  "incremental": False, "timeout_s": 300.0}
 
 
 def _check_positive(name: str, value: Any, *, allow_none: bool) -> None:

@@ -29,6 +29,10 @@ from jaxckpt._incremental import content_digest
 from jaxckpt._integrity import checksum
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import manifest_file
+from jaxckpt._multihost import PRIMARY
+from jaxckpt._multihost import Coordination
+from jaxckpt._multihost import CoordinationError
+from jaxckpt._multihost import is_primary
 from jaxckpt._options import call_write_callback
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
@@ -59,14 +63,32 @@ class SaveJob:
   reused: dict[str, Written] = dataclasses.field(default_factory=dict)
   refs: dict[str, Any] = dataclasses.field(default_factory=dict)
   manifest: Manifest | None = None  # Set by the worker.
+  # Several JAX processes: this save's number and timeout (see _multihost.py).
+  coordination: Coordination | None = None
   started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
-def new_checkpointer(*, compression: bool = False) -> ocp.AsyncCheckpointer:
-  """The Orbax engine: a Composite whose ``state`` item is a PyTree of the arrays."""
-  return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
+def new_checkpointer(*, compression: bool = False,
+                     coordination: Coordination | None = None) -> ocp.AsyncCheckpointer:
+  """The Orbax engine: a Composite whose ``state`` item is a PyTree of the arrays.
+
+  With several processes, one engine per save: its barriers go through the
+  coordination service (``active_processes`` set; Orbax's default barrier is an
+  XLA collective, which from this background thread could interleave with the
+  training step's collectives and deadlock), under this save's own key prefix
+  (Orbax reuses barrier names across saves) and with the save's timeout.
+  """
+  handler = ocp.CompositeCheckpointHandler(**{
       _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression),
-  }))
+  })
+  if coordination is None:
+    return ocp.AsyncCheckpointer(handler)
+  return ocp.AsyncCheckpointer(
+      handler,
+      async_options=ocp.AsyncOptions(timeout_secs=max(1, int(coordination.timeout_s))),
+      multiprocessing_options=ocp.options.MultiprocessingOptions(
+          primary_host=PRIMARY, active_processes=set(range(jax.process_count())),
+          barrier_sync_key_prefix=f"jaxckpt{coordination.op}"))
 
 
 def _write_manifest(staging: str, manifest: Manifest) -> None:
@@ -79,8 +101,14 @@ def _write_manifest(staging: str, manifest: Manifest) -> None:
 
 def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
   target = job.target or os.path.abspath(job.final)
-  staging = staging_path(target)  # Absolute: Orbax's OCDBT refuses relative paths.
+  coord = job.coordination
+  primary = coord is None or is_primary()
+  staging = None
   try:
+    # Absolute: Orbax's OCDBT refuses relative paths. Every process must write
+    # into the same staging directory: the primary names it.
+    staging = (coord.share("staging", lambda: staging_path(target)) if coord
+               else staging_path(target))
     os.makedirs(os.path.dirname(target), exist_ok=True)
     digests: dict[str, str | None] = {}
     if job.history is not None:  # Must hash before deciding what to write.
@@ -95,7 +123,7 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
       # TensorStore writes continue on Orbax's thread.
       checkpointer.save(staging, args=ocp.args.Composite(**{
           _knobs.STATE_ITEM: ocp.args.PyTreeSave(tree, save_args=save_args)}))
-    else:
+    elif primary:
       os.makedirs(staging)
     # Overlaps the TensorStore writes: reads the snapshot, which is ours alone.
     checksums = {name: checksum(value) for name, value in job.snapshot.items()}
@@ -107,11 +135,25 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
         sources={n: os.path.relpath(w.holder, target) for n, w in job.reused.items()},
         digests=digests)
     job.leaves = None  # Holds the caller's arrays; not needed any more.
-    checkpointer.wait_until_finished()
-    _write_manifest(staging, job.manifest)
-    commit(staging, target)
+    checkpointer.wait_until_finished()  # With several processes: all shards written.
+    if primary:
+      _write_manifest(staging, job.manifest)
+      commit(staging, target)
+      if coord is not None:
+        coord.publish("committed", "ok")
+    else:
+      outcome = coord.receive("committed")
+      if outcome != "ok":
+        raise CoordinationError(f"process {PRIMARY} failed to commit: {outcome}")
   except BaseException as e:
-    remove_staging(staging)
+    if primary:
+      if staging is not None:
+        remove_staging(staging)
+      if coord is not None:  # Tell the others now rather than at their timeout.
+        try:
+          coord.publish("committed", f"{type(e).__name__}: {e}")
+        except Exception:  # The coordination service itself is gone.
+          pass
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). "
         "Earlier checkpoints are untouched and this one was not committed.") from e
@@ -141,9 +183,22 @@ def _record_history(job: SaveJob, target: str) -> None:
   job.history.last = last
 
 
-def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> str:
-  """Writes, commits, runs callbacks, updates the state file; returns the path."""
-  _write_and_commit(job, checkpointer)
+def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
+  """Writes, commits, runs callbacks, updates the state file; returns the path.
+
+  With several processes every process runs the write callbacks once the
+  checkpoint is committed; only the primary runs ``on_commit`` (state file,
+  manager sweep).
+  """
+  if job.coordination is not None:
+    checkpointer = new_checkpointer(compression=job.compression,
+                                    coordination=job.coordination)
+    try:
+      _write_and_commit(job, checkpointer)
+    finally:
+      checkpointer.close()
+  else:
+    _write_and_commit(job, checkpointer)
   if job.history is not None:
     _record_history(job, job.target or os.path.abspath(job.final))
   for i, callback in enumerate(job.callbacks):
@@ -155,7 +210,7 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> str:
           f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
           "run and the state file was not updated.") from e
   if job.on_commit is not None:
-    job.on_commit(job.final)
+    job.on_commit(job.final)  # Guards its file writes with is_primary().
   logger.info("Committed checkpoint %s (%.1f MiB) in %.3f s.", job.final,
               job.nbytes / 2**20, time.perf_counter() - job.started)
   return job.final

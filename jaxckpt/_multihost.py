@@ -1,0 +1,109 @@
+"""Multi-process saves under ``jax.distributed``: who does what, and how processes agree.
+
+Every process calls ``save``/``restore`` with the same arguments in the same
+order (as with any JAX collective). Each process writes only its own shards
+(Orbax/TensorStore); process 0, the *primary*, writes jaxckpt's manifest, makes
+the checkpoint durable, renames it into place, writes the state file and
+deletes old checkpoints. The others learn the outcome from the primary.
+
+Saves run on a background thread while the training step may run collectives
+on the main thread, so nothing here (nor in the Orbax calls jaxckpt makes) uses
+XLA collectives: all agreement goes through the ``jax.distributed``
+coordination service's key-value store and barriers, each with a timeout. A
+process that dies mid-save makes the others fail that save within
+``CheckpointOptions(timeout_s=...)`` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import threading
+
+import jax
+
+PRIMARY = 0
+
+# Per-process sequence of multi-process operations. Every process performs the
+# same saves and restores in the same order, so the n-th one has the same
+# number everywhere and names its keys in the coordination service.
+_sequence = itertools.count(1)
+_sequence_lock = threading.Lock()
+
+
+class CoordinationError(RuntimeError):
+  """Another process did not report in time, or reported a failure."""
+
+
+def process_count() -> int:
+  return jax.process_count()
+
+
+def is_primary() -> bool:
+  return jax.process_index() == PRIMARY
+
+
+def _client():
+  from jax._src.distributed import global_state  # The only handle JAX offers.
+  if global_state.client is None:
+    raise CoordinationError(
+        f"jax.process_count() is {jax.process_count()} but jax.distributed is not "
+        "initialized; call jax.distributed.initialize() before saving.")
+  return global_state.client
+
+
+@dataclasses.dataclass(frozen=True)
+class Coordination:
+  """One multi-process operation: its number, timeout and key-value helpers."""
+  op: int
+  timeout_s: float
+  what: str  # For error messages, e.g. "save of '/ckpt/ckpt-3'".
+
+  def _key(self, name: str) -> str:
+    return f"jaxckpt/{self.op}/{name}"
+
+  @property
+  def _timeout_ms(self) -> int:
+    return max(1, int(self.timeout_s * 1000))
+
+  def publish(self, name: str, value: str) -> None:
+    _client().key_value_set(self._key(name), value)
+
+  def receive(self, name: str, *, sender: int = PRIMARY) -> str:
+    """Waits for ``publish(name, ...)`` on process ``sender``."""
+    try:
+      return _client().blocking_key_value_get(self._key(name), self._timeout_ms)
+    except Exception as e:  # JaxRuntimeError(DEADLINE_EXCEEDED) and the like.
+      raise CoordinationError(
+          f"The {self.what} gave up after {self.timeout_s:g} s: process {sender} did "
+          f"not report '{name}' (it may have died or be stuck). No checkpoint was "
+          f"committed by this save. Underlying error: {type(e).__name__}: {e}") from e
+
+  def share(self, name: str, make) -> str:
+    """``make()`` on the primary, the same string on every process."""
+    if is_primary():
+      value = make()
+      self.publish(name, value)
+      return value
+    return self.receive(name)
+
+  def barrier(self, name: str) -> None:
+    try:
+      _client().wait_at_barrier(self._key(name), self._timeout_ms)
+    except Exception as e:
+      raise CoordinationError(
+          f"The {self.what} gave up after {self.timeout_s:g} s waiting for all "
+          f"{process_count()} processes at '{name}' (one may have died or be "
+          f"stuck). Underlying error: {type(e).__name__}: {e}") from e
+
+
+def begin(what: str, timeout_s: float) -> Coordination | None:
+  """Numbers the next multi-process operation; None with a single process.
+
+  Call on the caller's thread, in program order.
+  """
+  if process_count() == 1:
+    return None
+  with _sequence_lock:
+    op = next(_sequence)
+  return Coordination(op=op, timeout_s=timeout_s, what=what)

@@ -1,0 +1,136 @@
+"""Launches N real JAX processes on 127.0.0.1 and collects what each returned or raised.
+
+Used by the multi-process tests: ``launch("distributed_cases", "save_restore", 2)``
+runs ``distributed_cases.save_restore(**kwargs)`` in 2 fresh interpreters joined by
+``jax.distributed.initialize`` (gloo CPU collectives, a free port picked now),
+each with ``devices`` CPU devices. Returns the per-process return values; if a
+process raises, exits non-zero or outlives ``timeout``, every process is killed
+and the test fails with each process's traceback and stderr tail.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+class ProcessFailure(AssertionError):
+  """A launched process raised, crashed or timed out."""
+
+
+def start(module: str, function: str, n: int, *, devices: int = 2, cwds=None,
+          kwargs: dict | None = None, env: dict | None = None):
+  """Starts the processes; returns (procs, outdir). `collect` finishes the job."""
+  port = free_port()
+  outdir = tempfile.mkdtemp(prefix="jaxckpt-mp-")
+  procs = []
+  for i in range(n):
+    spec = {"module": module, "function": function, "kwargs": kwargs or {},
+            "port": port, "n": n, "id": i, "devices": devices,
+            "out": os.path.join(outdir, f"result.{i}")}
+    child_env = dict(os.environ, JAXCKPT_TEST_SPEC=json.dumps(spec),
+                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                     PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+                     **(env or {}))
+    with (open(os.path.join(outdir, f"stdout.{i}"), "w") as stdout,
+          open(os.path.join(outdir, f"stderr.{i}"), "w") as stderr):
+      procs.append(subprocess.Popen(
+          [sys.executable, os.path.join(HERE, "distributed.py")],
+          cwd=(cwds[i] if cwds else None), env=child_env, stdout=stdout, stderr=stderr))
+  return procs, outdir
+
+
+def collect(procs, outdir: str, *, timeout: float = 120, expect_fail: set[int] = frozenset()):
+  """Waits for all processes; returns a list of per-process results.
+
+  A result is the function's return value, or for processes in ``expect_fail``
+  a dict ``{"error": str, "returncode": int}``.
+  """
+  deadline = time.monotonic() + timeout
+  timed_out = False
+  for p in procs:
+    try:
+      p.wait(timeout=max(0.1, deadline - time.monotonic()))
+    except subprocess.TimeoutExpired:
+      timed_out = True
+      break
+  if timed_out:
+    for p in procs:
+      p.kill()
+    for p in procs:
+      p.wait()
+  results, problems = [], []
+  for i, p in enumerate(procs):
+    out = os.path.join(outdir, f"result.{i}")
+    status, value = "missing", None
+    if os.path.exists(out):
+      with open(out, "rb") as f:
+        status, value = pickle.load(f)
+    with open(os.path.join(outdir, f"stderr.{i}")) as f:
+      stderr = f.read()
+    if i in expect_fail:
+      results.append({"error": value if status == "error" else None,
+                      "returncode": p.returncode, "stderr": stderr})
+      continue
+    if status != "ok" or p.returncode != 0:
+      problems.append(f"--- process {i}: returncode {p.returncode}, status {status}\n"
+                      f"{value or ''}\n--- stderr tail:\n{stderr[-3000:]}")
+    results.append(value)
+  if timed_out:
+    problems.insert(0, f"Timed out after {timeout} s; all processes killed.")
+  if problems:
+    raise ProcessFailure("\n".join(problems))
+  return results
+
+
+def launch(module: str, function: str, n: int, *, devices: int = 2, timeout: float = 120,
+           cwds=None, kwargs: dict | None = None, env: dict | None = None):
+  """Runs ``module.function(**kwargs)`` in ``n`` processes; returns their results."""
+  procs, outdir = start(module, function, n, devices=devices, cwds=cwds, kwargs=kwargs,
+                        env=env)
+  return collect(procs, outdir, timeout=timeout)
+
+
+def _child() -> None:
+  spec = json.loads(os.environ["JAXCKPT_TEST_SPEC"])
+  import importlib
+  import traceback
+
+  import jax
+  jax.config.update("jax_num_cpu_devices", spec["devices"])
+  try:
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  except Exception:  # Option renamed/removed in another JAX: gloo is the default.
+    pass
+  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{spec['port']}",
+                             num_processes=spec["n"], process_id=spec["id"])
+  try:
+    fn = getattr(importlib.import_module(spec["module"]), spec["function"])
+    result = ("ok", fn(**spec["kwargs"]))
+  except BaseException:
+    result = ("error", traceback.format_exc())
+  with open(spec["out"] + ".tmp", "wb") as f:
+    pickle.dump(result, f)
+  os.replace(spec["out"] + ".tmp", spec["out"])
+  sys.stdout.flush()
+  if result[0] != "ok":
+    os._exit(1)  # Skip jax.distributed's shutdown barrier: peers may be gone.
+  jax.distributed.shutdown()
+
+
+if __name__ == "__main__":
+  _child()
