@@ -8,6 +8,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
+
 from jaxckpt._background import Saver
 from jaxckpt._durable import check_target
 from jaxckpt._errors import InvalidOptionsError
@@ -23,10 +25,12 @@ from jaxckpt._load_status import InitializationOnlyStatus
 from jaxckpt._load_status import LoadStatus
 from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import begin
-from jaxckpt._multihost import is_primary
 from jaxckpt._multihost import process_count
 from jaxckpt._options import CheckpointOptions
+from jaxckpt._restore import Reader
 from jaxckpt._restore import read_leaves
+from jaxckpt._routed import gather
+from jaxckpt._routed import restore_through
 from jaxckpt._snapshot import take_snapshot
 from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import write_state
@@ -44,6 +48,26 @@ def _check_options(options) -> CheckpointOptions:
         f"options must be a jaxckpt.CheckpointOptions or None, got "
         f"{type(options).__name__}.")
   return options
+
+
+def _gather_snapshot(leaves, io_process: int) -> dict[str, object]:
+  """The snapshot of a save whose I/O runs on process ``io_process`` (see _routed.py)."""
+  arrays = [leaf for leaf in leaves if isinstance(leaf.value, jax.Array)]
+  gathered = gather([leaf.value for leaf in arrays])  # A collective: every process.
+  if jax.process_index() != io_process:
+    return {}
+  snapshot = take_snapshot([leaf for leaf in leaves if not isinstance(leaf.value, jax.Array)],
+                           copy=True, io_device=None)
+  snapshot.update((leaf.name, value) for leaf, value in zip(arrays, gathered, strict=True))
+  return snapshot
+
+
+def _reader(timeout_s: float) -> Reader:
+  coordination = begin("restore", timeout_s)
+  if coordination is None:
+    return Reader()
+  return Reader(processes=frozenset(range(process_count())),
+                key_prefix=f"jaxckpt{coordination.op}")
 
 
 class Checkpoint:
@@ -132,8 +156,8 @@ class Checkpoint:
     """
     prefix = os.fspath(file_prefix)
     state_dir = os.path.abspath(os.path.dirname(prefix) or ".")
-    def record(path: str) -> None:
-      if is_primary():
+    def record(path: str, owner: bool) -> None:
+      if owner:
         write_state(state_dir, CheckpointState(path, [path]))
     return self._save(lambda n: f"{prefix}-{n}", _check_options(options), kind="save",
                       on_commit=record)
@@ -149,11 +173,11 @@ class Checkpoint:
                       on_commit=None)
 
   def _save(self, path_for: Callable[[int], str], options: CheckpointOptions, *, kind: str,
-            on_commit: Callable[[str], None] | None) -> SavePath:
+            on_commit: Callable[[str, bool], None] | None) -> SavePath:
     """The one save path behind save(), write() and CheckpointManager.save().
 
     ``path_for(counter)`` names the checkpoint; ``kind == "save"`` increments
-    the counter; ``on_commit(path)`` runs after the write callbacks.
+    the counter; ``on_commit(path, owner)`` runs after the write callbacks.
     """
     start = time.perf_counter()
     flat = [leaf for item in flatten_items(self._items) for leaf in item.leaves]
@@ -184,8 +208,13 @@ class Checkpoint:
             "checkpoints may read data from it. Choose a new path.")
       reused = reuse_by_identity(flat, self._history)
     to_copy = [leaf for leaf in flat if leaf.name not in reused]
-    snapshot = take_snapshot(to_copy, copy=options.enable_async, io_device=io_device)
-    coordination = begin(f"save of {path!r}", options.timeout_s)
+    if io_device is not None and process_count() > 1:  # One process does the I/O.
+      snapshot = _gather_snapshot(to_copy, io_device.process_index)
+      coordination = begin(f"save of {path!r}", options.timeout_s,
+                           io_process=io_device.process_index)
+    else:
+      snapshot = take_snapshot(to_copy, copy=options.enable_async, io_device=io_device)
+      coordination = begin(f"save of {path!r}", options.timeout_s)
     object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)
     job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
@@ -236,13 +265,21 @@ class Checkpoint:
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
     tracked = {leaf.name for leaf in flat}
-    if save_path is None:
-      return InitializationOnlyStatus(tracked)
-    path = os.fspath(save_path)
-    manifest = read_manifest(path)
     io_device = resolve_io_device(options.experimental_io_device)
-    restored = read_leaves(path, manifest, flat, io_device,
-                           verify_checksums=options.verify_checksums)
+    if io_device is not None and process_count() > 1:  # Only its process reads files.
+      path, manifest, restored = restore_through(
+          io_device.process_index, save_path, flat, timeout_s=options.timeout_s,
+          verify_checksums=options.verify_checksums)
+      if path is None:
+        return InitializationOnlyStatus(tracked)
+    else:
+      if save_path is None:
+        return InitializationOnlyStatus(tracked)
+      path = os.fspath(save_path)
+      manifest = read_manifest(path)
+      restored = read_leaves(path, manifest, flat, io_device,
+                             verify_checksums=options.verify_checksums,
+                             reader=_reader(options.timeout_s))
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
         self._items[item.name] = item.rebuild(restored)

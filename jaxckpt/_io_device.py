@@ -2,10 +2,11 @@
 
 TF device strings map onto JAX's runtime like this:
 
-* ``/job:NAME`` — any job name; with a single JAX process only the local task
-  exists. ``/task:K`` (and ``/replica:R``, which must be 0) names
-  ``jax.process_index() == K``. Multi-process routing comes with the
-  distributed issue; here task K must be this process.
+* ``/job:NAME`` — any job name (JAX has one job: all processes started by
+  ``jax.distributed.initialize``). ``/task:K`` (and ``/replica:R``, which must
+  be 0) names the process with ``jax.process_index() == K``; without it, this
+  process. With several processes, naming a task routes all file I/O through
+  that process (see _routed.py).
 * ``/device:TYPE:N``, ``TYPE:N``, ``/TYPE:N`` — device N of backend TYPE
   (``CPU``, ``GPU``, ``TPU``) among that process's devices.
 * No device part (``"/job:localhost"``) — the host CPU of that task, which is
@@ -33,13 +34,14 @@ def _available() -> str:
   devices = []
   for backend in ("cpu", jax.default_backend()):
     try:
-      devices += [d for d in jax.local_devices(backend=backend) if d not in devices]
+      devices += [d for d in jax.devices(backend=backend) if d not in devices]
     except RuntimeError:
       pass
-  per_platform: dict[str, int] = {}
+  per_task: dict[tuple[int, str], int] = {}
   names = []
   for d in devices:  # TF numbers devices per task and type; so do we.
-    i = per_platform[d.platform] = per_platform.get(d.platform, -1) + 1
+    key = (d.process_index, d.platform)
+    i = per_task[key] = per_task.get(key, -1) + 1
     names.append(f"/job:localhost/task:{d.process_index}/device:{d.platform.upper()}:{i}")
   return ", ".join(names) + " (or a jax.Device, or None)"
 
@@ -54,10 +56,6 @@ def resolve_io_device(spec) -> jax.Device | None:
   if spec is None:
     return None
   if isinstance(spec, jax.Device):
-    if spec.process_index != jax.process_index():
-      raise UnknownDeviceError(
-          f"experimental_io_device {spec} belongs to process {spec.process_index}, "
-          f"this is process {jax.process_index()}. Available: {_available()}.")
     return spec
   if not isinstance(spec, str):
     raise UnknownDeviceError(
@@ -75,19 +73,20 @@ def resolve_io_device(spec) -> jax.Device | None:
         f"experimental_io_device {spec!r}: replica {m['replica']} does not exist; "
         f"JAX has one replica per job. Available: {_available()}.")
   task = jax.process_index() if m["task"] is None else int(m["task"])
-  if task != jax.process_index():
+  if task >= jax.process_count():
     raise UnknownDeviceError(
-        f"experimental_io_device {spec!r} names task {task}, but this is process "
-        f"{jax.process_index()} of {jax.process_count()}. Available: {_available()}.")
+        f"experimental_io_device {spec!r} names task {task}, but there are "
+        f"{jax.process_count()} JAX processes (tasks 0..{jax.process_count() - 1}). "
+        f"Available: {_available()}.")
   backend = (m["type"] or "cpu").lower()
   index = 0 if m["index"] in (None, "*") else int(m["index"])
   try:
-    devices = jax.local_devices(backend=backend)
+    devices = [d for d in jax.devices(backend=backend) if d.process_index == task]
   except RuntimeError:
     devices = []
-  # TF numbers devices per task; JAX ids are global, so index into local ones.
+  # TF numbers devices per task; JAX ids are global, so index into the task's.
   if index >= len(devices):
     raise UnknownDeviceError(
         f"experimental_io_device {spec!r}: no {backend.upper()}:{index} device in "
-        f"this process. Available: {_available()}.")
+        f"task {task}. Available: {_available()}.")
   return devices[index]

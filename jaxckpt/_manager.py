@@ -174,13 +174,13 @@ class CheckpointManager:
     return self._checkpoint._save(path_for, options, kind="save",
                                   on_commit=self._record_and_sweep)
 
-  def _record_and_sweep(self, path: str) -> None:
+  def _record_and_sweep(self, path: str, owner: bool = True) -> None:
     with self._lock:
       self._maybe_delete.pop(path, None)
       self._maybe_delete[path] = time.time()
       self._latest = path
       doomed = self._sweep()
-      if not is_primary():  # Every process tracks the list; the primary owns the files.
+      if not owner:  # Every process tracks the list; one owns the files.
         return
       self._record_state()
     if doomed:  # After the state file stops naming them.

@@ -54,10 +54,33 @@ def _client():
 
 @dataclasses.dataclass(frozen=True)
 class Coordination:
-  """One multi-process operation: its number, timeout and key-value helpers."""
+  """One multi-process operation: its number, timeout and key-value helpers.
+
+  ``primary`` finalizes (writes metadata, commits, records); ``writers`` are
+  the processes that touch files at all: every process normally, only the
+  ``experimental_io_device`` task when one is named.
+  """
   op: int
   timeout_s: float
   what: str  # For error messages, e.g. "save of '/ckpt/ckpt-3'".
+  primary: int = PRIMARY
+  writers: frozenset[int] | None = None  # None: all processes.
+
+  @property
+  def is_primary(self) -> bool:
+    return jax.process_index() == self.primary
+
+  @property
+  def writes(self) -> bool:
+    return self.writers is None or jax.process_index() in self.writers
+
+  def orbax_options(self):
+    """Orbax MultiprocessingOptions matching this operation (see `new_checkpointer`)."""
+    import orbax.checkpoint as ocp
+    return ocp.options.MultiprocessingOptions(
+        primary_host=self.primary,
+        active_processes=set(self.writers or range(process_count())),
+        barrier_sync_key_prefix=f"jaxckpt{self.op}")
 
   def _key(self, name: str) -> str:
     return f"jaxckpt/{self.op}/{name}"
@@ -69,8 +92,9 @@ class Coordination:
   def publish(self, name: str, value: str) -> None:
     _client().key_value_set(self._key(name), value)
 
-  def receive(self, name: str, *, sender: int = PRIMARY) -> str:
-    """Waits for ``publish(name, ...)`` on process ``sender``."""
+  def receive(self, name: str) -> str:
+    """Waits for the primary's ``publish(name, ...)``."""
+    sender = self.primary
     try:
       return _client().blocking_key_value_get(self._key(name), self._timeout_ms)
     except Exception as e:  # JaxRuntimeError(DEADLINE_EXCEEDED) and the like.
@@ -81,7 +105,7 @@ class Coordination:
 
   def share(self, name: str, make) -> str:
     """``make()`` on the primary, the same string on every process."""
-    if is_primary():
+    if self.is_primary:
       value = make()
       self.publish(name, value)
       return value
@@ -97,13 +121,17 @@ class Coordination:
           f"stuck). Underlying error: {type(e).__name__}: {e}") from e
 
 
-def begin(what: str, timeout_s: float) -> Coordination | None:
+def begin(what: str, timeout_s: float, *, io_process: int | None = None) -> Coordination | None:
   """Numbers the next multi-process operation; None with a single process.
 
-  Call on the caller's thread, in program order.
+  Call on the caller's thread, in program order. ``io_process``: the only
+  process that touches files (TF's ``experimental_io_device``).
   """
   if process_count() == 1:
     return None
   with _sequence_lock:
     op = next(_sequence)
-  return Coordination(op=op, timeout_s=timeout_s, what=what)
+  if io_process is None:
+    return Coordination(op=op, timeout_s=timeout_s, what=what)
+  return Coordination(op=op, timeout_s=timeout_s, what=what, primary=io_process,
+                      writers=frozenset([io_process]))

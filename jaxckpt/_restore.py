@@ -9,6 +9,7 @@ leaf before anything is read, so a mismatch changes nothing.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from typing import Any
 
@@ -84,7 +85,7 @@ def _restore_args(leaf: Leaf, dtype: np.dtype, io_device: jax.Device | None):
   return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
 
 
-def _as_tracked_type(leaf: Leaf, value: Any) -> Any:
+def as_tracked_type(leaf: Leaf, value: Any) -> Any:
   tracked = leaf.value
   if _uncommitted(leaf):
     return jax.device_put(np.asarray(value, dtype=leaf.dtype))  # Stays uncommitted.
@@ -102,12 +103,25 @@ def _as_tracked_type(leaf: Leaf, value: Any) -> Any:
 
 
 def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
-                io_device: jax.Device | None) -> dict[str, Any]:
+                io_device: jax.Device | None, reader: Reader) -> dict[str, Any]:
   item = nest({l.name: jax.ShapeDtypeStruct(l.shape, stored_dtype(manifest, l.name))
                for l in leaves})
-  restore_args = nest({l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device)
-                       for l in leaves})
-  with ocp.PyTreeCheckpointer() as checkpointer:
+  if reader.host_only:
+    restore_args = nest({l.name: ocp.RestoreArgs(restore_type=np.ndarray,
+                                                  dtype=stored_dtype(manifest, l.name))
+                         for l in leaves})
+  else:
+    restore_args = nest({l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device)
+                         for l in leaves})
+  if reader.processes is None:
+    checkpointer = ocp.PyTreeCheckpointer()
+  else:  # Orbax's default barrier is an XLA collective; see _multihost.py.
+    mp = ocp.options.MultiprocessingOptions(
+        primary_host=reader.primary, active_processes=set(reader.processes),
+        barrier_sync_key_prefix=reader.key_prefix)
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
+                                    multiprocessing_options=mp)
+  with checkpointer:
     restored = checkpointer.restore(
         os.path.abspath(os.path.join(path, _knobs.STATE_ITEM)),
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
@@ -121,10 +135,22 @@ def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
   return out
 
 
+@dataclasses.dataclass(frozen=True)
+class Reader:
+  """Who reads: all processes (default), or one process reading whole arrays to
+  host memory for the others (``host_only``; see _routed.py)."""
+  processes: frozenset[int] | None = None  # None: Orbax's defaults (one process).
+  primary: int = 0
+  host_only: bool = False
+  key_prefix: str | None = None  # Unique per operation: Orbax reuses barrier names.
+
+
 def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
                 io_device: jax.Device | None = None, *,
-                verify_checksums: bool = True) -> dict[str, Any]:
+                verify_checksums: bool = True, reader: Reader = Reader()) -> dict[str, Any]:
   """Reads the leaves of ``leaves`` present in the checkpoint; returns {name: value}.
+
+  With ``reader.host_only`` the values are whole numpy arrays in the stored dtype.
 
   Raises:
     ShapeMismatchError, TreeError: a tracked value cannot take the saved one.
@@ -147,24 +173,26 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
           f"Checkpoint {path!r} is incremental and reads '{group[0].name}' (and "
           f"{len(group) - 1} more) from {holder!r}, which no longer exists. Delete "
           "checkpoints through CheckpointManager, which keeps such data.")
-    raw.update(_read_group(holder, manifest, group, io_device))
+    raw.update(_read_group(holder, manifest, group, io_device, reader))
   if verify_checksums:
     verify_all(path, [(leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
                        manifest.checksums.get(leaf.name)) for leaf in wanted])
-  return {leaf.name: _as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}
+  if reader.host_only:
+    return raw
+  return {leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}
 
 
 def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
-                io_device: jax.Device | None) -> dict[str, Any]:
+                io_device: jax.Device | None, reader: Reader) -> dict[str, Any]:
   try:
-    return _orbax_read(path, manifest, wanted, io_device)
+    return _orbax_read(path, manifest, wanted, io_device, reader)
   except JaxckptError:
     raise
   except Exception as batch_error:
     # Name the broken array: TensorStore's error names a chunk key at best.
     for leaf in wanted:
       try:
-        _orbax_read(path, manifest, [leaf], io_device)
+        _orbax_read(path, manifest, [leaf], io_device, reader)
       except Exception as e:
         raise CorruptCheckpointError(
             f"Checkpoint {path!r} is unreadable: array '{leaf.name}' failed to load "

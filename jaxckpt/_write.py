@@ -29,10 +29,8 @@ from jaxckpt._incremental import content_digest
 from jaxckpt._integrity import checksum
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import manifest_file
-from jaxckpt._multihost import PRIMARY
 from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import CoordinationError
-from jaxckpt._multihost import is_primary
 from jaxckpt._options import call_write_callback
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
@@ -49,9 +47,10 @@ class SaveJob:
   save_counter: int
   kind: str  # "save" or "write"
   callbacks: list[Callable[..., Any]]
-  # Runs last, after the callbacks, with the committed path: save() records it
-  # in the state file; CheckpointManager also sweeps old checkpoints.
-  on_commit: Callable[[str], None] | None
+  # Runs last, after the callbacks, as on_commit(path, owner): save() records
+  # the path in the state file; CheckpointManager also sweeps old checkpoints.
+  # ``owner`` is False on processes that must not touch files (multi-process).
+  on_commit: Callable[[str, bool], None] | None
   future: CommitFuture
   target: str = ""  # Absolute form of `final`, fixed at save time (cwd may change).
   nbytes: int = 0  # Snapshot bytes held until the job finishes (memory budget).
@@ -78,17 +77,17 @@ def new_checkpointer(*, compression: bool = False,
   training step's collectives and deadlock), under this save's own key prefix
   (Orbax reuses barrier names across saves) and with the save's timeout.
   """
-  handler = ocp.CompositeCheckpointHandler(**{
-      _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression),
-  })
   if coordination is None:
-    return ocp.AsyncCheckpointer(handler)
+    return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
+        _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression)}))
+  mp = coordination.orbax_options()  # Also for the handlers: they pick who writes metadata.
+  handler = ocp.CompositeCheckpointHandler(
+      composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
+      **{_knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(
+          use_compression=compression, multiprocessing_options=mp)})
   return ocp.AsyncCheckpointer(
-      handler,
-      async_options=ocp.AsyncOptions(timeout_secs=max(1, int(coordination.timeout_s))),
-      multiprocessing_options=ocp.options.MultiprocessingOptions(
-          primary_host=PRIMARY, active_processes=set(range(jax.process_count())),
-          barrier_sync_key_prefix=f"jaxckpt{coordination.op}"))
+      handler, multiprocessing_options=mp,
+      async_options=ocp.AsyncOptions(timeout_secs=max(1, int(coordination.timeout_s))))
 
 
 def _write_manifest(staging: str, manifest: Manifest) -> None:
@@ -102,7 +101,13 @@ def _write_manifest(staging: str, manifest: Manifest) -> None:
 def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
   target = job.target or os.path.abspath(job.final)
   coord = job.coordination
-  primary = coord is None or is_primary()
+  if coord is not None and not coord.writes:  # Another process does the I/O.
+    try:
+      _await_commit(coord)
+    except BaseException as e:
+      raise SaveError(f"Saving checkpoint {job.final!r} failed: {e}") from e
+    return
+  primary = coord is None or coord.is_primary
   staging = None
   try:
     # Absolute: Orbax's OCDBT refuses relative paths. Every process must write
@@ -142,9 +147,7 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
       if coord is not None:
         coord.publish("committed", "ok")
     else:
-      outcome = coord.receive("committed")
-      if outcome != "ok":
-        raise CoordinationError(f"process {PRIMARY} failed to commit: {outcome}")
+      _await_commit(coord)
   except BaseException as e:
     if primary:
       if staging is not None:
@@ -157,6 +160,12 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). "
         "Earlier checkpoints are untouched and this one was not committed.") from e
+
+
+def _await_commit(coord: Coordination) -> None:
+  outcome = coord.receive("committed")
+  if outcome != "ok":
+    raise CoordinationError(f"process {coord.primary} failed to commit: {outcome}")
 
 
 def _reuse_by_content(job: SaveJob, digests: dict[str, str | None]) -> None:
@@ -210,7 +219,7 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
           f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
           "run and the state file was not updated.") from e
   if job.on_commit is not None:
-    job.on_commit(job.final)  # Guards its file writes with is_primary().
+    job.on_commit(job.final, job.coordination is None or job.coordination.is_primary)
   logger.info("Committed checkpoint %s (%.1f MiB) in %.3f s.", job.final,
               job.nbytes / 2**20, time.perf_counter() - job.started)
   return job.final

@@ -1,0 +1,141 @@
+"""TF's ``experimental_io_device`` across processes: one process does all file I/O.
+
+With ``experimental_io_device="/job:worker/task:K"`` under ``jax.distributed``,
+process K alone touches the filesystem (e.g. a ``/tmp`` only its host can see).
+
+* Save: every process's shards reach process K through one JAX all-gather
+  (``multihost_utils.process_allgather``, issued on the caller's thread in
+  program order like any collective); process K writes a full, single-writer
+  checkpoint and the others only wait for its commit. JAX has no one-to-one
+  host transfer that works on every backend, so the others briefly hold the
+  gathered arrays too and drop them at once.
+* Restore: process K reads the manifest and the full arrays (checking their
+  CRC-32s) and broadcasts them (``multihost_utils.broadcast_one_to_all``, bytes
+  reinterpreted as uint32 so the sum-based broadcast cannot touch the values:
+  ``-0.0 + 0.0`` would be ``+0.0``); each process then keeps the shards its
+  target sharding assigns to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from jaxckpt._manifest import Manifest
+from jaxckpt._manifest import read_manifest
+from jaxckpt._multihost import begin
+from jaxckpt._restore import Reader
+from jaxckpt._restore import as_tracked_type
+from jaxckpt._restore import check_compatible
+from jaxckpt._restore import read_leaves
+from jaxckpt._restore import stored_dtype
+from jaxckpt._tree import Leaf
+
+
+def gather(values: list[jax.Array]) -> list[np.ndarray]:
+  """Full host copies of ``values`` on every process (a collective: all must call)."""
+  local = [v.is_fully_addressable for v in values]
+  # Fully addressable arrays are this process's own values (TF: its variables).
+  shared = [v for v, is_local in zip(values, local, strict=True) if not is_local]
+  gathered = iter(multihost_utils.process_allgather(shared, tiled=True) if shared else [])
+  return [np.array(v) if is_local else np.asarray(next(gathered))
+          for v, is_local in zip(values, local, strict=True)]
+
+
+def _to_words(a: np.ndarray) -> np.ndarray:
+  raw = np.ascontiguousarray(a).reshape(-1).view(np.uint8)
+  pad = (-raw.size) % 4
+  if pad:
+    raw = np.concatenate([raw, np.zeros(pad, np.uint8)])
+  return raw.view(np.uint32)  # uint32: summed exactly without jax_enable_x64.
+
+
+def broadcast(arrays: list[np.ndarray] | None, specs: list[tuple[tuple[int, ...], np.dtype]],
+              *, source: int) -> list[np.ndarray]:
+  """``arrays`` from process ``source`` on every process (a collective).
+
+  Others pass ``None``; ``specs`` (shape, dtype) must be the same everywhere.
+  """
+  if jax.process_index() == source:
+    words = [_to_words(a) for a in arrays]
+  else:
+    words = [np.zeros((-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 4),), np.uint32)
+             for shape, dtype in specs]
+  out = multihost_utils.broadcast_one_to_all(words, is_source=jax.process_index() == source)
+  result = []
+  for w, (shape, dtype) in zip(out, specs, strict=True):
+    dtype = np.dtype(dtype)
+    raw = np.asarray(w, np.uint32).view(np.uint8)[:int(np.prod(shape)) * dtype.itemsize]
+    result.append(raw.view(dtype).reshape(shape))
+  return result
+
+
+def _rebuild_error(data: dict, io_process: int) -> Exception:
+  from jaxckpt import _errors
+  cls = getattr(_errors, data.get("error", ""), None)
+  if not (isinstance(cls, type) and issubclass(cls, Exception)):
+    cls = _errors.JaxckptError
+  return cls(f"(on process {io_process}, the experimental_io_device) {data['message']}")
+
+
+def _place(leaf: Leaf, value: np.ndarray):
+  sharding = getattr(leaf.value, "sharding", None)
+  if (isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)) and sharding is not None
+      and not sharding.is_fully_addressable):
+    value = value.astype(leaf.dtype, copy=False)
+    return jax.make_array_from_callback(leaf.shape, sharding, lambda index: value[index])
+  return as_tracked_type(leaf, value)
+
+
+def restore_through(io_process: int, save_path, leaves: list[Leaf], *, timeout_s: float,
+                    verify_checksums: bool) -> tuple[str | None, Manifest | None, dict]:
+  """Restore where only ``io_process`` reads files; returns (path, manifest, values).
+
+  Every process must call it; ``io_process``'s ``save_path`` is the one used
+  (the others may not see the files at all). Returns ``(None, None, {})`` when
+  that path is None.
+  """
+  coord = begin(f"restore through process {io_process}", timeout_s, io_process=io_process)
+  if coord.is_primary:
+    path = None if save_path is None else os.fspath(save_path)
+    try:
+      manifest = None if path is None else read_manifest(path)
+      if manifest is not None:
+        check_compatible(path, manifest, leaves)
+      coord.publish("manifest", json.dumps(
+          {"path": path, "manifest": manifest and manifest.to_json()}))
+    except Exception as e:
+      coord.publish("manifest", json.dumps({"error": type(e).__name__, "message": str(e)}))
+      raise
+  else:
+    data = json.loads(coord.receive("manifest"))
+    if "error" in data:
+      raise _rebuild_error(data, io_process)
+    path = data["path"]
+    manifest = None if path is None else Manifest.from_json(data["manifest"], path)
+  if path is None:
+    return None, None, {}
+  wanted = [leaf for leaf in leaves if leaf.name in manifest.leaves]
+  raw = None
+  if coord.is_primary:
+    try:
+      raw = read_leaves(path, manifest, wanted, verify_checksums=verify_checksums,
+                        reader=Reader(processes=frozenset([io_process]), primary=io_process,
+                                      host_only=True, key_prefix=f"jaxckpt{coord.op}"))
+      coord.publish("read", "{}")
+    except Exception as e:
+      coord.publish("read", json.dumps({"error": type(e).__name__, "message": str(e)}))
+      raise
+  else:
+    data = json.loads(coord.receive("read"))
+    if "error" in data:
+      raise _rebuild_error(data, io_process)
+  specs = [(tuple(manifest.leaves[l.name].shape), stored_dtype(manifest, l.name))
+           for l in wanted]
+  arrays = broadcast(None if raw is None else [raw[l.name] for l in wanted], specs,
+                     source=io_process)
+  return path, manifest, {l.name: _place(l, a) for l, a in zip(wanted, arrays, strict=True)}

@@ -1,0 +1,159 @@
+"""Code run inside each process launched by `distributed.launch` (see test_distributed.py)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import ml_dtypes
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxckpt
+
+SHAPE = (16, 8)
+
+
+def reference(step: int = 1) -> np.ndarray:
+  value = (np.arange(np.prod(SHAPE), dtype=np.float32).reshape(SHAPE) - 40.5) * step
+  value[0, 0] = -0.0  # Must survive every transfer bit-exactly.
+  return value
+
+
+def sharded(value: np.ndarray, spec=None, mesh_shape=None) -> jax.Array:
+  mesh_shape = mesh_shape or (jax.device_count(),)
+  names = ("x", "y")[:len(mesh_shape)]
+  mesh = jax.make_mesh(mesh_shape, names)
+  return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec or P("x")),
+                                      lambda idx: value[idx])
+
+
+def full(x: jax.Array) -> np.ndarray:
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
+  a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
+  return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
+
+
+def _state(step: int, spec=None, mesh_shape=None):
+  return {"w": sharded(reference(step), spec, mesh_shape),
+          "b": np.arange(3, dtype=np.int32) * step}
+
+
+def save_and_restore(directory: str, enable_async: bool = True, saves: int = 3):
+  """Every process saves globally sharded arrays through a manager."""
+  calls = []
+  opts = jaxckpt.CheckpointOptions(
+      enable_async=enable_async, experimental_write_callbacks=[calls.append], timeout_s=60)
+  ckpt = jaxckpt.Checkpoint(params=_state(0), step=0)
+  manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=2)
+  paths, seconds = [], []
+  for step in range(1, saves + 1):
+    ckpt.params = _state(step)
+    ckpt.step = step
+    start = time.perf_counter()
+    paths.append(manager.save(options=opts))
+    seconds.append(time.perf_counter() - start)
+  committed = [p.future.result(timeout=60) for p in paths]
+  ckpt.params = _state(0)
+  ckpt.step = 0
+  ckpt.restore(manager.latest_checkpoint).assert_consumed()
+  return {"paths": [str(p) for p in paths], "committed": committed, "callbacks": calls,
+          "latest": manager.latest_checkpoint, "checkpoints": manager.checkpoints,
+          "w_ok": bits_equal(full(ckpt.params["w"]), reference(saves)),
+          "b": ckpt.params["b"].tolist(), "step": int(ckpt.step),
+          "save_counter": ckpt.save_counter, "listing": sorted(os.listdir(directory)),
+          "blocked_s": seconds}
+
+
+def restore_resharded(path: str, mesh_shape: list[int], spec: list, dtype: str = "float32"):
+  """Restores a checkpoint onto another mesh / partition spec / dtype."""
+  target = reference(0).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
+  ckpt = jaxckpt.Checkpoint(params={"w": sharded(target, P(*spec), tuple(mesh_shape)),
+                                    "b": np.zeros(3, np.int32)}, step=0)
+  ckpt.restore(path).assert_consumed()
+  w = ckpt.params["w"]
+  expected = reference(3).astype(w.dtype)
+  return {"w_ok": bits_equal(full(w), expected), "dtype": str(w.dtype),
+          "spec": str(w.sharding.spec), "devices": len(w.sharding.device_set),
+          "b": ckpt.params["b"].tolist(), "step": int(ckpt.step)}
+
+
+def _listing(root: str) -> list[str]:
+  out = []
+  for dirpath, dirnames, filenames in os.walk(root):
+    out += [os.path.relpath(os.path.join(dirpath, n), root) for n in dirnames + filenames]
+  return sorted(out)
+
+
+def io_device_save_restore(directory: str, io_task: int = 0, enable_async: bool = True):
+  """TF's host-local /tmp case: a relative path in each process's own working
+  directory, all I/O through task ``io_task``; the others must write nothing."""
+  del directory  # Each process runs in its own cwd (its "host-local disk").
+  calls = []
+  opts = jaxckpt.CheckpointOptions(
+      experimental_io_device=f"/job:worker/task:{io_task}", enable_async=enable_async,
+      experimental_write_callbacks=[calls.append], timeout_s=60)
+  ckpt = jaxckpt.Checkpoint(params=_state(3), step=7)
+  first = ckpt.save("ckpts/ckpt", options=opts)
+  ckpt.params = _state(5)
+  second = ckpt.save("ckpts/ckpt", options=opts)
+  second.future.result(timeout=60)
+  latest = jaxckpt.latest_checkpoint("ckpts")  # None except on the I/O process.
+  ckpt.params = _state(0)
+  ckpt.step = 0
+  ckpt.restore(latest, options=opts).assert_consumed()
+  w_after_latest = bits_equal(full(ckpt.params["w"]), reference(5))
+  ckpt.restore(str(first), options=opts).assert_consumed()
+  return {"callbacks": calls, "latest": latest, "files": _listing("."),
+          "w_latest_ok": w_after_latest,
+          "w_first_ok": bits_equal(full(ckpt.params["w"]), reference(3)),
+          "w_spec": str(ckpt.params["w"].sharding.spec),
+          "b": ckpt.params["b"].tolist(), "save_counter": ckpt.save_counter}
+
+
+def io_device_missing(directory: str, io_task: int = 1):
+  """A bad path on the I/O process fails the restore on every process, no hang."""
+  del directory
+  opts = jaxckpt.CheckpointOptions(experimental_io_device=f"/task:{io_task}", timeout_s=30)
+  ckpt = jaxckpt.Checkpoint(params=_state(0))
+  try:
+    ckpt.restore("nowhere/ckpt-1", options=opts)
+  except jaxckpt.CheckpointNotFoundError as e:
+    return {"error": type(e).__name__, "message": str(e)}
+  return {"error": None}
+
+
+def die_during_save(directory: str, victim: int = 1):
+  """Saves once (committed), then ``victim`` dies while the second save is in flight."""
+  opts = jaxckpt.CheckpointOptions(enable_async=True, timeout_s=8)
+  ckpt = jaxckpt.Checkpoint(params=_state(1))
+  manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=3)
+  manager.save(options=opts).future.result(timeout=60)
+  ckpt.params = _state(2)
+  if jax.process_index() == victim:
+    os._exit(17)  # Dies before taking part in the second save.
+  start = time.perf_counter()
+  path = manager.save(options=opts)
+  try:
+    path.future.result(timeout=120)
+  except jaxckpt.SaveError as e:
+    return {"error": str(e), "seconds": time.perf_counter() - start,
+            "listing": sorted(os.listdir(directory)), "latest": manager.latest_checkpoint}
+  return {"error": None, "listing": sorted(os.listdir(directory))}
+
+
+def resume_latest(directory: str):
+  """After a restart of every process: resume from the last committed checkpoint."""
+  ckpt = jaxckpt.Checkpoint(params=_state(0))
+  manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=3)
+  restored = manager.restore_or_initialize()
+  return {"restored": restored, "w_ok": bits_equal(full(ckpt.params["w"]), reference(1)),
+          "listing": sorted(os.listdir(directory))}
