@@ -9,6 +9,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxckpt._background import Saver
 from jaxckpt._durable import check_target
@@ -59,7 +60,8 @@ def _gather_snapshot(leaves, io_process: int) -> dict[str, object]:
   snapshot = take_snapshot([leaf for leaf in leaves if not isinstance(leaf.value, jax.Array)],
                            copy=True, io_device=None)
   snapshot.update((leaf.name, value) for leaf, value in zip(arrays, gathered, strict=True))
-  return snapshot
+  # All numpy: written by _orbax_fixes.NumpyOnProcessHandler on this process.
+  return {name: np.asarray(value) for name, value in snapshot.items()}
 
 
 def _reader(timeout_s: float) -> Reader:

@@ -32,6 +32,7 @@ from jaxckpt._manifest import manifest_file
 from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import CoordinationError
 from jaxckpt._options import call_write_callback
+from jaxckpt._orbax_fixes import registry_writing_on
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
 
@@ -81,10 +82,13 @@ def new_checkpointer(*, compression: bool = False,
     return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
         _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression)}))
   mp = coordination.orbax_options()  # Also for the handlers: they pick who writes metadata.
+  extra = {}
+  if coordination.writers is not None:  # One process writes whole numpy arrays.
+    extra["type_handler_registry"] = registry_writing_on(coordination.primary)
   handler = ocp.CompositeCheckpointHandler(
       composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
       **{_knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(
-          use_compression=compression, multiprocessing_options=mp)})
+          use_compression=compression, multiprocessing_options=mp, **extra)})
   return ocp.AsyncCheckpointer(
       handler, multiprocessing_options=mp,
       async_options=ocp.AsyncOptions(timeout_secs=max(1, int(coordination.timeout_s))))
@@ -199,7 +203,7 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
   checkpoint is committed; only the primary runs ``on_commit`` (state file,
   manager sweep).
   """
-  if job.coordination is not None:
+  if job.coordination is not None and job.coordination.writes:
     checkpointer = new_checkpointer(compression=job.compression,
                                     coordination=job.coordination)
     try:
