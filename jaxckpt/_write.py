@@ -118,6 +118,10 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     # into the same staging directory: the primary names it.
     staging = (coord.share("staging", lambda: staging_path(target)) if coord
                else staging_path(target))
+    if coord is not None and coord.writers is None:
+      # Everyone is here: from now on Orbax's barriers run, whose blocking part
+      # uses Orbax's fixed 300 s timeout instead of ours.
+      coord.barrier("start")
     os.makedirs(os.path.dirname(target), exist_ok=True)
     digests: dict[str, str | None] = {}
     if job.history is not None:  # Must hash before deciding what to write.
@@ -161,9 +165,13 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
           coord.publish("committed", f"{type(e).__name__}: {e}")
         except Exception:  # The coordination service itself is gone.
           pass
+    hint = ""
+    if coord is not None:
+      hint = (f" With {jax.process_count()} processes, one that died or stalled makes the "
+              f"others give up after CheckpointOptions.timeout_s={coord.timeout_s:g} s.")
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). "
-        "Earlier checkpoints are untouched and this one was not committed.") from e
+        f"Earlier checkpoints are untouched and this one was not committed.{hint}") from e
 
 
 def _await_commit(coord: Coordination) -> None:

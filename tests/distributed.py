@@ -33,15 +33,23 @@ class ProcessFailure(AssertionError):
 
 
 def start(module: str, function: str, n: int, *, devices: int = 2, cwds=None,
-          kwargs: dict | None = None, env: dict | None = None):
-  """Starts the processes; returns (procs, outdir). `collect` finishes the job."""
+          kwargs: dict | None = None, env: dict | None = None, hard_exit: bool = False,
+          recoverable: bool = False):
+  """Starts the processes; returns (procs, outdir). `collect` finishes the job.
+
+  ``hard_exit``: skip ``jax.distributed.shutdown()`` (whose barrier waits for
+  every process) once the result is written; for tests where a process dies.
+  ``recoverable``: set ``jax_enable_recoverability`` so the others keep running
+  when a process dies (by default JAX aborts them all).
+  """
   port = free_port()
   outdir = tempfile.mkdtemp(prefix="jaxckpt-mp-")
   procs = []
   for i in range(n):
     spec = {"module": module, "function": function, "kwargs": kwargs or {},
             "port": port, "n": n, "id": i, "devices": devices,
-            "out": os.path.join(outdir, f"result.{i}")}
+            "out": os.path.join(outdir, f"result.{i}"), "hard_exit": hard_exit,
+            "recoverable": recoverable}
     child_env = dict(os.environ, JAXCKPT_TEST_SPEC=json.dumps(spec),
                      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                      PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
@@ -57,8 +65,9 @@ def start(module: str, function: str, n: int, *, devices: int = 2, cwds=None,
 def collect(procs, outdir: str, *, timeout: float = 120, expect_fail: set[int] = frozenset()):
   """Waits for all processes; returns a list of per-process results.
 
-  A result is the function's return value, or for processes in ``expect_fail``
-  a dict ``{"error": str, "returncode": int}``.
+  A result is the function's return value; for processes in ``expect_fail``
+  a dict: the returned dict (or ``{"error": traceback or None}``) plus
+  ``returncode`` and ``stderr``.
   """
   deadline = time.monotonic() + timeout
   timed_out = False
@@ -82,9 +91,10 @@ def collect(procs, outdir: str, *, timeout: float = 120, expect_fail: set[int] =
         status, value = pickle.load(f)
     with open(os.path.join(outdir, f"stderr.{i}")) as f:
       stderr = f.read()
-    if i in expect_fail:
-      results.append({"error": value if status == "error" else None,
-                      "returncode": p.returncode, "stderr": stderr})
+    if i in expect_fail:  # Whatever it returned, plus how it ended.
+      got = dict(value) if status == "ok" and isinstance(value, dict) else {
+          "error": value if status == "error" else None}
+      results.append({**got, "returncode": p.returncode, "stderr": stderr})
       continue
     if status != "ok" or p.returncode != 0:
       problems.append(f"--- process {i}: returncode {p.returncode}, status {status}\n"
@@ -116,6 +126,8 @@ def _child() -> None:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
   except Exception:  # Option renamed/removed in another JAX: gloo is the default.
     pass
+  if spec["recoverable"]:
+    jax.config.update("jax_enable_recoverability", True)
   jax.distributed.initialize(coordinator_address=f"127.0.0.1:{spec['port']}",
                              num_processes=spec["n"], process_id=spec["id"])
   try:
@@ -127,8 +139,8 @@ def _child() -> None:
     pickle.dump(result, f)
   os.replace(spec["out"] + ".tmp", spec["out"])
   sys.stdout.flush()
-  if result[0] != "ok":
-    os._exit(1)  # Skip jax.distributed's shutdown barrier: peers may be gone.
+  if result[0] != "ok" or spec["hard_exit"]:
+    os._exit(0 if result[0] == "ok" else 1)  # Skip the shutdown barrier: peers may be gone.
   jax.distributed.shutdown()
 
 

@@ -131,20 +131,28 @@ def io_device_missing(directory: str, io_task: int = 1):
   return {"error": None}
 
 
-def die_during_save(directory: str, victim: int = 1):
-  """Saves once (committed), then ``victim`` dies while the second save is in flight."""
+def die_during_save(directory: str, victim: int = 1, when: str = "before"):
+  """Saves once (committed), then ``victim`` dies: ``before`` joining the second
+  save, right ``after`` its save() returned, or while ``writing`` (inside the
+  Orbax/TensorStore write, after every process joined the save)."""
   opts = jaxckpt.CheckpointOptions(enable_async=True, timeout_s=8)
   ckpt = jaxckpt.Checkpoint(params=_state(1))
   manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=3)
   manager.save(options=opts).future.result(timeout=60)
   ckpt.params = _state(2)
-  if jax.process_index() == victim:
-    os._exit(17)  # Dies before taking part in the second save.
+  if jax.process_index() == victim and when == "before":
+    os._exit(17)
+  if jax.process_index() == victim and when == "writing":
+    from jaxckpt import _write
+    _write.checksum = lambda *args: os._exit(17)  # Runs while TensorStore writes.
   start = time.perf_counter()
   path = manager.save(options=opts)
+  if jax.process_index() == victim and when == "after":
+    os._exit(17)
   try:
     path.future.result(timeout=120)
   except jaxckpt.SaveError as e:
+    time.sleep(0.5)  # Let a (wrongly) still-running commit show up in the listing.
     return {"error": str(e), "seconds": time.perf_counter() - start,
             "listing": sorted(os.listdir(directory)), "latest": manager.latest_checkpoint}
   return {"error": None, "listing": sorted(os.listdir(directory))}

@@ -1,0 +1,162 @@
+"""Multi-process saves and restores: real JAX processes on 127.0.0.1 (gloo).
+
+Each test launches fresh interpreters with `distributed.launch`; the code they
+run is in distributed_cases.py. Processes × devices covered: 2×2 (save,
+restore, io_device, failures), 4×1 (save/restore), 1×1 and 1×4 (restore of a
+2×2 checkpoint), 2×2 with another mesh and dtype.
+"""
+
+import os
+
+import distributed
+import distributed_cases as cases
+import jax
+import numpy as np
+import pytest
+
+import jaxckpt
+
+pytestmark = pytest.mark.timeout(240)
+
+
+@pytest.fixture(scope="module")
+def saved_2x2(tmp_path_factory):
+  """Three async saves by 2 processes × 2 devices through a CheckpointManager."""
+  directory = str(tmp_path_factory.mktemp("mp"))
+  results = distributed.launch("distributed_cases", "save_and_restore", 2, devices=2,
+                               kwargs={"directory": directory})
+  return directory, results
+
+
+def test_two_processes_save_commit_once_and_run_callbacks_everywhere(saved_2x2):
+  directory, results = saved_2x2
+  expected = [os.path.join(directory, f"ckpt-{i}") for i in (1, 2, 3)]
+  for pid, r in enumerate(results):
+    assert r["paths"] == expected, pid
+    assert r["committed"] == expected, pid  # Futures resolve to the path on every process.
+    assert r["callbacks"] == expected, pid  # Callbacks ran once per save on each process.
+    assert r["checkpoints"] == expected[1:] and r["latest"] == expected[-1]
+    assert r["w_ok"] and r["b"] == [0, 3, 6] and r["step"] == 3 and r["save_counter"] == 3
+  # max_to_keep=2 swept ckpt-1 once; one state file; no staging left behind.
+  assert sorted(os.listdir(directory)) == ["checkpoint", "ckpt-2", "ckpt-3"]
+  assert jaxckpt.latest_checkpoint(directory) == expected[-1]
+  # Both processes' shards are in the (plain Orbax) checkpoint.
+  assert {n for n in os.listdir(os.path.join(expected[-1], "state"))
+          if n.startswith("ocdbt.process_")} == {"ocdbt.process_0", "ocdbt.process_1"}
+
+
+def test_restore_2x2_checkpoint_on_one_process_with_4_devices_and_new_mesh(saved_2x2):
+  directory, _ = saved_2x2
+  path = os.path.join(directory, "ckpt-3")
+  assert jax.device_count() == 4  # This (pytest) process: 1 process × 4 devices.
+  got = cases.restore_resharded(path, [4], ["x"])
+  assert got == {"w_ok": True, "dtype": "float32", "spec": "P('x',)", "devices": 4,
+                 "b": [0, 3, 6], "step": 3}
+  got = cases.restore_resharded(path, [2, 2], ["y", "x"], dtype="bfloat16")
+  assert got["w_ok"] and got["dtype"] == "bfloat16" and got["devices"] == 4
+  assert got["spec"] == "P('y', 'x')"
+
+
+def test_restore_2x2_checkpoint_on_one_process_with_one_device(saved_2x2):
+  directory, _ = saved_2x2
+  [got] = distributed.launch("distributed_cases", "restore_resharded", 1, devices=1,
+                             kwargs={"path": os.path.join(directory, "ckpt-3"),
+                                     "mesh_shape": [1], "spec": ["x"]})
+  assert got["w_ok"] and got["devices"] == 1 and got["b"] == [0, 3, 6]
+
+
+def test_restore_2x2_checkpoint_on_two_processes_other_mesh_and_bf16(saved_2x2):
+  directory, _ = saved_2x2
+  results = distributed.launch("distributed_cases", "restore_resharded", 2, devices=2,
+                               kwargs={"path": os.path.join(directory, "ckpt-3"),
+                                       "mesh_shape": [2, 2], "spec": [None, "x"],
+                                       "dtype": "bfloat16"})
+  for r in results:
+    assert r == {"w_ok": True, "dtype": "bfloat16", "spec": "P(None, 'x')", "devices": 4,
+                 "b": [0, 3, 6], "step": 3}
+
+
+def test_four_processes_save_and_restore(tmp_path):
+  results = distributed.launch("distributed_cases", "save_and_restore", 4, devices=1,
+                               kwargs={"directory": str(tmp_path), "saves": 2})
+  expected = [str(tmp_path / "ckpt-1"), str(tmp_path / "ckpt-2")]
+  for r in results:
+    assert r["committed"] == expected and r["callbacks"] == expected and r["w_ok"]
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1", "ckpt-2"]
+  assert len([n for n in os.listdir(tmp_path / "ckpt-2" / "state")
+              if n.startswith("ocdbt.process_")]) == 4
+
+
+@pytest.mark.parametrize("io_task", [1, 0])
+def test_io_device_routes_all_files_through_one_task(tmp_path, io_task):
+  # Each process runs in its own directory with a relative checkpoint path:
+  # host-local disks, as in TF's experimental_io_device="/job:worker/task:K" case.
+  cwds = [tmp_path / f"host{i}" for i in range(2)]
+  for c in cwds:
+    c.mkdir()
+  results = distributed.launch("distributed_cases", "io_device_save_restore", 2, devices=2,
+                               cwds=[str(c) for c in cwds],
+                               kwargs={"directory": "", "io_task": io_task,
+                                       "enable_async": io_task == 1})
+  for pid, r in enumerate(results):
+    assert r["callbacks"] == ["ckpts/ckpt-1", "ckpts/ckpt-2"], pid
+    assert r["w_latest_ok"] and r["w_first_ok"] and r["w_spec"] == "P('x',)", pid
+    assert r["b"] == [0, 3, 6] and r["save_counter"] == 1
+    if pid == io_task:
+      assert r["latest"] == "ckpts/ckpt-2"
+      assert {"ckpts/checkpoint", "ckpts/ckpt-1/jaxckpt/metadata",
+              "ckpts/ckpt-2/jaxckpt/metadata"} <= set(r["files"])
+    else:
+      assert r["latest"] is None and r["files"] == []  # Wrote nothing at all.
+  reader = jaxckpt.load_checkpoint(str(cwds[io_task] / "ckpts" / "ckpt-2"))
+  np.testing.assert_array_equal(reader.get_tensor("params/w"), cases.reference(5))
+
+
+def test_io_device_restore_error_reaches_every_process(tmp_path):
+  procs, outdir = distributed.start("distributed_cases", "io_device_missing", 2, devices=2,
+                                    kwargs={"directory": str(tmp_path), "io_task": 1})
+  results = distributed.collect(procs, outdir)
+  assert [r["error"] for r in results] == ["CheckpointNotFoundError"] * 2
+  assert "on process 1, the experimental_io_device" in results[0]["message"]
+
+
+@pytest.mark.parametrize("when", ["before", "writing"])
+def test_process_dying_mid_save_fails_the_save_elsewhere_and_restart_resumes(tmp_path, when):
+  # jax_enable_recoverability: JAX lets the survivor run on (by default it aborts it).
+  procs, outdir = distributed.start(
+      "distributed_cases", "die_during_save", 2, devices=2, hard_exit=True,
+      recoverable=True, kwargs={"directory": str(tmp_path), "when": when})
+  survivor, victim = distributed.collect(procs, outdir, timeout=150, expect_fail={0, 1})
+  assert survivor["returncode"] == 0
+  assert victim["returncode"] == 17
+  assert "was not committed" in survivor["error"] and "timeout_s=8" in survivor["error"]
+  assert survivor["seconds"] < 60  # Bounded by timeout_s, not a hang (the launcher's 150 s).
+  assert survivor["listing"] == ["checkpoint", "ckpt-1"]
+  assert survivor["latest"] == str(tmp_path / "ckpt-1")
+  resumed = distributed.launch("distributed_cases", "resume_latest", 2, devices=2,
+                               kwargs={"directory": str(tmp_path)})
+  for r in resumed:
+    assert r["restored"] == str(tmp_path / "ckpt-1") and r["w_ok"]
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]  # Leftovers swept.
+
+
+def test_process_dying_under_default_jax_never_commits_and_restart_resumes(tmp_path):
+  # JAX's default is fail-stop: once the coordination service notices the dead
+  # process it aborts the others. Whether that happens before the survivor's
+  # save times out is a race, so both outcomes are accepted; what must hold
+  # either way is that nothing half-written is committed.
+  procs, outdir = distributed.start(
+      "distributed_cases", "die_during_save", 2, devices=2, hard_exit=True,
+      kwargs={"directory": str(tmp_path), "when": "writing"})
+  survivor, victim = distributed.collect(procs, outdir, timeout=150, expect_fail={0, 1})
+  assert victim["returncode"] == 17
+  if survivor["returncode"] == 0:
+    assert "was not committed" in survivor["error"]
+  else:
+    assert "Terminating process because the JAX distributed service" in survivor["stderr"]
+  assert "ckpt-2" not in os.listdir(tmp_path)
+  resumed = distributed.launch("distributed_cases", "resume_latest", 2, devices=2,
+                               kwargs={"directory": str(tmp_path)})
+  assert [r["restored"] for r in resumed] == [str(tmp_path / "ckpt-1")] * 2
+  assert all(r["w_ok"] for r in resumed)
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]
