@@ -165,3 +165,32 @@ def resume_latest(directory: str):
   restored = manager.restore_or_initialize()
   return {"restored": restored, "w_ok": bits_equal(full(ckpt.params["w"]), reference(1)),
           "listing": sorted(os.listdir(directory))}
+
+
+def train_while_saving(directory: str, steps: int = 24, every: int = 2):
+  """Steps whose cross-process all-reduces run on the main thread while async
+  saves commit in the background (max_in_flight=2): nothing may deadlock."""
+  mesh = jax.make_mesh((jax.device_count(),), ("x",))
+  sharding = NamedSharding(mesh, P("x"))
+
+  @jax.jit
+  def step(w):
+    return w * 0.5 + jax.numpy.mean(w)  # The mean is an all-reduce over all processes.
+
+  w = sharded(reference(1))
+  ckpt = jaxckpt.Checkpoint(w=w, step=0)
+  manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=3)
+  opts = jaxckpt.CheckpointOptions(enable_async=True, max_in_flight=2, timeout_s=60)
+  expected = {}
+  for i in range(1, steps + 1):
+    w = step(w)
+    if i % every == 0:
+      ckpt.w, ckpt.step = w, i
+      manager.save(checkpoint_number=i, options=opts)
+      expected[i] = full(w)  # Another collective, between saves.
+  manager.sync()
+  ckpt.w = jax.device_put(jax.numpy.zeros(SHAPE), sharding)
+  ckpt.restore(manager.latest_checkpoint).assert_consumed()
+  return {"latest": manager.latest_checkpoint, "step": int(ckpt.step),
+          "ok": bits_equal(full(ckpt.w), expected[steps]),
+          "kept": [os.path.basename(p) for p in manager.checkpoints]}

@@ -85,3 +85,19 @@ def test_incremental_benchmark_runs_tiny(tmp_path):
                         "--json", str(out)])
   assert out.exists() and result["incremental_bytes"] < result["full_bytes"]
   assert result["full_second_save_s"] > 0 and result["incremental_second_save_s"] > 0
+
+
+def test_multiprocess_benchmark_runs_tiny(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location(
+      "multiprocess_benchmark", BENCHMARK.parent / "multiprocess.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  results = module.main(["--size-mib", "1", "--leaves", "2", "--repeats", "1",
+                         "--dir", str(tmp_path), "--json", str(tmp_path / "mp.json")])
+  assert set(results["configs"]) == {"1x4", "2x2", "2x2-io-task0"}
+  for r in results["configs"].values():
+    assert all(_positive(x) for k in ("save_s", "blocked_ms", "restore_s") for x in r[k])
+    assert r["bytes"] == results["configs"]["1x4"]["bytes"] > 0
+  assert json.loads((tmp_path / "mp.json").read_text()) == results
+  assert "2x2-io-task0" in capsys.readouterr().out
+  assert [p.name for p in tmp_path.iterdir()] == ["mp.json"]  # Scratch dirs removed.

@@ -160,3 +160,11 @@ def test_process_dying_under_default_jax_never_commits_and_restart_resumes(tmp_p
   assert [r["restored"] for r in resumed] == [str(tmp_path / "ckpt-1")] * 2
   assert all(r["w_ok"] for r in resumed)
   assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]
+
+
+def test_training_collectives_and_background_saves_do_not_deadlock(tmp_path):
+  results = distributed.launch("distributed_cases", "train_while_saving", 2, devices=2,
+                               kwargs={"directory": str(tmp_path)})
+  for r in results:
+    assert r == {"latest": str(tmp_path / "ckpt-24"), "step": 24, "ok": True,
+                 "kept": ["ckpt-20", "ckpt-22", "ckpt-24"]}
