@@ -11,6 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxckpt import _kvstore
 from jaxckpt._background import Saver
 from jaxckpt._durable import check_target
 from jaxckpt._errors import InvalidOptionsError
@@ -157,7 +158,8 @@ class Checkpoint:
         is written and the counter is unchanged.
     """
     prefix = os.fspath(file_prefix)
-    state_dir = os.path.abspath(os.path.dirname(prefix) or ".")
+    state_dir = (_kvstore.dirname(prefix) if _kvstore.is_url(prefix)
+                 else os.path.abspath(os.path.dirname(prefix) or "."))
     def record(path: str, owner: bool) -> None:
       if owner:
         write_state(state_dir, CheckpointState(path, [path]))
@@ -192,6 +194,15 @@ class Checkpoint:
       raise InvalidOptionsError(
           "incremental=True is single-process only: with several JAX processes every "
           "process would have to make the same reuse decisions. Use incremental=False.")
+    url = _kvstore.is_url(path_for(self._save_counter + (kind == "save")))
+    if url and options.incremental:
+      raise InvalidOptionsError(
+          "incremental=True needs a local path; memory://, s3:// and gs:// checkpoints are "
+          "always written in full. Use incremental=False.")
+    if url and process_count() > 1:
+      raise InvalidOptionsError(
+          "memory://, s3:// and gs:// checkpoints are single-process for now; with several "
+          "JAX processes save to a shared filesystem path.")
     io_device = resolve_io_device(options.experimental_io_device)
     nbytes = sum(leaf.nbytes for leaf in flat)
     if options.enable_async:  # Backpressure; also raises an earlier save's error.
@@ -201,7 +212,8 @@ class Checkpoint:
       self._saver.wait()
     counter = self._save_counter + (kind == "save")
     path = path_for(counter)
-    check_target(path)
+    if not url:
+      check_target(path)
     reused = {}
     if options.incremental:
       if os.path.lexists(path):
@@ -221,7 +233,7 @@ class Checkpoint:
     future = CommitFuture(path)
     job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
                   callbacks=list(options.experimental_write_callbacks or ()),
-                  on_commit=on_commit, future=future, target=os.path.abspath(path),
+                  on_commit=on_commit, future=future, target=path if url else os.path.abspath(path),
                   nbytes=nbytes, compression=options.compression,
                   chunk_byte_size=options.chunk_byte_size,
                   history=self._history if options.incremental else None, reused=reused,

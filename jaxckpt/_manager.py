@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxckpt import _kvstore
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._checkpoint import _check_options
 from jaxckpt._durable import remove_leftovers
@@ -82,13 +83,17 @@ class CheckpointManager:
           f"checkpoint_name must be a non-empty file name, got {checkpoint_name!r}.")
     self._checkpoint = checkpoint
     self._directory = os.fspath(directory)
-    if os.path.exists(self._directory) and not os.path.isdir(self._directory):
+    self._url = _kvstore.is_url(self._directory)
+    if self._url:
+      self._directory = self._directory.rstrip("/")
+    elif os.path.exists(self._directory) and not os.path.isdir(self._directory):
       raise InvalidOptionsError(
           f"directory {self._directory!r} exists and is not a directory.")
-    self._abs_directory = os.path.abspath(self._directory)
+    self._abs_directory = self._directory if self._url else os.path.abspath(self._directory)
     self._max_to_keep = max_to_keep
     self._keep_every_n_hours = keep_checkpoint_every_n_hours
-    self._prefix = os.path.join(self._directory, checkpoint_name)
+    self._prefix = (_kvstore.join(self._directory, checkpoint_name) if self._url
+                    else os.path.join(self._directory, checkpoint_name))
     self._step_counter = step_counter
     self._checkpoint_interval = checkpoint_interval
     self._init_fn = init_fn
@@ -99,7 +104,11 @@ class CheckpointManager:
   def _recover(self) -> None:
     """Reads the directory's state file; drops leftovers of interrupted saves."""
     now = time.time()
-    if os.path.isdir(self._directory) and is_primary():
+    if self._url:
+      removed = _kvstore.remove_leftovers(self._directory)
+      if removed:
+        logger.info("Deleted data of interrupted saves in %s: %s.", self._directory, removed)
+    elif os.path.isdir(self._directory) and is_primary():
       remove_leftovers(self._directory)
     state = read_state(self._directory)
     self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
@@ -120,6 +129,8 @@ class CheckpointManager:
 
   def _user_path(self, path: str) -> str:
     """State-file paths come back joined to the directory; keep the user's spelling."""
+    if self._url:
+      return path
     return os.path.join(self._directory, os.path.basename(path)) if (
         os.path.dirname(os.path.abspath(path)) == self._abs_directory) else path
 
@@ -183,7 +194,11 @@ class CheckpointManager:
       if not owner:  # Every process tracks the list; one owns the files.
         return
       self._record_state()
-    if doomed:  # After the state file stops naming them.
+    if doomed and self._url:
+      for path in doomed:
+        _kvstore.remove_checkpoint(path)
+      logger.info("Swept old checkpoints %s.", ", ".join(doomed))
+    elif doomed:  # After the state file stops naming them.
       retire_or_remove(doomed, self._directory)
       logger.info("Swept old checkpoints %s.", ", ".join(doomed))
 
@@ -201,7 +216,8 @@ class CheckpointManager:
     return doomed
 
   def _record_state(self) -> None:
-    os.makedirs(self._directory, exist_ok=True)
+    if not self._url:
+      os.makedirs(self._directory, exist_ok=True)
     write_state(self._directory, CheckpointState(
         model_checkpoint_path=self._latest,
         all_model_checkpoint_paths=list(self._maybe_delete),

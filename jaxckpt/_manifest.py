@@ -15,6 +15,7 @@ import time
 from typing import Any
 
 from jaxckpt import _knobs
+from jaxckpt import _kvstore
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import NotACheckpointError
 from jaxckpt._tree import Leaf
@@ -40,25 +41,32 @@ class Manifest:
   # checkpoint holding its bytes; absent when this checkpoint holds them.
   sources: dict[str, str] = dataclasses.field(default_factory=dict)
   digests: dict[str, str | None] = dataclasses.field(default_factory=dict)
+  # Where the arrays are: None for the Orbax item ``state`` (local paths), else
+  # the zarr v3 data prefix of a key-value-store checkpoint (see _kvstore.py).
+  data: str | None = None
 
   @classmethod
   def build(cls, leaves: list[Leaf], *, save_counter: int, kind: str,
             checksums: dict[str, int | None] | None = None,
             sources: dict[str, str] | None = None,
-            digests: dict[str, str | None] | None = None) -> Manifest:
+            digests: dict[str, str | None] | None = None,
+            data: str | None = None) -> Manifest:
     return cls(
         version=_knobs.FORMAT_VERSION, save_counter=save_counter, kind=kind,
         created=time.time(),
         leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves},
-        checksums=checksums or {}, sources=sources or {}, digests=digests or {})
+        checksums=checksums or {}, sources=sources or {}, digests=digests or {}, data=data)
 
   def to_json(self) -> dict[str, Any]:
-    return {
+    out = {
         "format": "jaxckpt", "version": self.version,
         "save_counter": self.save_counter, "kind": self.kind,
         "created": self.created,
         "leaves": {n: self._leaf_json(n, i) for n, i in self.leaves.items()},
     }
+    if self.data is not None:
+      out["data"] = self.data
+    return out
 
   def _leaf_json(self, name: str, info: LeafInfo) -> dict[str, Any]:
     out = {"shape": list(info.shape), "dtype": info.dtype, "kind": info.kind,
@@ -85,17 +93,37 @@ class Manifest:
                 for n, i in data["leaves"].items()},
         checksums={n: i.get("crc32") for n, i in data["leaves"].items()},
         sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
-        digests={n: i.get("sha1") for n, i in data["leaves"].items()})
+        digests={n: i.get("sha1") for n, i in data["leaves"].items()},
+        data=data.get("data"))
 
 
 def manifest_file(path: str | os.PathLike) -> str:
   # Written by jaxckpt after Orbax finished (see _write.py); the layout matches
   # what Orbax's JsonCheckpointHandler would write for an item "jaxckpt".
+  if _kvstore.is_url(path):
+    return _kvstore.join(path, _knobs.MANIFEST_ITEM, "metadata")
   return os.path.join(os.fspath(path), _knobs.MANIFEST_ITEM, "metadata")
 
 
 def is_committed(path: str | os.PathLike) -> bool:
+  if _kvstore.is_url(path):
+    return _kvstore.read_bytes(manifest_file(path)) is not None
   return os.path.isfile(manifest_file(path))
+
+
+def _read_url_manifest(path: str) -> Manifest:
+  file = manifest_file(path)
+  data = _kvstore.read_bytes(file)
+  if data is None:
+    if _kvstore.exists_prefix(path):
+      raise NotACheckpointError(
+          f"{path!r} holds objects but no committed jaxckpt checkpoint (no {file!r}): an "
+          "interrupted save, or not a jaxckpt checkpoint.")
+    raise CheckpointNotFoundError(f"No checkpoint found at {path!r}.")
+  try:
+    return Manifest.from_json(json.loads(data), file)
+  except json.JSONDecodeError as e:
+    raise NotACheckpointError(f"{file!r} is not valid JSON: {e}.") from e
 
 
 def _not_found(path: str) -> CheckpointNotFoundError:
@@ -126,6 +154,8 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
       checkpoint (or it is from a newer format).
   """
   path = os.fspath(path)
+  if _kvstore.is_url(path):
+    return _read_url_manifest(path)
   if not os.path.exists(path):
     raise _not_found(path)
   if os.path.isdir(path) and os.path.isfile(

@@ -7,6 +7,7 @@ import os
 import numpy as np
 
 from jaxckpt import _knobs
+from jaxckpt import _kvstore
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._manifest import Manifest
@@ -24,6 +25,10 @@ class VariableNotFoundError(JaxckptError, KeyError):
 
 def _resolve(dir_or_path) -> str:
   path = os.fspath(dir_or_path)
+  if _kvstore.is_url(path):  # A directory of checkpoints if it has a state file.
+    if not is_committed(path) and latest_checkpoint(path) is not None:
+      return latest_checkpoint(path)
+    return path
   if os.path.isdir(path) and not is_committed(path):
     latest = latest_checkpoint(path)
     if latest is None:

@@ -18,6 +18,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from jaxckpt import _knobs
+from jaxckpt import _kvstore
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import ShapeMismatchError
@@ -93,7 +94,7 @@ def as_tracked_type(leaf: Leaf, value: Any) -> Any:
     if value.dtype != leaf.dtype:
       value = value.astype(leaf.dtype)
     target = _target_sharding(leaf)
-    return value if value.sharding == target else jax.device_put(value, target)
+    return value if getattr(value, "sharding", None) == target else jax.device_put(value, target)
   value = np.asarray(value, dtype=leaf.dtype)
   if isinstance(tracked, np.ndarray):
     return value
@@ -167,6 +168,12 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
     source = manifest.sources.get(leaf.name)
     holder = os.path.normpath(os.path.join(path, source)) if source else path
     by_holder.setdefault(holder, []).append(leaf)
+  if manifest.data is not None:  # A key-value-store checkpoint (see _kvstore.py).
+    by_holder = {}
+    try:
+      raw = _kvstore.read_arrays(_kvstore.join(path, manifest.data), [l.name for l in wanted])
+    except _kvstore.ArrayReadError as e:
+      raise CorruptCheckpointError(f"Checkpoint {path!r} is unreadable: {e}.") from e
   for holder, group in by_holder.items():
     if holder != path and not os.path.isdir(os.path.join(holder, _knobs.STATE_ITEM)):
       raise CorruptCheckpointError(

@@ -18,6 +18,7 @@ import re
 import tempfile
 
 from jaxckpt import _knobs
+from jaxckpt import _kvstore
 from jaxckpt._durable import fsync_dir
 from jaxckpt._manifest import is_committed
 
@@ -45,10 +46,15 @@ def _unquote(text: str) -> str:
 
 
 def state_file_path(directory: str) -> str:
+  if _kvstore.is_url(directory):
+    return _kvstore.join(directory, _knobs.STATE_FILE_NAME)
   return os.path.join(directory or ".", _knobs.STATE_FILE_NAME)
 
 
 def _relative(directory: str, path: str) -> str:
+  if _kvstore.is_url(directory):
+    same = _kvstore.is_url(path) and _kvstore.dirname(path) == directory.rstrip("/")
+    return _kvstore.basename(path) if same else path
   directory = directory or "."
   if os.path.dirname(os.path.abspath(path)) == os.path.abspath(directory):
     return os.path.basename(path)
@@ -56,6 +62,8 @@ def _relative(directory: str, path: str) -> str:
 
 
 def _absolute(directory: str, path: str) -> str:
+  if _kvstore.is_url(directory):
+    return path if _kvstore.is_url(path) else _kvstore.join(directory, path)
   return path if os.path.isabs(path) else os.path.join(directory or ".", path)
 
 
@@ -74,6 +82,9 @@ def write_state(directory: str, state: CheckpointState) -> None:
   """Atomically replaces ``<directory>/checkpoint``."""
   directory = directory or "."
   text = format_state(directory, state)
+  if _kvstore.is_url(directory):  # One object PUT: atomic on object stores.
+    _kvstore.write_bytes(state_file_path(directory), text.encode())
+    return
   fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{_knobs.STATE_FILE_NAME}.",
                              suffix=".tmp")
   try:
@@ -91,11 +102,17 @@ def write_state(directory: str, state: CheckpointState) -> None:
 
 def read_state(directory: str) -> CheckpointState | None:
   """Parses ``<directory>/checkpoint``; None if absent. Paths come back absolute-joined."""
-  try:
-    with open(state_file_path(directory)) as f:
-      text = f.read()
-  except FileNotFoundError:
-    return None
+  if _kvstore.is_url(directory):
+    data = _kvstore.read_bytes(state_file_path(directory))
+    if data is None:
+      return None
+    text = data.decode()
+  else:
+    try:
+      with open(state_file_path(directory)) as f:
+        text = f.read()
+    except FileNotFoundError:
+      return None
   state = CheckpointState("", [])
   for line in text.splitlines():
     m = _LINE.match(line)

@@ -17,6 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxckpt import _knobs
+from jaxckpt import _kvstore
 from jaxckpt._durable import commit
 from jaxckpt._durable import remove_staging
 from jaxckpt._durable import staging_path
@@ -28,7 +29,9 @@ from jaxckpt._incremental import Written
 from jaxckpt._incremental import content_digest
 from jaxckpt._integrity import checksum
 from jaxckpt._manifest import Manifest
+from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import manifest_file
+from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import CoordinationError
 from jaxckpt._options import call_write_callback
@@ -102,7 +105,34 @@ def _write_manifest(staging: str, manifest: Manifest) -> None:
     json.dump(manifest.to_json(), f)
 
 
+def _commit_to_kvstore(job: SaveJob) -> None:
+  """A save to a ``memory://``/``s3://``/``gs://`` URL; see _kvstore.py."""
+  target = job.target
+  try:
+    previous = read_manifest(target) if is_committed(target) else None
+    data = _kvstore.new_data_name()
+    _kvstore.write_arrays(_kvstore.join(target, data), job.snapshot,
+                          compression=job.compression)
+    checksums = {name: checksum(value) for name, value in job.snapshot.items()}
+    job.snapshot = None
+    job.manifest = Manifest.build(job.leaves, save_counter=job.save_counter, kind=job.kind,
+                                  checksums=checksums, data=data)
+    job.leaves = None
+    # The commit: one PUT of the manifest, after every array write returned.
+    _kvstore.write_bytes(manifest_file(target), json.dumps(job.manifest.to_json()).encode())
+  except BaseException as e:
+    raise SaveError(
+        f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). Earlier "
+        "checkpoints are untouched and this one was not committed (its partial data is "
+        "invisible and is deleted by the next CheckpointManager on this directory).") from e
+  if previous is not None and previous.data and previous.data != data:
+    _kvstore.delete_prefix(_kvstore.join(target, previous.data))  # Overwritten by write().
+
+
 def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
+  if _kvstore.is_url(job.target):
+    _commit_to_kvstore(job)
+    return
   target = job.target or os.path.abspath(job.final)
   coord = job.coordination
   if coord is not None and not coord.writes:  # Another process does the I/O.
@@ -221,7 +251,7 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
   else:
     _write_and_commit(job, checkpointer)
   if job.history is not None:
-    _record_history(job, job.target or os.path.abspath(job.final))
+    _record_history(job, job.target)
   for i, callback in enumerate(job.callbacks):
     try:
       call_write_callback(callback, job.final)

@@ -1,0 +1,201 @@
+"""Checkpoints on TensorStore key-value stores: memory:// and s3:// (a real moto
+S3 server on 127.0.0.1, started here), with the manifest-last commit protocol."""
+
+import json
+import logging
+import os
+import uuid
+
+import boto3
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import jaxckpt
+from jaxckpt import _kvstore
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint():
+  from moto.server import ThreadedMotoServer
+  logging.getLogger("werkzeug").setLevel(logging.ERROR)
+  server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+  server.start()
+  host, port = server.get_host_and_port()
+  yield f"http://{host}:{port}"
+  server.stop()
+
+
+@pytest.fixture
+def s3(s3_endpoint, monkeypatch):
+  for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+                     "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
+                     "AWS_ENDPOINT_URL": s3_endpoint}.items():
+    monkeypatch.setenv(key, value)
+  bucket = f"test-{uuid.uuid4().hex[:12]}"
+  client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+  client.create_bucket(Bucket=bucket)
+  return client, bucket
+
+
+@pytest.fixture(params=["memory", "s3"])
+def root(request):
+  if request.param == "memory":
+    return f"memory://{uuid.uuid4().hex}/run"
+  _, bucket = request.getfixturevalue("s3")
+  return f"s3://{bucket}/run"
+
+
+def _state(scale=1.0):
+  mesh = jax.make_mesh((4,), ("x",))
+  w = jax.device_put(jnp.arange(64.0).reshape(16, 4) * scale - 7.5, NamedSharding(mesh, P("x")))
+  return {"w": w, "h": jnp.full((3,), scale, dtype=jnp.bfloat16),
+          "b": np.arange(5, dtype=np.int64), "lr": 0.5 * scale}
+
+
+def _keys(root):
+  return sorted(_kvstore.children(root))
+
+
+@pytest.mark.parametrize("enable_async", [False, True])
+def test_save_and_restore_round_trip(root, enable_async):
+  calls = []
+  ckpt = jaxckpt.Checkpoint(params=_state(), step=3)
+  opts = jaxckpt.CheckpointOptions(enable_async=enable_async,
+                                   experimental_write_callbacks=[calls.append])
+  first = ckpt.save(f"{root}/ckpt", options=opts)
+  ckpt.params = _state(2.0)
+  second = ckpt.save(f"{root}/ckpt", options=opts)
+  assert second.future.result(timeout=60) == f"{root}/ckpt-2"
+  assert calls == [f"{root}/ckpt-1", f"{root}/ckpt-2"]
+  assert jaxckpt.latest_checkpoint(root) == f"{root}/ckpt-2"
+  assert _keys(root) == ["checkpoint", "ckpt-1", "ckpt-2"]
+
+  ckpt.params = _state(0.0)
+  ckpt.params["b"] = np.zeros(5, np.int64)
+  ckpt.step = 0
+  ckpt.restore(str(first)).assert_consumed()
+  expected = _state()
+  np.testing.assert_array_equal(np.asarray(ckpt.params["w"]), np.asarray(expected["w"]))
+  assert ckpt.params["w"].sharding == expected["w"].sharding  # Resharded onto the target.
+  assert ckpt.params["h"].dtype == jnp.bfloat16
+  np.testing.assert_array_equal(np.asarray(ckpt.params["h"]), np.ones(3, ml_dtypes.bfloat16))
+  assert ckpt.params["b"].dtype == np.int64 and ckpt.params["b"].tolist() == [0, 1, 2, 3, 4]
+  assert ckpt.params["lr"] == 0.5 and ckpt.step == 3 and ckpt.save_counter == 1
+
+  reader = jaxckpt.load_checkpoint(root)  # The newest, via the state file.
+  np.testing.assert_array_equal(reader.get_tensor("params/w"), np.asarray(_state(2.0)["w"]))
+  assert dict(jaxckpt.list_variables(f"{root}/ckpt-1"))["params/w"] == [16, 4]
+
+
+def test_s3_objects_follow_the_documented_layout(s3):
+  client, bucket = s3
+  ckpt = jaxckpt.Checkpoint(params=_state())
+  ckpt.save(f"s3://{bucket}/run/ckpt")
+  keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+  assert "run/checkpoint" in keys and "run/ckpt-1/jaxckpt/metadata" in keys
+  manifest = json.loads(client.get_object(Bucket=bucket, Key="run/ckpt-1/jaxckpt/metadata")
+                        ["Body"].read())
+  data = manifest["data"]
+  # One zarr v3 array per leaf under the data prefix, one chunk per device shard.
+  w_chunks = [k for k in keys if k.startswith(f"run/ckpt-1/{data}/params/w/c/")]
+  assert len(w_chunks) == 4
+  assert f"run/ckpt-1/{data}/params/w/zarr.json" in keys
+  assert manifest["leaves"]["params/w"]["crc32"] is not None
+
+
+def test_write_overwrites_only_after_the_new_data_is_complete(root):
+  ckpt = jaxckpt.Checkpoint(params=_state())
+  ckpt.write(f"{root}/w")
+  old = [n for n in _kvstore.children(f"{root}/w") if n.startswith("data-")]
+  ckpt.params = _state(3.0)
+  ckpt.write(f"{root}/w")
+  new = [n for n in _kvstore.children(f"{root}/w") if n.startswith("data-")]
+  assert len(old) == len(new) == 1 and old != new  # Old data deleted after the commit.
+  ckpt.params = _state(0.0)
+  ckpt.read(f"{root}/w").assert_consumed()
+  np.testing.assert_array_equal(np.asarray(ckpt.params["w"]), np.asarray(_state(3.0)["w"]))
+
+
+def test_failure_before_the_manifest_leaves_no_checkpoint_and_is_collected(root, monkeypatch):
+  ckpt = jaxckpt.Checkpoint(params=_state())
+  manager = jaxckpt.CheckpointManager(ckpt, root, max_to_keep=3)
+  manager.save()
+
+  real = _kvstore.write_bytes
+  def crash_on_commit(url, data):
+    if url.endswith("jaxckpt/metadata"):
+      raise OSError("simulated crash between the data and the commit")
+    real(url, data)
+  monkeypatch.setattr(_kvstore, "write_bytes", crash_on_commit)
+  ckpt.params = _state(5.0)
+  with pytest.raises(jaxckpt.SaveError, match="was not committed"):
+    manager.save()
+  monkeypatch.setattr(_kvstore, "write_bytes", real)
+
+  # The arrays of ckpt-2 are in the store, but without a manifest it does not exist.
+  assert any(n.startswith("data-") for n in _kvstore.children(f"{root}/ckpt-2"))
+  assert jaxckpt.latest_checkpoint(root) == f"{root}/ckpt-1"
+  with pytest.raises(jaxckpt.NotACheckpointError, match="interrupted save"):
+    ckpt.restore(f"{root}/ckpt-2")
+  reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root,
+                                       max_to_keep=3)
+  assert not _kvstore.children(f"{root}/ckpt-2")  # Collected.
+  assert reopened.restore_or_initialize() == f"{root}/ckpt-1"
+  np.testing.assert_array_equal(np.asarray(reopened.checkpoint.params["w"]),
+                                np.asarray(_state()["w"]))
+
+
+def test_manager_sweeps_and_recovers_on_a_store(root):
+  ckpt = jaxckpt.Checkpoint(params=_state(), step=0)
+  manager = jaxckpt.CheckpointManager(ckpt, root, max_to_keep=2)
+  opts = jaxckpt.CheckpointOptions(enable_async=True)
+  for step in range(1, 5):
+    ckpt.step = step
+    manager.save(options=opts)
+  manager.sync()
+  assert manager.checkpoints == [f"{root}/ckpt-3", f"{root}/ckpt-4"]
+  assert _keys(root) == ["checkpoint", "ckpt-3", "ckpt-4"]  # 1 and 2 fully deleted.
+  again = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0), step=0), root,
+                                    max_to_keep=2)
+  assert again.checkpoints == manager.checkpoints
+  assert again.restore_or_initialize() == f"{root}/ckpt-4"
+  assert again.checkpoint.step == 4
+
+
+def test_corrupt_object_is_detected_and_named(s3):
+  client, bucket = s3
+  ckpt = jaxckpt.Checkpoint(params=_state())
+  path = ckpt.save(f"s3://{bucket}/run/ckpt")
+  data = json.loads(client.get_object(Bucket=bucket, Key="run/ckpt-1/jaxckpt/metadata")
+                    ["Body"].read())["data"]
+  key = f"run/ckpt-1/{data}/params/w/c/1/0"
+  body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
+  body[3] ^= 0xFF
+  client.put_object(Bucket=bucket, Key=key, Body=bytes(body))
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match="params/w"):
+    ckpt.restore(path)
+
+
+def test_bad_store_input_gives_clear_errors(s3, root):
+  ckpt = jaxckpt.Checkpoint(params=_state())
+  with pytest.raises(jaxckpt.CheckpointNotFoundError, match="No checkpoint found"):
+    ckpt.restore(f"{root}/nothing-here")
+  with pytest.raises(jaxckpt.InvalidOptionsError, match="incremental=True needs a local path"):
+    ckpt.save(f"{root}/ckpt", jaxckpt.CheckpointOptions(incremental=True))
+  with pytest.raises(jaxckpt.SaveError, match="NoSuchBucket|not found|NOT_FOUND"):
+    ckpt.save("s3://no-such-bucket-here/run/ckpt")
+  assert jaxckpt.latest_checkpoint(root) is None
+
+
+def test_memory_store_is_shared_within_the_process():
+  root = f"memory://{uuid.uuid4().hex}"
+  jaxckpt.Checkpoint(x=jnp.arange(3)).save(f"{root}/ckpt")
+  other = jaxckpt.Checkpoint(x=jnp.zeros(3, jnp.int32))
+  other.restore(jaxckpt.latest_checkpoint(root)).assert_consumed()
+  assert other.x.tolist() == [0, 1, 2]
+  assert os.path.exists("memory:") is False  # Nothing leaked onto the local disk.
