@@ -199,10 +199,10 @@ class Checkpoint:
       raise InvalidOptionsError(
           "incremental=True needs a local path; memory://, s3:// and gs:// checkpoints are "
           "always written in full. Use incremental=False.")
-    if url and process_count() > 1:
+    if url and process_count() > 1 and path_for(0).startswith("memory://"):
       raise InvalidOptionsError(
-          "memory://, s3:// and gs:// checkpoints are single-process for now; with several "
-          "JAX processes save to a shared filesystem path.")
+          "memory:// is private to each process; with several JAX processes save to a "
+          "shared filesystem path, s3:// or gs://.")
     io_device = resolve_io_device(options.experimental_io_device)
     nbytes = sum(leaf.nbytes for leaf in flat)
     if options.enable_async:  # Backpressure; also raises an earlier save's error.

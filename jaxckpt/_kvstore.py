@@ -151,30 +151,53 @@ def _chunks(value: Any) -> tuple[int, ...] | None:
   return None
 
 
-def write_arrays(url: str, values: dict[str, Any], *, compression: bool) -> None:
-  """Writes ``{leaf name: value}`` as zarr v3 arrays under ``url``; waits for all."""
-  pending = []
+def _schema(value: Any, compression: bool) -> dict[str, Any]:
   codecs = [{"name": "bytes"}] + ([{"name": "zstd", "configuration": {"level": 1}}]
                                  if compression else [])
+  dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
+  schema: dict[str, Any] = {"dtype": dtype.name, "domain": {"shape": list(np.shape(value))},
+                            "codec": {"driver": "zarr3", "codecs": codecs}}
+  chunks = _chunks(value)
+  if chunks is not None:
+    schema["chunk_layout"] = {"chunk": {"shape": list(chunks)}}
+  return schema
+
+
+def create_arrays(url: str, values: dict[str, Any], *, compression: bool) -> dict[str, Any]:
+  """Creates (writes the metadata of) one zarr v3 array per value; returns the stores.
+
+  With several processes only one creates; the others `open_arrays` after it.
+  """
+  # delete_existing: the prefix is fresh, so nothing is lost, and the
+  # metadata write is unconditional. TensorStore's conditional create
+  # ("only if absent") retried forever when S3 answered 404 NoSuchBucket
+  # (seen with moto); the unconditional one fails at once with that error.
+  opening = {name: ts.open({**_array_spec(url, name), "schema": _schema(value, compression)},
+                           create=True, delete_existing=True, context=_CONTEXT)
+             for name, value in values.items()}
+  return {name: future.result() for name, future in opening.items()}
+
+
+def open_arrays(url: str, names) -> dict[str, Any]:
+  opening = {name: ts.open(_array_spec(url, name), open=True, context=_CONTEXT)
+             for name in names}
+  return {name: future.result() for name, future in opening.items()}
+
+
+def write_arrays(stores: dict[str, Any], values: dict[str, Any], *, host_values: bool) -> None:
+  """Writes this process's part of each value; waits for all.
+
+  ``jax.Array``: its replica-0 shards on this process. Other values (numpy,
+  scalars; the same on every process) only if ``host_values``.
+  """
+  pending = []
   for name, value in values.items():
-    dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
-    shape = tuple(np.shape(value))
-    schema: dict[str, Any] = {"dtype": dtype.name, "domain": {"shape": list(shape)},
-                              "codec": {"driver": "zarr3", "codecs": codecs}}
-    chunks = _chunks(value)
-    if chunks is not None:
-      schema["chunk_layout"] = {"chunk": {"shape": list(chunks)}}
-    # delete_existing: the prefix is fresh, so nothing is lost, and the
-    # metadata write is unconditional. TensorStore's conditional create
-    # ("only if absent") retried forever when S3 answered 404 NoSuchBucket
-    # (seen with moto); the unconditional one fails at once with that error.
-    store = ts.open({**_array_spec(url, name), "schema": schema}, create=True,
-                    delete_existing=True, context=_CONTEXT).result()
+    store = stores[name]
     if isinstance(value, jax.Array):
       for shard in value.addressable_shards:
         if shard.replica_id == 0:
           pending.append(store[shard.index].write(np.asarray(shard.data)))
-    else:
+    elif host_values:
       pending.append(store.write(np.asarray(value)))
   for future in pending:
     future.result()

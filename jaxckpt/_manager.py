@@ -104,7 +104,7 @@ class CheckpointManager:
   def _recover(self) -> None:
     """Reads the directory's state file; drops leftovers of interrupted saves."""
     now = time.time()
-    if self._url:
+    if self._url and is_primary():
       removed = _kvstore.remove_leftovers(self._directory)
       if removed:
         logger.info("Deleted data of interrupted saves in %s: %s.", self._directory, removed)

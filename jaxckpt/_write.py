@@ -106,21 +106,48 @@ def _write_manifest(staging: str, manifest: Manifest) -> None:
 
 
 def _commit_to_kvstore(job: SaveJob) -> None:
-  """A save to a ``memory://``/``s3://``/``gs://`` URL; see _kvstore.py."""
-  target = job.target
+  """A save to a ``memory://``/``s3://``/``gs://`` URL; see _kvstore.py.
+
+  With several processes: the primary names the data prefix and creates the
+  arrays, every process writes its own shards, and once all have (barrier) the
+  primary writes the manifest, i.e. commits.
+  """
+  target, coord = job.target, job.coordination
+  primary = coord is None or coord.is_primary
+  shared = coord is not None and coord.writers is None  # Several processes write.
+  previous = None
   try:
-    previous = read_manifest(target) if is_committed(target) else None
-    data = _kvstore.new_data_name()
-    _kvstore.write_arrays(_kvstore.join(target, data), job.snapshot,
-                          compression=job.compression)
+    data = coord.share("data", _kvstore.new_data_name) if coord else _kvstore.new_data_name()
+    url = _kvstore.join(target, data)
+    if primary:
+      previous = read_manifest(target) if is_committed(target) else None
+      stores = _kvstore.create_arrays(url, job.snapshot, compression=job.compression)
+    if shared:
+      coord.barrier("created")
+      if not primary:
+        stores = _kvstore.open_arrays(url, job.snapshot)
+    _kvstore.write_arrays(stores, job.snapshot, host_values=primary)
+    # None for arrays no process holds whole (see _integrity.py).
     checksums = {name: checksum(value) for name, value in job.snapshot.items()}
     job.snapshot = None
     job.manifest = Manifest.build(job.leaves, save_counter=job.save_counter, kind=job.kind,
                                   checksums=checksums, data=data)
     job.leaves = None
-    # The commit: one PUT of the manifest, after every array write returned.
-    _kvstore.write_bytes(manifest_file(target), json.dumps(job.manifest.to_json()).encode())
+    if shared:
+      coord.barrier("written")
+    if primary:
+      # The commit: one PUT of the manifest, after every array write returned.
+      _kvstore.write_bytes(manifest_file(target), json.dumps(job.manifest.to_json()).encode())
+      if coord is not None:
+        coord.publish("committed", "ok")
+    else:
+      _await_commit(coord)
   except BaseException as e:
+    if primary and coord is not None:
+      try:
+        coord.publish("committed", f"{type(e).__name__}: {e}")
+      except Exception:
+        pass
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). Earlier "
         "checkpoints are untouched and this one was not committed (its partial data is "
@@ -130,9 +157,6 @@ def _commit_to_kvstore(job: SaveJob) -> None:
 
 
 def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
-  if _kvstore.is_url(job.target):
-    _commit_to_kvstore(job)
-    return
   target = job.target or os.path.abspath(job.final)
   coord = job.coordination
   if coord is not None and not coord.writes:  # Another process does the I/O.
@@ -140,6 +164,9 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
       _await_commit(coord)
     except BaseException as e:
       raise SaveError(f"Saving checkpoint {job.final!r} failed: {e}") from e
+    return
+  if _kvstore.is_url(target):
+    _commit_to_kvstore(job)
     return
   primary = coord is None or coord.is_primary
   staging = None
@@ -241,7 +268,8 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
   checkpoint is committed; only the primary runs ``on_commit`` (state file,
   manager sweep).
   """
-  if job.coordination is not None and job.coordination.writes:
+  if (job.coordination is not None and job.coordination.writes
+      and not _kvstore.is_url(job.target)):
     checkpointer = new_checkpointer(compression=job.compression,
                                     coordination=job.coordination)
     try:

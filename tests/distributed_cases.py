@@ -42,6 +42,13 @@ def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
   return a.dtype == b.dtype and a.shape == b.shape and a.tobytes() == b.tobytes()
 
 
+def _list(directory: str) -> list[str]:
+  if directory.startswith("s3://"):
+    from jaxckpt import _kvstore
+    return sorted(_kvstore.children(directory))
+  return sorted(os.listdir(directory))
+
+
 def _state(step: int, spec=None, mesh_shape=None):
   return {"w": sharded(reference(step), spec, mesh_shape),
           "b": np.arange(3, dtype=np.int32) * step}
@@ -69,7 +76,7 @@ def save_and_restore(directory: str, enable_async: bool = True, saves: int = 3):
           "latest": manager.latest_checkpoint, "checkpoints": manager.checkpoints,
           "w_ok": bits_equal(full(ckpt.params["w"]), reference(saves)),
           "b": ckpt.params["b"].tolist(), "step": int(ckpt.step),
-          "save_counter": ckpt.save_counter, "listing": sorted(os.listdir(directory)),
+          "save_counter": ckpt.save_counter, "listing": _list(directory),
           "blocked_s": seconds}
 
 

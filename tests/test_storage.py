@@ -7,6 +7,7 @@ import os
 import uuid
 
 import boto3
+import distributed_cases as cases
 import jax
 import jax.numpy as jnp
 import ml_dtypes
@@ -199,3 +200,27 @@ def test_memory_store_is_shared_within_the_process():
   other.restore(jaxckpt.latest_checkpoint(root)).assert_consumed()
   assert other.x.tolist() == [0, 1, 2]
   assert os.path.exists("memory:") is False  # Nothing leaked onto the local disk.
+
+
+def test_two_processes_save_their_shards_to_s3_and_restore(s3, s3_endpoint, tmp_path):
+  import distributed  # The multi-process launcher (tests/distributed.py).
+  client, bucket = s3
+  root = f"s3://{bucket}/mp"
+  env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
+                                    "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL")}
+  results = distributed.launch("distributed_cases", "save_and_restore", 2, devices=2,
+                               kwargs={"directory": root}, env=env)
+  expected = [f"{root}/ckpt-{i}" for i in (1, 2, 3)]
+  for r in results:
+    assert r["committed"] == expected and r["callbacks"] == expected
+    assert r["w_ok"] and r["b"] == [0, 3, 6] and r["step"] == 3
+    assert r["listing"] == ["checkpoint", "ckpt-2", "ckpt-3"]
+  # Each process wrote its own 2 of the 4 shards of params/w; one manifest.
+  manifest = json.loads(client.get_object(Bucket=bucket, Key="mp/ckpt-3/jaxckpt/metadata")
+                        ["Body"].read())
+  keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="mp/ckpt-3/")
+          ["Contents"]]
+  assert len([k for k in keys if f"/{manifest['data']}/params/w/c/" in k]) == 4
+  # Restorable here too: 1 process x 4 devices.
+  got = cases.restore_resharded(f"{root}/ckpt-3", [4], ["x"])
+  assert got["w_ok"] and got["b"] == [0, 3, 6]
