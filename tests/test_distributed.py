@@ -168,3 +168,22 @@ def test_training_collectives_and_background_saves_do_not_deadlock(tmp_path):
   for r in results:
     assert r == {"latest": str(tmp_path / "ckpt-24"), "step": 24, "ok": True,
                  "kept": ["ckpt-20", "ckpt-22", "ckpt-24"]}
+
+
+def test_primary_dying_mid_save_takes_the_job_down_and_restart_resumes(tmp_path):
+  # Process 0 hosts JAX's coordination service: when it dies, JAX aborts the
+  # others even in recoverable mode. Nothing may be committed, nothing hangs.
+  procs, outdir = distributed.start(
+      "distributed_cases", "die_during_save", 2, devices=2, hard_exit=True,
+      recoverable=True, kwargs={"directory": str(tmp_path), "victim": 0, "when": "writing"})
+  victim, other = distributed.collect(procs, outdir, timeout=150, expect_fail={0, 1})
+  assert victim["returncode"] == 17
+  if other["returncode"] == 0:  # Its save failed before JAX got to abort it.
+    assert "was not committed" in other["error"]
+  else:
+    assert "Terminating process because the JAX distributed service" in other["stderr"]
+  assert "ckpt-2" not in os.listdir(tmp_path)
+  resumed = distributed.launch("distributed_cases", "resume_latest", 2, devices=2,
+                               kwargs={"directory": str(tmp_path)})
+  assert [r["restored"] for r in resumed] == [str(tmp_path / "ckpt-1")] * 2
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]  # Staging leftovers removed.
