@@ -1,7 +1,8 @@
 """The ``jaxckpt`` command: ``ls``, ``inspect`` and ``verify`` checkpoints.
 
 Built on argparse (subcommands, help, errors) and rich (tables, progress bars).
-Every command takes ``--json`` for machine-readable output.
+Every command takes ``--json`` for machine-readable output. Paths may be local
+or key-value-store URLs (``memory://``, ``s3://``, ``gs://``; see _kvstore.py).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxckpt import _kvstore
 from jaxckpt._durable import LEFTOVER_MARKERS
 from jaxckpt._errors import JaxckptError
 from jaxckpt._manifest import is_committed
@@ -25,8 +27,31 @@ from jaxckpt._state_file import latest_checkpoint
 from jaxckpt._state_file import read_state
 
 
-def _size(path: str) -> int:
+def _size(path: str) -> int | None:
+  """Bytes on disk under ``path``; None (unknown) for URLs: TensorStore lists keys only."""
+  if _kvstore.is_url(path):
+    return None
   return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
+
+
+def _join(directory: str, name: str) -> str:
+  return _kvstore.join(directory, name) if _kvstore.is_url(directory) else os.path.join(
+      directory, name)
+
+
+def _basename(path: str) -> str:
+  return _kvstore.basename(path) if _kvstore.is_url(path) else os.path.basename(path)
+
+
+def _names_in(directory: str) -> list[str]:
+  return sorted(_kvstore.children(directory)) if _kvstore.is_url(directory) else os.listdir(
+      directory)
+
+
+def _same_path(a: str, b: str) -> bool:
+  if _kvstore.is_url(a) or _kvstore.is_url(b):
+    return a.rstrip("/") == b.rstrip("/")
+  return os.path.abspath(a) == os.path.abspath(b)
 
 
 def _number(name: str) -> int | None:
@@ -35,15 +60,30 @@ def _number(name: str) -> int | None:
 
 
 def _checkpoints_in(directory: str) -> list[str]:
-  names = [n for n in os.listdir(directory)
-           if not n.startswith(".") and is_committed(os.path.join(directory, n))]
+  names = [n for n in _names_in(directory)
+           if not n.startswith(".") and is_committed(_join(directory, n))]
   names.sort(key=lambda n: (re.sub(r"-\d+$", "", n), _number(n) or -1, n))
-  return [os.path.join(directory, n) for n in names]
+  return [_join(directory, n) for n in names]
+
+
+def _incomplete_in(directory: str) -> list[str]:
+  """Leftovers of interrupted saves: hidden staging directories, or (URLs) names
+  holding ``data-*`` prefixes but no manifest."""
+  if not _kvstore.is_url(directory):
+    return sorted(n for n in os.listdir(directory)
+                  if n.startswith(".") and any(m in n for m in LEFTOVER_MARKERS))
+  return sorted(
+      n for n in _kvstore.children(directory)
+      if not is_committed(_join(directory, n))
+      and any(c.startswith("data-") for c in _kvstore.children(_join(directory, n))))
 
 
 def cmd_ls(args) -> tuple[Any, int]:
   directory = args.directory
-  if not os.path.isdir(directory):
+  url = _kvstore.is_url(directory)
+  if url and not _kvstore.exists_prefix(directory):
+    raise JaxckptError(f"Nothing is stored under {directory!r}.")
+  if not url and not os.path.isdir(directory):
     raise JaxckptError(f"{directory!r} is not a directory.")
   latest = latest_checkpoint(directory)
   state = read_state(directory)
@@ -52,17 +92,17 @@ def cmd_ls(args) -> tuple[Any, int]:
   for path in _checkpoints_in(directory):
     manifest = read_manifest(path)
     rows.append({
-        "path": path, "number": _number(os.path.basename(path)),
+        "path": path, "number": _number(_basename(path)),
         "save_counter": manifest.save_counter, "kind": manifest.kind,
         "time": datetime.datetime.fromtimestamp(manifest.created).isoformat(timespec="seconds"),
         "bytes": _size(path), "arrays": len(manifest.leaves), "committed": True,
-        "latest": latest is not None and os.path.samefile(path, latest),
-        "in_state_file": any(os.path.abspath(p) == os.path.abspath(path) for p in managed),
+        "latest": latest is not None and (_same_path(path, latest) if url
+                                          else os.path.samefile(path, latest)),
+        "in_state_file": any(_same_path(p, path) for p in managed),
     })
-  incomplete = [n for n in os.listdir(directory)
-                if n.startswith(".") and any(m in n for m in LEFTOVER_MARKERS)]
+  incomplete = _incomplete_in(directory)
   result = {"directory": directory, "checkpoints": rows, "latest": latest,
-            "incomplete": sorted(incomplete)}
+            "incomplete": incomplete}
   if not args.json:
     from rich.console import Console
     from rich.table import Table
@@ -70,14 +110,16 @@ def cmd_ls(args) -> tuple[Any, int]:
     for col in ("name", "number", "time", "size", "arrays", "status"):
       table.add_column(col)
     for r in rows:
-      table.add_row(os.path.basename(r["path"]), str(r["number"] or ""), r["time"],
-                    f"{r['bytes'] / 2**20:.1f} MiB", str(r["arrays"]),
+      size = "unknown" if r["bytes"] is None else f"{r['bytes'] / 2**20:.1f} MiB"
+      table.add_row(_basename(r["path"]), str(r["number"] or ""), r["time"], size,
+                    str(r["arrays"]),
                     "committed, latest" if r["latest"] else "committed")
     console = Console()
     console.print(table)
     if incomplete:
-      console.print(f"{len(incomplete)} incomplete save(s) left by interrupted runs (hidden, "
-                    "never restored; removed when a CheckpointManager opens the directory).")
+      console.print(f"{len(incomplete)} incomplete save(s) left by interrupted runs "
+                    f"({'' if url else 'hidden, '}never restored; removed when a "
+                    "CheckpointManager opens the directory).")
   return result, 0
 
 
@@ -94,6 +136,10 @@ def _describe_sharding(sharding) -> str:
 
 
 def _sharding_metadata(path: str) -> dict[str, str]:
+  """Each array's sharding at save time, from Orbax's metadata; empty for URLs
+  (their zarr arrays record no sharding)."""
+  if _kvstore.is_url(path):
+    return {}
   import orbax.checkpoint as ocp
   try:
     tree = ocp.PyTreeCheckpointer().metadata(os.path.join(os.path.abspath(path), "state"))
@@ -152,8 +198,13 @@ def cmd_inspect(args) -> tuple[Any, int]:
 def cmd_verify(args) -> tuple[Any, int]:
   from rich.progress import Progress
   target = args.path
-  paths = ([target] if is_committed(target) or not os.path.isdir(target)
-           else _checkpoints_in(target))
+  if _kvstore.is_url(target):  # No directories: a prefix is a checkpoint iff it is committed.
+    paths = [target] if is_committed(target) else _checkpoints_in(target)
+    if not paths and any(n.startswith("data-") for n in _kvstore.children(target)):
+      read_manifest(target)  # Raises NotACheckpointError naming an interrupted save.
+  else:
+    paths = ([target] if is_committed(target) or not os.path.isdir(target)
+             else _checkpoints_in(target))
   if not paths:
     raise JaxckptError(f"No committed checkpoints in {target!r}.")
   results = []
@@ -163,7 +214,7 @@ def cmd_verify(args) -> tuple[Any, int]:
       try:
         reader = load_checkpoint(path)
         names = sorted(reader.get_variable_to_shape_map())
-        task = progress.add_task(f"verify {os.path.basename(path)}", total=len(names))
+        task = progress.add_task(f"verify {_basename(path)}", total=len(names))
         for name in names:
           try:
             reader.get_tensor(name)
@@ -192,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
       prog="jaxckpt", description="Inspect and verify jaxckpt checkpoints.")
   sub = parser.add_subparsers(dest="command", required=True)
   ls = sub.add_parser("ls", help="list the checkpoints in a directory")
-  ls.add_argument("directory")
+  ls.add_argument("directory", help="a directory, or a URL (memory://, s3://, gs://)")
   ls.set_defaults(func=cmd_ls)
   inspect = sub.add_parser(
       "inspect", help="show a checkpoint's arrays (like TF's inspect_checkpoint)")
@@ -212,8 +263,14 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from absl import logging as absl_logging  # Orbax's warnings are noise here.
   absl_logging.set_verbosity(absl_logging.ERROR)
+  url = _kvstore.is_url(getattr(args, "directory", None) or getattr(args, "path", None))
   try:
-    result, code = args.func(args)
+    try:
+      result, code = args.func(args)
+    except ValueError as e:  # TensorStore's errors (no such bucket, access denied, ...).
+      if not url:
+        raise
+      raise JaxckptError(str(e)) from e
   except (JaxckptError, OSError) as e:
     if getattr(args, "json", False):
       print(json.dumps({"error": str(e)}))

@@ -49,6 +49,9 @@ def is_url(path: Any) -> bool:
 
 
 def join(url: str, *parts: str) -> str:
+  scheme, rest = url.split("://", 1)
+  if scheme != "memory" and not rest.strip("/"):
+    raise ValueError(f"{url!r} names no bucket: use {scheme}://BUCKET/path.")
   return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
 
 

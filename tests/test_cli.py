@@ -1,6 +1,7 @@
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import jax
@@ -9,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
+from jaxckpt import _kvstore
 from jaxckpt._cli import main
 
 
@@ -82,3 +84,107 @@ def test_console_entry_points():
               [str(Path(sys.executable).parent / "jaxckpt"), "verify", "--help"]):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: jaxckpt" in proc.stdout
+
+
+# -- key-value stores: the CLI in-process (memory:// lives in this process) ------
+
+
+@pytest.fixture(params=["memory", "s3"])
+def store(request):
+  """A manager directory on a key-value store: (URL, put(url, bytes) to overwrite an object).
+
+  Like ``directory``: ckpt-2 and ckpt-3 kept, plus the data of an interrupted save
+  (ckpt-9: a data prefix, no manifest).
+  """
+  if request.param == "memory":
+    root, put = f"memory://{uuid.uuid4().hex}/run", _kvstore.write_bytes
+  else:
+    client, bucket = request.getfixturevalue("s3")
+    root = f"s3://{bucket}/run"
+    def put(url, data):  # Through S3 itself, behind jaxckpt's back.
+      client.put_object(Bucket=bucket, Key=url.removeprefix(f"s3://{bucket}/"), Body=data)
+  sharded = jax.device_put(jnp.arange(16.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)),
+                                                              jax.P("d")))
+  ckpt = jaxckpt.Checkpoint(model={"w": sharded, "b": np.ones(3, np.float32)}, step=4)
+  manager = jaxckpt.CheckpointManager(ckpt, root, max_to_keep=2)
+  for _ in range(3):
+    manager.save()
+  _kvstore.write_bytes(f"{root}/ckpt-9/data-0123456789ab/model/w/zarr.json", b"{}")
+  return root, put
+
+
+def test_ls_on_a_store(store, capsys):
+  root, _ = store
+  code, out = _json(capsys, ["ls", root])
+  assert code == 0 and out["directory"] == root and out["latest"] == f"{root}/ckpt-3"
+  assert [(r["path"], r["number"], r["latest"], r["in_state_file"])
+          for r in out["checkpoints"]] == [(f"{root}/ckpt-2", 2, False, True),
+                                           (f"{root}/ckpt-3", 3, True, True)]
+  assert all(r["arrays"] == 3 and r["save_counter"] == r["number"] and r["bytes"] is None
+             for r in out["checkpoints"])  # Object sizes are not listed: unknown.
+  assert out["incomplete"] == ["ckpt-9"]
+  assert main(["ls", root]) == 0
+  table = capsys.readouterr().out
+  assert "committed, latest" in table and "unknown" in table
+  assert "1 incomplete save(s)" in table
+
+
+def test_inspect_on_a_store(store, capsys):
+  root, _ = store
+  code, out = _json(capsys, ["inspect", root])  # The directory: its latest checkpoint.
+  assert code == 0 and out["path"] == f"{root}/ckpt-3" and out["save_counter"] == 3
+  arrays = {a["name"]: a for a in out["arrays"]}
+  assert list(arrays) == ["model/b", "model/w", "step"]
+  assert arrays["model/w"]["shape"] == [16] and arrays["model/w"]["dtype"] == "float32"
+  assert arrays["model/w"]["bytes"] == 64 and arrays["model/w"]["crc32"] is not None
+  assert all("value" not in a for a in arrays.values())
+
+  code, out = _json(capsys, ["inspect", f"{root}/ckpt-2", "--values"])
+  assert code == 0 and out["save_counter"] == 2
+  values = {a["name"]: a["value"] for a in out["arrays"]}
+  assert values == {"model/b": [1.0, 1.0, 1.0], "model/w": list(range(16)), "step": 4}
+  assert main(["inspect", root, "--values"]) == 0
+  text = capsys.readouterr().out
+  assert "tensor_name: model/w" in text and "15." in text
+
+
+def test_verify_on_a_store_names_the_corrupt_array(store, capsys):
+  root, put = store
+  code, out = _json(capsys, ["verify", root])
+  assert code == 0 and out["ok"]
+  assert [c["path"] for c in out["checkpoints"]] == [f"{root}/ckpt-2", f"{root}/ckpt-3"]
+  assert all(set(c["arrays"].values()) == {"ok"} for c in out["checkpoints"])
+
+  latest = f"{root}/ckpt-3"
+  data = jaxckpt.load_checkpoint(latest).manifest.data
+  chunk = f"{latest}/{data}/model/w/c/1"  # Shard 1 of model/w: [4., 5., 6., 7.].
+  body = bytearray(_kvstore.read_bytes(chunk))
+  assert body == np.arange(4.0, 8.0, dtype=np.float32).tobytes()
+  body[3] ^= 0xFF
+  put(chunk, bytes(body))
+  code, out = _json(capsys, ["verify", root])
+  assert code == 1 and not out["ok"]
+  good, bad = out["checkpoints"]
+  assert good["ok"] and bad["path"] == latest and not bad["ok"]
+  assert "CRC-32" in bad["arrays"]["model/w"] and bad["arrays"]["model/b"] == "ok"
+  assert main(["verify", latest]) == 1
+  text = capsys.readouterr().out
+  assert "CORRUPT" in text and "model/w" in text
+
+
+def test_store_errors_are_clear_and_exit_2(store, capsys):
+  root, _ = store
+  assert main(["inspect", f"{root}/missing"]) == 2
+  assert "No checkpoint found" in capsys.readouterr().err
+  assert main(["ls", f"{root}/missing"]) == 2
+  assert "Nothing is stored" in capsys.readouterr().err
+  assert main(["verify", f"{root}/ckpt-9"]) == 2
+  assert "interrupted save" in capsys.readouterr().err
+  code, out = _json(capsys, ["verify", f"{root}/missing"])
+  assert code == 2 and "No committed checkpoints" in out["error"]
+
+
+def test_s3_access_errors_exit_2(s3, capsys):
+  assert main(["ls", "s3://no-such-bucket-here/run"]) == 2
+  err = capsys.readouterr().err  # TensorStore's error, without a traceback.
+  assert err.startswith("jaxckpt ls: ") and "NoSuchBucket" in err

@@ -1,12 +1,10 @@
 """Checkpoints on TensorStore key-value stores: memory:// and s3:// (a real moto
-S3 server on 127.0.0.1, started here), with the manifest-last commit protocol."""
+S3 server on 127.0.0.1, started by conftest.py), with the manifest-last commit protocol."""
 
 import json
-import logging
 import os
 import uuid
 
-import boto3
 import distributed_cases as cases
 import jax
 import jax.numpy as jnp
@@ -18,29 +16,6 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 from jaxckpt import _kvstore
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint():
-  from moto.server import ThreadedMotoServer
-  logging.getLogger("werkzeug").setLevel(logging.ERROR)
-  server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-  server.start()
-  host, port = server.get_host_and_port()
-  yield f"http://{host}:{port}"
-  server.stop()
-
-
-@pytest.fixture
-def s3(s3_endpoint, monkeypatch):
-  for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                     "AWS_ENDPOINT_URL": s3_endpoint}.items():
-    monkeypatch.setenv(key, value)
-  bucket = f"test-{uuid.uuid4().hex[:12]}"
-  client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
-  client.create_bucket(Bucket=bucket)
-  return client, bucket
 
 
 @pytest.fixture(params=["memory", "s3"])
