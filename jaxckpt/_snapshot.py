@@ -52,6 +52,68 @@ def _copy(values: list[jax.Array], targets: list[jax.sharding.Sharding]) -> list
     return jax.device_put(values, targets, may_alias=False)
 
 
+@functools.lru_cache(maxsize=1024)
+def _devices_of(sharding: jax.sharding.Sharding):
+  return sharding._internal_device_list.addressable_device_list
+
+
+def _copy_in_place(values: list[jax.Array],
+                   targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
+  """`_copy` for fully addressable arrays whose target is their own sharding in
+  another memory kind: straight to the batched C++ copy ``shard_args`` ends in,
+  without its per-array Python checks (sharding comparisons and hashing: about
+  half of the blocked time for the 197 arrays of tpu_idle.py). Falls back to
+  `_copy` on any error (e.g. a JAX version without this function)."""
+  try:
+    from jax._src.lib import xla_client as xc
+    for v in values:
+      v._check_if_deleted()
+    return list(xc.batched_copy_array_to_devices_with_sharding(
+        values, [_devices_of(t) for t in targets], targets,
+        [xc.ArrayCopySemantics.ALWAYS_COPY] * len(values)))
+  except Exception:
+    return _copy(values, targets)
+
+
+def _copy_global(values: list[jax.Array],
+                 targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
+  """Copies of arrays this process holds only part of (multi-process).
+
+  JAX returns such an array itself instead of a copy (``_array_shard_arg``: "not
+  fully addressable" + same sharding → the input), so a step donating it after
+  save() would free the snapshot ("Array has been deleted"). Copy its local
+  shards instead and reassemble them into a global array.
+  """
+  pieces, piece_targets, counts = [], [], []
+  for value, target in zip(values, targets, strict=True):
+    shards = value.addressable_shards
+    counts.append(len(shards))
+    for shard in shards:
+      pieces.append(shard.data)
+      piece_targets.append(jax.sharding.SingleDeviceSharding(
+          shard.device, memory_kind=target.memory_kind))
+  copies = iter(_copy_in_place(pieces, piece_targets))
+  return [jax.make_array_from_single_device_arrays(
+              value.shape, target, [next(copies) for _ in range(count)])
+          for value, target, count in zip(values, targets, counts, strict=True)]
+
+
+def _snapshot_arrays(values: list[jax.Array],
+                     targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
+  local = [i for i, v in enumerate(values) if v.is_fully_addressable]
+  if len(local) == len(values):
+    return _copy_in_place(values, targets)
+  out: list[jax.Array | None] = [None] * len(values)
+  for i, copy in zip(local, _copy_in_place([values[i] for i in local],
+                                           [targets[i] for i in local]), strict=True):
+    out[i] = copy
+  remote = [i for i in range(len(values)) if out[i] is None]
+  for i, copy in zip(remote, _copy_global([values[i] for i in remote],
+                                          [targets[i] for i in remote]), strict=True):
+    out[i] = copy
+  return out
+
+
 @functools.cache
 def _has_host_memory(device: jax.Device) -> bool:
   try:
@@ -83,8 +145,8 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool,
   if jax_values and (copy or io_device is not None):
     if io_device is not None:
       targets = [_host_sharding(jax.sharding.SingleDeviceSharding(io_device))] * len(jax_values)
+      jax_values = _copy(jax_values, targets)
     else:
-      targets = [_host_sharding(x.sharding) for x in jax_values]
-    jax_values = _copy(jax_values, targets)
+      jax_values = _snapshot_arrays(jax_values, [_host_sharding(x.sharding) for x in jax_values])
   out.update(zip(jax_names, jax_values, strict=True))
   return out

@@ -201,3 +201,27 @@ def train_while_saving(directory: str, steps: int = 24, every: int = 2):
   return {"latest": manager.latest_checkpoint, "step": int(ckpt.step),
           "ok": bits_equal(full(ckpt.w), expected[steps]),
           "kept": [os.path.basename(p) for p in manager.checkpoints]}
+
+
+def donate_after_async_save(directory: str, saves: int = 4):
+  """Async saves followed at once by steps that donate (free) the saved arrays:
+  every checkpoint must hold the values from before its donating step."""
+  mesh = jax.make_mesh((jax.device_count(),), ("x",))
+  sharding = NamedSharding(mesh, P("x"))
+  step = jax.jit(lambda w: w * 2.0 + 1.0, donate_argnums=0, out_shardings=sharding)
+  w = sharded(reference(1))
+  ckpt = jaxckpt.Checkpoint(w=w)
+  opts = jaxckpt.CheckpointOptions(enable_async=True, max_in_flight=2, timeout_s=60)
+  expected, paths = [], []
+  for i in range(saves):
+    ckpt.w = w
+    expected.append(full(w))
+    paths.append(ckpt.write(os.path.join(directory, f"w-{i}"), options=opts))
+    w = step(w)  # Donates the array the save just snapshotted.
+  ckpt.sync()
+  ok = []
+  for path, want in zip(paths, expected, strict=True):
+    ckpt.w = jax.device_put(np.zeros(SHAPE, np.float32), sharding)
+    ckpt.read(str(path)).assert_consumed()
+    ok.append(bits_equal(full(ckpt.w), want))
+  return {"ok": ok}

@@ -187,3 +187,9 @@ def test_primary_dying_mid_save_takes_the_job_down_and_restart_resumes(tmp_path)
                                kwargs={"directory": str(tmp_path)})
   assert [r["restored"] for r in resumed] == [str(tmp_path / "ckpt-1")] * 2
   assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]  # Staging leftovers removed.
+
+
+def test_async_saves_are_donation_safe_across_processes(tmp_path):
+  results = distributed.launch("distributed_cases", "donate_after_async_save", 2, devices=2,
+                               kwargs={"directory": str(tmp_path)})
+  assert [r["ok"] for r in results] == [[True] * 4] * 2

@@ -143,8 +143,9 @@ def test_snapshot_fast_path_copies_like_device_put(monkeypatch):
                                                                jax.P("d")))
   leaves = [Leaf("a", sharded), Leaf("b", jnp.ones((3, 3), jnp.bfloat16))]
   def no_fallback(*args, **kwargs):
-    raise AssertionError("fell back to jax.device_put: the fast path broke")
+    raise AssertionError("fell back to shard_args or jax.device_put: the fast path broke")
   monkeypatch.setattr(jax, "device_put", no_fallback)
+  monkeypatch.setattr(_snapshot, "_copy", no_fallback)
   snap = _snapshot.take_snapshot(leaves, copy=True, io_device=None)
   for leaf in leaves:
     copy = snap[leaf.name]
