@@ -72,6 +72,15 @@ def _target_sharding(leaf: Leaf) -> jax.sharding.Sharding:
   return sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
 
 
+def _global_target(leaf: Leaf) -> jax.sharding.Sharding | None:
+  """The sharding of a tracked value that spans several processes, else None."""
+  sharding = getattr(leaf.value, "sharding", None)
+  if (isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)) and sharding is not None
+      and not sharding.is_fully_addressable):
+    return sharding
+  return None
+
+
 def _uncommitted(leaf: Leaf) -> bool:
   # An array JAX placed by default (not device_put to a device) is "uncommitted";
   # handing back a committed one would make every jitted step recompile once.
@@ -168,12 +177,22 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
     source = manifest.sources.get(leaf.name)
     holder = os.path.normpath(os.path.join(path, source)) if source else path
     by_holder.setdefault(holder, []).append(leaf)
+  placed = {}
   if manifest.data is not None:  # A key-value-store checkpoint (see _kvstore.py).
     by_holder = {}
+    url = _kvstore.join(path, manifest.data)
+    # Arrays no single process will hold whole, without a CRC to check: each
+    # process reads just its shards. The rest are read whole (and CRC-checked).
+    partial = [] if reader.host_only else [
+        l for l in wanted if _global_target(l) is not None
+        and (manifest.checksums.get(l.name) is None or not verify_checksums)]
     try:
-      raw = _kvstore.read_arrays(_kvstore.join(path, manifest.data), [l.name for l in wanted])
+      placed = {l.name: _kvstore.read_sharded(url, l.name, l.shape, _global_target(l), l.dtype)
+                for l in partial}
+      raw = _kvstore.read_arrays(url, [l.name for l in wanted if l.name not in placed])
     except _kvstore.ArrayReadError as e:
       raise CorruptCheckpointError(f"Checkpoint {path!r} is unreadable: {e}.") from e
+    wanted = [l for l in wanted if l.name not in placed]
   for holder, group in by_holder.items():
     if holder != path and not os.path.isdir(os.path.join(holder, _knobs.STATE_ITEM)):
       raise CorruptCheckpointError(
@@ -186,7 +205,7 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
                        manifest.checksums.get(leaf.name)) for leaf in wanted])
   if reader.host_only:
     return raw
-  return {leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}
+  return {**placed, **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}}
 
 
 def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
