@@ -187,3 +187,12 @@ def test_restore_keeps_uncommitted_arrays_uncommitted_so_jit_does_not_recompile(
   f(x)
   f(ckpt.x)
   assert f._cache_size() == 1
+
+
+def test_uncommit_shares_the_buffer_instead_of_copying():
+  from jaxckpt import _restore
+  x = jax.device_put(jnp.arange(1024.0), jax.devices()[0])
+  y = _restore._uncommit(x)
+  assert x.committed and not y.committed
+  assert y.unsafe_buffer_pointer() == x.unsafe_buffer_pointer()  # The fast path, not a copy.
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(x))
