@@ -44,18 +44,22 @@ class Manifest:
   # Where the arrays are: None for the Orbax item ``state`` (local paths), else
   # the zarr v3 data prefix of a key-value-store checkpoint (see _kvstore.py).
   data: str | None = None
+  # Arrays no process held whole: CRC-32 per stored shard, keyed by its slice.
+  shard_checksums: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
   @classmethod
   def build(cls, leaves: list[Leaf], *, save_counter: int, kind: str,
             checksums: dict[str, int | None] | None = None,
             sources: dict[str, str] | None = None,
             digests: dict[str, str | None] | None = None,
-            data: str | None = None) -> Manifest:
+            data: str | None = None,
+            shard_checksums: dict[str, dict[str, int]] | None = None) -> Manifest:
     return cls(
         version=_knobs.FORMAT_VERSION, save_counter=save_counter, kind=kind,
         created=time.time(),
         leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves},
-        checksums=checksums or {}, sources=sources or {}, digests=digests or {}, data=data)
+        checksums=checksums or {}, sources=sources or {}, digests=digests or {}, data=data,
+        shard_checksums=shard_checksums or {})
 
   def to_json(self) -> dict[str, Any]:
     out = {
@@ -75,6 +79,8 @@ class Manifest:
       out["source"] = self.sources[name]
     if self.digests.get(name):
       out["sha1"] = self.digests[name]
+    if self.shard_checksums.get(name):
+      out["shard_crc32"] = self.shard_checksums[name]
     return out
 
   @classmethod
@@ -94,7 +100,9 @@ class Manifest:
         checksums={n: i.get("crc32") for n, i in data["leaves"].items()},
         sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
         digests={n: i.get("sha1") for n, i in data["leaves"].items()},
-        data=data.get("data"))
+        data=data.get("data"),
+        shard_checksums={n: {k: int(v) for k, v in i["shard_crc32"].items()}
+                         for n, i in data["leaves"].items() if i.get("shard_crc32")})
 
 
 def manifest_file(path: str | os.PathLike) -> str:

@@ -92,9 +92,9 @@ class Coordination:
   def publish(self, name: str, value: str) -> None:
     _client().key_value_set(self._key(name), value)
 
-  def receive(self, name: str) -> str:
-    """Waits for the primary's ``publish(name, ...)``."""
-    sender = self.primary
+  def receive(self, name: str, sender: int | None = None) -> str:
+    """Waits for ``publish(name, ...)`` by ``sender`` (default: the primary)."""
+    sender = self.primary if sender is None else sender
     try:
       return _client().blocking_key_value_get(self._key(name), self._timeout_ms)
     except Exception as e:  # JaxRuntimeError(DEADLINE_EXCEEDED) and the like.

@@ -24,6 +24,7 @@ from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._errors import TreeError
 from jaxckpt._integrity import verify_all
+from jaxckpt._integrity import verify_shards
 from jaxckpt._manifest import Manifest
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
@@ -234,6 +235,10 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
   if verify_checksums:
     verify_all(path, [(leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
                        manifest.checksums.get(leaf.name)) for leaf in wanted])
+    for name, value in [*((l.name, raw[l.name]) for l in wanted), *placed.items()]:
+      sums = manifest.shard_checksums.get(name)
+      if sums and value.dtype == stored_dtype(manifest, name):
+        verify_shards(path, name, value, sums)
   if reader.host_only:
     return raw
   return {**placed, **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}}

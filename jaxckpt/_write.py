@@ -28,6 +28,7 @@ from jaxckpt._incremental import History
 from jaxckpt._incremental import Written
 from jaxckpt._incremental import content_digest
 from jaxckpt._integrity import checksum
+from jaxckpt._integrity import shard_checksums
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import manifest_file
@@ -129,9 +130,10 @@ def _commit_to_kvstore(job: SaveJob) -> None:
     _kvstore.write_arrays(stores, job.snapshot, host_values=primary)
     # None for arrays no process holds whole (see _integrity.py).
     checksums = {name: checksum(value) for name, value in job.snapshot.items()}
+    shard_sums = _shard_checksums(job.snapshot, checksums, coord)
     job.snapshot = None
     job.manifest = Manifest.build(job.leaves, save_counter=job.save_counter, kind=job.kind,
-                                  checksums=checksums, data=data)
+                                  checksums=checksums, data=data, shard_checksums=shard_sums)
     job.leaves = None
     if shared:
       coord.barrier("written")
@@ -197,13 +199,14 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
       os.makedirs(staging)
     # Overlaps the TensorStore writes: reads the snapshot, which is ours alone.
     checksums = {name: checksum(value) for name, value in job.snapshot.items()}
+    shard_sums = _shard_checksums(job.snapshot, checksums, coord)
     job.snapshot = None  # Frees the snapshot copies.
     for name, w in job.reused.items():
       checksums[name], digests[name] = w.crc32, w.sha1
     job.manifest = Manifest.build(
         job.leaves, save_counter=job.save_counter, kind=job.kind, checksums=checksums,
         sources={n: os.path.relpath(w.holder, target) for n, w in job.reused.items()},
-        digests=digests)
+        digests=digests, shard_checksums=shard_sums)
     job.leaves = None  # Holds the caller's arrays; not needed any more.
     checkpointer.wait_until_finished()  # With several processes: all shards written.
     if primary:
@@ -229,6 +232,25 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). "
         f"Earlier checkpoints are untouched and this one was not committed.{hint}") from e
+
+
+def _shard_checksums(snapshot: dict[str, Any], checksums: dict[str, int | None],
+                     coord: Coordination | None) -> dict[str, dict[str, int]]:
+  """Per-shard CRC-32s of the arrays no process holds whole, from every process
+  (complete on the primary; see _integrity.py)."""
+  local = {name: shard_checksums(value) for name, value in snapshot.items()
+           if checksums.get(name) is None and isinstance(value, jax.Array)
+           and not value.is_fully_addressable}
+  if coord is None or coord.writers is not None:
+    return local
+  if not coord.is_primary:
+    coord.publish(f"crc/{jax.process_index()}", json.dumps(local))
+    return local
+  for process in range(jax.process_count()):
+    if process != coord.primary:
+      for name, sums in json.loads(coord.receive(f"crc/{process}", sender=process)).items():
+        local.setdefault(name, {}).update(sums)
+  return local
 
 
 def _await_commit(coord: Coordination) -> None:
@@ -274,8 +296,13 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
                                     coordination=job.coordination)
     try:
       _write_and_commit(job, checkpointer)
-    finally:
-      checkpointer.close()
+    except BaseException:
+      try:  # Its own (later) error, e.g. a barrier timeout, must not mask this one.
+        checkpointer.close()
+      except Exception as e:
+        logger.debug("Closing Orbax after a failed save: %s", e)
+      raise
+    checkpointer.close()
   else:
     _write_and_commit(job, checkpointer)
   if job.history is not None:

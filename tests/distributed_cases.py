@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 
-SHAPE = (16, 8)
+SHAPE = (256, 64)  # Shards of 16 KiB: stored out of line by OCDBT, not inlined.
 
 
 def reference(step: int = 1) -> np.ndarray:

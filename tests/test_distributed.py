@@ -193,3 +193,28 @@ def test_async_saves_are_donation_safe_across_processes(tmp_path):
   results = distributed.launch("distributed_cases", "donate_after_async_save", 2, devices=2,
                                kwargs={"directory": str(tmp_path)})
   assert [r["ok"] for r in results] == [[True] * 4] * 2
+
+
+def test_per_shard_crcs_are_recorded_and_catch_corruption(saved_2x2, tmp_path):
+  import json
+  import shutil
+  directory, _ = saved_2x2
+  path = str(tmp_path / "copy")
+  shutil.copytree(os.path.join(directory, "ckpt-3"), path)
+  with open(os.path.join(path, "jaxckpt", "metadata")) as f:
+    leaf = json.load(f)["leaves"]["params/w"]
+  assert leaf["crc32"] is None  # No process held params/w whole...
+  assert sorted(leaf["shard_crc32"]) == ["0:64,0:64", "128:192,0:64", "192:256,0:64",
+                                         "64:128,0:64"]
+  reader = jaxckpt.load_checkpoint(path)  # ...so each of its 4 shards has one, from 2 processes.
+  np.testing.assert_array_equal(reader.get_tensor("params/w"), cases.reference(3))
+  # Flip one byte of array data written by process 1.
+  data_dir = os.path.join(path, "state", "ocdbt.process_1", "d")
+  victim = max((os.path.join(data_dir, n) for n in os.listdir(data_dir)), key=os.path.getsize)
+  with open(victim, "r+b") as f:
+    f.seek(os.path.getsize(victim) // 2)
+    byte = f.read(1)
+    f.seek(-1, os.SEEK_CUR)
+    f.write(bytes([byte[0] ^ 0xFF]))
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match="params/w"):
+    jaxckpt.load_checkpoint(path).get_tensor("params/w")

@@ -196,6 +196,7 @@ def test_two_processes_save_their_shards_to_s3_and_restore(s3, s3_endpoint, tmp_
   keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="mp/ckpt-3/")
           ["Contents"]]
   assert len([k for k in keys if f"/{manifest['data']}/params/w/c/" in k]) == 4
+  assert len(manifest["leaves"]["params/w"]["shard_crc32"]) == 4  # From both processes.
   # Restorable here too: 1 process x 4 devices.
   got = cases.restore_resharded(f"{root}/ckpt-3", [4], ["x"])
   assert got["w_ok"] and got["b"] == [0, 3, 6]
