@@ -170,6 +170,7 @@ def cmd_inspect(args) -> tuple[Any, int]:
            "bytes": int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize,
            "sharding": shardings.get(name, ""), "kind": info.kind,
            "crc32": manifest.checksums.get(name),
+           "shard_crc32": manifest.shard_checksums.get(name),  # Saved by several processes.
            "stored_in": manifest.sources.get(name)}  # Incremental: reused from there.
     if args.values:
       row["value"] = reader.get_tensor(name).tolist()

@@ -195,9 +195,11 @@ def test_async_saves_are_donation_safe_across_processes(tmp_path):
   assert [r["ok"] for r in results] == [[True] * 4] * 2
 
 
-def test_per_shard_crcs_are_recorded_and_catch_corruption(saved_2x2, tmp_path):
+def test_per_shard_crcs_are_recorded_and_catch_corruption(saved_2x2, tmp_path, capsys):
   import json
   import shutil
+
+  from jaxckpt._cli import main
   directory, _ = saved_2x2
   path = str(tmp_path / "copy")
   shutil.copytree(os.path.join(directory, "ckpt-3"), path)
@@ -208,6 +210,11 @@ def test_per_shard_crcs_are_recorded_and_catch_corruption(saved_2x2, tmp_path):
                                          "64:128,0:64"]
   reader = jaxckpt.load_checkpoint(path)  # ...so each of its 4 shards has one, from 2 processes.
   np.testing.assert_array_equal(reader.get_tensor("params/w"), cases.reference(3))
+  assert main(["inspect", path, "--json"]) == 0
+  rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)["arrays"]}
+  assert rows["params/w"]["shard_crc32"] == leaf["shard_crc32"]
+  assert main(["verify", path, "--json"]) == 0
+  capsys.readouterr()
   # Flip one byte of array data written by process 1.
   data_dir = os.path.join(path, "state", "ocdbt.process_1", "d")
   victim = max((os.path.join(data_dir, n) for n in os.listdir(data_dir)), key=os.path.getsize)
@@ -218,3 +225,4 @@ def test_per_shard_crcs_are_recorded_and_catch_corruption(saved_2x2, tmp_path):
     f.write(bytes([byte[0] ^ 0xFF]))
   with pytest.raises(jaxckpt.CorruptCheckpointError, match="params/w"):
     jaxckpt.load_checkpoint(path).get_tensor("params/w")
+  assert main(["verify", path, "--json"]) == 1
