@@ -71,14 +71,16 @@ class Saver:
                        + "; ".join(str(e) for e in errors[1:]))
       raise first
 
-  def wait(self) -> None:
+  def wait(self, *, raise_errors: bool = True) -> None:
     """Waits for every queued save; raises the first error nobody has seen yet."""
     with self._cond:
       while self._queue:
         self._cond.wait()
-    self._raise_errors()
+    if raise_errors:
+      self._raise_errors()
 
-  def reserve(self, nbytes: int, *, max_in_flight: int, budget: int | None) -> float:
+  def reserve(self, nbytes: int, *, max_in_flight: int, budget: int | None,
+              raise_errors: bool = True) -> float:
     """Blocks until a save of ``nbytes`` fits; returns the seconds waited.
 
     Raises the error of an earlier failed save, if any.
@@ -96,7 +98,8 @@ class Saver:
     if nbytes > budget:
       logger.warning("A %.1f MiB snapshot exceeds the memory budget of %.1f MiB; it "
                      "runs alone.", nbytes / 2**20, budget / 2**20)
-    self._raise_errors()
+    if raise_errors:
+      self._raise_errors()
     return waited
 
   def submit(self, job: SaveJob, *, background: bool) -> None:

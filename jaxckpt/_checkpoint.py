@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -63,14 +64,6 @@ def _gather_snapshot(leaves, io_process: int) -> dict[str, object]:
   snapshot.update((leaf.name, value) for leaf, value in zip(arrays, gathered, strict=True))
   # All numpy: written by _orbax_fixes.NumpyOnProcessHandler on this process.
   return {name: np.asarray(value) for name, value in snapshot.items()}
-
-
-def _reader(timeout_s: float) -> Reader:
-  coordination = begin("restore", timeout_s)
-  if coordination is None:
-    return Reader()
-  return Reader(processes=frozenset(range(process_count())),
-                key_prefix=f"jaxckpt{coordination.op}")
 
 
 class Checkpoint:
@@ -184,6 +177,18 @@ class Checkpoint:
     the counter; ``on_commit(path, owner)`` runs after the write callbacks.
     """
     start = time.perf_counter()
+    io_device = resolve_io_device(options.experimental_io_device)
+    routed = io_device is not None and process_count() > 1  # One process does the I/O.
+    # Numbered first, before anything that could fail on one process only (an
+    # earlier async error, a bad path): every process's n-th save call is then
+    # the same operation, and a process that drops out makes the others fail
+    # that save at a barrier instead of pairing their later saves with its
+    # next one (which would commit shards from different steps).
+    coordination = begin("save", options.timeout_s,
+                         io_process=io_device.process_index if routed else None)
+    counter = self._save_counter + (kind == "save")
+    if coordination is not None:  # For the same reason the number is used up now.
+      object.__setattr__(self, "_save_counter", counter)
     flat = [leaf for item in flatten_items(self._items) for leaf in item.leaves]
     abstract = [leaf.name for leaf in flat if leaf.abstract]
     if abstract:
@@ -194,7 +199,7 @@ class Checkpoint:
       raise InvalidOptionsError(
           "incremental=True is single-process only: with several JAX processes every "
           "process would have to make the same reuse decisions. Use incremental=False.")
-    url = _kvstore.is_url(path_for(self._save_counter + (kind == "save")))
+    url = _kvstore.is_url(path_for(counter))
     if url and options.incremental:
       raise InvalidOptionsError(
           "incremental=True needs a local path; memory://, s3:// and gs:// checkpoints are "
@@ -203,14 +208,17 @@ class Checkpoint:
       raise InvalidOptionsError(
           "memory:// is private to each process; with several JAX processes save to a "
           "shared filesystem path, s3:// or gs://.")
-    io_device = resolve_io_device(options.experimental_io_device)
     nbytes = sum(leaf.nbytes for leaf in flat)
-    if options.enable_async:  # Backpressure; also raises an earlier save's error.
+    # Backpressure; also raises an earlier async save's error, as TF does, but
+    # not with several processes: an error raised on one process only would drop
+    # this save there and fail it on the others, and the next one the other way
+    # round. There the error stays for sync()/restore() (and is in its future).
+    raise_errors = coordination is None
+    if options.enable_async:
       self._saver.reserve(nbytes, max_in_flight=options.max_in_flight,
-                          budget=options.memory_budget_bytes)
+                          budget=options.memory_budget_bytes, raise_errors=raise_errors)
     else:
-      self._saver.wait()
-    counter = self._save_counter + (kind == "save")
+      self._saver.wait(raise_errors=raise_errors)
     path = path_for(counter)
     if not url:
       check_target(path)
@@ -222,13 +230,15 @@ class Checkpoint:
             "checkpoints may read data from it. Choose a new path.")
       reused = reuse_by_identity(flat, self._history)
     to_copy = [leaf for leaf in flat if leaf.name not in reused]
-    if io_device is not None and process_count() > 1:  # One process does the I/O.
+    if coordination is not None:
+      coordination = dataclasses.replace(coordination, what=f"save of {path!r}")
+    if routed:
+      # The gather is an XLA collective, which has no timeout: enter it only
+      # once every process is known to be here.
+      coordination.barrier("gather")
       snapshot = _gather_snapshot(to_copy, io_device.process_index)
-      coordination = begin(f"save of {path!r}", options.timeout_s,
-                           io_process=io_device.process_index)
     else:
       snapshot = take_snapshot(to_copy, copy=options.enable_async, io_device=io_device)
-      coordination = begin(f"save of {path!r}", options.timeout_s)
     object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)
     job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
@@ -275,15 +285,18 @@ class Checkpoint:
 
   def _restore(self, save_path, options: CheckpointOptions, *,
                restore_counter: bool) -> LoadStatus:
+    io_device = resolve_io_device(options.experimental_io_device)
+    routed = io_device is not None and process_count() > 1  # Only its process reads files.
+    # Numbered before anything that may fail on one process only (see _save).
+    coordination = begin("restore", options.timeout_s,
+                         io_process=io_device.process_index if routed else None)
     self._saver.wait()
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
     tracked = {leaf.name for leaf in flat}
-    io_device = resolve_io_device(options.experimental_io_device)
-    if io_device is not None and process_count() > 1:  # Only its process reads files.
+    if routed:
       path, manifest, restored = restore_through(
-          io_device.process_index, save_path, flat, timeout_s=options.timeout_s,
-          verify_checksums=options.verify_checksums)
+          coordination, save_path, flat, verify_checksums=options.verify_checksums)
       if path is None:
         return InitializationOnlyStatus(tracked)
     else:
@@ -291,9 +304,10 @@ class Checkpoint:
         return InitializationOnlyStatus(tracked)
       path = os.fspath(save_path)
       manifest = read_manifest(path)
+      reader = Reader() if coordination is None else Reader(
+          processes=frozenset(range(process_count())), key_prefix=f"jaxckpt{coordination.op}")
       restored = read_leaves(path, manifest, flat, io_device,
-                             verify_checksums=options.verify_checksums,
-                             reader=_reader(options.timeout_s))
+                             verify_checksums=options.verify_checksums, reader=reader)
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
         self._items[item.name] = item.rebuild(restored)

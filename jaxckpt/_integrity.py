@@ -6,9 +6,10 @@ returned as data. jaxckpt records a CRC-32 of each leaf's stored bytes in the
 manifest (zlib.crc32 runs at 3.5 GB/s here and releases the GIL) and checks it
 after reading, before any dtype cast.
 
-Arrays that no single process holds whole (several JAX processes) get one CRC-32
-per stored shard instead, keyed by the shard's slice (``"0:8,0:4"``): each
-process computes its own, the primary collects them into the manifest. A read
+Arrays spread over several JAX processes (not fully addressable, including
+arrays replicated across processes) get one CRC-32 per stored shard instead,
+keyed by the shard's slice (``"0:8,0:4"``): each process computes its own, the
+primary collects them into the manifest. A read
 checks every restored shard whose slice matches a saved one (same sharding as
 at save time), and a whole-array read (``jaxckpt verify``, one process) checks
 them all.

@@ -48,11 +48,18 @@ def is_url(path: Any) -> bool:
   return isinstance(path, str) and path.startswith(SCHEMES)
 
 
+def normalize(url: str) -> str:
+  """``url`` without trailing slashes (``memory://`` itself stays as it is)."""
+  scheme, rest = url.split("://", 1)
+  return f"{scheme}://{rest.rstrip('/')}"
+
+
 def join(url: str, *parts: str) -> str:
   scheme, rest = url.split("://", 1)
   if scheme != "memory" and not rest.strip("/"):
     raise ValueError(f"{url!r} names no bucket: use {scheme}://BUCKET/path.")
-  return "/".join([url.rstrip("/"), *(p.strip("/") for p in parts)])
+  names = [p.strip("/") for p in (rest, *parts) if p.strip("/")]
+  return f"{scheme}://" + "/".join(names)
 
 
 def dirname(url: str) -> str:
@@ -147,10 +154,11 @@ def _array_spec(url: str, name: str) -> dict:
 
 
 def _chunks(value: Any) -> tuple[int, ...] | None:
+  """One chunk per device shard: from the sharding, so every process (each
+  writing its own shards into the same array) agrees and no two processes ever
+  write the same chunk object."""
   if isinstance(value, jax.Array) and value.ndim:
-    shapes = {s.data.shape for s in value.addressable_shards}
-    if len(shapes) == 1:
-      return tuple(max(1, d) for d in next(iter(shapes)))
+    return tuple(max(1, d) for d in value.sharding.shard_shape(value.shape))
   return None
 
 

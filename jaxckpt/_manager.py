@@ -85,7 +85,7 @@ class CheckpointManager:
     self._directory = os.fspath(directory)
     self._url = _kvstore.is_url(self._directory)
     if self._url:
-      self._directory = self._directory.rstrip("/")
+      self._directory = _kvstore.normalize(self._directory)
     elif os.path.exists(self._directory) and not os.path.isdir(self._directory):
       raise InvalidOptionsError(
           f"directory {self._directory!r} exists and is not a directory.")

@@ -115,6 +115,13 @@ class Coordination:
     try:
       _client().wait_at_barrier(self._key(name), self._timeout_ms)
     except Exception as e:
+      try:  # The primary may have failed and said why.
+        reason = _client().key_value_try_get(self._key("committed"))
+      except Exception:
+        reason = None
+      if reason and reason != "ok":
+        raise CoordinationError(
+            f"The {self.what} failed on process {self.primary}: {reason}") from e
       raise CoordinationError(
           f"The {self.what} gave up after {self.timeout_s:g} s waiting for all "
           f"{process_count()} processes at '{name}' (one may have died or be "

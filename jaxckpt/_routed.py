@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import read_manifest
-from jaxckpt._multihost import begin
+from jaxckpt._multihost import Coordination
 from jaxckpt._restore import Reader
 from jaxckpt._restore import as_tracked_type
 from jaxckpt._restore import check_compatible
@@ -91,15 +91,16 @@ def _place(leaf: Leaf, value: np.ndarray):
   return as_tracked_type(leaf, value)
 
 
-def restore_through(io_process: int, save_path, leaves: list[Leaf], *, timeout_s: float,
+def restore_through(coord: Coordination, save_path, leaves: list[Leaf], *,
                     verify_checksums: bool) -> tuple[str | None, Manifest | None, dict]:
-  """Restore where only ``io_process`` reads files; returns (path, manifest, values).
+  """Restore where only ``coord.primary`` (the I/O process) reads files; returns
+  (path, manifest, values).
 
-  Every process must call it; ``io_process``'s ``save_path`` is the one used
+  Every process must call it; the I/O process's ``save_path`` is the one used
   (the others may not see the files at all). Returns ``(None, None, {})`` when
   that path is None.
   """
-  coord = begin(f"restore through process {io_process}", timeout_s, io_process=io_process)
+  io_process = coord.primary
   if coord.is_primary:
     path = None if save_path is None else os.fspath(save_path)
     try:

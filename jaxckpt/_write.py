@@ -118,7 +118,16 @@ def _commit_to_kvstore(job: SaveJob) -> None:
   shared = coord is not None and coord.writers is None  # Several processes write.
   previous = None
   try:
-    data = coord.share("data", _kvstore.new_data_name) if coord else _kvstore.new_data_name()
+    if coord is None:
+      data = _kvstore.new_data_name()
+    else:
+      named = json.loads(coord.share(
+          "data", lambda: json.dumps([target, _kvstore.new_data_name()])))
+      if named[0] != target:
+        raise CoordinationError(
+            f"Process {coord.primary} saves this operation to {named[0]!r}, this process to "
+            f"{target!r}: the processes' save calls are out of step.")
+      data = named[1]
     url = _kvstore.join(target, data)
     if primary:
       previous = read_manifest(target) if is_committed(target) else None
@@ -139,9 +148,8 @@ def _commit_to_kvstore(job: SaveJob) -> None:
       coord.barrier("written")
     if primary:
       # The commit: one PUT of the manifest, after every array write returned.
+      # ("committed" is published by run_save once the state file is written.)
       _kvstore.write_bytes(manifest_file(target), json.dumps(job.manifest.to_json()).encode())
-      if coord is not None:
-        coord.publish("committed", "ok")
     else:
       _await_commit(coord)
   except BaseException as e:
@@ -177,6 +185,13 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     # into the same staging directory: the primary names it.
     staging = (coord.share("staging", lambda: staging_path(target)) if coord
                else staging_path(target))
+    if coord is not None and (
+        os.path.dirname(staging) != os.path.dirname(target)
+        or not os.path.basename(staging).startswith(f".{os.path.basename(target)}.jaxckpt-tmp-")):
+      raise CoordinationError(
+          f"Process {coord.primary} saves this operation to {staging!r}, this process to "
+          f"{target!r}: the processes' save calls are out of step (every process must make "
+          "the same save/write calls, in the same order, with the same paths).")
     if coord is not None and coord.writers is None:
       # Everyone is here: from now on Orbax's barriers run, whose blocking part
       # uses Orbax's fixed 300 s timeout instead of ours.
@@ -211,9 +226,7 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     checkpointer.wait_until_finished()  # With several processes: all shards written.
     if primary:
       _write_manifest(staging, job.manifest)
-      commit(staging, target)
-      if coord is not None:
-        coord.publish("committed", "ok")
+      commit(staging, target)  # run_save publishes "committed" after the state file.
     else:
       _await_commit(coord)
   except BaseException as e:
@@ -288,12 +301,12 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
 
   With several processes every process runs the write callbacks once the
   checkpoint is committed; only the primary runs ``on_commit`` (state file,
-  manager sweep).
+  manager sweep), and the others' saves finish only after it did, so
+  `latest_checkpoint` agrees on every process once ``save`` returns.
   """
-  if (job.coordination is not None and job.coordination.writes
-      and not _kvstore.is_url(job.target)):
-    checkpointer = new_checkpointer(compression=job.compression,
-                                    coordination=job.coordination)
+  coord = job.coordination
+  if coord is not None and coord.writes and not _kvstore.is_url(job.target):
+    checkpointer = new_checkpointer(compression=job.compression, coordination=coord)
     try:
       _write_and_commit(job, checkpointer)
     except BaseException:
@@ -305,18 +318,22 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
     checkpointer.close()
   else:
     _write_and_commit(job, checkpointer)
-  if job.history is not None:
-    _record_history(job, job.target)
-  for i, callback in enumerate(job.callbacks):
-    try:
-      call_write_callback(callback, job.final)
-    except BaseException as e:
-      raise WriteCallbackError(
-          f"Checkpoint {job.final!r} was committed, but write callback #{i} "
-          f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
-          "run and the state file was not updated.") from e
-  if job.on_commit is not None:
-    job.on_commit(job.final, job.coordination is None or job.coordination.is_primary)
+  try:
+    if job.history is not None:
+      _record_history(job, job.target)
+    for i, callback in enumerate(job.callbacks):
+      try:
+        call_write_callback(callback, job.final)
+      except BaseException as e:
+        raise WriteCallbackError(
+            f"Checkpoint {job.final!r} was committed, but write callback #{i} "
+            f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
+            "run and the state file was not updated.") from e
+    if job.on_commit is not None:
+      job.on_commit(job.final, coord is None or coord.is_primary)
+  finally:
+    if coord is not None and coord.is_primary:  # Committed, whatever the callbacks did.
+      coord.publish("committed", "ok")
   logger.info("Committed checkpoint %s (%.1f MiB) in %.3f s.", job.final,
               job.nbytes / 2**20, time.perf_counter() - job.started)
   return job.final

@@ -225,3 +225,42 @@ def donate_after_async_save(directory: str, saves: int = 4):
     ckpt.read(str(path)).assert_consumed()
     ok.append(bits_equal(full(ckpt.w), want))
   return {"ok": ok}
+
+
+def callback_fails_once(directory: str, saves: int = 4):
+  """A write callback fails on process 1 only, once; the loop catches errors and
+  goes on. Processes must stay in step: every committed checkpoint holds one
+  step's data, and later saves succeed again."""
+  failed = []
+
+  def flaky(path):
+    if jax.process_index() == 1 and not failed:
+      failed.append(path)
+      raise RuntimeError("callback failed on process 1 only")
+
+  opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[flaky],
+                                   timeout_s=8)
+  ckpt = jaxckpt.Checkpoint(w=sharded(reference(1)))
+  outcomes = []
+  for step in range(1, saves + 1):
+    ckpt.w = sharded(reference(step))
+    try:
+      path = ckpt.save(os.path.join(directory, "ckpt"), options=opts)
+      path.future.result(timeout=60)
+      outcomes.append(["ok", os.path.basename(path)])
+    except jaxckpt.JaxckptError as e:
+      outcomes.append(["error", type(e).__name__])
+  sync_error = None
+  try:
+    ckpt.sync()  # Raises the error no save raised.
+  except jaxckpt.JaxckptError as e:
+    sync_error = type(e).__name__
+  contents = {}
+  for name in sorted(os.listdir(directory)):
+    if name.startswith("ckpt-"):
+      ckpt.w = sharded(np.zeros(SHAPE, np.float32))
+      ckpt.read(os.path.join(directory, name)).assert_consumed()
+      got = full(ckpt.w)
+      contents[name] = [s for s in range(1, saves + 1) if bits_equal(got, reference(s))]
+  return {"outcomes": outcomes, "contents": contents, "counter": ckpt.save_counter,
+          "sync_error": sync_error}

@@ -226,3 +226,18 @@ def test_per_shard_crcs_are_recorded_and_catch_corruption(saved_2x2, tmp_path, c
   with pytest.raises(jaxckpt.CorruptCheckpointError, match="params/w"):
     jaxckpt.load_checkpoint(path).get_tensor("params/w")
   assert main(["verify", path, "--json"]) == 1
+
+
+def test_an_error_on_one_process_never_mixes_steps_in_later_checkpoints(tmp_path):
+  results = distributed.launch("distributed_cases", "callback_fails_once", 2, devices=2,
+                               kwargs={"directory": str(tmp_path)}, timeout=180)
+  p0, p1 = results
+  # The callback's error fails save 1's future on process 1 only; it is not raised
+  # again by the next save there (that would drop that save on one process).
+  assert p0["outcomes"] == [["ok", f"ckpt-{i}"] for i in range(1, 5)]
+  assert p1["outcomes"] == [["error", "WriteCallbackError"]] + [
+      ["ok", f"ckpt-{i}"] for i in range(2, 5)]
+  assert p1["sync_error"] == "WriteCallbackError" and p0["sync_error"] is None
+  for r in results:  # Every committed checkpoint holds exactly one step's data.
+    assert r["contents"] == {f"ckpt-{i}": [i] for i in range(1, 5)}
+    assert r["counter"] == 4
