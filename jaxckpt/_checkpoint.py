@@ -195,16 +195,17 @@ class Checkpoint:
       raise TreeError(
           f"Cannot save abstract values (jax.ShapeDtypeStruct) at {abstract[:5]}: they "
           "are restore targets. Restore or initialize them first.")
-    if options.incremental and process_count() > 1:
+    if options.incremental and coordination is not None:
       raise InvalidOptionsError(
           "incremental=True is single-process only: with several JAX processes every "
           "process would have to make the same reuse decisions. Use incremental=False.")
-    url = _kvstore.is_url(path_for(counter))
+    path = path_for(counter)
+    url = _kvstore.is_url(path)
     if url and options.incremental:
       raise InvalidOptionsError(
           "incremental=True needs a local path; memory://, s3:// and gs:// checkpoints are "
           "always written in full. Use incremental=False.")
-    if url and process_count() > 1 and path_for(0).startswith("memory://"):
+    if url and coordination is not None and path.startswith("memory://"):
       raise InvalidOptionsError(
           "memory:// is private to each process; with several JAX processes save to a "
           "shared filesystem path, s3:// or gs://.")
@@ -219,7 +220,6 @@ class Checkpoint:
                           budget=options.memory_budget_bytes, raise_errors=raise_errors)
     else:
       self._saver.wait(raise_errors=raise_errors)
-    path = path_for(counter)
     if not url:
       check_target(path)
     reused = {}

@@ -82,6 +82,24 @@ def _rebuild_error(data: dict, io_process: int) -> Exception:
   return cls(f"(on process {io_process}, the experimental_io_device) {data['message']}")
 
 
+def _on_io_process(coord: Coordination, name: str, work):
+  """``work()`` → (local result, JSON-able payload) on the I/O process, which
+  publishes the payload or its error; returns (result, payload) there and
+  (None, payload) elsewhere, and raises its error on every process."""
+  if coord.is_primary:
+    try:
+      result, payload = work()
+    except Exception as e:
+      coord.publish(name, json.dumps({"error": type(e).__name__, "message": str(e)}))
+      raise
+    coord.publish(name, json.dumps({"payload": payload}))
+    return result, payload
+  data = json.loads(coord.receive(name))
+  if "error" in data:
+    raise _rebuild_error(data, coord.primary)
+  return None, data["payload"]
+
+
 def _place(leaf: Leaf, value: np.ndarray):
   sharding = getattr(leaf.value, "sharding", None)
   if (isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)) and sharding is not None
@@ -101,40 +119,26 @@ def restore_through(coord: Coordination, save_path, leaves: list[Leaf], *,
   that path is None.
   """
   io_process = coord.primary
-  if coord.is_primary:
+
+  def read_manifest_there():
     path = None if save_path is None else os.fspath(save_path)
-    try:
-      manifest = None if path is None else read_manifest(path)
-      if manifest is not None:
-        check_compatible(path, manifest, leaves)
-      coord.publish("manifest", json.dumps(
-          {"path": path, "manifest": manifest and manifest.to_json()}))
-    except Exception as e:
-      coord.publish("manifest", json.dumps({"error": type(e).__name__, "message": str(e)}))
-      raise
-  else:
-    data = json.loads(coord.receive("manifest"))
-    if "error" in data:
-      raise _rebuild_error(data, io_process)
-    path = data["path"]
-    manifest = None if path is None else Manifest.from_json(data["manifest"], path)
+    manifest = None if path is None else read_manifest(path)
+    if manifest is not None:
+      check_compatible(path, manifest, leaves)
+    return manifest, {"path": path, "manifest": manifest and manifest.to_json()}
+
+  manifest, shared = _on_io_process(coord, "manifest", read_manifest_there)
+  path = shared["path"]
+  if manifest is None and path is not None:
+    manifest = Manifest.from_json(shared["manifest"], path)
   if path is None:
     return None, None, {}
   wanted = [leaf for leaf in leaves if leaf.name in manifest.leaves]
-  raw = None
-  if coord.is_primary:
-    try:
-      raw = read_leaves(path, manifest, wanted, verify_checksums=verify_checksums,
-                        reader=Reader(processes=frozenset([io_process]), primary=io_process,
-                                      host_only=True, key_prefix=f"jaxckpt{coord.op}"))
-      coord.publish("read", "{}")
-    except Exception as e:
-      coord.publish("read", json.dumps({"error": type(e).__name__, "message": str(e)}))
-      raise
-  else:
-    data = json.loads(coord.receive("read"))
-    if "error" in data:
-      raise _rebuild_error(data, io_process)
+  reader = Reader(processes=frozenset([io_process]), primary=io_process, host_only=True,
+                  key_prefix=f"jaxckpt{coord.op}")
+  raw, _ = _on_io_process(coord, "read", lambda: (
+      read_leaves(path, manifest, wanted, verify_checksums=verify_checksums, reader=reader),
+      None))
   specs = [(tuple(manifest.leaves[l.name].shape), stored_dtype(manifest, l.name))
            for l in wanted]
   arrays = broadcast(None if raw is None else [raw[l.name] for l in wanted], specs,

@@ -103,6 +103,8 @@ def _copy_global(values: list[jax.Array],
 
 def _snapshot_arrays(values: list[jax.Array],
                      targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
+  if jax.process_count() == 1:  # All fully addressable; skip the per-array check.
+    return _copy_in_place(values, targets)
   local = [i for i, v in enumerate(values) if v.is_fully_addressable]
   if len(local) == len(values):
     return _copy_in_place(values, targets)

@@ -118,16 +118,7 @@ def _commit_to_kvstore(job: SaveJob) -> None:
   shared = coord is not None and coord.writers is None  # Several processes write.
   previous = None
   try:
-    if coord is None:
-      data = _kvstore.new_data_name()
-    else:
-      named = json.loads(coord.share(
-          "data", lambda: json.dumps([target, _kvstore.new_data_name()])))
-      if named[0] != target:
-        raise CoordinationError(
-            f"Process {coord.primary} saves this operation to {named[0]!r}, this process to "
-            f"{target!r}: the processes' save calls are out of step.")
-      data = named[1]
+    data = _name_for_all(coord, target, "data", _kvstore.new_data_name)
     url = _kvstore.join(target, data)
     if primary:
       previous = read_manifest(target) if is_committed(target) else None
@@ -183,15 +174,7 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
   try:
     # Absolute: Orbax's OCDBT refuses relative paths. Every process must write
     # into the same staging directory: the primary names it.
-    staging = (coord.share("staging", lambda: staging_path(target)) if coord
-               else staging_path(target))
-    if coord is not None and (
-        os.path.dirname(staging) != os.path.dirname(target)
-        or not os.path.basename(staging).startswith(f".{os.path.basename(target)}.jaxckpt-tmp-")):
-      raise CoordinationError(
-          f"Process {coord.primary} saves this operation to {staging!r}, this process to "
-          f"{target!r}: the processes' save calls are out of step (every process must make "
-          "the same save/write calls, in the same order, with the same paths).")
+    staging = _name_for_all(coord, target, "staging", lambda: staging_path(target))
     if coord is not None and coord.writers is None:
       # Everyone is here: from now on Orbax's barriers run, whose blocking part
       # uses Orbax's fixed 300 s timeout instead of ours.
@@ -264,6 +247,20 @@ def _shard_checksums(snapshot: dict[str, Any], checksums: dict[str, int | None],
       for name, sums in json.loads(coord.receive(f"crc/{process}", sender=process)).items():
         local.setdefault(name, {}).update(sums)
   return local
+
+
+def _name_for_all(coord: Coordination | None, target: str, key: str, make) -> str:
+  """``make()`` on the primary (a staging directory or data prefix name), the same
+  name on every process, after checking every process saves to ``target``."""
+  if coord is None:
+    return make()
+  shared, name = json.loads(coord.share(key, lambda: json.dumps([target, make()])))
+  if shared != target:
+    raise CoordinationError(
+        f"Process {coord.primary} saves this operation to {shared!r}, this process to "
+        f"{target!r}: the processes' save calls are out of step (every process must make "
+        "the same save/write calls, in the same order, with the same paths).")
+  return name
 
 
 def _await_commit(coord: Coordination) -> None:

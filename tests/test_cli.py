@@ -14,14 +14,19 @@ from jaxckpt import _kvstore
 from jaxckpt._cli import main
 
 
-@pytest.fixture
-def directory(tmp_path):
-  sharded = jax.device_put(jnp.arange(16384.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)),
-                                                              jax.P("d")))
+def _three_managed_saves(directory, *, size: int) -> None:
+  """ckpt-1..3 of a sharded model in ``directory``; the manager keeps ckpt-2 and ckpt-3."""
+  sharded = jax.device_put(jnp.arange(float(size)),
+                           jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d")))
   ckpt = jaxckpt.Checkpoint(model={"w": sharded, "b": np.ones(3, np.float32)}, step=4)
-  manager = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=2)
+  manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=2)
   for _ in range(3):
     manager.save()
+
+
+@pytest.fixture
+def directory(tmp_path):
+  _three_managed_saves(tmp_path, size=16384)
   (tmp_path / ".ckpt-9.jaxckpt-tmp-abc").mkdir()  # An interrupted save.
   return tmp_path
 
@@ -103,12 +108,7 @@ def store(request):
     root = f"s3://{bucket}/run"
     def put(url, data):  # Through S3 itself, behind jaxckpt's back.
       client.put_object(Bucket=bucket, Key=url.removeprefix(f"s3://{bucket}/"), Body=data)
-  sharded = jax.device_put(jnp.arange(16.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)),
-                                                              jax.P("d")))
-  ckpt = jaxckpt.Checkpoint(model={"w": sharded, "b": np.ones(3, np.float32)}, step=4)
-  manager = jaxckpt.CheckpointManager(ckpt, root, max_to_keep=2)
-  for _ in range(3):
-    manager.save()
+  _three_managed_saves(root, size=16)
   _kvstore.write_bytes(f"{root}/ckpt-9/data-0123456789ab/model/w/zarr.json", b"{}")
   return root, put
 

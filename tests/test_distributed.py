@@ -19,6 +19,15 @@ import jaxckpt
 pytestmark = pytest.mark.timeout(240)
 
 
+def _nothing_committed_and_restart_resumes(directory):
+  assert "ckpt-2" not in os.listdir(directory)
+  resumed = distributed.launch("distributed_cases", "resume_latest", 2, devices=2,
+                               kwargs={"directory": str(directory)})
+  assert [r["restored"] for r in resumed] == [str(directory / "ckpt-1")] * 2
+  assert all(r["w_ok"] for r in resumed)
+  assert sorted(os.listdir(directory)) == ["checkpoint", "ckpt-1"]  # Staging leftovers removed.
+
+
 @pytest.fixture(scope="module")
 def saved_2x2(tmp_path_factory):
   """Three async saves by 2 processes × 2 devices through a CheckpointManager."""
@@ -133,11 +142,7 @@ def test_process_dying_mid_save_fails_the_save_elsewhere_and_restart_resumes(tmp
   assert survivor["seconds"] < 60  # Bounded by timeout_s, not a hang (the launcher's 150 s).
   assert survivor["listing"] == ["checkpoint", "ckpt-1"]
   assert survivor["latest"] == str(tmp_path / "ckpt-1")
-  resumed = distributed.launch("distributed_cases", "resume_latest", 2, devices=2,
-                               kwargs={"directory": str(tmp_path)})
-  for r in resumed:
-    assert r["restored"] == str(tmp_path / "ckpt-1") and r["w_ok"]
-  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]  # Leftovers swept.
+  _nothing_committed_and_restart_resumes(tmp_path)
 
 
 def test_process_dying_under_default_jax_never_commits_and_restart_resumes(tmp_path):
@@ -154,12 +159,7 @@ def test_process_dying_under_default_jax_never_commits_and_restart_resumes(tmp_p
     assert "was not committed" in survivor["error"]
   else:
     assert "Terminating process because the JAX distributed service" in survivor["stderr"]
-  assert "ckpt-2" not in os.listdir(tmp_path)
-  resumed = distributed.launch("distributed_cases", "resume_latest", 2, devices=2,
-                               kwargs={"directory": str(tmp_path)})
-  assert [r["restored"] for r in resumed] == [str(tmp_path / "ckpt-1")] * 2
-  assert all(r["w_ok"] for r in resumed)
-  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]
+  _nothing_committed_and_restart_resumes(tmp_path)
 
 
 def test_training_collectives_and_background_saves_do_not_deadlock(tmp_path):
@@ -182,11 +182,7 @@ def test_primary_dying_mid_save_takes_the_job_down_and_restart_resumes(tmp_path)
     assert "was not committed" in other["error"]
   else:
     assert "Terminating process because the JAX distributed service" in other["stderr"]
-  assert "ckpt-2" not in os.listdir(tmp_path)
-  resumed = distributed.launch("distributed_cases", "resume_latest", 2, devices=2,
-                               kwargs={"directory": str(tmp_path)})
-  assert [r["restored"] for r in resumed] == [str(tmp_path / "ckpt-1")] * 2
-  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]  # Staging leftovers removed.
+  _nothing_committed_and_restart_resumes(tmp_path)
 
 
 def test_async_saves_are_donation_safe_across_processes(tmp_path):
