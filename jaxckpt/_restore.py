@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxckpt import _fastread
 from jaxckpt import _knobs
 from jaxckpt import _kvstore
 from jaxckpt._errors import CorruptCheckpointError
@@ -246,6 +247,18 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
 
 def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
                 io_device: jax.Device | None, reader: Reader) -> dict[str, Any]:
+  fast = {}
+  if io_device is None and reader == Reader():  # One process, default devices.
+    fast = _fastread.read(os.path.join(path, _knobs.STATE_ITEM),
+                          [(l.name, l.shape, stored_dtype(manifest, l.name)) for l in wanted])
+  wanted = [l for l in wanted if l.name not in fast]
+  if not wanted:
+    return fast
+  return {**fast, **_orbax_read_named(path, manifest, wanted, io_device, reader)}
+
+
+def _orbax_read_named(path: str, manifest: Manifest, wanted: list[Leaf],
+                      io_device: jax.Device | None, reader: Reader) -> dict[str, Any]:
   try:
     return _orbax_read(path, manifest, wanted, io_device, reader)
   except JaxckptError:

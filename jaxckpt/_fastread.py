@@ -1,0 +1,212 @@
+"""Restore fast path: uncompressed arrays read straight from the OCDBT data files.
+
+Why not TensorStore for these: on this machine class (2-core CPU, cold page
+cache, 512 MiB in 8 float32 arrays) TensorStore's zarr-on-OCDBT read took
+0.58-0.94 s and Orbax's restore 0.84-1.04 s, while plain ``read()`` of the same
+data files took 0.15 s (``file_io_mode`` "memmap"/"direct" did not help cold:
+0.58-0.73 s). TensorStore reads each chunk into a buffer of its own, then
+copies it into an output array that is 16-byte aligned, so JAX copies it once
+more (it aliases only 64-byte-aligned host memory).
+
+TensorStore still does the part that is hard to get right: its public
+``ts.ocdbt.dump`` reads the OCDBT manifest and B-tree and says where every
+chunk lives (``value:<dir>:<file>:<offset>:<length>``) or gives its bytes
+inline. Here each chunk is then ``os.preadv``'d straight into a 64-byte-aligned
+numpy array, from several threads (``preadv`` releases the GIL).
+
+Only what is understood exactly takes this path: zarr v2 metadata without
+compressor or filters, C order, the expected shape and dtype, a B-tree of
+height 0 (Orbax's 100 MB node limit), and every chunk present with its full
+size. Anything else (``compression="zstd"``, a missing chunk, a short file, a
+format this code does not know) is left out of the result and read by Orbax as
+before, which raises the precise error if the data is bad. Every array is still
+checked against its CRC-32 afterwards.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import itertools
+import json
+import logging
+import math
+import os
+import sys
+
+import numpy as np
+import tensorstore as ts
+
+logger = logging.getLogger("jaxckpt")
+
+_PIECE_BYTES = 32 << 20  # Large chunks are read in pieces, so few arrays still use all threads.
+_THREADS = 8  # I/O-bound: more reads in flight than cores.
+
+
+class _Unsupported(Exception):
+  """This array is not for the fast path; Orbax reads it."""
+
+
+def _zarr_dtype(dtype: np.dtype) -> str:
+  return "bfloat16" if dtype.name == "bfloat16" else dtype.str
+
+
+def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+  """An uninitialized C-ordered array whose data starts on an ``align``-byte boundary."""
+  nbytes = math.prod(shape) * dtype.itemsize
+  raw = np.empty(nbytes + align, np.uint8)
+  start = -raw.ctypes.data % align
+  return raw[start:start + nbytes].view(dtype).reshape(shape)
+
+
+def _entries(state_dir: str) -> dict[bytes, dict]:
+  """Key → B-tree leaf entry of the OCDBT database in ``state_dir``."""
+  base = ts.KvStore.open({"driver": "file", "path": state_dir.rstrip("/") + "/"}).result()
+  manifest = ts.ocdbt.dump(base).result()
+  versions = manifest.get("versions") or []
+  if not versions:
+    raise _Unsupported("no versions")
+  latest = max(versions, key=lambda v: v["generation_number"])
+  root = latest.get("root") or {}
+  if latest.get("root_height", 0) != 0 or "location" not in root:
+    raise _Unsupported(f"B-tree height {latest.get('root_height')}")
+  node = ts.ocdbt.dump(base, root["location"]).result()
+  return {entry["key"]: entry for entry in node["entries"]}
+
+
+def _location(ref: str, state_dir: str) -> tuple[str, int, int]:
+  """``"value:ocdbt.process_0/:d/abc:0:64"`` → (file path, offset, length)."""
+  kind, rest = ref.split(":", 1)
+  head, offset, length = rest.rsplit(":", 2)
+  prefix, relative = head.split(":", 1)
+  if kind != "value" or ".." in prefix.split("/") or ".." in relative.split("/"):
+    raise _Unsupported(f"value reference {ref!r}")
+  return os.path.join(state_dir, prefix, relative), int(offset), int(length)
+
+
+def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[bytes, dict],
+          state_dir: str, out: np.ndarray) -> list[tuple]:
+  """Reads that fill ``out`` with array ``name``: (view, path, offset) or (view, bytes)."""
+  key = name.replace("/", ".")  # Orbax joins tree keys with '.'; jaxckpt's names have none.
+  meta_entry = entries.get(f"{key}/.zarray".encode())
+  if meta_entry is None or "inline_value" not in meta_entry:
+    raise _Unsupported("no inline zarr v2 metadata")
+  meta = json.loads(meta_entry["inline_value"])
+  if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
+      or meta.get("filters") is not None or meta.get("order") != "C"
+      or meta.get("dtype") != _zarr_dtype(dtype) or tuple(meta.get("shape", ())) != shape
+      or len(meta.get("chunks", ())) != len(shape) or 0 in shape):
+    raise _Unsupported(f"metadata {meta}")
+  chunks = tuple(meta["chunks"])
+  sep = meta.get("dimension_separator", ".")
+  chunk_bytes = math.prod(chunks) * dtype.itemsize
+  # A chunk whole in every dimension but the first is one contiguous run of
+  # ``out`` (its valid rows are a prefix of the stored, full-size chunk).
+  contiguous = all(c >= s for c, s in zip(chunks[1:], shape[1:]))
+  flat = out.reshape(-1).view(np.uint8)
+  row_bytes = math.prod(shape[1:]) * dtype.itemsize
+  reads = []
+  for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks))):
+    entry = entries.get(f"{key}/{sep.join(map(str, index)) or '0'}".encode())
+    if entry is None:
+      raise _Unsupported(f"chunk {index} missing")  # E.g. equal to the fill value.
+    region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+    if not shape:
+      dest = flat
+    elif contiguous:
+      start = region[0].start * row_bytes
+      dest = flat[start:region[0].stop * row_bytes]
+    else:  # Read the full stored chunk, then copy its valid part.
+      dest = None
+    if "inline_value" in entry:
+      data = entry["inline_value"]
+      if len(data) != chunk_bytes:
+        raise _Unsupported(f"inline chunk of {len(data)} bytes")
+      reads.append((dest, data, region, chunks))
+      continue
+    path, offset, length = _location(entry.get("indirect_value", ""), state_dir)
+    if length != chunk_bytes:
+      raise _Unsupported(f"chunk of {length} bytes, expected {chunk_bytes}")
+    reads.append((dest, (path, offset), region, chunks))
+  return reads
+
+
+def _pread_into(fd: int, view: memoryview, offset: int) -> None:
+  while view:
+    n = os.preadv(fd, [view], offset)
+    if n <= 0:
+      raise OSError(f"unexpected end of data file at offset {offset}")
+    view, offset = view[n:], offset + n
+
+
+def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]]) -> dict:
+  """Reads what it can of ``wanted`` (name, shape, stored dtype); returns {name: array}.
+
+  Arrays it leaves out (see the module docstring) are for Orbax to read.
+  """
+  if sys.byteorder != "little" or not wanted:
+    return {}
+  try:
+    entries = _entries(state_dir)
+  except Exception as e:  # Not an OCDBT layout this code knows: Orbax reads everything.
+    logger.debug("Fast read of %s not possible: %s", state_dir, e)
+    return {}
+  out, plans = {}, {}
+  for name, shape, dtype in wanted:
+    array = aligned_empty(tuple(shape), np.dtype(dtype))
+    try:
+      plans[name] = _plan(name, tuple(shape), np.dtype(dtype), entries, state_dir, array)
+    except (_Unsupported, ValueError, KeyError, TypeError) as e:
+      logger.debug("Array %s of %s is read by Orbax: %s", name, state_dir, e)
+      continue
+    out[name] = array
+
+  fds: dict[str, int] = {}
+  failed: set[str] = set()
+
+  def run(name: str, dest, source, region, chunks) -> None:
+    if name in failed:
+      return
+    array = out[name]
+    try:
+      if isinstance(source, bytes):
+        data = source
+      else:
+        path, offset = source
+        if dest is not None:
+          _pread_into(fds[path], memoryview(dest), offset)
+          return
+        data = aligned_empty((math.prod(chunks) * array.dtype.itemsize,), np.dtype(np.uint8))
+        _pread_into(fds[path], memoryview(data), offset)
+      if dest is not None:
+        dest[:] = np.frombuffer(data, np.uint8, count=len(dest))
+      else:
+        chunk = np.frombuffer(data, array.dtype, count=math.prod(chunks)).reshape(chunks)
+        array[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+    except Exception as e:  # Short file, unreadable: Orbax reads it (and says what is wrong).
+      logger.debug("Fast read of %s failed: %s", name, e)
+      failed.add(name)
+
+  jobs = []
+  for name, reads in plans.items():
+    for dest, source, region, chunks in reads:
+      if not isinstance(source, bytes) and source[0] not in fds:
+        try:
+          fds[source[0]] = os.open(source[0], os.O_RDONLY)
+        except OSError:
+          failed.add(name)
+          continue
+      if dest is not None and not isinstance(source, bytes) and len(dest) > _PIECE_BYTES:
+        path, offset = source
+        for start in range(0, len(dest), _PIECE_BYTES):
+          jobs.append((name, dest[start:start + _PIECE_BYTES], (path, offset + start), region,
+                       chunks))
+      else:
+        jobs.append((name, dest, source, region, chunks))
+  try:
+    with concurrent.futures.ThreadPoolExecutor(min(_THREADS, max(1, len(jobs)))) as pool:
+      for future in [pool.submit(run, *job) for job in jobs]:
+        future.result()
+  finally:
+    for fd in fds.values():
+      os.close(fd)
+  return {name: array for name, array in out.items() if name not in failed}
