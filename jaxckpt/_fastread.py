@@ -83,14 +83,27 @@ def _location(ref: str, state_dir: str) -> tuple[str, int, int]:
   return os.path.join(state_dir, prefix, relative), int(offset), int(length)
 
 
+def _small_value(entry: dict, state_dir: str) -> bytes:
+  if "inline_value" in entry:
+    return entry["inline_value"]
+  path, offset, length = _location(entry.get("indirect_value", ""), state_dir)
+  if length > 1 << 20:
+    raise _Unsupported(f"metadata of {length} bytes")
+  with open(path, "rb") as f:
+    data = os.pread(f.fileno(), length, offset)
+  if len(data) != length:
+    raise _Unsupported("metadata beyond the end of its file")
+  return data
+
+
 def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[bytes, dict],
           state_dir: str, out: np.ndarray) -> list[tuple]:
   """Reads that fill ``out`` with array ``name``: (view, path, offset) or (view, bytes)."""
   key = name.replace("/", ".")  # Orbax joins tree keys with '.'; jaxckpt's names have none.
   meta_entry = entries.get(f"{key}/.zarray".encode())
-  if meta_entry is None or "inline_value" not in meta_entry:
-    raise _Unsupported("no inline zarr v2 metadata")
-  meta = json.loads(meta_entry["inline_value"])
+  if meta_entry is None:
+    raise _Unsupported("no zarr v2 metadata")
+  meta = json.loads(_small_value(meta_entry, state_dir))
   if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
       or meta.get("filters") is not None or meta.get("order") != "C"
       or meta.get("dtype") != _zarr_dtype(dtype) or tuple(meta.get("shape", ())) != shape
@@ -101,15 +114,16 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[byte
   chunk_bytes = math.prod(chunks) * dtype.itemsize
   # A chunk whole in every dimension but the first is one contiguous run of
   # ``out`` (its valid rows are a prefix of the stored, full-size chunk).
-  contiguous = all(c >= s for c, s in zip(chunks[1:], shape[1:]))
+  contiguous = all(c >= s for c, s in zip(chunks[1:], shape[1:], strict=True))
   flat = out.reshape(-1).view(np.uint8)
   row_bytes = math.prod(shape[1:]) * dtype.itemsize
   reads = []
-  for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks))):
+  for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks, strict=True))):
     entry = entries.get(f"{key}/{sep.join(map(str, index)) or '0'}".encode())
     if entry is None:
       raise _Unsupported(f"chunk {index} missing")  # E.g. equal to the fill value.
-    region = tuple(slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape))
+    region = tuple(slice(i * c, min((i + 1) * c, s))
+                   for i, c, s in zip(index, chunks, shape, strict=True))
     if not shape:
       dest = flat
     elif contiguous:
@@ -155,7 +169,7 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]]) ->
     array = aligned_empty(tuple(shape), np.dtype(dtype))
     try:
       plans[name] = _plan(name, tuple(shape), np.dtype(dtype), entries, state_dir, array)
-    except (_Unsupported, ValueError, KeyError, TypeError) as e:
+    except (_Unsupported, OSError, ValueError, KeyError, TypeError) as e:
       logger.debug("Array %s of %s is read by Orbax: %s", name, state_dir, e)
       continue
     out[name] = array
