@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import shutil
 import socket
 import subprocess
 import sys
@@ -111,6 +112,7 @@ def collect(procs, outdir: str, *, timeout: float = 120, expect_fail: set[int] =
     results.append(value)
   if timed_out:
     problems.insert(0, f"Timed out after {timeout} s; all processes killed.")
+  shutil.rmtree(outdir, ignore_errors=True)  # Everything worth keeping is in the message.
   if problems:
     raise ProcessFailure("\n".join(problems))
   return results

@@ -5,6 +5,7 @@ import importlib
 import pathlib
 import pkgutil
 import re
+import tempfile
 
 import pytest
 
@@ -15,7 +16,8 @@ MODULES = sorted(m.name for m in pkgutil.iter_modules(jaxckpt.__path__, "jaxckpt
 
 
 @pytest.mark.parametrize("name", MODULES)
-def test_docstring_examples(name):
+def test_docstring_examples(name, tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # The examples' mkdtemp() lands here.
   module = importlib.import_module(name)
   result = doctest.testmod(module, optionflags=doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE)
   assert result.failed == 0
@@ -28,7 +30,8 @@ def test_every_public_name_is_documented():
     assert getattr(jaxckpt, name).__doc__, name
 
 
-def test_readme_quick_start_runs(capsys):
+def test_readme_quick_start_runs(capsys, tmp_path, monkeypatch):
+  monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
   text = (ROOT / "README.md").read_text()
   section = text.split("## Quick start", 1)[1]
   code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
