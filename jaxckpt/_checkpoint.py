@@ -232,8 +232,16 @@ class Checkpoint:
     to_copy = [leaf for leaf in flat if leaf.name not in reused]
     if coordination is not None:
       coordination = dataclasses.replace(coordination, what=f"save of {path!r}")
+    if routed:
+      # The gather is an XLA collective, which has no timeout: enter it only
+      # once every process is known to be here.
+      coordination.barrier("gather")
+      snapshot = _gather_snapshot(to_copy, io_device.process_index)
+    else:
+      snapshot = take_snapshot(to_copy, copy=options.enable_async, io_device=io_device)
+    object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)
-    job = SaveJob(final=path, snapshot=None, leaves=flat, save_counter=counter, kind=kind,
+    job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
                   callbacks=list(options.experimental_write_callbacks or ()),
                   on_commit=on_commit, future=future, target=path if url else os.path.abspath(path),
                   nbytes=nbytes, compression=options.compression,
@@ -241,17 +249,6 @@ class Checkpoint:
                   history=self._history if options.incremental else None, reused=reused,
                   refs={leaf.name: weak(leaf.value) for leaf in flat} if options.incremental
                   else {}, coordination=coordination)
-    # The snapshot comes last: on CPU its copies start at once on XLA's threads
-    # and compete with this thread for the cores, so Python work after them
-    # runs slower (measured on tpu_idle.py's save: see _snapshot.py).
-    if routed:
-      # The gather is an XLA collective, which has no timeout: enter it only
-      # once every process is known to be here.
-      coordination.barrier("gather")
-      job.snapshot = _gather_snapshot(to_copy, io_device.process_index)
-    else:
-      job.snapshot = take_snapshot(to_copy, copy=options.enable_async, io_device=io_device)
-    object.__setattr__(self, "_save_counter", counter)
     if options.enable_async:
       logger.info("Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
                   path, len(flat), nbytes / 2**20,
