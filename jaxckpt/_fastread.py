@@ -32,6 +32,8 @@ import logging
 import math
 import os
 import sys
+import threading
+import zlib
 
 import numpy as np
 import tensorstore as ts
@@ -152,18 +154,23 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
     view, offset = view[n:], offset + n
 
 
-def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]]) -> dict:
-  """Reads what it can of ``wanted`` (name, shape, stored dtype); returns {name: array}.
+def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *,
+         checksums: bool = True) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+  """Reads what it can of ``wanted`` (name, shape, stored dtype).
 
-  Arrays it leaves out (see the module docstring) are for Orbax to read.
+  Returns ``({name: array}, {name: CRC-32 of its bytes})`` (no CRCs without
+  ``checksums``). Each CRC is computed
+  by the thread that completes its array, while other arrays are still being
+  read (on a cold 512 MiB restore the separate CRC pass took 0.075 s of 0.34 s).
+  Arrays left out (see the module docstring) are for Orbax to read.
   """
   if sys.byteorder != "little" or not wanted:
-    return {}
+    return {}, {}
   try:
     entries = _entries(state_dir)
   except Exception as e:  # Not an OCDBT layout this code knows: Orbax reads everything.
     logger.debug("Fast read of %s not possible: %s", state_dir, e)
-    return {}
+    return {}, {}
   out, plans = {}, {}
   for name, shape, dtype in wanted:
     array = aligned_empty(tuple(shape), np.dtype(dtype))
@@ -176,29 +183,41 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]]) ->
 
   fds: dict[str, int] = {}
   failed: set[str] = set()
+  crcs: dict[str, int] = {}
+  lock = threading.Lock()
+  pending: dict[str, int] = {}
 
-  def run(name: str, dest, source, region, chunks) -> None:
+  def fill(name: str, dest, source, region, chunks) -> None:
+    array = out[name]
+    if isinstance(source, bytes):
+      data = source
+    else:
+      path, offset = source
+      if dest is not None:
+        _pread_into(fds[path], memoryview(dest), offset)
+        return
+      data = aligned_empty((math.prod(chunks) * array.dtype.itemsize,), np.dtype(np.uint8))
+      _pread_into(fds[path], memoryview(data), offset)
+    if dest is not None:
+      dest[:] = np.frombuffer(data, np.uint8, count=len(dest))
+    else:
+      chunk = np.frombuffer(data, array.dtype, count=math.prod(chunks)).reshape(chunks)
+      array[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+
+  def run(name: str, *job) -> None:
     if name in failed:
       return
-    array = out[name]
     try:
-      if isinstance(source, bytes):
-        data = source
-      else:
-        path, offset = source
-        if dest is not None:
-          _pread_into(fds[path], memoryview(dest), offset)
-          return
-        data = aligned_empty((math.prod(chunks) * array.dtype.itemsize,), np.dtype(np.uint8))
-        _pread_into(fds[path], memoryview(data), offset)
-      if dest is not None:
-        dest[:] = np.frombuffer(data, np.uint8, count=len(dest))
-      else:
-        chunk = np.frombuffer(data, array.dtype, count=math.prod(chunks)).reshape(chunks)
-        array[region] = chunk[tuple(slice(0, r.stop - r.start) for r in region)]
+      fill(name, *job)
     except Exception as e:  # Short file, unreadable: Orbax reads it (and says what is wrong).
       logger.debug("Fast read of %s failed: %s", name, e)
       failed.add(name)
+      return
+    with lock:
+      pending[name] -= 1
+      last = pending[name] == 0
+    if last and checksums and name not in failed:
+      crcs[name] = zlib.crc32(out[name].reshape(-1).view(np.uint8))
 
   jobs = []
   for name, reads in plans.items():
@@ -216,6 +235,8 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]]) ->
                        chunks))
       else:
         jobs.append((name, dest, source, region, chunks))
+  for job in jobs:
+    pending[job[0]] = pending.get(job[0], 0) + 1
   try:
     with concurrent.futures.ThreadPoolExecutor(min(_THREADS, max(1, len(jobs)))) as pool:
       for future in [pool.submit(run, *job) for job in jobs]:
@@ -223,4 +244,5 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]]) ->
   finally:
     for fd in fds.values():
       os.close(fd)
-  return {name: array for name, array in out.items() if name not in failed}
+  arrays = {name: array for name, array in out.items() if name not in failed}
+  return arrays, {name: crc for name, crc in crcs.items() if name in arrays}

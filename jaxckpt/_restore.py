@@ -211,6 +211,7 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
     holder = os.path.normpath(os.path.join(path, source)) if source else path
     by_holder.setdefault(holder, []).append(leaf)
   placed = {}
+  verified: set[str] = set()
   if manifest.data is not None:  # A key-value-store checkpoint (see _kvstore.py).
     by_holder = {}
     url = _kvstore.join(path, manifest.data)
@@ -232,10 +233,12 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
           f"Checkpoint {path!r} is incremental and reads '{group[0].name}' (and "
           f"{len(group) - 1} more) from {holder!r}, which no longer exists. Delete "
           "checkpoints through CheckpointManager, which keeps such data.")
-    raw.update(_read_group(holder, manifest, group, io_device, reader))
+    raw.update(_read_group(holder, manifest, group, io_device, reader, verified,
+                           verify_checksums))
   if verify_checksums:
     verify_all(path, [(leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
-                       manifest.checksums.get(leaf.name)) for leaf in wanted])
+                       manifest.checksums.get(leaf.name)) for leaf in wanted
+                      if leaf.name not in verified])
     for name, value in [*((l.name, raw[l.name]) for l in wanted), *placed.items()]:
       sums = manifest.shard_checksums.get(name)
       if sums and value.dtype == stored_dtype(manifest, name):
@@ -246,11 +249,23 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
 
 
 def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
-                io_device: jax.Device | None, reader: Reader) -> dict[str, Any]:
+                io_device: jax.Device | None, reader: Reader,
+                verified: set[str], verify_checksums: bool) -> dict[str, Any]:
+  """Reads ``wanted`` from the checkpoint at ``path`` (its own, or an incremental
+  holder's); adds to ``verified`` the names whose CRC-32 already matched."""
   fast = {}
   if io_device is None and reader == Reader():  # One process, default devices.
-    fast = _fastread.read(os.path.join(path, _knobs.STATE_ITEM),
-                          [(l.name, l.shape, stored_dtype(manifest, l.name)) for l in wanted])
+    fast, crcs = _fastread.read(os.path.join(path, _knobs.STATE_ITEM),
+                                [(l.name, l.shape, stored_dtype(manifest, l.name))
+                                 for l in wanted], checksums=verify_checksums)
+    for name, crc in crcs.items():
+      expected = manifest.checksums.get(name)
+      if expected == crc:
+        verified.add(name)
+      elif expected is not None:
+        # Orbax reads it again, so a fast-path misread cannot pass for a
+        # corrupt checkpoint; truly corrupt data then fails its CRC there.
+        del fast[name]
   wanted = [l for l in wanted if l.name not in fast]
   if not wanted:
     return fast

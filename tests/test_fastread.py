@@ -2,6 +2,7 @@
 
 import json
 import os
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -74,10 +75,12 @@ def test_arrays_are_64_byte_aligned_and_exact(tmp_path):
       tmp_path / "c", jaxckpt.CheckpointOptions(chunk_byte_size=4096))
   wanted = [(f"t/{n}", np.shape(tree[n]), np.dtype(tree[n].dtype))
             for n in ("rows", "grid", "bf16", "mask", "count")]
-  out = _fastread.read(os.path.join(path, "state"), wanted)
-  assert sorted(out) == sorted(name for name, _, _ in wanted)
+  out, crcs = _fastread.read(os.path.join(path, "state"), wanted)
+  assert sorted(out) == sorted(crcs) == sorted(name for name, _, _ in wanted)
+  manifest = jaxckpt.load_checkpoint(path).manifest
   for name, _, _ in wanted:
     assert out[name].ctypes.data % 64 == 0
+    assert crcs[name] == zlib.crc32(out[name].tobytes()) == manifest.checksums[name]
     assert _same(out[name], tree[name.split("/")[1]])
 
 
@@ -86,7 +89,7 @@ def test_compressed_arrays_are_left_to_orbax(tmp_path):
   path = jaxckpt.Checkpoint(t=tree).save(
       tmp_path / "c", jaxckpt.CheckpointOptions(compression=True))
   state = os.path.join(path, "state")
-  assert _fastread.read(state, [("t/w", (4096,), np.dtype(np.float32))]) == {}
+  assert _fastread.read(state, [("t/w", (4096,), np.dtype(np.float32))]) == ({}, {})
   target = jaxckpt.Checkpoint(t={"w": jnp.zeros(4096, jnp.float32)})
   target.restore(path).assert_consumed()
   assert _same(target.t["w"], tree["w"])
@@ -95,9 +98,9 @@ def test_compressed_arrays_are_left_to_orbax(tmp_path):
 def test_wrong_shape_or_dtype_is_not_read(tmp_path):
   path = jaxckpt.Checkpoint(t={"w": jnp.ones((8, 4))}).save(tmp_path / "c")
   state = os.path.join(path, "state")
-  assert _fastread.read(state, [("t/w", (4, 8), np.dtype(np.float32))]) == {}
-  assert _fastread.read(state, [("t/w", (8, 4), np.dtype(np.int32))]) == {}
-  assert _fastread.read(state, [("t/nope", (8, 4), np.dtype(np.float32))]) == {}
+  assert _fastread.read(state, [("t/w", (4, 8), np.dtype(np.float32))]) == ({}, {})
+  assert _fastread.read(state, [("t/w", (8, 4), np.dtype(np.int32))]) == ({}, {})
+  assert _fastread.read(state, [("t/nope", (8, 4), np.dtype(np.float32))]) == ({}, {})
 
 
 def test_truncated_data_file_falls_back_and_names_the_array(tmp_path):
@@ -110,7 +113,7 @@ def test_truncated_data_file_falls_back_and_names_the_array(tmp_path):
   assert len(data) == 1
   with open(data[0], "r+b") as f:
     f.truncate(big.nbytes // 2)
-  assert _fastread.read(state, [("t/w", big.shape, np.dtype(np.float32))]) == {}
+  assert _fastread.read(state, [("t/w", big.shape, np.dtype(np.float32))]) == ({}, {})
   with pytest.raises(jaxckpt.CorruptCheckpointError, match="t/w"):
     jaxckpt.Checkpoint(t={"w": jnp.zeros_like(big)}).restore(path)
 
@@ -137,6 +140,32 @@ def test_padded_edge_chunks(tmp_path, shape, chunks):
                                                "dtype": "<f4", "compressor": None}},
                   create=True).result()
   store.write(data).result()
-  out = _fastread.read(str(tmp_path), [("t/x", shape, np.dtype(np.float32))])
+  out, _ = _fastread.read(str(tmp_path), [("t/x", shape, np.dtype(np.float32))])
   assert list(out) == ["t/x"]
   np.testing.assert_array_equal(out["t/x"], data)
+
+
+def test_a_misread_is_read_again_by_orbax_not_reported_as_corruption(tmp_path, monkeypatch):
+  value = jnp.arange(1 << 14, dtype=jnp.float32)
+  path = jaxckpt.Checkpoint(t={"w": value}).save(tmp_path / "c")
+  real = _fastread._pread_into
+
+  def misread(fd, view, offset):
+    real(fd, view, offset)
+    view[0] ^= 0xFF  # As a bug in the fast path would.
+
+  monkeypatch.setattr(_fastread, "_pread_into", misread)
+  orbax_reads = []
+  orbax_read = _restore._orbax_read
+  monkeypatch.setattr(_restore, "_orbax_read",
+                      lambda *a, **k: orbax_reads.append(1) or orbax_read(*a, **k))
+  target = jaxckpt.Checkpoint(t={"w": jnp.zeros_like(value)})
+  target.restore(path).assert_consumed()
+  assert _same(target.t["w"], value) and orbax_reads == [1]
+
+
+def test_without_checksums_no_crcs_are_computed(tmp_path):
+  path = jaxckpt.Checkpoint(t={"w": jnp.ones(64)}).save(tmp_path / "c")
+  out, crcs = _fastread.read(os.path.join(path, "state"), [("t/w", (64,), np.dtype(np.float32))],
+                             checksums=False)
+  assert list(out) == ["t/w"] and crcs == {}
