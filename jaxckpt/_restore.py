@@ -27,6 +27,7 @@ from jaxckpt._errors import TreeError
 from jaxckpt._integrity import verify_all
 from jaxckpt._integrity import verify_shards
 from jaxckpt._manifest import Manifest
+from jaxckpt._orbax_fixes import stop_metrics_leak
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
 
@@ -156,6 +157,7 @@ def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
   else:
     restore_args = nest({l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device)
                          for l in leaves})
+  stop_metrics_leak()
   if reader.processes is None:
     checkpointer = ocp.PyTreeCheckpointer()
   else:  # Orbax's default barrier is an XLA collective; see _multihost.py.

@@ -37,6 +37,7 @@ from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import CoordinationError
 from jaxckpt._options import call_write_callback
 from jaxckpt._orbax_fixes import registry_writing_on
+from jaxckpt._orbax_fixes import stop_metrics_leak
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
 
@@ -82,6 +83,7 @@ def new_checkpointer(*, compression: bool = False,
   training step's collectives and deadlock), under this save's own key prefix
   (Orbax reuses barrier names across saves) and with the save's timeout.
   """
+  stop_metrics_leak()
   if coordination is None:
     return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
         _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression)}))
