@@ -19,8 +19,10 @@ compressor or filters, C order, the expected shape and dtype, a B-tree of
 height 0 (Orbax's 100 MB node limit), and every chunk present with its full
 size. Anything else (``compression="zstd"``, a missing chunk, a short file, a
 format this code does not know) is left out of the result and read by Orbax as
-before, which raises the precise error if the data is bad. Every array is still
-checked against its CRC-32 afterwards.
+before, which raises the precise error if the data is bad. Each array's CRC-32
+is computed as soon as its last piece is in (overlapping the other reads); one
+that does not match the manifest is read again by Orbax, so a misread here can
+never pass for a corrupt checkpoint, and real corruption still fails its CRC.
 """
 
 from __future__ import annotations
