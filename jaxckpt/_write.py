@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxckpt import _fastwrite
 from jaxckpt import _knobs
 from jaxckpt import _kvstore
 from jaxckpt._durable import commit
@@ -185,7 +186,13 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     digests: dict[str, str | None] = {}
     if job.history is not None:  # Must hash before deciding what to write.
       _reuse_by_content(job, digests)
-    if job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
+    fast = None
+    if job.snapshot and _fastwrite.eligible(
+        job.snapshot, compression=job.compression, single_process=coord is None,
+        incremental=job.history is not None):
+      fast = _fastwrite.start(os.path.join(staging, _knobs.STATE_ITEM), job.snapshot,
+                              chunk_byte_size=job.chunk_byte_size)
+    elif job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
       tree = nest(job.snapshot)
       save_args = None
       if job.chunk_byte_size is not None:
@@ -208,7 +215,10 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
         sources={n: os.path.relpath(w.holder, target) for n, w in job.reused.items()},
         digests=digests, shard_checksums=shard_sums)
     job.leaves = None  # Holds the caller's arrays; not needed any more.
-    checkpointer.wait_until_finished()  # With several processes: all shards written.
+    if fast is not None:
+      fast.wait()
+    else:
+      checkpointer.wait_until_finished()  # With several processes: all shards written.
     if primary:
       _write_manifest(staging, job.manifest)
       commit(staging, target)  # run_save publishes "committed" after the state file.

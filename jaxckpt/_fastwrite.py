@@ -1,0 +1,169 @@
+"""Save fast path: the Orbax checkpoint layout, written with TensorStore directly.
+
+Why not through Orbax for these: Orbax spends about 1 ms of CPU per array in
+Python around each TensorStore write (specs, metrics, per-array asyncio tasks,
+sharding and metadata files). Measured on this machine class (2-core CPU),
+64 MiB in 256 float32 arrays: Orbax's save took 0.40-0.55 s and 0.49 CPU-s, the
+same 256 arrays written with TensorStore directly 0.16 s; with 8 arrays the two
+are alike. Disabling Orbax's sharding file and array-metadata store gained only
+5-8%.
+
+What is written is what Orbax writes for the same tree, so
+``ocp.StandardCheckpointer().restore(f"{path}/state")`` and jaxckpt's readers
+cannot tell the difference: zarr v2 arrays without compressor in one OCDBT
+database (Orbax's configuration; Orbax writes one sub-database per process and
+merges them, one process needs none), Orbax's chunk grid (computed by Orbax's
+own ``replica_slices`` and ``choose_chunk_shape``), and Orbax's
+``_METADATA``, ``_sharding``, ``array_metadatas`` and ``_CHECKPOINT_METADATA``
+files. tests/test_fastwrite.py compares them with Orbax's own output.
+
+Only for the common case: one process, no compression, no incremental save, and
+leaves that are fully addressable jax.Arrays, numpy arrays or Python
+bool/int/float. Everything else goes through Orbax (`eligible`).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import numpy as np
+import tensorstore as ts
+from orbax.checkpoint._src.arrays import subchunking
+from orbax.checkpoint._src.metadata import sharding as sharding_metadata
+
+_OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000,
+                 "compression": {"id": "zstd"}}  # Orbax's, for its B-tree nodes.
+_CONTEXT = {"file_io_concurrency": {"limit": 128},
+            "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
+_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+
+
+def _kind(value: Any) -> str | None:
+  if isinstance(value, jax.Array):
+    if not value.is_fully_addressable or jax.dtypes.issubdtype(value.dtype,
+                                                               jax.dtypes.prng_key):
+      return None
+    return "jax.Array"
+  if isinstance(value, np.ndarray) and (value.dtype.kind in "biufc"
+                                        or value.dtype.name == "bfloat16"):
+    return "np.ndarray"
+  if type(value) in (bool, int, float):
+    return "scalar"
+  return None
+
+
+def eligible(snapshot: dict[str, Any], *, compression: bool, single_process: bool,
+             incremental: bool) -> bool:
+  """Whether `start` can write this snapshot exactly as Orbax would."""
+  return (bool(snapshot) and not compression and single_process and not incremental
+          and all(_kind(v) is not None for v in snapshot.values()))
+
+
+def _write_shape(value: jax.Array) -> tuple[int, ...]:
+  """Orbax's chunk grid: the shard shape, split among replicas where Orbax's
+  replica-parallel saving would split it (its own function decides)."""
+  try:
+    from orbax.checkpoint._src.serialization import jax_array_handlers
+    from orbax.checkpoint._src.serialization import replica_slices
+    return tuple(replica_slices.get_replica_slices(
+        value, replica_id=0,
+        use_replica_parallel=jax_array_handlers._get_default_use_replica_parallel(),
+    ).local_shape)
+  except Exception:  # Another Orbax version: the shard shape is always valid.
+    return tuple(value.sharding.shard_shape(value.shape))
+
+
+def _ts_dtype(dtype: np.dtype) -> str:
+  return "bfloat16" if dtype.name == "bfloat16" else np.dtype(dtype).name
+
+
+@dataclasses.dataclass
+class Pending:
+  """Writes in flight; `wait` finishes them and writes Orbax's metadata files."""
+  state_dir: str
+  futures: list[Any]
+  tree_metadata: dict[str, Any]
+  shardings: dict[str, str]
+  array_metadatas: list[dict[str, Any]]
+  started_ns: int
+
+  def wait(self) -> None:
+    for future in self.futures:
+      future.result()
+    self.futures = []
+    _write_json(os.path.join(self.state_dir, "_METADATA"), {
+        "tree_metadata": self.tree_metadata, "use_ocdbt": True, "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
+    if self.shardings:
+      _write_json(os.path.join(self.state_dir, "_sharding"), self.shardings)
+    if self.array_metadatas:
+      _write_json(os.path.join(self.state_dir, "array_metadatas", "process_0"),
+                  {"array_metadatas": self.array_metadatas})
+    _write_json(os.path.join(os.path.dirname(self.state_dir), "_CHECKPOINT_METADATA"), {
+        "item_handlers": {os.path.basename(self.state_dir): _HANDLER}, "metrics": {},
+        "performance_metrics": {}, "init_timestamp_nsecs": self.started_ns,
+        "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}})
+
+
+def _write_json(path: str, obj: Any) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(obj, f)
+
+
+def start(state_dir: str, snapshot: dict[str, Any], *,
+          chunk_byte_size: int | None = None) -> Pending:
+  """Starts writing ``snapshot`` ({"a/b": value}) as the Orbax item at ``state_dir``."""
+  started_ns = time.time_ns()
+  os.makedirs(state_dir)
+  context = ts.Context(_CONTEXT)  # One context: one OCDBT writer for all arrays.
+  base = {"driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/",
+          "config": _OCDBT_CONFIG}
+  opens, tree_metadata, shardings, array_metadatas = [], {}, {}, []
+  for name, value in snapshot.items():
+    parts = name.split("/")
+    key = ".".join(parts)
+    kind = _kind(value)
+    meta: dict[str, Any] = {"value_type": kind, "skip_deserialize": False}
+    if kind == "jax.Array":
+      shards = [s for s in value.addressable_shards if s.replica_id == 0]
+      write_shape = _write_shape(value)
+      chunks = write_shape
+      if chunk_byte_size is not None:
+        chunks = tuple(subchunking.choose_chunk_shape(value.shape, write_shape, value.dtype,
+                                                      chunk_byte_size))
+      meta["write_shape"] = list(write_shape)
+      serialized = sharding_metadata.from_jax_sharding(value.sharding)
+      if serialized is not None:
+        shardings[base64.b64encode(key.encode()).decode()] = serialized.to_serialized_string()
+      array_metadatas.append({"array_metadata": {
+          "param_name": key, "write_shape": list(write_shape), "chunk_shape": list(chunks),
+          "ext_metadata": None}})
+      dtype, shape = np.dtype(value.dtype), tuple(value.shape)
+      pieces = [(s.index, s.data) for s in shards]
+    else:
+      array = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
+      dtype, shape = array.dtype, array.shape
+      chunks = shape
+      pieces = [((), array)]
+    tree_metadata[str(tuple(parts))] = {
+        "key_metadata": [{"key": p, "key_type": 2} for p in parts], "value_metadata": meta}
+    spec = {"driver": "zarr", "kvstore": {**base, "path": f"{key}/"}, "dtype": _ts_dtype(dtype),
+            "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None,
+                         "dimension_separator": "."}}
+    opens.append((ts.open(spec, create=True, context=context), pieces))
+  futures = []
+  for opening, pieces in opens:
+    store = opening.result()
+    for index, data in pieces:
+      target = store[index] if index else store
+      # No copy into TensorStore's chunk cache (as Orbax): the snapshot is this
+      # save's own, and a sync save's caller waits until the write is done.
+      futures.append(target.write(np.asarray(data), can_reference_source_data_indefinitely=True))
+  return Pending(state_dir, futures, tree_metadata, shardings, array_metadatas, started_ns)

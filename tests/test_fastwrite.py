@@ -1,0 +1,118 @@
+"""The save fast path (_fastwrite.py) writes what Orbax writes, and Orbax still reads it."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+import tensorstore as ts
+
+import jaxckpt
+from jaxckpt import _fastwrite
+from jaxckpt._tree import nest
+
+
+def _snapshot():
+  mesh = jax.make_mesh((4,), ("x",))
+  grid = jax.make_mesh((2, 2), ("a", "b"))
+  return {
+      "t/a": jnp.arange(8.0).reshape(4, 2),
+      "t/sharded": jax.device_put(jnp.arange(64.0).reshape(16, 4),
+                                  jax.NamedSharding(mesh, jax.P("x"))),
+      "t/replicated": jax.device_put(jnp.arange(8, dtype=jnp.int32),
+                                     jax.NamedSharding(grid, jax.P("a"))),
+      "t/bf16": jnp.ones((5,), jnp.bfloat16),
+      "t/numpy": np.arange(6, dtype=np.int64).reshape(2, 3),
+      "t/int": 5, "t/float": 2.5, "t/bool": True,
+  }
+
+
+def _entries(state_dir):
+  base = ts.KvStore.open(f"file://{state_dir}/").result()
+  manifest = ts.ocdbt.dump(base).result()
+  latest = max(manifest["versions"], key=lambda v: v["generation_number"])
+  node = ts.ocdbt.dump(base, latest["root"]["location"]).result()
+  config = dict(manifest["config"])
+  config.pop("uuid")
+  return {e["key"]: e.get("inline_value") for e in node["entries"]}, config
+
+
+def _json(path):
+  with open(path) as f:
+    data = json.load(f)
+  for key in ("init_timestamp_nsecs", "commit_timestamp_nsecs"):
+    data.pop(key, None)
+  if "array_metadatas" in data:
+    data["array_metadatas"].sort(key=lambda m: m["array_metadata"]["param_name"])
+  return data
+
+
+@pytest.mark.parametrize("chunk_byte_size", [None, 64])
+def test_writes_what_orbax_writes(tmp_path, chunk_byte_size):
+  snapshot = _snapshot()
+  assert _fastwrite.eligible(snapshot, compression=False, single_process=True,
+                             incremental=False)
+  _fastwrite.start(str(tmp_path / "fast" / "state"), snapshot,
+                   chunk_byte_size=chunk_byte_size).wait()
+  save_args = None if chunk_byte_size is None else jax.tree.map(
+      lambda _: ocp.SaveArgs(chunk_byte_size=chunk_byte_size), nest(snapshot))
+  handler = ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(
+      use_compression=False))
+  with ocp.Checkpointer(handler) as orbax:
+    orbax.save(tmp_path / "orbax", args=ocp.args.Composite(
+        state=ocp.args.PyTreeSave(nest(snapshot), save_args=save_args)))
+  for name in ("_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding",
+               "state/array_metadatas/process_0"):
+    assert _json(tmp_path / "fast" / name) == _json(tmp_path / "orbax" / name), name
+  fast, fast_config = _entries(tmp_path / "fast" / "state")
+  orbax, orbax_config = _entries(tmp_path / "orbax" / "state")
+  assert fast_config == orbax_config
+  assert sorted(fast) == sorted(orbax)
+  for key in fast:
+    if key.endswith(b"/.zarray"):
+      assert json.loads(fast[key]) == json.loads(orbax[key]), key
+
+
+def test_orbax_restores_it_without_a_target(tmp_path):
+  snapshot = _snapshot()
+  path = jaxckpt.Checkpoint(**nest(snapshot)).save(tmp_path / "c")
+  assert not os.path.exists(os.path.join(path, "state", "ocdbt.process_0"))  # Fast path.
+  restored = ocp.StandardCheckpointer().restore(f"{path}/state")["t"]
+  for name, value in snapshot.items():
+    got = restored[name.split("/")[1]]
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(value))
+    if isinstance(value, jax.Array):
+      assert got.sharding == value.sharding
+    else:
+      assert type(got) is type(value) or isinstance(got, np.ndarray)
+
+
+@pytest.mark.parametrize("options, why", [
+    (jaxckpt.CheckpointOptions(compression=True), "compression"),
+    (jaxckpt.CheckpointOptions(incremental=True), "incremental"),
+])
+def test_other_saves_go_through_orbax(tmp_path, options, why):
+  del why
+  value = jnp.arange(16.0)
+  path = jaxckpt.Checkpoint(w=value).save(tmp_path / "c", options)
+  assert os.path.isdir(os.path.join(path, "state", "ocdbt.process_0"))  # Orbax's layout.
+  target = jaxckpt.Checkpoint(w=jnp.zeros(16))
+  target.restore(path).assert_consumed()
+  np.testing.assert_array_equal(target.w, value)
+
+
+def test_numpy_scalars_and_keys(tmp_path):
+  tree = {"scalar": np.float32(1.5), "key": jax.random.key(7), "x": jnp.ones(3)}
+  assert not _fastwrite.eligible({"a": np.float32(1.5)}, compression=False,
+                                 single_process=True, incremental=False)
+  ckpt = jaxckpt.Checkpoint(t=tree)
+  path = ckpt.save(tmp_path / "c")
+  target = jaxckpt.Checkpoint(t={"scalar": np.float32(0), "key": jax.random.key(0),
+                                 "x": jnp.zeros(3)})
+  target.restore(path).assert_consumed()
+  assert target.t["scalar"] == np.float32(1.5)
+  np.testing.assert_array_equal(jax.random.key_data(target.t["key"]),
+                                jax.random.key_data(tree["key"]))
