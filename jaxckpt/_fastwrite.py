@@ -44,14 +44,20 @@ _CONTEXT = {"file_io_concurrency": {"limit": 128},
 _HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 
+def _plain(dtype) -> bool:
+  # Numpy's own numeric dtypes and bfloat16; other ml_dtypes (float8, int4, ...)
+  # are left to Orbax.
+  dtype = np.dtype(dtype)  # ml_dtypes have kind "V".
+  return dtype.kind in "biufc" or dtype.name == "bfloat16"
+
+
 def _kind(value: Any) -> str | None:
   if isinstance(value, jax.Array):
-    if not value.is_fully_addressable or jax.dtypes.issubdtype(value.dtype,
-                                                               jax.dtypes.prng_key):
+    if (not value.is_fully_addressable or 0 in value.shape
+        or jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) or not _plain(value.dtype)):
       return None
     return "jax.Array"
-  if isinstance(value, np.ndarray) and (value.dtype.kind in "biufc"
-                                        or value.dtype.name == "bfloat16"):
+  if isinstance(value, np.ndarray) and _plain(value.dtype) and 0 not in value.shape:
     return "np.ndarray"
   if type(value) in (bool, int, float):
     return "scalar"

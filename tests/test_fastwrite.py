@@ -116,3 +116,19 @@ def test_numpy_scalars_and_keys(tmp_path):
   assert target.t["scalar"] == np.float32(1.5)
   np.testing.assert_array_equal(jax.random.key_data(target.t["key"]),
                                 jax.random.key_data(tree["key"]))
+
+
+def test_empty_arrays_and_other_dtypes_go_through_orbax(tmp_path):
+  import ml_dtypes
+  for value in (jnp.zeros((0, 3)), np.zeros((2, 0)), jnp.ones(4, ml_dtypes.float8_e4m3fn)):
+    assert not _fastwrite.eligible({"v": value}, compression=False, single_process=True,
+                                   incremental=False)
+  tree = {"f8": jnp.arange(4.0).astype(ml_dtypes.float8_e4m3fn), "x": jnp.arange(3.0)}
+  path = jaxckpt.Checkpoint(t=tree).save(tmp_path / "c")
+  assert os.path.isdir(os.path.join(path, "state", "ocdbt.process_0"))  # Orbax wrote it.
+  target = jaxckpt.Checkpoint(t={"f8": jnp.zeros(4, ml_dtypes.float8_e4m3fn), "x": jnp.zeros(3)})
+  target.restore(path).assert_consumed()
+  np.testing.assert_array_equal(np.asarray(target.t["f8"], np.float32), np.arange(4.0))
+  # Orbax refuses zero-size arrays; so does jaxckpt, naming the array.
+  with pytest.raises(jaxckpt.SaveError, match="t.empty"):
+    jaxckpt.Checkpoint(t={"empty": jnp.zeros((0, 3))}).save(tmp_path / "e")
