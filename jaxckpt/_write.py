@@ -1,6 +1,8 @@
 """One save, start to finish: snapshot → Orbax/TensorStore write → commit → callbacks → state file.
 
-`run_save` is the same for sync and async saves; only the thread differs.
+`run_save` is the same for sync and async saves; only the thread differs. The
+arrays are written by `_fastwrite` (TensorStore, Orbax's layout) when it can,
+else by Orbax's `AsyncCheckpointer` (compression, incremental, several processes).
 """
 
 from __future__ import annotations
