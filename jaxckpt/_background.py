@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import logging
 import os
 import threading
@@ -59,7 +60,8 @@ class Saver:
 
   def _run(self, job: SaveJob) -> str:
     # Multi-process saves build their own engine (see new_checkpointer).
-    return run_save(job, None if job.coordination else self._engine(job.compression))
+    return run_save(job, None if job.coordination
+                    else functools.partial(self._engine, job.compression))
 
   def _raise_errors(self) -> None:
     with self._cond:

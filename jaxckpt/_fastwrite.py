@@ -85,10 +85,6 @@ def _write_shape(value: jax.Array) -> tuple[int, ...]:
     return tuple(value.sharding.shard_shape(value.shape))
 
 
-def _ts_dtype(dtype: np.dtype) -> str:
-  return "bfloat16" if dtype.name == "bfloat16" else np.dtype(dtype).name
-
-
 @dataclasses.dataclass
 class Pending:
   """Writes in flight; `wait` finishes them and writes Orbax's metadata files."""
@@ -160,7 +156,7 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
       pieces = [((), array)]
     tree_metadata[str(tuple(parts))] = {
         "key_metadata": [{"key": p, "key_type": 2} for p in parts], "value_metadata": meta}
-    spec = {"driver": "zarr", "kvstore": {**base, "path": f"{key}/"}, "dtype": _ts_dtype(dtype),
+    spec = {"driver": "zarr", "kvstore": {**base, "path": f"{key}/"}, "dtype": dtype.name,
             "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None,
                          "dimension_separator": "."}}
     opens.append((ts.open(spec, create=True, context=context), pieces))

@@ -85,8 +85,7 @@ def shard_checksums(value: Any) -> dict[str, int]:
   out = {}
   for shard in value.addressable_shards:
     if shard.replica_id == 0:
-      out[slice_key(shard.index, value.shape)] = zlib.crc32(
-          memoryview(np.ascontiguousarray(np.asarray(shard.data)).reshape(-1).view(np.uint8)))
+      out[slice_key(shard.index, value.shape)] = checksum(shard.data)
   return out
 
 
@@ -104,7 +103,7 @@ def verify_shards(path: str, name: str, value: Any, expected: dict[str, int]) ->
   for key, data in pieces:
     if key not in expected:
       continue
-    got = zlib.crc32(memoryview(np.ascontiguousarray(np.asarray(data)).reshape(-1).view(np.uint8)))
+    got = checksum(data)
     checked += 1
     if got != expected[key]:
       raise CorruptCheckpointError(

@@ -133,10 +133,7 @@ def _commit_to_kvstore(job: SaveJob) -> None:
       if not primary:
         stores = _kvstore.open_arrays(url, job.snapshot)
     _kvstore.write_arrays(stores, job.snapshot, host_values=primary)
-    # None for arrays no process holds whole (see _integrity.py).
-    checksums = {name: checksum(value) for name, value in job.snapshot.items()}
-    shard_sums = _shard_checksums(job.snapshot, checksums, coord)
-    job.snapshot = None
+    checksums, shard_sums = _take_checksums(job, coord)
     job.manifest = Manifest.build(job.leaves, save_counter=job.save_counter, kind=job.kind,
                                   checksums=checksums, data=data, shard_checksums=shard_sums)
     job.leaves = None
@@ -149,11 +146,7 @@ def _commit_to_kvstore(job: SaveJob) -> None:
     else:
       _await_commit(coord)
   except BaseException as e:
-    if primary and coord is not None:
-      try:
-        coord.publish("committed", f"{type(e).__name__}: {e}")
-      except Exception:
-        pass
+    _publish_failure(coord, e)
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). Earlier "
         "checkpoints are untouched and this one was not committed (its partial data is "
@@ -162,7 +155,8 @@ def _commit_to_kvstore(job: SaveJob) -> None:
     _kvstore.delete_prefix(_kvstore.join(target, previous.data))  # Overwritten by write().
 
 
-def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None:
+def _write_and_commit(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer]) -> None:
+  """``engine()`` gives the Orbax checkpointer, built only if Orbax writes this save."""
   target = job.target or os.path.abspath(job.final)
   coord = job.coordination
   if coord is not None and not coord.writes:  # Another process does the I/O.
@@ -188,7 +182,7 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     digests: dict[str, str | None] = {}
     if job.history is not None:  # Must hash before deciding what to write.
       _reuse_by_content(job, digests)
-    fast = None
+    fast = checkpointer = None
     if job.snapshot and _fastwrite.eligible(
         job.snapshot, compression=job.compression, single_process=coord is None,
         incremental=job.history is not None):
@@ -202,14 +196,13 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
             lambda _: ocp.SaveArgs(chunk_byte_size=job.chunk_byte_size), tree)
       # Returns once Orbax has the data on the host (device→host copies done);
       # TensorStore writes continue on Orbax's thread.
+      checkpointer = engine()
       checkpointer.save(staging, args=ocp.args.Composite(**{
           _knobs.STATE_ITEM: ocp.args.PyTreeSave(tree, save_args=save_args)}))
     elif primary:
       os.makedirs(staging)
     # Overlaps the TensorStore writes: reads the snapshot, which is ours alone.
-    checksums = {name: checksum(value) for name, value in job.snapshot.items()}
-    shard_sums = _shard_checksums(job.snapshot, checksums, coord)
-    job.snapshot = None  # Frees the snapshot copies.
+    checksums, shard_sums = _take_checksums(job, coord)
     for name, w in job.reused.items():
       checksums[name], digests[name] = w.crc32, w.sha1
     job.manifest = Manifest.build(
@@ -219,7 +212,7 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     job.leaves = None  # Holds the caller's arrays; not needed any more.
     if fast is not None:
       fast.wait()
-    else:
+    elif checkpointer is not None:
       checkpointer.wait_until_finished()  # With several processes: all shards written.
     if primary:
       _write_manifest(staging, job.manifest)
@@ -227,14 +220,9 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     else:
       _await_commit(coord)
   except BaseException as e:
-    if primary:
-      if staging is not None:
-        remove_staging(staging)
-      if coord is not None:  # Tell the others now rather than at their timeout.
-        try:
-          coord.publish("committed", f"{type(e).__name__}: {e}")
-        except Exception:  # The coordination service itself is gone.
-          pass
+    if primary and staging is not None:
+      remove_staging(staging)
+    _publish_failure(coord, e)
     hint = ""
     if coord is not None:
       hint = (f" With {jax.process_count()} processes, one that died or stalled makes the "
@@ -242,6 +230,25 @@ def _write_and_commit(job: SaveJob, checkpointer: ocp.AsyncCheckpointer) -> None
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). "
         f"Earlier checkpoints are untouched and this one was not committed.{hint}") from e
+
+
+def _take_checksums(job: SaveJob, coord: Coordination | None
+                    ) -> tuple[dict[str, int | None], dict[str, dict[str, int]]]:
+  """CRC-32 of each snapshot value (None for arrays no process holds whole) and
+  the per-shard CRCs of those; then frees the snapshot."""
+  checksums = {name: checksum(value) for name, value in job.snapshot.items()}
+  shard_sums = _shard_checksums(job.snapshot, checksums, coord)
+  job.snapshot = None
+  return checksums, shard_sums
+
+
+def _publish_failure(coord: Coordination | None, error: BaseException) -> None:
+  """Tells the other processes now, rather than at their timeout (primary only)."""
+  if coord is not None and coord.is_primary:
+    try:
+      coord.publish("committed", f"{type(error).__name__}: {error}")
+    except Exception:  # The coordination service itself is gone.
+      pass
 
 
 def _shard_checksums(snapshot: dict[str, Any], checksums: dict[str, int | None],
@@ -307,8 +314,12 @@ def _record_history(job: SaveJob, target: str) -> None:
   job.history.last = last
 
 
-def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
+def run_save(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer] | None) -> str:
   """Writes, commits, runs callbacks, updates the state file; returns the path.
+
+  ``engine()`` gives the caller's Orbax checkpointer (None with several
+  processes, where each save builds its own); it is not called when TensorStore
+  writes the save directly (`_fastwrite`).
 
   With several processes every process runs the write callbacks once the
   checkpoint is committed; only the primary runs ``on_commit`` (state file,
@@ -319,7 +330,7 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
   if coord is not None and coord.writes and not _kvstore.is_url(job.target):
     checkpointer = new_checkpointer(compression=job.compression, coordination=coord)
     try:
-      _write_and_commit(job, checkpointer)
+      _write_and_commit(job, lambda: checkpointer)
     except BaseException:
       try:  # Its own (later) error, e.g. a barrier timeout, must not mask this one.
         checkpointer.close()
@@ -328,7 +339,7 @@ def run_save(job: SaveJob, checkpointer: ocp.AsyncCheckpointer | None) -> str:
       raise
     checkpointer.close()
   else:
-    _write_and_commit(job, checkpointer)
+    _write_and_commit(job, engine)
   try:
     if job.history is not None:
       _record_history(job, job.target)
