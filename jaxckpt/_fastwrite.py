@@ -39,6 +39,15 @@ from orbax.checkpoint._src.metadata import sharding as sharding_metadata
 
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000,
                  "compression": {"id": "zstd"}}  # Orbax's, for its B-tree nodes.
+# OCDBT packs chunk data into data files of about this size. TensorStore's
+# default is one file (Orbax's 2 GiB, for local paths): one writev of the whole
+# state and then one fsync, so the disk idles while the page cache fills and the
+# CPU idles during the fsync. Smaller files are written and fsynced on
+# TensorStore's I/O threads concurrently. Measured (2-core VM, durable write incl.
+# fsync, 3 runs): 512 MiB in 8 arrays, one file 765-1405 ms, 64 MiB files
+# 705-733 ms, 16 MiB files 664-732 ms, dd conv=fdatasync 735-864 ms; 512 MiB in
+# 256 arrays 728-1329 / 691-749 / 645-662 ms, dd 896-1049 ms.
+TARGET_DATA_FILE_SIZE = 16 << 20
 _CONTEXT = {"file_io_concurrency": {"limit": 128},
             "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
 _HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -126,7 +135,7 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
   os.makedirs(state_dir)
   context = ts.Context(_CONTEXT)  # One context: one OCDBT writer for all arrays.
   base = {"driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/",
-          "config": _OCDBT_CONFIG}
+          "config": _OCDBT_CONFIG, "target_data_file_size": TARGET_DATA_FILE_SIZE}
   opens, tree_metadata, shardings, array_metadatas = [], {}, {}, []
   for name, value in snapshot.items():
     parts = name.split("/")

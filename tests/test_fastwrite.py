@@ -12,6 +12,7 @@ import tensorstore as ts
 
 import jaxckpt
 from jaxckpt import _fastwrite
+from jaxckpt import _restore
 from jaxckpt._tree import nest
 
 
@@ -132,3 +133,26 @@ def test_empty_arrays_and_other_dtypes_go_through_orbax(tmp_path):
   # Orbax refuses zero-size arrays; so does jaxckpt, naming the array.
   with pytest.raises(jaxckpt.SaveError, match="t.empty"):
     jaxckpt.Checkpoint(t={"empty": jnp.zeros((0, 3))}).save(tmp_path / "e")
+
+
+def test_data_split_over_several_files_reads_back(tmp_path, monkeypatch):
+  # Data files of ~TARGET_DATA_FILE_SIZE (smaller here) are written and fsynced
+  # concurrently; both readers (jaxckpt's fast path and Orbax) must find every chunk.
+  monkeypatch.setattr(_fastwrite, "TARGET_DATA_FILE_SIZE", 64 << 10)
+  rng = np.random.default_rng(0)
+  state = {f"w{i}": jnp.asarray(rng.standard_normal((128, 256), np.float32)) for i in range(6)}
+  path = jaxckpt.Checkpoint(state=state).save(tmp_path / "c")
+  data_files = os.listdir(os.path.join(path, "state", "d"))
+  assert len(data_files) >= 6, data_files  # 128 KiB per array, 64 KiB target.
+
+  def no_orbax(*args, **kwargs):
+    raise AssertionError("the fast read path should have read every array")
+
+  target = jaxckpt.Checkpoint(state={k: jnp.zeros_like(v) for k, v in state.items()})
+  with monkeypatch.context() as m:
+    m.setattr(_restore, "_orbax_read", no_orbax)
+    target.restore(path).assert_consumed()
+  by_orbax = ocp.StandardCheckpointer().restore(f"{path}/state")["state"]
+  for name, value in state.items():
+    np.testing.assert_array_equal(np.asarray(target.state[name]), np.asarray(value))
+    np.testing.assert_array_equal(np.asarray(by_orbax[name]), np.asarray(value))
