@@ -80,9 +80,26 @@ def eligible(snapshot: dict[str, Any], *, compression: bool, single_process: boo
           and all(_kind(v) is not None for v in snapshot.values()))
 
 
+_WRITE_SHAPES: dict[tuple[Any, ...], tuple[int, ...]] = {}
+
+
 def _write_shape(value: jax.Array) -> tuple[int, ...]:
   """Orbax's chunk grid: the shard shape, split among replicas where Orbax's
-  replica-parallel saving would split it (its own function decides)."""
+  replica-parallel saving would split it (its own function decides).
+
+  Cached by (shape, dtype, sharding), all it depends on in one process: Orbax's
+  function costs ~0.12 ms per array (30 ms of a 256-array save).
+  """
+  key = (value.shape, value.dtype, value.sharding)
+  shape = _WRITE_SHAPES.get(key)
+  if shape is None:
+    if len(_WRITE_SHAPES) > 4096:
+      _WRITE_SHAPES.clear()
+    shape = _WRITE_SHAPES[key] = _orbax_write_shape(value)
+  return shape
+
+
+def _orbax_write_shape(value: jax.Array) -> tuple[int, ...]:
   try:
     from orbax.checkpoint._src.serialization import jax_array_handlers
     from orbax.checkpoint._src.serialization import replica_slices
@@ -99,6 +116,7 @@ class Pending:
   """Writes in flight; `wait` finishes them and writes Orbax's metadata files."""
   state_dir: str
   futures: list[Any]
+  commit: Any  # The transaction's commit future.
   tree_metadata: dict[str, Any]
   shardings: dict[str, str]
   array_metadatas: list[dict[str, Any]]
@@ -107,6 +125,7 @@ class Pending:
   def wait(self) -> None:
     for future in self.futures:
       future.result()
+    self.commit.result()
     self.futures = []
     _write_json(os.path.join(self.state_dir, "_METADATA"), {
         "tree_metadata": self.tree_metadata, "use_ocdbt": True, "use_zarr3": False,
@@ -125,7 +144,7 @@ class Pending:
 def _write_json(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path, "w") as f:
-    json.dump(obj, f)
+    f.write(json.dumps(obj))  # json.dump would encode in Python: ~10x slower.
 
 
 def start(state_dir: str, snapshot: dict[str, Any], *,
@@ -134,6 +153,12 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
   started_ns = time.time_ns()
   os.makedirs(state_dir)
   context = ts.Context(_CONTEXT)  # One context: one OCDBT writer for all arrays.
+  # One transaction: the arrays' metadata and data go into one OCDBT commit.
+  # Without it every ts.open(create=True) commits its .zarray on its own, and
+  # data is written as each open completes. Measured (durable write, 4 runs):
+  # 512 MiB in 8 arrays 686-726 ms vs 760-1039 ms; in 256 arrays 751-771 ms vs
+  # 786-1057 ms; 64 MiB in 256 arrays 169-188 ms vs 177-244 ms.
+  txn = ts.Transaction()
   base = {"driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/",
           "config": _OCDBT_CONFIG, "target_data_file_size": TARGET_DATA_FILE_SIZE}
   opens, tree_metadata, shardings, array_metadatas = [], {}, {}, []
@@ -168,7 +193,7 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
     spec = {"driver": "zarr", "kvstore": {**base, "path": f"{key}/"}, "dtype": dtype.name,
             "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None,
                          "dimension_separator": "."}}
-    opens.append((ts.open(spec, create=True, context=context), pieces))
+    opens.append((ts.open(spec, create=True, context=context, transaction=txn), pieces))
   futures = []
   for opening, pieces in opens:
     store = opening.result()
@@ -177,4 +202,7 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
       # No copy into TensorStore's chunk cache (as Orbax): the snapshot is this
       # save's own, and a sync save's caller waits until the write is done.
       futures.append(target.write(np.asarray(data), can_reference_source_data_indefinitely=True))
-  return Pending(state_dir, futures, tree_metadata, shardings, array_metadatas, started_ns)
+  # Commits (writes the data files and the B-tree) in the background while the
+  # caller computes CRCs.
+  return Pending(state_dir, futures, txn.commit_async(), tree_metadata, shardings,
+                 array_metadatas, started_ns)
