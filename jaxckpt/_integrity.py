@@ -3,8 +3,13 @@
 TensorStore's zarr v2 chunks (Orbax's default format) carry no checksum, and
 zarr v3's crc32c covers only the shard index, so a flipped bit in array data is
 returned as data. jaxckpt records a CRC-32 of each leaf's stored bytes in the
-manifest (zlib.crc32 runs at 3.5 GB/s here and releases the GIL) and checks it
-after reading, before any dtype cast.
+manifest and checks it after reading, before any dtype cast.
+
+The CRC-32 is zlib's (same polynomial and values), computed with ISA-L
+(the ``isal`` package) when it is installed: 12.6 GB/s here against 3.7 GB/s
+for ``zlib.crc32`` (64 MiB, warm), i.e. 25 ms instead of 90 ms of CPU per save
+of the 313 MiB tpu_idle.py state, CPU that an async save takes from training.
+Both release the GIL.
 
 Arrays spread over several JAX processes (not fully addressable, including
 arrays replicated across processes) get one CRC-32 per stored shard instead,
@@ -19,13 +24,17 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import zlib
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxckpt._errors import CorruptCheckpointError
+
+try:
+  from isal.isal_zlib import crc32 as _crc32
+except ImportError:  # A platform without isal wheels: the same CRC, slower.
+  from zlib import crc32 as _crc32
 
 
 def host_bytes(value: Any, dtype: np.dtype | None = None) -> memoryview | None:
@@ -40,12 +49,13 @@ def host_bytes(value: Any, dtype: np.dtype | None = None) -> memoryview | None:
 
 def checksum(value: Any, dtype: np.dtype | None = None) -> int | None:
   data = host_bytes(value, dtype)
-  return None if data is None else zlib.crc32(data)
+  return None if data is None else _crc32(data)
 
 
 def verify_all(path: str, entries: list[tuple[str, Any, np.dtype, int | None]]) -> None:
-  """`verify` for many arrays, on all cores: zlib.crc32 releases the GIL, and
-  the restore has nothing else to do meanwhile (0.15 s per 512 MiB on one core)."""
+  """`verify` for many arrays, on all cores: the CRC releases the GIL, and
+  the restore has nothing else to do meanwhile (per 512 MiB on one core: 0.04 s
+  with ISA-L, 0.15 s with zlib)."""
   workers = min(len(entries), os.cpu_count() or 1)
   if workers <= 1:
     for entry in entries:

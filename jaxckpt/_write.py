@@ -108,7 +108,7 @@ def _write_manifest(staging: str, manifest: Manifest) -> None:
   # computed while TensorStore writes (measured: 0.15 s per 512 MiB).
   os.makedirs(os.path.join(staging, _knobs.MANIFEST_ITEM), exist_ok=True)
   with open(manifest_file(staging), "w") as f:
-    json.dump(manifest.to_json(), f)
+    f.write(json.dumps(manifest.to_json()))  # json.dump encodes in Python: ~10x slower.
 
 
 def _commit_to_kvstore(job: SaveJob) -> None:

@@ -1,5 +1,6 @@
 import json
 import os
+import zlib
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -7,6 +8,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
+from jaxckpt import _integrity
 
 
 def _save(tmp_path, **kwargs):
@@ -68,3 +70,12 @@ def test_dtype_kind_changes_are_refused(tmp_path):
   upcast = jaxckpt.Checkpoint(x=jnp.zeros(4, jnp.float32))
   upcast.restore(ints)  # int → float is allowed.
   assert upcast.x.tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_checksum_is_zlibs_crc32():
+  # Manifests written with zlib.crc32 (before ISA-L was used) must still verify.
+  rng = np.random.default_rng(0)
+  for value in [rng.standard_normal((257, 33)).astype(np.float32),
+                jnp.arange(1 << 20, dtype=jnp.bfloat16), np.int64(7), 2.5]:
+    expected = zlib.crc32(np.ascontiguousarray(np.asarray(value)).tobytes())
+    assert _integrity.checksum(value) == expected
