@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 import uuid
 
 
@@ -89,16 +90,39 @@ def commit(staging: str, final: str) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def remove_staging(staging: str) -> None:
-  """Best-effort removal of a failed save's staging data (incl. Orbax's tmp dirs)."""
+def _remove_staging_once(staging: str) -> bool:
+  """Removes ``staging`` and Orbax's tmp dirs next to it; True if any were there."""
   parent, base = os.path.split(staging)
   try:
     names = os.listdir(parent or ".")
   except OSError:
-    return
+    return False
+  found = False
   for name in names:
     if name == base or name.startswith(base + "."):
+      found = True
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+  return found
+
+
+def remove_staging(staging: str, *, settle_s: float = 0.1, limit_s: float = 2.0) -> None:
+  """Best-effort removal of a failed save's staging data (incl. Orbax's tmp dirs).
+
+  A failed TensorStore commit reports its first error while its other data
+  files are still being written, and TensorStore creates missing parent
+  directories, so a staging directory removed at once came back 50 ms later
+  (seen with a file-size limit). So this removes until nothing has reappeared
+  for ``settle_s``, for at most ``limit_s``; anything left is never listed and
+  is removed by the next CheckpointManager on the directory.
+  """
+  deadline = time.monotonic() + limit_s
+  quiet_since = time.monotonic()
+  while time.monotonic() < deadline:
+    if _remove_staging_once(staging):
+      quiet_since = time.monotonic()
+    elif time.monotonic() - quiet_since >= settle_s:
+      return
+    time.sleep(0.02)
 
 
 def remove_checkpoint(path: str) -> None:

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxckpt
+from jaxckpt import _durable
 
 sys.path.insert(0, os.path.dirname(__file__))
 import crash_harness  # noqa: E402
@@ -64,6 +65,26 @@ def test_file_too_large_surfaces_lists_nothing_and_recovers(tmp_path):
   assert lines["listed"] == "['ckpt-1']"  # The failed save is not listed...
   assert lines["after"] == f"ckpt-3 {float((4 << 20) - 1)}"  # ...and the loop recovers.
   assert not [n for n in os.listdir(tmp_path) if ".jaxckpt-" in n]
+
+
+def test_failed_staging_removal_outlasts_late_writes(tmp_path, monkeypatch):
+  # A failed TensorStore commit returns while other data files are still being
+  # written (recreating their directories): removal goes on until it is quiet.
+  staging = tmp_path / ".ckpt-2.jaxckpt-tmp-x"
+  (staging / "state" / "d").mkdir(parents=True)
+  real, calls = _durable._remove_staging_once, []
+
+  def late_write_after_second_look(path):
+    found = real(path)
+    calls.append(found)
+    if len(calls) == 2:
+      (staging / "state" / "d").mkdir(parents=True)  # A write lands after a clean look.
+    return found
+
+  monkeypatch.setattr(_durable, "_remove_staging_once", late_write_after_second_look)
+  _durable.remove_staging(str(staging))
+  assert calls[:3] == [True, False, True]
+  assert not staging.exists() and os.listdir(tmp_path) == []
 
 
 def test_vanished_directory_is_recreated(tmp_path):
