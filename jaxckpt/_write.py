@@ -105,7 +105,7 @@ def new_checkpointer(*, compression: bool = False,
 
 def _write_manifest(staging: str, manifest: Manifest) -> None:
   # Written by jaxckpt, after Orbax finished, so the CRCs it holds can be
-  # computed while TensorStore writes (measured: 0.15 s per 512 MiB).
+  # computed while TensorStore writes (per 512 MiB: 0.04 s with ISA-L, 0.15 s with zlib).
   os.makedirs(os.path.join(staging, _knobs.MANIFEST_ITEM), exist_ok=True)
   with open(manifest_file(staging), "w") as f:
     f.write(json.dumps(manifest.to_json()))  # json.dump encodes in Python: ~10x slower.
