@@ -22,9 +22,10 @@ def jupyter_path(tmp_path_factory):
   return str(prefix / "share" / "jupyter")
 
 
-def _execute(name, jupyter_path, monkeypatch):
+def _execute(name, jupyter_path, monkeypatch, tmp_path):
   """Runs every cell of ``notebooks/name`` in a fresh kernel; returns the executed notebook."""
   monkeypatch.setenv("JUPYTER_PATH", jupyter_path)
+  monkeypatch.setenv("TMPDIR", str(tmp_path))  # The kernel's mkdtemp()s land here.
   monkeypatch.setenv("JAXCKPT_NOTEBOOK_SMALL", "1")
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
   client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
@@ -56,8 +57,8 @@ def test_kernel_runs_this_interpreter(jupyter_path):
 
 
 @pytest.mark.slow
-def test_quickstart_notebook_runs(jupyter_path, monkeypatch):
-  text = _text(_execute("quickstart.ipynb", jupyter_path, monkeypatch))
+def test_quickstart_notebook_runs(jupyter_path, monkeypatch, tmp_path):
+  text = _text(_execute("quickstart.ipynb", jupyter_path, monkeypatch, tmp_path))
   assert "committed paths: ['" in text and "ckpt-1'" in text
   assert "WriteCallbackError: " in text and "upload of ckpt-2 failed" in text
   assert "kept: ['ckpt-3', 'ckpt-4', 'ckpt-5']" in text
@@ -67,9 +68,10 @@ def test_quickstart_notebook_runs(jupyter_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_benchmark_notebook_plots(jupyter_path, monkeypatch):
-  nb = _execute("benchmark.ipynb", jupyter_path, monkeypatch)
+def test_benchmark_notebook_plots(jupyter_path, monkeypatch, tmp_path):
+  nb = _execute("benchmark.ipynb", jupyter_path, monkeypatch, tmp_path)
   text = _text(nb)
+  assert list(tmp_path.rglob("tpu_idle.json"))  # Written under tmp_path, not left in /tmp.
   assert "small configuration" in text and "jaxckpt_async" in text
   images = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code"
             for o in c.outputs if "image/png" in o.get("data", {})]
