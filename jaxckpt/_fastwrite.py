@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import json
 import os
 import time
 from typing import Any
@@ -36,6 +35,9 @@ import numpy as np
 import tensorstore as ts
 from orbax.checkpoint._src.arrays import subchunking
 from orbax.checkpoint._src.metadata import sharding as sharding_metadata
+
+from jaxckpt._durable import write_json
+from jaxckpt._tree import is_numeric_dtype
 
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000,
                  "compression": {"id": "zstd"}}  # Orbax's, for its B-tree nodes.
@@ -53,20 +55,15 @@ _CONTEXT = {"file_io_concurrency": {"limit": 128},
 _HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 
-def _plain(dtype) -> bool:
-  # Numpy's own numeric dtypes and bfloat16; other ml_dtypes (float8, int4, ...)
-  # are left to Orbax.
-  dtype = np.dtype(dtype)  # ml_dtypes have kind "V".
-  return dtype.kind in "biufc" or dtype.name == "bfloat16"
-
-
 def _kind(value: Any) -> str | None:
+  # Other ml_dtypes (float8, int4, ...) are left to Orbax.
   if isinstance(value, jax.Array):
     if (not value.is_fully_addressable or 0 in value.shape
-        or jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key) or not _plain(value.dtype)):
+        or jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
+        or not is_numeric_dtype(value.dtype)):
       return None
     return "jax.Array"
-  if isinstance(value, np.ndarray) and _plain(value.dtype) and 0 not in value.shape:
+  if isinstance(value, np.ndarray) and is_numeric_dtype(value.dtype) and 0 not in value.shape:
     return "np.ndarray"
   if type(value) in (bool, int, float):
     return "scalar"
@@ -127,24 +124,18 @@ class Pending:
       future.result()
     self.commit.result()
     self.futures = []
-    _write_json(os.path.join(self.state_dir, "_METADATA"), {
+    write_json(os.path.join(self.state_dir, "_METADATA"), {
         "tree_metadata": self.tree_metadata, "use_ocdbt": True, "use_zarr3": False,
         "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
     if self.shardings:
-      _write_json(os.path.join(self.state_dir, "_sharding"), self.shardings)
+      write_json(os.path.join(self.state_dir, "_sharding"), self.shardings)
     if self.array_metadatas:
-      _write_json(os.path.join(self.state_dir, "array_metadatas", "process_0"),
+      write_json(os.path.join(self.state_dir, "array_metadatas", "process_0"),
                   {"array_metadatas": self.array_metadatas})
-    _write_json(os.path.join(os.path.dirname(self.state_dir), "_CHECKPOINT_METADATA"), {
+    write_json(os.path.join(os.path.dirname(self.state_dir), "_CHECKPOINT_METADATA"), {
         "item_handlers": {os.path.basename(self.state_dir): _HANDLER}, "metrics": {},
         "performance_metrics": {}, "init_timestamp_nsecs": self.started_ns,
         "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}})
-
-
-def _write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path, "w") as f:
-    f.write(json.dumps(obj))  # json.dump would encode in Python: ~10x slower.
 
 
 def start(state_dir: str, snapshot: dict[str, Any], *,

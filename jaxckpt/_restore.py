@@ -235,8 +235,10 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
           f"Checkpoint {path!r} is incremental and reads '{group[0].name}' (and "
           f"{len(group) - 1} more) from {holder!r}, which no longer exists. Delete "
           "checkpoints through CheckpointManager, which keeps such data.")
-    raw.update(_read_group(holder, manifest, group, io_device, reader, verified,
-                           verify_checksums))
+    values, matched = _read_group(holder, manifest, group, io_device, reader,
+                                  verify_checksums)
+    raw.update(values)
+    verified |= matched
   if verify_checksums:
     verify_all(path, [(leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
                        manifest.checksums.get(leaf.name)) for leaf in wanted
@@ -252,10 +254,10 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
 
 def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
                 io_device: jax.Device | None, reader: Reader,
-                verified: set[str], verify_checksums: bool) -> dict[str, Any]:
+                verify_checksums: bool) -> tuple[dict[str, Any], set[str]]:
   """Reads ``wanted`` from the checkpoint at ``path`` (its own, or an incremental
-  holder's); adds to ``verified`` the names whose CRC-32 already matched."""
-  fast = {}
+  holder's); returns the values and the names whose CRC-32 already matched."""
+  fast, verified = {}, set()
   if io_device is None and reader == Reader():  # One process, default devices.
     fast, crcs = _fastread.read(os.path.join(path, _knobs.STATE_ITEM),
                                 [(l.name, l.shape, stored_dtype(manifest, l.name))
@@ -269,9 +271,9 @@ def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
         # corrupt checkpoint; truly corrupt data then fails its CRC there.
         del fast[name]
   wanted = [l for l in wanted if l.name not in fast]
-  if not wanted:
-    return fast
-  return {**fast, **_orbax_read_named(path, manifest, wanted, io_device, reader)}
+  if wanted:
+    fast.update(_orbax_read_named(path, manifest, wanted, io_device, reader))
+  return fast, verified
 
 
 def _orbax_read_named(path: str, manifest: Manifest, wanted: list[Leaf],

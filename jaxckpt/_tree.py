@@ -29,6 +29,12 @@ from jaxckpt._errors import TreeError
 SCALAR_TYPES = (bool, int, float)
 
 
+def is_numeric_dtype(dtype) -> bool:
+  """Numpy's numeric dtypes and bfloat16 (ml_dtypes' others have kind "V")."""
+  dtype = np.dtype(dtype)
+  return dtype.kind in "biufc" or dtype.name == "bfloat16"
+
+
 @dataclasses.dataclass(frozen=True)
 class Leaf:
   """One named leaf of a tracked item; ``value`` is what gets saved."""
@@ -114,7 +120,7 @@ def _to_leaf(name: str, value: Any) -> Leaf:
                   value.dtype._impl.name)
     return Leaf(name, value)
   if isinstance(value, (np.ndarray, np.generic)):
-    if value.dtype.kind not in "biufc" and value.dtype.name != "bfloat16":
+    if not is_numeric_dtype(value.dtype):
       raise TreeError(
           f"Leaf '{name}' is a numpy array of dtype {value.dtype}; expected a "
           "numeric dtype.")

@@ -24,6 +24,7 @@ from jaxckpt import _kvstore
 from jaxckpt._durable import commit
 from jaxckpt._durable import remove_staging
 from jaxckpt._durable import staging_path
+from jaxckpt._durable import write_json
 from jaxckpt._errors import SaveError
 from jaxckpt._errors import WriteCallbackError
 from jaxckpt._future import CommitFuture
@@ -106,9 +107,7 @@ def new_checkpointer(*, compression: bool = False,
 def _write_manifest(staging: str, manifest: Manifest) -> None:
   # Written by jaxckpt, after Orbax finished, so the CRCs it holds can be
   # computed while TensorStore writes (per 512 MiB: 0.04 s with ISA-L, 0.15 s with zlib).
-  os.makedirs(os.path.join(staging, _knobs.MANIFEST_ITEM), exist_ok=True)
-  with open(manifest_file(staging), "w") as f:
-    f.write(json.dumps(manifest.to_json()))  # json.dump encodes in Python: ~10x slower.
+  write_json(manifest_file(staging), manifest.to_json())
 
 
 def _commit_to_kvstore(job: SaveJob) -> None:

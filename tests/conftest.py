@@ -14,6 +14,17 @@ import jax  # noqa: E402
 jax.config.update("jax_num_cpu_devices", 4)
 
 
+@pytest.fixture
+def no_orbax_reads(monkeypatch):
+  """Fails the test if a jaxckpt restore asks Orbax to read: the fast path must do it all."""
+  from jaxckpt import _restore
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("Orbax was asked to read")
+
+  monkeypatch.setattr(_restore, "_orbax_read", refuse)
+
+
 @pytest.fixture(scope="session")
 def s3_endpoint():
   """A moto S3 server on 127.0.0.1 (a free port), shared by the whole session."""
