@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 import threading
@@ -31,6 +32,14 @@ def main(argv=None) -> dict:
   parser.add_argument("--dir", default=None)
   args = parser.parse_args(argv)
   directory = args.dir or tempfile.mkdtemp(prefix="jaxckpt-soak-")
+  try:
+    return _soak(args, directory)
+  finally:
+    if args.dir is None:  # Our own temp dir: leave nothing behind.
+      shutil.rmtree(directory, ignore_errors=True)
+
+
+def _soak(args, directory: str) -> dict:
   n = int(args.mib * 2**20 / 4)
   ckpt = jaxckpt.Checkpoint(w=jnp.zeros(n), step=0)
   calls: list[str] = []

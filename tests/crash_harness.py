@@ -100,10 +100,15 @@ def main() -> None:
   parser.add_argument("--dir", default=None)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args()
+  import shutil
   import tempfile
   directory = args.dir or tempfile.mkdtemp(prefix="jaxckpt-crash-")
   start = time.time()
-  steps = run(directory, args.kills, args.seed)
+  try:
+    steps = run(directory, args.kills, args.seed)
+  finally:
+    if args.dir is None:  # Our own temp dir: leave nothing behind.
+      shutil.rmtree(directory, ignore_errors=True)
   print(f"{args.kills} kills survived in {time.time() - start:.0f} s; every latest checkpoint "
         f"restored bit-exactly and verified (a bad one raises); "
         f"latest step after each kill: {steps}")
