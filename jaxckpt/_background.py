@@ -5,7 +5,10 @@ Each `Checkpoint` owns one `Saver`. Jobs run FIFO on a worker thread, so commits
 callbacks and state-file updates happen in save order. Before a save takes its
 snapshot it reserves room: at most ``max_in_flight`` saves and
 ``memory_budget_bytes`` of snapshot data may be held at once; otherwise it waits
-for earlier commits (and logs how long). A failed job's error is raised once at
+for earlier commits (and logs how long). It also owns the `StagingPool` its
+saves' snapshots are copied into; a successful save returns its buffers there,
+and they are freed after ``_knobs.STAGING_IDLE_S`` without a save that reuses
+them (the worker lingers until then). A failed job's error is raised once at
 the next save/write/sync/restore. At interpreter exit queued saves are joined
 for at most ``_knobs.EXIT_TIMEOUT_S``; anything unfinished or unreported is
 logged.
@@ -23,6 +26,7 @@ import time
 import weakref
 
 from jaxckpt import _knobs
+from jaxckpt._staging import StagingPool
 from jaxckpt._write import SaveJob
 from jaxckpt._write import new_checkpointer
 from jaxckpt._write import run_save
@@ -51,6 +55,8 @@ class Saver:
     self._peak_inflight_bytes = 0  # For tests and benchmarks.
     self._errors: list[BaseException] = []
     self._worker_running = False
+    self._last_done = time.monotonic()
+    self.staging = StagingPool(idle_s=_knobs.STAGING_IDLE_S)
     _LIVE.add(self)
 
   def _engine(self, compression: bool):
@@ -124,30 +130,40 @@ class Saver:
       self._cond.notify_all()
       if not self._worker_running:
         self._worker_running = True
-        threading.Thread(target=self._work, daemon=True, name="jaxckpt-save").start()
+        threading.Thread(target=_worker, args=(weakref.ref(self),), daemon=True,
+                         name="jaxckpt-save").start()
 
-  def _work(self) -> None:
-    # Stays up between saves (a thread start costs ~1-5 ms on save()'s path under
-    # load) and exits after WORKER_IDLE_S without work.
+  def _run_queue(self) -> float | None:
+    """Runs queued jobs until there are none; returns how long the worker should
+    wait before calling again, or None when it should exit."""
     while True:
       with self._cond:
         if not self._queue:
-          self._cond.wait(timeout=_knobs.WORKER_IDLE_S)
-        if not self._queue:
-          self._worker_running = False
-          return
+          idle = time.monotonic() - self._last_done
+          if idle < _knobs.WORKER_IDLE_S:
+            return _knobs.WORKER_IDLE_S - idle
+          stale_in = self.staging.drop_stale()
+          if stale_in is None:
+            self._worker_running = False
+          return stale_in
         job = self._queue[0]
       try:
         path = self._run(job)
       except BaseException as e:
         with self._cond:
           self._errors.append(e)
+        job.staged = []  # A failed save may still hold views of them: never reused.
         job.future.set_exception(e)
       else:
+        # Before the future resolves: a caller woken by it may save again at once.
+        job.snapshot = None
+        self.staging.give_back(job.staged)
+        job.staged = []
         job.future.set_result(path)
       with self._cond:
         self._queue.popleft()
         self._inflight_bytes -= job.nbytes
+        self._last_done = time.monotonic()
         self._cond.notify_all()
 
   def _join_at_exit(self, deadline: float) -> None:
@@ -165,6 +181,28 @@ class Saver:
       errors, self._errors = self._errors, []
     for error in errors:
       logger.error("An async save failed and was never reported: %s", error)
+
+
+def _worker(ref: weakref.ref[Saver]) -> None:
+  """The save thread of one `Saver`: runs its jobs in order.
+
+  Stays up between saves (a thread start costs ~1-5 ms on save()'s path under
+  load), for WORKER_IDLE_S without work and then until the staging buffers are
+  freed. While waiting it holds the Saver only weakly: a dropped Checkpoint frees
+  its staging buffers at once, and the thread exits when it wakes.
+  """
+  while True:
+    saver = ref()
+    if saver is None:
+      return
+    cond, queue = saver._cond, saver._queue
+    wait_s = saver._run_queue()
+    del saver
+    if wait_s is None:
+      return
+    with cond:
+      if not queue:
+        cond.wait(timeout=wait_s)
 
 
 def _join_pending_saves() -> None:

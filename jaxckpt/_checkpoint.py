@@ -59,8 +59,9 @@ def _gather_snapshot(leaves, io_process: int) -> dict[str, object]:
   gathered = gather([leaf.value for leaf in arrays])  # A collective: every process.
   if jax.process_index() != io_process:
     return {}
-  snapshot = take_snapshot([leaf for leaf in leaves if not isinstance(leaf.value, jax.Array)],
-                           copy=True, io_device=None)
+  snapshot, _ = take_snapshot(
+      [leaf for leaf in leaves if not isinstance(leaf.value, jax.Array)],
+      copy=True, io_device=None)
   snapshot.update((leaf.name, value) for leaf, value in zip(arrays, gathered, strict=True))
   # All numpy: written by _orbax_fixes.NumpyOnProcessHandler on this process.
   return {name: np.asarray(value) for name, value in snapshot.items()}
@@ -232,13 +233,15 @@ class Checkpoint:
     to_copy = [leaf for leaf in flat if leaf.name not in reused]
     if coordination is not None:
       coordination = dataclasses.replace(coordination, what=f"save of {path!r}")
+    staged = []
     if routed:
       # The gather is an XLA collective, which has no timeout: enter it only
       # once every process is known to be here.
       coordination.barrier("gather")
       snapshot = _gather_snapshot(to_copy, io_device.process_index)
     else:
-      snapshot = take_snapshot(to_copy, copy=options.enable_async, io_device=io_device)
+      snapshot, staged = take_snapshot(to_copy, copy=options.enable_async,
+                                       io_device=io_device, pool=self._saver.staging)
     object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)
     job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
@@ -248,7 +251,7 @@ class Checkpoint:
                   chunk_byte_size=options.chunk_byte_size,
                   history=self._history if options.incremental else None, reused=reused,
                   refs={leaf.name: weak(leaf.value) for leaf in flat} if options.incremental
-                  else {}, coordination=coordination)
+                  else {}, coordination=coordination, staged=staged)
     if options.enable_async:
       logger.info("Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
                   path, len(flat), nbytes / 2**20,

@@ -7,6 +7,10 @@ EXIT_TIMEOUT_S: float = 300.0
 # Seconds the background save thread lingers without work before exiting.
 WORKER_IDLE_S: float = 10.0
 
+# Seconds an async save's staging buffers (see _staging.py) are kept for the
+# next save before they are freed.
+STAGING_IDLE_S: float = 600.0
+
 # Name of the TF-format text state file written next to ``save()``'d checkpoints.
 STATE_FILE_NAME: str = "checkpoint"
 

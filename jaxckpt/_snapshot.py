@@ -22,8 +22,9 @@ save own its data, without waiting for anything:
   7.4–8.5 to 3.7–6 ms (private API, pinned JAX version; any failure falls back
   to ``shard_args``, then ``jax.device_put``). Arrays spread over several
   processes are copied shard by shard (`_copy_global`). Rejected alternative:
-  a jitted copy into donated, reused staging buffers — XLA:CPU did not alias
-  them and ran the copy synchronously (160–447 ms to issue for 320 MiB).
+  On the CPU backend with a `StagingPool` (async saves of a `Checkpoint`), the
+  copy goes into the previous save's buffers instead (see _staging.py: the
+  copies finish 4-10x sooner and issue in 0.3 ms whatever the size).
 * numpy leaves are mutable host memory: copied now (the only blocking copy).
 * Python scalars are immutable: kept as they are.
 
@@ -39,6 +40,7 @@ import functools
 import jax
 import numpy as np
 
+from jaxckpt._staging import StagingPool
 from jaxckpt._tree import Leaf
 
 _HOST = "pinned_host"
@@ -134,10 +136,12 @@ def _host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
   return sharding
 
 
-def take_snapshot(leaves: list[Leaf], *, copy: bool,
-                  io_device: jax.Device | None) -> dict[str, object]:
-  """Returns ``{name: value}`` safe to write after the caller moves on."""
+def take_snapshot(leaves: list[Leaf], *, copy: bool, io_device: jax.Device | None,
+                  pool: StagingPool | None = None) -> tuple[dict[str, object], list]:
+  """Returns ``{name: value}`` safe to write after the caller moves on, and the
+  staging sets to give back to ``pool`` once the save is done (may be empty)."""
   out: dict[str, object] = {}
+  staged: list = []
   jax_names, jax_values = [], []
   for leaf in leaves:
     if isinstance(leaf.value, jax.Array):
@@ -152,6 +156,15 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool,
       targets = [_host_sharding(jax.sharding.SingleDeviceSharding(io_device))] * len(jax_values)
       jax_values = _copy(jax_values, targets)
     else:
-      jax_values = _snapshot_arrays(jax_values, [_host_sharding(x.sharding) for x in jax_values])
+      copies: list = [None] * len(jax_values)
+      if pool is not None:
+        copies, staged = pool.copy(jax_values)
+      rest = [i for i, c in enumerate(copies) if c is None]
+      if rest:
+        others = [jax_values[i] for i in rest]
+        for i, c in zip(rest, _snapshot_arrays(
+            others, [_host_sharding(x.sharding) for x in others]), strict=True):
+          copies[i] = c
+      jax_values = copies
   out.update(zip(jax_names, jax_values, strict=True))
-  return out
+  return out, staged

@@ -74,6 +74,9 @@ class SaveJob:
   manifest: Manifest | None = None  # Set by the worker.
   # Several JAX processes: this save's number and timeout (see _multihost.py).
   coordination: Coordination | None = None
+  # The snapshot's staging buffers (see _staging.py), returned to the pool after a
+  # successful save; the save must hold nothing else that reads them by then.
+  staged: list = dataclasses.field(default_factory=list)
   started: float = dataclasses.field(default_factory=time.perf_counter)
 
 

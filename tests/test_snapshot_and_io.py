@@ -146,7 +146,7 @@ def test_snapshot_fast_path_copies_like_device_put(monkeypatch):
     raise AssertionError("fell back to shard_args or jax.device_put: the fast path broke")
   monkeypatch.setattr(jax, "device_put", no_fallback)
   monkeypatch.setattr(_snapshot, "_copy", no_fallback)
-  snap = _snapshot.take_snapshot(leaves, copy=True, io_device=None)
+  snap, _ = _snapshot.take_snapshot(leaves, copy=True, io_device=None)
   for leaf in leaves:
     copy = snap[leaf.name]
     assert copy is not leaf.value and copy.dtype == leaf.value.dtype

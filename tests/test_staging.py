@@ -1,0 +1,129 @@
+"""Staging buffers reused across async saves (_staging.py)."""
+
+import gc
+import threading
+import time
+import weakref
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxckpt
+from jaxckpt import _knobs
+from jaxckpt import _staging
+
+TIMEOUT = 60
+
+
+def _state():
+  mesh = jax.make_mesh((4,), ("d",))
+  return {
+      "sharded": jax.device_put(jnp.arange(64 * 1024, dtype=jnp.float32),
+                                jax.NamedSharding(mesh, jax.P("d"))),
+      "replicated": jax.device_put(jnp.ones((128, 32), jnp.bfloat16),
+                                   jax.NamedSharding(mesh, jax.P())),
+      "single": jnp.arange(1000, dtype=jnp.int32),
+      "key": jax.random.key(0),  # Not stageable: copied by device_put, saved all the same.
+      "step": 3,
+  }
+
+
+def _pointers(pool: _staging.StagingPool) -> list[int]:
+  return sorted(shard.data.unsafe_buffer_pointer()
+                for buffers, _ in pool._idle.values() for c in buffers
+                for shard in c.addressable_shards)
+
+
+def test_fifty_async_saves_in_a_donating_loop_reuse_one_set_of_buffers(tmp_path):
+  step = jax.jit(lambda s: {**s, "sharded": s["sharded"] * 1.5 + 1,
+                            "single": s["single"] + 1}, donate_argnums=0)
+  state = step(_state())  # The shardings a training loop saves: the step's outputs'.
+  ckpt = jaxckpt.Checkpoint(state=state)
+  opts = jaxckpt.CheckpointOptions(enable_async=True)
+  pool = ckpt._saver.staging
+  expected, pointers = {}, []
+  for _ in range(50):
+    ckpt.state = state
+    path = ckpt.save(tmp_path / "m", options=opts)
+    expected[path] = {k: np.asarray(state[k]).copy() for k in ("sharded", "single")}
+    state = step(state)  # Donates what the save just snapshotted.
+    path.future.result(timeout=TIMEOUT)
+    pointers.append(_pointers(pool))
+  # The first save allocates; every later one copies into those same buffers.
+  assert pool.reused == 49
+  assert pointers[0] and all(p == pointers[0] for p in pointers)
+  for path in list(expected)[::7] + [list(expected)[-1]]:
+    reader = jaxckpt.load_checkpoint(path)
+    for name, value in expected[path].items():
+      np.testing.assert_array_equal(reader.get_tensor(f"state/{name}"), value)
+  assert reader.get_tensor("state/step") == 3
+
+
+def test_a_buffer_something_still_views_is_not_overwritten():
+  pool = _staging.StagingPool()
+  first, sets = pool.copy([jnp.ones(4096)])
+  view = np.asarray(first[0])  # E.g. a writer that has not let go yet.
+  pool.give_back(sets)
+  second, _ = pool.copy([jnp.zeros(4096)])
+  # XLA does not donate a buffer with an external reference: new memory instead.
+  assert view.sum() == 4096 and np.asarray(second[0]).sum() == 0
+
+
+def test_the_copy_is_not_too_cheap_to_run_in_the_background():
+  # XLA:CPU runs computations under 1000 estimated flops inline on the calling
+  # thread; the ballast keeps the copy above that (see _staging.py).
+  values = [jnp.ones((512, 512))]
+  ballast = _staging._ballast(tuple(values[0].sharding._device_assignment))
+  compiled = _staging._copy_into.lower(values, values, ballast).compile()
+  assert compiled.cost_analysis()["flops"] >= 1000
+  aliases = compiled.as_text().split("\n", 1)[0]
+  assert "input_output_alias" in aliases  # The donated buffers are kept and reused.
+
+
+def test_a_dropped_checkpoint_frees_its_staging_buffers(tmp_path):
+  ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
+  ckpt.save(tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True))
+  ckpt.sync()
+  pool = ckpt._saver.staging
+  assert pool.idle_bytes == 4 << 16
+  idle = weakref.ref(next(iter(pool._idle.values()))[0][0])
+  del ckpt, pool
+  gc.collect()
+  assert idle() is None  # Not kept alive by the waiting worker thread.
+
+
+def test_idle_staging_buffers_are_freed_and_the_worker_exits(tmp_path, monkeypatch):
+  monkeypatch.setattr(_knobs, "WORKER_IDLE_S", 0.05)
+  monkeypatch.setattr(_knobs, "STAGING_IDLE_S", 0.3)
+  before = threading.active_count()
+  ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
+  ckpt.save(tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True))
+  ckpt.sync()
+  assert ckpt._saver.staging.idle_bytes > 0
+  deadline = time.monotonic() + TIMEOUT
+  while (ckpt._saver.staging.idle_bytes or threading.active_count() > before) and (
+      time.monotonic() < deadline):
+    time.sleep(0.05)
+  assert ckpt._saver.staging.idle_bytes == 0
+  assert threading.active_count() == before
+
+
+def test_a_failed_save_does_not_give_its_buffers_back(tmp_path):
+  def fail():
+    raise RuntimeError("callback failed")
+  ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
+  opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[fail])
+  ckpt.save(tmp_path / "m", options=opts)
+  with pytest.raises(jaxckpt.WriteCallbackError):
+    ckpt.sync()
+  assert ckpt._saver.staging.idle_bytes == 0
+
+
+def test_pool_keeps_at_most_max_idle_sets():
+  pool = _staging.StagingPool(max_idle=2)
+  for n in (8, 16, 32):
+    _, sets = pool.copy([jnp.ones(n)])
+    pool.give_back(sets)
+  assert sorted(k[0][0] for k in pool._idle) == [(16,), (32,)]  # The oldest went.
