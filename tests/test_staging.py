@@ -17,6 +17,11 @@ from jaxckpt import _staging
 TIMEOUT = 60
 
 
+@pytest.fixture(autouse=True)
+def stage_small_arrays(monkeypatch):
+  monkeypatch.setattr(_staging, "MIN_BYTES", 0)  # Test arrays are KiB, not 32 MiB.
+
+
 def _state():
   mesh = jax.make_mesh((4,), ("d",))
   return {
@@ -119,6 +124,14 @@ def test_a_failed_save_does_not_give_its_buffers_back(tmp_path):
   with pytest.raises(jaxckpt.WriteCallbackError):
     ckpt.sync()
   assert ckpt._saver.staging.idle_bytes == 0
+
+
+def test_only_arrays_of_min_bytes_and_more_are_staged():
+  pool = _staging.StagingPool(min_bytes=1024)
+  copies, sets = pool.copy([jnp.ones(256), jnp.ones(255)])  # 1024 and 1020 bytes.
+  assert copies[0] is not None and copies[1] is None
+  assert [k for k, _ in sets] == [(((256,), jnp.ones(1).dtype,
+                                    _staging._layout(copies[0].sharding, 1)),)]
 
 
 def test_pool_keeps_at_most_max_idle_sets():
