@@ -21,10 +21,11 @@ save own its data, without waiting for anything:
   (`_copy_in_place`), cut the blocked time of a 197-array NNX save from
   7.4–8.5 to 3.7–6 ms (private API, pinned JAX version; any failure falls back
   to ``shard_args``, then ``jax.device_put``). Arrays spread over several
-  processes are copied shard by shard (`_copy_global`). Rejected alternative:
-  On the CPU backend with a `StagingPool` (async saves of a `Checkpoint`), the
-  copy goes into the previous save's buffers instead (see _staging.py: the
-  copies finish 4-10x sooner and issue in 0.3 ms whatever the size).
+  processes are copied shard by shard (`_copy_global`).
+  On the CPU backend with a `StagingPool` (async saves of a `Checkpoint`),
+  arrays of 32 MiB and more are copied into the previous save's buffers instead
+  (see _staging.py: the copies finish 4-10x sooner and issue in 0.3 ms whatever
+  the size).
 * numpy leaves are mutable host memory: copied now (the only blocking copy).
 * Python scalars are immutable: kept as they are.
 

@@ -69,6 +69,8 @@ class Leaf:
 
   @property
   def nbytes(self) -> int:
+    if isinstance(self.value, jax.Array):  # JAX's own nbytes costs ~7 µs (np.size).
+      return math.prod(self.value.shape) * self.value.dtype.itemsize
     nbytes = getattr(self.value, "nbytes", None)
     if nbytes is not None:
       return int(nbytes)
