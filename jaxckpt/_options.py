@@ -96,7 +96,10 @@ class CheckpointOptions:
     TF: the next save waits for the previous commit).
   * ``memory_budget_bytes``: cap on snapshot bytes held by in-flight saves; a
     save that would exceed it waits for earlier commits and logs the wait.
-    Default: half the machine's physical memory.
+    Default: half the machine's physical memory. On CPU, arrays of 32 MiB and
+    more are snapshotted into the previous save's copies (staging buffers,
+    kept by the `Checkpoint` for up to 10 minutes between saves), so a
+    snapshot in steady state reuses memory instead of adding to it.
   * ``verify_checksums``: on restore/read, check each array against the CRC-32
     recorded at save time (default True).
   * ``incremental``: do not write leaves unchanged since this Checkpoint's last

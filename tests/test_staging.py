@@ -140,3 +140,25 @@ def test_pool_keeps_at_most_max_idle_sets():
     _, sets = pool.copy([jnp.ones(n)])
     pool.give_back(sets)
   assert sorted(k[0][0] for k in pool._idle) == [(16,), (32,)]  # The oldest went.
+
+
+@pytest.mark.parametrize("knob", ["compression", "incremental"])
+def test_saves_written_by_orbax_reuse_staging_buffers_too(tmp_path, knob):
+  # Orbax (not the fast writer) writes these: it must not keep reading the
+  # snapshot after the save, because the next save overwrites those buffers.
+  step = jax.jit(lambda s: {"w": s["w"] + 1, "frozen": s["frozen"]}, donate_argnums=0)
+  state = step({"w": jnp.zeros((64, 64)), "frozen": jnp.ones((32, 32))})
+  ckpt = jaxckpt.Checkpoint(state=state)
+  opts = jaxckpt.CheckpointOptions(enable_async=True, **{knob: True})
+  expected = {}
+  for i in range(5):
+    ckpt.state = state
+    path = ckpt.save(tmp_path / "m", options=opts)
+    expected[path] = np.asarray(state["w"]).copy()
+    state = step(state)
+    path.future.result(timeout=TIMEOUT)
+  assert ckpt._saver.staging.reused >= 3
+  for path, w in expected.items():
+    reader = jaxckpt.load_checkpoint(path)
+    np.testing.assert_array_equal(reader.get_tensor("state/w"), w)
+    np.testing.assert_array_equal(reader.get_tensor("state/frozen"), np.ones((32, 32)))
