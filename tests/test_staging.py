@@ -151,7 +151,7 @@ def test_saves_written_by_orbax_reuse_staging_buffers_too(tmp_path, knob):
   ckpt = jaxckpt.Checkpoint(state=state)
   opts = jaxckpt.CheckpointOptions(enable_async=True, **{knob: True})
   expected = {}
-  for i in range(5):
+  for _ in range(5):
     ckpt.state = state
     path = ckpt.save(tmp_path / "m", options=opts)
     expected[path] = np.asarray(state["w"]).copy()
