@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import functools
 import os
 import time
 from typing import Any
@@ -55,12 +56,16 @@ _CONTEXT = {"file_io_concurrency": {"limit": 128},
 _HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 
+@functools.lru_cache(maxsize=256)
+def _plain(dtype) -> bool:
+  # Other ml_dtypes (float8, int4, ...) are left to Orbax. Cached: ~20 µs per
+  # array uncached (jax.dtypes.issubdtype), 5 ms of a 256-array save.
+  return not jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and is_numeric_dtype(dtype)
+
+
 def _kind(value: Any) -> str | None:
-  # Other ml_dtypes (float8, int4, ...) are left to Orbax.
   if isinstance(value, jax.Array):
-    if (not value.is_fully_addressable or 0 in value.shape
-        or jax.dtypes.issubdtype(value.dtype, jax.dtypes.prng_key)
-        or not is_numeric_dtype(value.dtype)):
+    if not value.is_fully_addressable or 0 in value.shape or not _plain(value.dtype):
       return None
     return "jax.Array"
   if isinstance(value, np.ndarray) and is_numeric_dtype(value.dtype) and 0 not in value.shape:
@@ -94,6 +99,13 @@ def _write_shape(value: jax.Array) -> tuple[int, ...]:
       _WRITE_SHAPES.clear()
     shape = _WRITE_SHAPES[key] = _orbax_write_shape(value)
   return shape
+
+
+@functools.lru_cache(maxsize=1024)
+def _serialized_sharding(sharding: jax.sharding.Sharding) -> str | None:
+  """Orbax's ``_sharding`` file entry; cached (~25 µs per array otherwise)."""
+  serialized = sharding_metadata.from_jax_sharding(sharding)
+  return None if serialized is None else serialized.to_serialized_string()
 
 
 def _orbax_write_shape(value: jax.Array) -> tuple[int, ...]:
@@ -159,21 +171,23 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
     kind = _kind(value)
     meta: dict[str, Any] = {"value_type": kind, "skip_deserialize": False}
     if kind == "jax.Array":
-      shards = [s for s in value.addressable_shards if s.replica_id == 0]
       write_shape = _write_shape(value)
       chunks = write_shape
       if chunk_byte_size is not None:
         chunks = tuple(subchunking.choose_chunk_shape(value.shape, write_shape, value.dtype,
                                                       chunk_byte_size))
       meta["write_shape"] = list(write_shape)
-      serialized = sharding_metadata.from_jax_sharding(value.sharding)
+      serialized = _serialized_sharding(value.sharding)
       if serialized is not None:
-        shardings[base64.b64encode(key.encode()).decode()] = serialized.to_serialized_string()
+        shardings[base64.b64encode(key.encode()).decode()] = serialized
       array_metadatas.append({"array_metadata": {
           "param_name": key, "write_shape": list(write_shape), "chunk_shape": list(chunks),
           "ext_metadata": None}})
       dtype, shape = np.dtype(value.dtype), tuple(value.shape)
-      pieces = [(s.index, s.data) for s in shards]
+      if len(value.sharding.device_set) == 1:  # Whole: skips building Shard objects.
+        pieces = [((), value)]
+      else:
+        pieces = [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
     else:
       array = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
       dtype, shape = array.dtype, array.shape
