@@ -58,6 +58,8 @@ class Saver:
     self._last_done = time.monotonic()
     self.staging = StagingPool(idle_s=_knobs.STAGING_IDLE_S)
     _LIVE.add(self)
+    # A dropped Saver wakes its waiting worker, which then exits (see _worker).
+    weakref.finalize(self, _wake, self._cond)
 
   def _engine(self, compression: bool):
     if compression not in self._engines:
@@ -183,13 +185,18 @@ class Saver:
       logger.error("An async save failed and was never reported: %s", error)
 
 
+def _wake(cond: threading.Condition) -> None:
+  with cond:
+    cond.notify_all()
+
+
 def _worker(ref: weakref.ref[Saver]) -> None:
   """The save thread of one `Saver`: runs its jobs in order.
 
   Stays up between saves (a thread start costs ~1-5 ms on save()'s path under
   load), for WORKER_IDLE_S without work and then until the staging buffers are
   freed. While waiting it holds the Saver only weakly: a dropped Checkpoint frees
-  its staging buffers at once, and the thread exits when it wakes.
+  its staging buffers at once and wakes the thread, which exits.
   """
   while True:
     saver = ref()

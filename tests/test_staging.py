@@ -88,15 +88,21 @@ def test_the_copy_is_not_too_cheap_to_run_in_the_background():
 
 
 def test_a_dropped_checkpoint_frees_its_staging_buffers(tmp_path):
+  before = set(threading.enumerate())
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
   ckpt.save(tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True))
   ckpt.sync()
   pool = ckpt._saver.staging
   assert pool.idle_bytes == 4 << 16
   idle = weakref.ref(next(iter(pool._idle.values()))[0][0])
+  workers = [t for t in set(threading.enumerate()) - before if t.name == "jaxckpt-save"]
+  assert len(workers) == 1
   del ckpt, pool
   gc.collect()
-  assert idle() is None  # Not kept alive by the waiting worker thread.
+  assert idle() is None  # Not kept alive by the waiting worker thread,
+  for worker in workers:  # which is woken and exits.
+    worker.join(timeout=TIMEOUT)
+    assert not worker.is_alive()
 
 
 def test_idle_staging_buffers_are_freed_and_the_worker_exits(tmp_path, monkeypatch):
