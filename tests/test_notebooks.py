@@ -3,6 +3,7 @@
 import base64
 import pathlib
 import sys
+import tempfile
 
 import pytest
 
@@ -18,7 +19,10 @@ NOTEBOOKS = pathlib.Path(__file__).resolve().parent.parent / "notebooks"
 def jupyter_path(tmp_path_factory):
   """A ``python3`` kernelspec that runs this interpreter, ahead of any user-level one."""
   prefix = tmp_path_factory.mktemp("kernel")
-  kernelspec.install(kernel_name="python3", prefix=str(prefix))
+  with pytest.MonkeyPatch.context() as mp:
+    # install() stages the spec in a mkdtemp() it leaves behind (empty): not in /tmp.
+    mp.setattr(tempfile, "tempdir", str(prefix))
+    kernelspec.install(kernel_name="python3", prefix=str(prefix))
   return str(prefix / "share" / "jupyter")
 
 
