@@ -17,12 +17,13 @@ def _zeros_like(tree):
   return jax.tree.map(lambda x: type(x)(0) if isinstance(x, (int, float)) else x * 0, tree)
 
 
-def test_seed_example_with_a_jax_value():
-  path = jaxckpt.Checkpoint(step=jnp.array(0)).save(
-      "/tmp/ckpt", options=jaxckpt.CheckpointOptions(experimental_io_device="/job:localhost"))
-  assert path == "/tmp/ckpt-1"
+def test_seed_example_with_a_jax_value(tmp_path):
+  # The example saves to "/tmp/ckpt"; tmp_path keeps /tmp itself clean.
+  options = jaxckpt.CheckpointOptions(experimental_io_device="/job:localhost")
+  path = jaxckpt.Checkpoint(step=jnp.array(0)).save(f"{tmp_path}/ckpt", options=options)
+  assert path == f"{tmp_path}/ckpt-1"
   assert isinstance(path, str)
-  assert jaxckpt.latest_checkpoint("/tmp") == "/tmp/ckpt-1"
+  assert jaxckpt.latest_checkpoint(str(tmp_path)) == f"{tmp_path}/ckpt-1"
 
 
 def test_save_numbers_paths_and_writes_tf_state_file(tmp_path):
