@@ -143,15 +143,16 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool, io_device: jax.Device | Non
   staging sets to give back to ``pool`` once the save is done (may be empty)."""
   out: dict[str, object] = {}
   staged: list = []
-  jax_names, jax_values = [], []
+  jax_leaves = []
   for leaf in leaves:
     if isinstance(leaf.value, jax.Array):
-      jax_names.append(leaf.name)
-      jax_values.append(leaf.value)
+      jax_leaves.append(leaf)
     elif isinstance(leaf.value, (np.ndarray, np.generic)):
       out[leaf.name] = np.array(leaf.value, copy=True) if copy else leaf.value
     else:
       out[leaf.name] = leaf.value
+  jax_names = [leaf.name for leaf in jax_leaves]
+  jax_values = [leaf.value for leaf in jax_leaves]
   if jax_values and (copy or io_device is not None):
     if io_device is not None:
       targets = [_host_sharding(jax.sharding.SingleDeviceSharding(io_device))] * len(jax_values)
@@ -159,7 +160,7 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool, io_device: jax.Device | Non
     else:
       copies: list = [None] * len(jax_values)
       if pool is not None:
-        copies, staged = pool.copy(jax_values)
+        copies, staged = pool.copy(jax_values, [leaf.nbytes for leaf in jax_leaves])
       rest = [i for i, c in enumerate(copies) if c is None]
       if rest:
         others = [jax_values[i] for i in rest]

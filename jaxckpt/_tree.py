@@ -67,7 +67,7 @@ class Leaf:
       return "numpy"
     return type(self.value).__name__  # bool / int / float
 
-  @property
+  @functools.cached_property  # Read by save() twice (budget, snapshot); once computed.
   def nbytes(self) -> int:
     if isinstance(self.value, jax.Array):  # JAX's own nbytes costs ~7 µs (np.size).
       return math.prod(self.value.shape) * self.value.dtype.itemsize
