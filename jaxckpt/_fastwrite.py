@@ -27,6 +27,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import math
 import os
 import time
 from typing import Any
@@ -51,6 +52,18 @@ _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_0
 # 705-733 ms, 16 MiB files 664-732 ms, dd conv=fdatasync 735-864 ms; 512 MiB in
 # 256 arrays 728-1329 / 691-749 / 645-662 ms, dd 896-1049 ms.
 TARGET_DATA_FILE_SIZE = 16 << 20
+# Arrays are written in transactions of about this many bytes, each one OCDBT
+# commit, committed as soon as its arrays are opened: the disk starts on the
+# first batch while Python still opens the rest (~0.1 ms per array), instead of
+# idling until all are open. Fewer, larger transactions would mean fewer B-tree
+# commits; without any, every ts.open(create=True) commits its .zarray on its
+# own. Measured (durable write / dd of the same bytes in the same iteration,
+# median of 12, variants rotated): 256 arrays of 64 MiB total 1.16x dd's time
+# with 16 MiB batches, 1.32x with one transaction; 128 MiB 1.03x vs 1.11x;
+# 512 MiB 0.63x vs 0.75x; 8 arrays of 512 MiB 0.76x vs 0.79x. 4-16 MiB batches
+# measured alike, 32-64 MiB worse. Orbax and jaxckpt's readers see one database
+# either way.
+COMMIT_BYTES = 16 << 20
 _CONTEXT = {"file_io_concurrency": {"limit": 128},
             "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
 _HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
@@ -125,17 +138,14 @@ class Pending:
   """Writes in flight; `wait` finishes them and writes Orbax's metadata files."""
   state_dir: str
   futures: list[Any]
-  commit: Any  # The transaction's commit future.
+  commits: list[Any]  # The transactions' commit futures.
   tree_metadata: dict[str, Any]
   shardings: dict[str, str]
   array_metadatas: list[dict[str, Any]]
   started_ns: int
 
   def wait(self) -> None:
-    for future in self.futures:
-      future.result()
-    self.commit.result()
-    self.futures = []
+    # The metadata files first, while the data is still being written.
     write_json(os.path.join(self.state_dir, "_METADATA"), {
         "tree_metadata": self.tree_metadata, "use_ocdbt": True, "use_zarr3": False,
         "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
@@ -144,6 +154,9 @@ class Pending:
     if self.array_metadatas:
       write_json(os.path.join(self.state_dir, "array_metadatas", "process_0"),
                   {"array_metadatas": self.array_metadatas})
+    for future in self.futures + self.commits:
+      future.result()
+    self.futures = self.commits = []
     write_json(os.path.join(os.path.dirname(self.state_dir), "_CHECKPOINT_METADATA"), {
         "item_handlers": {os.path.basename(self.state_dir): _HANDLER}, "metrics": {},
         "performance_metrics": {}, "init_timestamp_nsecs": self.started_ns,
@@ -156,15 +169,15 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
   started_ns = time.time_ns()
   os.makedirs(state_dir)
   context = ts.Context(_CONTEXT)  # One context: one OCDBT writer for all arrays.
-  # One transaction: the arrays' metadata and data go into one OCDBT commit.
-  # Without it every ts.open(create=True) commits its .zarray on its own, and
-  # data is written as each open completes. Measured (durable write, 4 runs):
-  # 512 MiB in 8 arrays 686-726 ms vs 760-1039 ms; in 256 arrays 751-771 ms vs
-  # 786-1057 ms; 64 MiB in 256 arrays 169-188 ms vs 177-244 ms.
-  txn = ts.Transaction()
-  base = {"driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/",
-          "config": _OCDBT_CONFIG, "target_data_file_size": TARGET_DATA_FILE_SIZE}
-  opens, tree_metadata, shardings, array_metadatas = [], {}, {}, []
+  # The OCDBT database, opened once: ts.open with this object instead of its
+  # JSON spec halves the Python cost of each open (19 -> 10 ms for 256 arrays).
+  kvstore = ts.KvStore.open({
+      "driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/",
+      "config": _OCDBT_CONFIG, "target_data_file_size": TARGET_DATA_FILE_SIZE},
+      context=context).result()
+  batch = _Batch()
+  futures, commits = [], []
+  tree_metadata, shardings, array_metadatas = {}, {}, []
   for name, value in snapshot.items():
     parts = name.split("/")
     key = ".".join(parts)
@@ -188,26 +201,49 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
         pieces = [((), value)]
       else:
         pieces = [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
+      nbytes = math.prod(shape) * dtype.itemsize
     else:
       array = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
       dtype, shape = array.dtype, array.shape
       chunks = shape
       pieces = [((), array)]
+      nbytes = array.nbytes
     tree_metadata[str(tuple(parts))] = {
         "key_metadata": [{"key": p, "key_type": 2} for p in parts], "value_metadata": meta}
-    spec = {"driver": "zarr", "kvstore": {**base, "path": f"{key}/"}, "dtype": dtype.name,
+    spec = {"driver": "zarr", "dtype": dtype.name,
             "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None,
                          "dimension_separator": "."}}
-    opens.append((ts.open(spec, create=True, context=context, transaction=txn), pieces))
-  futures = []
-  for opening, pieces in opens:
-    store = opening.result()
-    for index, data in pieces:
-      target = store[index] if index else store
-      # No copy into TensorStore's chunk cache (as Orbax): the snapshot is this
-      # save's own, and a sync save's caller waits until the write is done.
-      futures.append(target.write(np.asarray(data), can_reference_source_data_indefinitely=True))
-  # Commits (writes the data files and the B-tree) in the background while the
-  # caller computes CRCs.
-  return Pending(state_dir, futures, txn.commit_async(), tree_metadata, shardings,
-                 array_metadatas, started_ns)
+    batch.add(ts.open(spec, kvstore=kvstore / f"{key}/", create=True, context=context,
+                      transaction=batch.txn), pieces, nbytes)
+    if batch.nbytes >= COMMIT_BYTES:
+      batch.commit(futures, commits)
+      batch = _Batch()
+  if batch.opens:
+    batch.commit(futures, commits)
+  return Pending(state_dir, futures, commits, tree_metadata, shardings, array_metadatas,
+                 started_ns)
+
+
+class _Batch:
+  """Arrays written in one TensorStore transaction: one OCDBT commit."""
+
+  def __init__(self):
+    self.txn = ts.Transaction()
+    self.opens: list[tuple[Any, list]] = []
+    self.nbytes = 0
+
+  def add(self, opening, pieces, nbytes: int) -> None:
+    self.opens.append((opening, pieces))
+    self.nbytes += nbytes
+
+  def commit(self, futures: list, commits: list) -> None:
+    for opening, pieces in self.opens:
+      store = opening.result()
+      for index, data in pieces:
+        target = store[index] if index else store
+        # No copy into TensorStore's chunk cache (as Orbax): the snapshot is this
+        # save's own, and a sync save's caller waits until the write is done.
+        futures.append(target.write(np.asarray(data),
+                                    can_reference_source_data_indefinitely=True))
+    # Writes the data files and the B-tree in the background.
+    commits.append(self.txn.commit_async())

@@ -50,8 +50,10 @@ def _json(path):
   return data
 
 
-@pytest.mark.parametrize("chunk_byte_size", [None, 64])
-def test_writes_what_orbax_writes(tmp_path, chunk_byte_size):
+@pytest.mark.parametrize("chunk_byte_size, commit_bytes", [(None, None), (64, None), (None, 1)])
+def test_writes_what_orbax_writes(tmp_path, monkeypatch, chunk_byte_size, commit_bytes):
+  if commit_bytes is not None:  # One OCDBT commit per array: the same final database.
+    monkeypatch.setattr(_fastwrite, "COMMIT_BYTES", commit_bytes)
   snapshot = _snapshot()
   assert _fastwrite.eligible(snapshot, compression=False, single_process=True,
                              incremental=False)
@@ -137,12 +139,17 @@ def test_empty_arrays_and_other_dtypes_go_through_orbax(tmp_path):
 def test_data_split_over_several_files_reads_back(tmp_path, monkeypatch, no_orbax_reads):
   # Data files of ~TARGET_DATA_FILE_SIZE (smaller here) are written and fsynced
   # concurrently; both readers (jaxckpt's fast path and Orbax) must find every chunk.
+  # The arrays are also committed in batches (COMMIT_BYTES): here one per array.
   monkeypatch.setattr(_fastwrite, "TARGET_DATA_FILE_SIZE", 64 << 10)
+  monkeypatch.setattr(_fastwrite, "COMMIT_BYTES", 1)
   rng = np.random.default_rng(0)
   state = {f"w{i}": jnp.asarray(rng.standard_normal((128, 256), np.float32)) for i in range(6)}
   path = jaxckpt.Checkpoint(state=state).save(tmp_path / "c")
   data_files = os.listdir(os.path.join(path, "state", "d"))
   assert len(data_files) >= 6, data_files  # 128 KiB per array, 64 KiB target.
+  base = ts.KvStore.open(f"file://{path}/state/").result()
+  versions = ts.ocdbt.dump(base).result()["versions"]
+  assert len(versions) >= 3, versions  # One transaction would make 2.
 
   target = jaxckpt.Checkpoint(state={k: jnp.zeros_like(v) for k, v in state.items()})
   target.restore(path).assert_consumed()  # Fast path only (no_orbax_reads).
