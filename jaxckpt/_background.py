@@ -26,6 +26,7 @@ import time
 import weakref
 
 from jaxckpt import _knobs
+from jaxckpt import _kvstore
 from jaxckpt._staging import StagingPool
 from jaxckpt._write import SaveJob
 from jaxckpt._write import new_checkpointer
@@ -55,6 +56,7 @@ class Saver:
     self._peak_inflight_bytes = 0  # For tests and benchmarks.
     self._errors: list[BaseException] = []
     self._worker_running = False
+    self._worker_ident: int | None = None
     self._last_done = time.monotonic()
     self.staging = StagingPool(idle_s=_knobs.STAGING_IDLE_S)
     _LIVE.add(self)
@@ -185,6 +187,28 @@ class Saver:
       logger.error("An async save failed and was never reported: %s", error)
 
 
+def wait_for_saves_into(directory: str) -> None:
+  """Waits until no save of this process is writing into ``directory``.
+
+  For sweeps of interrupted saves' leftovers (a new `CheckpointManager`), which
+  would otherwise delete the staging data of a save still in flight. Errors are
+  left for the saves' owners. On a save thread it does not wait for that
+  thread's own queue (a write callback making a manager would wait on itself).
+  Other processes' saves are not seen.
+  """
+  if _kvstore.is_url(directory):
+    prefix = _kvstore.normalize(directory)
+    prefix += "" if prefix.endswith("/") else "/"
+  else:
+    prefix = os.path.join(os.path.abspath(directory), "")
+  me = threading.get_ident()
+  for saver in list(_LIVE):
+    with saver._cond:
+      while any(job.target.startswith(prefix) for job in saver._queue) and (
+          saver._worker_ident != me):
+        saver._cond.wait()
+
+
 def _wake(cond: threading.Condition) -> None:
   with cond:
     cond.notify_all()
@@ -202,6 +226,7 @@ def _worker(ref: weakref.ref[Saver]) -> None:
     saver = ref()
     if saver is None:
       return
+    saver._worker_ident = threading.get_ident()
     cond, queue = saver._cond, saver._queue
     wait_s = saver._run_queue()
     del saver

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from jaxckpt import _kvstore
+from jaxckpt._background import wait_for_saves_into
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._checkpoint import _check_options
 from jaxckpt._durable import remove_leftovers
@@ -104,6 +105,7 @@ class CheckpointManager:
   def _recover(self) -> None:
     """Reads the directory's state file; drops leftovers of interrupted saves."""
     now = time.time()
+    wait_for_saves_into(self._directory)  # Their staging data looks like leftovers.
     if self._url and is_primary():
       removed = _kvstore.remove_leftovers(self._directory)
       if removed:

@@ -1,11 +1,14 @@
 import os
 import threading
+import uuid
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import jaxckpt
 from jaxckpt import _manager
+from jaxckpt import _write
 
 TIMEOUT = 120
 
@@ -151,3 +154,44 @@ def test_leftovers_of_interrupted_saves_are_removed_and_never_listed(tmp_path):
   reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=jnp.ones(2)), tmp_path, 3)
   assert _names(reopened.checkpoints) == ["ckpt-1"]
   assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1", "unrelated.txt"]
+
+
+@pytest.mark.parametrize("where", ["local", "memory"])
+def test_a_new_manager_waits_for_saves_in_flight_into_its_directory(tmp_path, monkeypatch,
+                                                                    where):
+  # A new manager sweeps interrupted saves' data, which an in-flight save's data
+  # looks like; sweeping it would fail that save (or worse).
+  directory = str(tmp_path) if where == "local" else f"memory://{uuid.uuid4().hex}/run"
+  reached, release = threading.Event(), threading.Event()
+  original = _write._take_checksums
+  def held(*args):  # The arrays are written (or being written), not committed.
+    reached.set()
+    release.wait(TIMEOUT)
+    return original(*args)
+  monkeypatch.setattr(_write, "_take_checksums", held)
+  value = jnp.arange(4096.0)
+  path = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=value), directory, 3).save(
+      options=jaxckpt.CheckpointOptions(enable_async=True))
+  assert reached.wait(TIMEOUT)
+  made = []
+  t = threading.Thread(target=lambda: made.append(jaxckpt.CheckpointManager(
+      jaxckpt.Checkpoint(x=jnp.zeros(4096)), directory, 3)))
+  t.start()
+  t.join(timeout=0.5)
+  assert t.is_alive() and not made  # Waiting for the save, not sweeping its data.
+  release.set()
+  t.join(TIMEOUT)
+  assert path.future.result(timeout=TIMEOUT) == path
+  assert made[0].latest_checkpoint == path
+  assert made[0].restore_or_initialize() == path
+  np.testing.assert_array_equal(made[0].checkpoint.x, value)
+
+
+def test_a_manager_made_in_a_write_callback_does_not_wait_for_its_own_save(tmp_path):
+  made = []
+  opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[
+      lambda: made.append(jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), tmp_path, 3))])
+  path = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=jnp.ones(2)), tmp_path, 3).save(
+      options=opts)
+  assert path.future.result(timeout=TIMEOUT) == path  # No deadlock.
+  assert len(made) == 1
