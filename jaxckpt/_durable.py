@@ -11,8 +11,11 @@ is visible only once all of its bytes are durable.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
+import re
 import shutil
 import time
 import uuid
@@ -63,6 +66,65 @@ def staging_path(final: str) -> str:
   return os.path.join(parent, f".{base}.jaxckpt-tmp-{uuid.uuid4().hex[:12]}")
 
 
+def hold_staging(staging: str) -> int:
+  """Marks ``staging`` as in flight until `release_staging`; returns the lock's fd.
+
+  A `CheckpointManager` made in another process (an evaluator following the
+  training directory, a restarted job) sweeps interrupted saves' leftovers,
+  and an in-flight save's staging data looks exactly like them: deleting it
+  made that save commit an unreadable checkpoint. So the save holds an
+  exclusive ``flock`` on ``{staging}.lock`` and `remove_leftovers` skips
+  anything whose lock is held. The kernel drops the lock when the process
+  dies, and its leftovers are then swept. The lock file is made under another
+  name and renamed once locked: never seen unlocked while its save lives.
+  (flock is per host: across hosts on NFS it may not be honoured.)
+  """
+  parent = os.path.dirname(staging) or "."
+  tmp = os.path.join(parent, f".{uuid.uuid4().hex[:12]}.jaxckpt-locking")
+  fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    os.rename(tmp, staging + _LOCK_SUFFIX)
+  except BaseException:
+    os.close(fd)
+    with contextlib.suppress(OSError):
+      os.unlink(tmp)
+    raise
+  return fd
+
+
+def release_staging(staging: str, fd: int) -> None:
+  """Ends `hold_staging` (after the commit, or after a failed save's cleanup)."""
+  with contextlib.suppress(OSError):  # Else swept once the lock is released.
+    os.unlink(staging + _LOCK_SUFFIX)
+  os.close(fd)
+
+
+_LOCK_SUFFIX = ".lock"
+# A staging directory, its lock, Orbax's tmp dirs next to it, and the old
+# checkpoint `commit` moves aside while it renames the new one in.
+_STAGING_BASE = re.compile(r"^(\..*\.jaxckpt-)(?:tmp|old)(-[0-9a-f]{12})")
+
+
+def _in_flight(directory: str, name: str) -> bool:
+  """Whether leftover-looking ``name`` belongs to a save that still holds its lock."""
+  match = _STAGING_BASE.match(name)
+  if match is None:
+    return False
+  try:
+    fd = os.open(os.path.join(directory, f"{match.group(1)}tmp{match.group(2)}{_LOCK_SUFFIX}"),
+                 os.O_RDONLY)
+  except OSError:
+    return False
+  try:
+    fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    return False
+  except BlockingIOError:
+    return True
+  finally:
+    os.close(fd)
+
+
 def commit(staging: str, final: str) -> None:
   """Makes ``staging`` durable and visible as ``final``.
 
@@ -107,7 +169,7 @@ def _remove_staging_once(staging: str) -> bool:
     return False
   found = False
   for name in names:
-    if name == base or name.startswith(base + "."):
+    if name == base or (name.startswith(base + ".") and name != base + _LOCK_SUFFIX):
       found = True
       shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
   return found
@@ -151,11 +213,18 @@ def remove_leftovers(directory: str) -> list[str]:
   """Removes what interrupted saves/deletes left in ``directory``; returns the names.
 
   Such entries are hidden (leading '.') and never listed or restored; this only
-  reclaims their space. Only call it where no save is in flight.
+  reclaims their space. Saves still in flight in any process on this host are
+  skipped (see `hold_staging`).
   """
   removed = []
   for name in os.listdir(directory):
-    if name.startswith(".") and any(m in name for m in LEFTOVER_MARKERS):
-      shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+    if (name.startswith(".") and any(m in name for m in LEFTOVER_MARKERS)
+        and not _in_flight(directory, name)):
+      path = os.path.join(directory, name)
+      if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path, ignore_errors=True)
+      else:
+        with contextlib.suppress(OSError):
+          os.unlink(path)
       removed.append(name)
   return removed

@@ -22,6 +22,8 @@ from jaxckpt import _fastwrite
 from jaxckpt import _knobs
 from jaxckpt import _kvstore
 from jaxckpt._durable import commit
+from jaxckpt._durable import hold_staging
+from jaxckpt._durable import release_staging
 from jaxckpt._durable import remove_staging
 from jaxckpt._durable import staging_path
 from jaxckpt._durable import write_json
@@ -171,7 +173,7 @@ def _write_and_commit(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer])
     _commit_to_kvstore(job)
     return
   primary = coord is None or coord.is_primary
-  staging = None
+  staging = lock = None
   try:
     # Absolute: Orbax's OCDBT refuses relative paths. Every process must write
     # into the same staging directory: the primary names it.
@@ -181,6 +183,8 @@ def _write_and_commit(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer])
       # uses Orbax's fixed 300 s timeout instead of ours.
       coord.barrier("start")
     os.makedirs(os.path.dirname(target), exist_ok=True)
+    if primary:  # Other processes' CheckpointManagers must not sweep it meanwhile.
+      lock = hold_staging(staging)
     digests: dict[str, str | None] = {}
     if job.history is not None:  # Must hash before deciding what to write.
       _reuse_by_content(job, digests)
@@ -232,6 +236,9 @@ def _write_and_commit(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer])
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). "
         f"Earlier checkpoints are untouched and this one was not committed.{hint}") from e
+  finally:
+    if lock is not None:  # After the commit, or after a failed save's cleanup.
+      release_staging(staging, lock)
 
 
 def _take_checksums(job: SaveJob, coord: Coordination | None

@@ -177,3 +177,64 @@ def test_harness_state_is_deterministic():
   a, b = crash_harness.state_at(7), crash_harness.state_at(7)
   assert np.array_equal(a["params"]["w"], b["params"]["w"]) and a["step"] == 7
   assert not np.array_equal(a["params"]["w"], crash_harness.state_at(8)["params"]["w"])
+
+
+HELD_SAVE_CHILD = r"""
+import sys, threading
+import jax.numpy as jnp
+import jaxckpt
+from jaxckpt import _write
+release = threading.Event()
+original = _write._take_checksums
+def held(*args):  # The arrays are being written; nothing is committed yet.
+  print("writing", flush=True)
+  release.wait()
+  return original(*args)
+_write._take_checksums = held
+threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
+ckpt = jaxckpt.Checkpoint(w=jnp.arange(65536.0))
+path = jaxckpt.CheckpointManager(ckpt, sys.argv[1], 3).save(
+    options=jaxckpt.CheckpointOptions(enable_async=True))
+print("committed", path.future.result(), flush=True)
+"""
+
+
+def _start_held_save(directory):
+  child = subprocess.Popen([sys.executable, "-c", HELD_SAVE_CHILD, str(directory)],
+                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+  line = child.stdout.readline()  # Empty at EOF if the child dies early.
+  if line.strip() != "writing":
+    child.kill()
+    raise AssertionError(f"child did not start its save: {line!r}: "
+                         f"{child.communicate(timeout=TIMEOUT)[1][-3000:]}")
+  return child
+
+
+def test_a_manager_in_another_process_leaves_an_in_flight_save_alone(tmp_path):
+  # E.g. an evaluator following the training directory: its manager sweeps
+  # interrupted saves' leftovers, which the training's in-flight save looks like.
+  child = _start_held_save(tmp_path)
+  in_flight = sorted(n for n in os.listdir(tmp_path) if n.startswith(".ckpt-1."))
+  assert in_flight and any(n.endswith(".lock") for n in in_flight), in_flight
+  evaluator = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.zeros(65536)), tmp_path, 3)
+  assert sorted(n for n in os.listdir(tmp_path) if n.startswith(".ckpt-1.")) == in_flight
+  out, err = child.communicate("go\n", timeout=TIMEOUT)
+  assert child.returncode == 0, err[-3000:]
+  path = str(tmp_path / "ckpt-1")
+  assert f"committed {path}" in out
+  assert evaluator.latest_checkpoint is None  # It looked before the commit.
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]  # Lock file gone.
+  target = jaxckpt.Checkpoint(w=jnp.zeros(65536))
+  target.restore(path).assert_consumed()
+  np.testing.assert_array_equal(target.w, np.arange(65536.0))
+
+
+def test_a_killed_saves_leftovers_and_lock_are_swept(tmp_path):
+  child = _start_held_save(tmp_path)
+  child.kill()  # The kernel releases its lock.
+  child.communicate(timeout=TIMEOUT)
+  assert any(n.startswith(".ckpt-1.") for n in os.listdir(tmp_path))
+  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.zeros(4)), tmp_path, 3)
+  assert manager.latest_checkpoint is None
+  assert os.listdir(tmp_path) == []
