@@ -70,8 +70,9 @@ def _incomplete_in(directory: str) -> list[str]:
   """Leftovers of interrupted saves: hidden staging directories, or (URLs) names
   holding ``data-*`` prefixes but no manifest."""
   if not _kvstore.is_url(directory):
-    return sorted(n for n in os.listdir(directory)
-                  if n.startswith(".") and any(m in n for m in LEFTOVER_MARKERS))
+    return sorted(n for n in os.listdir(directory)  # (Not the lock files of saves.)
+                  if n.startswith(".") and any(m in n for m in LEFTOVER_MARKERS)
+                  and not n.endswith(".lock"))
   return sorted(
       n for n in _kvstore.children(directory)
       if not is_committed(_join(directory, n))

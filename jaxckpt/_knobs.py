@@ -11,6 +11,11 @@ WORKER_IDLE_S: float = 10.0
 # next save before they are freed.
 STAGING_IDLE_S: float = 600.0
 
+# Age after which a CheckpointManager deletes unreferenced data on memory://,
+# s3:// and gs:// (younger data may belong to a save in flight in another
+# process; see _kvstore.remove_leftovers).
+KV_LEFTOVER_AGE_S: float = 6 * 3600.0
+
 # Name of the TF-format text state file written next to ``save()``'d checkpoints.
 STATE_FILE_NAME: str = "checkpoint"
 

@@ -30,12 +30,15 @@ from __future__ import annotations
 import functools
 import json
 import os
+import time
 import uuid
 from typing import Any
 
 import jax
 import numpy as np
 import tensorstore as ts
+
+from jaxckpt import _knobs
 
 SCHEMES = ("memory://", "s3://", "gs://")
 
@@ -145,7 +148,18 @@ def exists_prefix(url: str) -> bool:
 
 
 def new_data_name() -> str:
-  return f"data-{uuid.uuid4().hex[:12]}"
+  """``data-<unix time, hex>-<random>``: the time tells `remove_leftovers` whether
+  a save may still be writing it."""
+  return f"data-{int(time.time()):x}-{uuid.uuid4().hex[:12]}"
+
+
+def _age_s(data_name: str) -> float:
+  """Seconds since `new_data_name` made ``data_name`` (inf for names without a time)."""
+  parts = data_name.split("-")
+  try:
+    return time.time() - int(parts[1], 16) if len(parts) == 3 else float("inf")
+  except ValueError:
+    return float("inf")
 
 
 def _array_spec(url: str, name: str) -> dict:
@@ -256,7 +270,13 @@ def remove_checkpoint(url: str) -> None:
 def remove_leftovers(directory: str) -> list[str]:
   """Deletes data prefixes no manifest names (interrupted or overwritten saves).
 
-  Only call it where no save is in flight. Returns what it deleted.
+  An object store has no locks to tell a crashed save's data from that of a
+  save still writing in another process (say the training job, seen by an
+  evaluator's `CheckpointManager`), and deleting the latter would make that
+  save commit a manifest naming deleted data. So prefixes younger than
+  ``_knobs.KV_LEFTOVER_AGE_S`` are left for a later sweep. (A save that fails
+  deletes its own data; only crashed processes leave any.) Returns what it
+  deleted.
   """
   removed = []
   for name in sorted(children(directory)):
@@ -267,6 +287,8 @@ def remove_leftovers(directory: str) -> list[str]:
     manifest = read_bytes(join(directory, name, MANIFEST_KEY))
     live = json.loads(manifest).get("data") if manifest is not None else None
     for prefix in sorted(data - {live}):
+      if _age_s(prefix) < _knobs.KV_LEFTOVER_AGE_S:
+        continue
       delete_prefix(join(directory, name, prefix))
       removed.append(f"{name}/{prefix}")
   return removed

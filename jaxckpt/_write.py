@@ -125,7 +125,7 @@ def _commit_to_kvstore(job: SaveJob) -> None:
   target, coord = job.target, job.coordination
   primary = coord is None or coord.is_primary
   shared = coord is not None and coord.writers is None  # Several processes write.
-  previous = None
+  previous = url = None
   try:
     data = _name_for_all(coord, target, "data", _kvstore.new_data_name)
     url = _kvstore.join(target, data)
@@ -151,10 +151,15 @@ def _commit_to_kvstore(job: SaveJob) -> None:
       _await_commit(coord)
   except BaseException as e:
     _publish_failure(coord, e)
+    if primary and url is not None:
+      try:  # Invisible without a manifest; a crashed process's is swept later.
+        _kvstore.delete_prefix(url)
+      except Exception as cleanup:
+        logger.warning("Could not delete the data of failed save %s (%s); it is never "
+                       "read, and a later CheckpointManager deletes it.", job.final, cleanup)
     raise SaveError(
         f"Saving checkpoint {job.final!r} failed ({type(e).__name__}: {e}). Earlier "
-        "checkpoints are untouched and this one was not committed (its partial data is "
-        "invisible and is deleted by the next CheckpointManager on this directory).") from e
+        "checkpoints are untouched and this one was not committed.") from e
   if previous is not None and previous.data and previous.data != data:
     _kvstore.delete_prefix(_kvstore.join(target, previous.data))  # Overwritten by write().
 

@@ -3,6 +3,7 @@ S3 server on 127.0.0.1, started by conftest.py), with the manifest-last commit p
 
 import json
 import os
+import time
 import uuid
 
 import distributed_cases as cases
@@ -15,6 +16,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxckpt
+from jaxckpt import _knobs
 from jaxckpt import _kvstore
 
 
@@ -113,17 +115,40 @@ def test_failure_before_the_manifest_leaves_no_checkpoint_and_is_collected(root,
     manager.save()
   monkeypatch.setattr(_kvstore, "write_bytes", real)
 
-  # The arrays of ckpt-2 are in the store, but without a manifest it does not exist.
-  assert any(n.startswith("data-") for n in _kvstore.children(f"{root}/ckpt-2"))
+  # The failed save deleted the arrays it had written; ckpt-2 does not exist.
+  assert not _kvstore.children(f"{root}/ckpt-2")
   assert jaxckpt.latest_checkpoint(root) == f"{root}/ckpt-1"
-  with pytest.raises(jaxckpt.NotACheckpointError, match="interrupted save"):
+  with pytest.raises(jaxckpt.CheckpointNotFoundError):
     ckpt.restore(f"{root}/ckpt-2")
   reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root,
                                        max_to_keep=3)
-  assert not _kvstore.children(f"{root}/ckpt-2")  # Collected.
   assert reopened.restore_or_initialize() == f"{root}/ckpt-1"
   np.testing.assert_array_equal(np.asarray(reopened.checkpoint.params["w"]),
                                 np.asarray(_state()["w"]))
+
+
+def test_crashed_saves_data_is_swept_only_once_no_save_can_be_writing_it(root, monkeypatch):
+  # Data no manifest names: a crashed save's, or that of a save still writing in
+  # another process (which must survive, or it would commit a manifest naming
+  # deleted data). Only its age tells them apart.
+  ckpt = jaxckpt.Checkpoint(params=_state())
+  path = jaxckpt.CheckpointManager(ckpt, root, max_to_keep=3).save()
+  now = time.time()
+  young = f"data-{int(now - 60):x}-{'a' * 12}"
+  old = f"data-{int(now - _knobs.KV_LEFTOVER_AGE_S - 60):x}-{'b' * 12}"
+  unnamed = "data-0123456789ab"  # Written before data names had a time.
+  for name in (young, old, unnamed):
+    _kvstore.write_bytes(f"{path}/{name}/params.w/zarr.json", b"{}")
+  reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root,
+                                       max_to_keep=3)
+  data = {n for n in _kvstore.children(path) if n.startswith("data-")}
+  assert young in data and not {old, unnamed} & data
+  assert reopened.restore_or_initialize() == path  # The live data is untouched.
+  np.testing.assert_array_equal(np.asarray(reopened.checkpoint.params["w"]),
+                                np.asarray(_state()["w"]))
+  monkeypatch.setattr(_knobs, "KV_LEFTOVER_AGE_S", 30.0)
+  jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root, max_to_keep=3)
+  assert young not in _kvstore.children(path)
 
 
 def test_manager_sweeps_and_recovers_on_a_store(root):
