@@ -59,8 +59,8 @@ the *blocked* time (accelerator idle). Per mode and repeat it records:
 
 Modes run interleaved, ``--repeats`` times, each in a fresh temporary
 directory deleted (followed by ``os.sync()``) after the mode, outside any
-timing. Repeat k starts k modes further down the list above (repeat 1 in that
-order): this machine's speed drifts over minutes, and in a fixed order the
+timing. Each repeat starts one mode further down the list above than the one
+before (the first in that order): this machine's speed drifts over minutes, and in a fixed order the
 last modes ran furthest from their repeat's ``none`` (one run measured
 jaxckpt async at 34% overhead in 6 fixed-order modes and 18% in 3 right after).
 The table shows, per mode, the median across repeats and the
