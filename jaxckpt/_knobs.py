@@ -16,6 +16,10 @@ STAGING_IDLE_S: float = 600.0
 # process; see _kvstore.remove_leftovers).
 KV_LEFTOVER_AGE_S: float = 6 * 3600.0
 
+# Multi-process operations (saves, restores) whose coordination-service keys
+# are kept; older ones are deleted (see _multihost.sweep_keys).
+COORDINATION_KEEP_OPS: int = 1000
+
 # Name of the TF-format text state file written next to ``save()``'d checkpoints.
 STATE_FILE_NAME: str = "checkpoint"
 

@@ -18,9 +18,14 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import logging
 import threading
 
 import jax
+
+from jaxckpt import _knobs
+
+logger = logging.getLogger("jaxckpt")
 
 PRIMARY = 0
 
@@ -29,6 +34,7 @@ PRIMARY = 0
 # number everywhere and names its keys in the coordination service.
 _sequence = itertools.count(1)
 _sequence_lock = threading.Lock()
+_swept_through = 0  # Operations whose keys are deleted (on process 0).
 
 
 class CoordinationError(RuntimeError):
@@ -142,3 +148,25 @@ def begin(what: str, timeout_s: float, *, io_process: int | None = None) -> Coor
     return Coordination(op=op, timeout_s=timeout_s, what=what)
   return Coordination(op=op, timeout_s=timeout_s, what=what, primary=io_process,
                       writers=frozenset([io_process]))
+
+
+def sweep_keys(op: int) -> None:
+  """Deletes the coordination-service keys of operations ``<= op - KEEP``.
+
+  Without this every save left its keys (staging name, CRCs, outcome) in the
+  service for the life of the job. Those old operations are finished on every
+  process: a process cannot fall further behind process 0 than the saves it
+  may have in flight (``max_in_flight`` per Checkpoint), since process 0's
+  saves wait for it at their first barrier. Runs on process 0, after a save.
+  """
+  global _swept_through
+  if jax.process_index() != PRIMARY:
+    return
+  upto = op - _knobs.COORDINATION_KEEP_OPS
+  with _sequence_lock:
+    first, _swept_through = _swept_through + 1, max(_swept_through, upto)
+  for old in range(first, upto + 1):
+    try:
+      _client().key_value_delete(f"jaxckpt/{old}")  # The key and all under "jaxckpt/{old}/".
+    except Exception as e:  # Housekeeping only.
+      logger.debug("Could not delete coordination keys of operation %d: %s", old, e)

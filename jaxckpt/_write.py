@@ -41,6 +41,7 @@ from jaxckpt._manifest import manifest_file
 from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import CoordinationError
+from jaxckpt._multihost import sweep_keys
 from jaxckpt._options import call_write_callback
 from jaxckpt._orbax_fixes import registry_writing_on
 from jaxckpt._orbax_fixes import stop_metrics_leak
@@ -340,6 +341,14 @@ def run_save(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer] | None) -
   manager sweep), and the others' saves finish only after it did, so
   `latest_checkpoint` agrees on every process once ``save`` returns.
   """
+  try:
+    return _run_save(job, engine)
+  finally:
+    if job.coordination is not None:
+      sweep_keys(job.coordination.op)
+
+
+def _run_save(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer] | None) -> str:
   coord = job.coordination
   if coord is not None and coord.writes and not _kvstore.is_url(job.target):
     checkpointer = new_checkpointer(compression=job.compression, coordination=coord)

@@ -13,6 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import jaxckpt
+from jaxckpt import _knobs
 
 SHAPE = (256, 64)  # Shards of 16 KiB: stored out of line by OCDBT, not inlined.
 
@@ -54,8 +55,11 @@ def _state(step: int, spec=None, mesh_shape=None):
           "b": np.arange(3, dtype=np.int32) * step}
 
 
-def save_and_restore(directory: str, enable_async: bool = True, saves: int = 3):
+def save_and_restore(directory: str, enable_async: bool = True, saves: int = 3,
+                     keep_ops: int | None = None):
   """Every process saves globally sharded arrays through a manager."""
+  if keep_ops is not None:
+    _knobs.COORDINATION_KEEP_OPS = keep_ops
   calls = []
   opts = jaxckpt.CheckpointOptions(
       enable_async=enable_async, experimental_write_callbacks=[calls.append], timeout_s=60)
@@ -72,7 +76,10 @@ def save_and_restore(directory: str, enable_async: bool = True, saves: int = 3):
   ckpt.params = _state(0)
   ckpt.step = 0
   ckpt.restore(manager.latest_checkpoint).assert_consumed()
+  from jax._src.distributed import global_state
+  ops = {k.split("/")[1] for k, _ in global_state.client.key_value_dir_get("jaxckpt/")}
   return {"paths": [str(p) for p in paths], "committed": committed, "callbacks": calls,
+          "coordination_ops": sorted(int(op) for op in ops),
           "latest": manager.latest_checkpoint, "checkpoints": manager.checkpoints,
           "w_ok": bits_equal(full(ckpt.params["w"]), reference(saves)),
           "b": ckpt.params["b"].tolist(), "step": int(ckpt.step),

@@ -39,10 +39,11 @@ def _nothing_committed_and_restart_resumes(directory):
 
 @pytest.fixture(scope="module")
 def saved_2x2(tmp_path_factory):
-  """Three async saves by 2 processes × 2 devices through a CheckpointManager."""
+  """Three async saves by 2 processes × 2 devices through a CheckpointManager,
+  keeping the coordination keys of only the last operation."""
   directory = str(tmp_path_factory.mktemp("mp"))
   results = distributed.launch("distributed_cases", "save_and_restore", 2, devices=2,
-                               kwargs={"directory": directory})
+                               kwargs={"directory": directory, "keep_ops": 1})
   return directory, results
 
 
@@ -55,6 +56,9 @@ def test_two_processes_save_commit_once_and_run_callbacks_everywhere(saved_2x2):
     assert r["callbacks"] == expected, pid  # Callbacks ran once per save on each process.
     assert r["checkpoints"] == expected[1:] and r["latest"] == expected[-1]
     assert r["w_ok"] and r["b"] == [0, 3, 6] and r["step"] == 3 and r["save_counter"] == 3
+  # Saves were operations 1-3 (the restore 4): those of saves 1 and 2 were deleted.
+  ops = results[0]["coordination_ops"]
+  assert 3 in ops and set(ops) <= {3, 4}, ops
   # max_to_keep=2 swept ckpt-1 once; one state file; no staging left behind.
   assert sorted(os.listdir(directory)) == ["checkpoint", "ckpt-2", "ckpt-3"]
   assert jaxckpt.latest_checkpoint(directory) == expected[-1]
