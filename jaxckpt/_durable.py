@@ -12,13 +12,17 @@ is visible only once all of its bytes are durable.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
 import shutil
 import time
 import uuid
+
+try:
+  import fcntl
+except ImportError:  # pragma: no cover - Windows: no flock; in-flight saves are not marked.
+  fcntl = None
 
 
 def check_target(final: str) -> None:
@@ -66,7 +70,7 @@ def staging_path(final: str) -> str:
   return os.path.join(parent, f".{base}.jaxckpt-tmp-{uuid.uuid4().hex[:12]}")
 
 
-def hold_staging(staging: str) -> int:
+def hold_staging(staging: str) -> int | None:
   """Marks ``staging`` as in flight until `release_staging`; returns the lock's fd.
 
   A `CheckpointManager` made in another process (an evaluator following the
@@ -79,6 +83,8 @@ def hold_staging(staging: str) -> int:
   name and renamed once locked: never seen unlocked while its save lives.
   (flock is per host: across hosts on NFS it may not be honoured.)
   """
+  if fcntl is None:
+    return None
   parent = os.path.dirname(staging) or "."
   tmp = os.path.join(parent, f".{uuid.uuid4().hex[:12]}.jaxckpt-locking")
   fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
@@ -109,7 +115,7 @@ _STAGING_BASE = re.compile(r"^(\..*\.jaxckpt-)(?:tmp|old)(-[0-9a-f]{12})")
 def _in_flight(directory: str, name: str) -> bool:
   """Whether leftover-looking ``name`` belongs to a save that still holds its lock."""
   match = _STAGING_BASE.match(name)
-  if match is None:
+  if match is None or fcntl is None:
     return False
   try:
     fd = os.open(os.path.join(directory, f"{match.group(1)}tmp{match.group(2)}{_LOCK_SUFFIX}"),
