@@ -19,6 +19,8 @@ import shutil
 import time
 import uuid
 
+from jaxckpt import _knobs
+
 try:
   import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; in-flight saves are not marked.
@@ -79,18 +81,41 @@ def hold_staging(staging: str) -> int | None:
   made that save commit an unreadable checkpoint. So the save holds an
   exclusive ``flock`` on ``{staging}.lock`` and `remove_leftovers` skips
   anything whose lock is held. The kernel drops the lock when the process
-  dies, and its leftovers are then swept. The lock file is made under another
-  name and renamed once locked: never seen unlocked while its save lives.
+  dies, and its leftovers are then swept. The lock file gets its name only once
+  it is locked, so it is never seen unlocked while its save lives: it is made
+  unnamed (``O_TMPFILE``), locked, then linked into place, and a kill at any
+  moment leaves nothing or a released lock. Where ``O_TMPFILE`` is missing it
+  is made under another name and renamed; a kill in between leaves that
+  ``.jaxckpt-locking`` file, which `remove_leftovers` deletes a minute later.
   (flock is per host: across hosts on NFS it may not be honoured.)
   """
   if fcntl is None:
     return None
+  lock = staging + _LOCK_SUFFIX
   parent = os.path.dirname(staging) or "."
-  tmp = os.path.join(parent, f".{uuid.uuid4().hex[:12]}.jaxckpt-locking")
+  try:
+    fd = os.open(parent, os.O_TMPFILE | os.O_RDWR, 0o644)
+  except (AttributeError, OSError):  # Not Linux, or a filesystem without it.
+    pass
+  else:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX)
+      # A dir_fd makes os.link call linkat(AT_SYMLINK_FOLLOW), which links the
+      # file behind /proc/self/fd/N; without one CPython 3.11 calls link(),
+      # which does not follow it (EXDEV).
+      parent_fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+      try:
+        os.link(f"/proc/self/fd/{fd}", os.path.basename(lock), dst_dir_fd=parent_fd)
+      finally:
+        os.close(parent_fd)
+      return fd
+    except OSError:
+      os.close(fd)
+  tmp = os.path.join(parent, f".{uuid.uuid4().hex[:12]}{_LOCKING}")
   fd = os.open(tmp, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
   try:
     fcntl.flock(fd, fcntl.LOCK_EX)
-    os.rename(tmp, staging + _LOCK_SUFFIX)
+    os.rename(tmp, lock)
   except BaseException:
     os.close(fd)
     with contextlib.suppress(OSError):
@@ -107,6 +132,8 @@ def release_staging(staging: str, fd: int) -> None:
 
 
 _LOCK_SUFFIX = ".lock"
+_LOCKING = ".jaxckpt-locking"  # hold_staging's name for a lock file not yet locked.
+_LOCKING_STALE_S = 60.0  # Also for state-file temporaries left by a kill.
 # A staging directory, its lock, Orbax's tmp dirs next to it, and the old
 # checkpoint `commit` moves aside while it renames the new one in.
 _STAGING_BASE = re.compile(r"^(\..*\.jaxckpt-)(?:tmp|old)(-[0-9a-f]{12})")
@@ -224,6 +251,13 @@ def remove_leftovers(directory: str) -> list[str]:
   """
   removed = []
   for name in os.listdir(directory):
+    if name.startswith(".") and (name.endswith(_LOCKING) or (  # See hold_staging,
+        name.startswith(f".{_knobs.STATE_FILE_NAME}.") and name.endswith(".tmp"))):  # write_state.
+      with contextlib.suppress(OSError):
+        if time.time() - os.lstat(os.path.join(directory, name)).st_mtime > _LOCKING_STALE_S:
+          os.unlink(os.path.join(directory, name))
+          removed.append(name)
+      continue
     if (name.startswith(".") and any(m in name for m in LEFTOVER_MARKERS)
         and not _in_flight(directory, name)):
       path = os.path.join(directory, name)

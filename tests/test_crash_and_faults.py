@@ -5,9 +5,11 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import jaxckpt
 from jaxckpt import _durable
@@ -238,3 +240,42 @@ def test_a_killed_saves_leftovers_and_lock_are_swept(tmp_path):
   manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.zeros(4)), tmp_path, 3)
   assert manager.latest_checkpoint is None
   assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("tmpfile", [True, False])
+def test_staging_lock_is_never_seen_unlocked_and_stale_temp_files_go(tmp_path, monkeypatch,
+                                                                     tmpfile):
+  # O_TMPFILE: the lock file gets its name already locked. Without it (other
+  # systems) a temporary name is renamed, and a kill in between leaves that
+  # name, which a sweep deletes once it is stale.
+  if not tmpfile:
+    monkeypatch.delattr(os, "O_TMPFILE", raising=False)
+  elif _supports_tmpfile(tmp_path):  # Then no rename (the temporary name) is needed.
+    monkeypatch.setattr(os, "rename", lambda *a: pytest.fail("renamed a temporary lock"))
+  staging = _durable.staging_path(str(tmp_path / "ckpt-1"))
+  fd = _durable.hold_staging(staging)
+  monkeypatch.undo()
+  os.makedirs(os.path.join(staging, "state"))
+  assert sorted(os.listdir(tmp_path)) == sorted(
+      [os.path.basename(staging), os.path.basename(staging) + ".lock"])
+  assert _durable.remove_leftovers(str(tmp_path)) == []  # Held: nothing swept.
+  _durable.release_staging(staging, fd)
+  assert os.listdir(tmp_path) == [os.path.basename(staging)]
+  # Also the state file's temporaries (a kill inside write_state), once stale.
+  fresh, stale = tmp_path / ".aaaa.jaxckpt-locking", tmp_path / ".bbbb.jaxckpt-locking"
+  fresh_state, stale_state = tmp_path / ".checkpoint.x1.tmp", tmp_path / ".checkpoint.x2.tmp"
+  for path in (fresh, stale, fresh_state, stale_state):
+    path.write_text("")
+  for path in (stale, stale_state):
+    os.utime(path, (time.time() - 120, time.time() - 120))
+  removed = _durable.remove_leftovers(str(tmp_path))
+  assert sorted(removed) == sorted([os.path.basename(staging), stale.name, stale_state.name])
+  assert sorted(os.listdir(tmp_path)) == sorted([fresh.name, fresh_state.name])
+
+
+def _supports_tmpfile(directory) -> bool:
+  try:
+    os.close(os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o644))
+    return True
+  except (AttributeError, OSError):
+    return False
