@@ -133,7 +133,9 @@ def release_staging(staging: str, fd: int) -> None:
 
 _LOCK_SUFFIX = ".lock"
 _LOCKING = ".jaxckpt-locking"  # hold_staging's name for a lock file not yet locked.
-_LOCKING_STALE_S = 60.0  # Also for state-file temporaries left by a kill.
+# write_state's temporary file (prefix, suffix): a kill before its rename leaves it.
+STATE_TMP = (f".{_knobs.STATE_FILE_NAME}.", ".tmp")
+_TEMPORARY_STALE_S = 60.0  # Age at which a lock's or the state file's temporary is swept.
 # A staging directory, its lock, Orbax's tmp dirs next to it, and the old
 # checkpoint `commit` moves aside while it renames the new one in.
 _STAGING_BASE = re.compile(r"^(\..*\.jaxckpt-)(?:tmp|old)(-[0-9a-f]{12})")
@@ -251,10 +253,9 @@ def remove_leftovers(directory: str) -> list[str]:
   """
   removed = []
   for name in os.listdir(directory):
-    if name.startswith(".") and (name.endswith(_LOCKING) or (  # See hold_staging,
-        name.startswith(f".{_knobs.STATE_FILE_NAME}.") and name.endswith(".tmp"))):  # write_state.
+    if name.endswith(_LOCKING) or (name.startswith(STATE_TMP[0]) and name.endswith(STATE_TMP[1])):
       with contextlib.suppress(OSError):
-        if time.time() - os.lstat(os.path.join(directory, name)).st_mtime > _LOCKING_STALE_S:
+        if time.time() - os.lstat(os.path.join(directory, name)).st_mtime > _TEMPORARY_STALE_S:
           os.unlink(os.path.join(directory, name))
           removed.append(name)
       continue

@@ -27,7 +27,6 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
-import math
 import os
 import time
 from typing import Any
@@ -39,6 +38,7 @@ from orbax.checkpoint._src.arrays import subchunking
 from orbax.checkpoint._src.metadata import sharding as sharding_metadata
 
 from jaxckpt._durable import write_json
+from jaxckpt._tree import array_nbytes
 from jaxckpt._tree import is_numeric_dtype
 
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000,
@@ -201,7 +201,7 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
         pieces = [((), value)]
       else:
         pieces = [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
-      nbytes = math.prod(shape) * dtype.itemsize
+      nbytes = array_nbytes(value)
     else:
       array = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
       dtype, shape = array.dtype, array.shape

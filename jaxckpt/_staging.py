@@ -41,13 +41,14 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
 import threading
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxckpt._tree import array_nbytes
 
 # Over XLA:CPU's 1000-flop "cheap" threshold (see above), at 16 KiB per device.
 _BALLAST_ELEMENTS = 4096
@@ -173,7 +174,7 @@ class StagingPool:
     addressable, PRNG keys): copy those another way."""
     out: list[jax.Array | None] = [None] * len(values)
     if nbytes is None:
-      nbytes = [math.prod(v.shape) * v.dtype.itemsize for v in values]
+      nbytes = [array_nbytes(v) for v in values]
     # Size first: most arrays of most states are small, and a plan lookup over
     # all 197 arrays of tpu_idle.py's state cost 0.2 ms.
     large = [i for i, n in enumerate(nbytes) if n >= self._min_bytes]

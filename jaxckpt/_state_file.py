@@ -19,6 +19,7 @@ import tempfile
 
 from jaxckpt import _knobs
 from jaxckpt import _kvstore
+from jaxckpt._durable import STATE_TMP
 from jaxckpt._durable import fsync_dir
 from jaxckpt._manifest import is_committed
 
@@ -85,8 +86,7 @@ def write_state(directory: str, state: CheckpointState) -> None:
   if _kvstore.is_url(directory):  # One object PUT: atomic on object stores.
     _kvstore.write_bytes(state_file_path(directory), text.encode())
     return
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{_knobs.STATE_FILE_NAME}.",
-                             suffix=".tmp")
+  fd, tmp = tempfile.mkstemp(dir=directory, prefix=STATE_TMP[0], suffix=STATE_TMP[1])
   try:
     with os.fdopen(fd, "w") as f:
       f.write(text)
