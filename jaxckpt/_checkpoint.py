@@ -12,6 +12,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxckpt import _fastwrite
 from jaxckpt import _kvstore
 from jaxckpt._background import Saver
 from jaxckpt._durable import check_target
@@ -240,8 +241,14 @@ class Checkpoint:
       coordination.barrier("gather")
       snapshot = _gather_snapshot(to_copy, io_device.process_index)
     else:
+      # Small arrays are packed into shared staging buffers only for the fast
+      # writer (see _staging.py); it writes local, single-process saves.
+      pack = not url and _fastwrite.takes(compression=options.compression,
+                                          single_process=coordination is None,
+                                          incremental=options.incremental)
       snapshot, staged = take_snapshot(to_copy, copy=options.enable_async,
-                                       io_device=io_device, pool=self._saver.staging)
+                                       io_device=io_device, pool=self._saver.staging,
+                                       pack=pack)
     object.__setattr__(self, "_save_counter", counter)
     future = CommitFuture(path)
     job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,

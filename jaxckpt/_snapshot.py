@@ -25,7 +25,9 @@ save own its data, without waiting for anything:
   On the CPU backend with a `StagingPool` (async saves of a `Checkpoint`),
   arrays of 32 MiB and more are copied into the previous save's buffers instead
   (see _staging.py: the copies finish 4-10x sooner and issue in 0.3 ms whatever
-  the size).
+  the size), and with ``pack`` (saves the fast writer writes) smaller ones are
+  concatenated into a few such buffers (197 arrays: 1.2 ms to issue instead of
+  3.8-7.2 ms).
 * numpy leaves are mutable host memory: copied now (the only blocking copy).
 * Python scalars are immutable: kept as they are.
 
@@ -138,9 +140,11 @@ def _host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
 
 
 def take_snapshot(leaves: list[Leaf], *, copy: bool, io_device: jax.Device | None,
-                  pool: StagingPool | None = None) -> tuple[dict[str, object], list]:
+                  pool: StagingPool | None = None, pack: bool = False
+                  ) -> tuple[dict[str, object], list]:
   """Returns ``{name: value}`` safe to write after the caller moves on, and the
-  staging sets to give back to ``pool`` once the save is done (may be empty)."""
+  staging sets to give back to ``pool`` once the save is done (may be empty).
+  ``pack``: small arrays may come back as `_staging.Packed` (see there)."""
   out: dict[str, object] = {}
   staged: list = []
   jax_leaves = []
@@ -160,7 +164,7 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool, io_device: jax.Device | Non
     else:
       copies: list = [None] * len(jax_values)
       if pool is not None:
-        copies, staged = pool.copy(jax_values, [leaf.nbytes for leaf in jax_leaves])
+        copies, staged = pool.copy(jax_values, [leaf.nbytes for leaf in jax_leaves], pack=pack)
       rest = [i for i, c in enumerate(copies) if c is None]
       if rest:
         others = [jax_values[i] for i in rest]

@@ -31,6 +31,20 @@ after the copy's reads. A buffer still referenced elsewhere when it is donated
 again (say, a numpy view) is not donated: XLA allocates new memory, so reuse can
 only be lost, never corrupt data.
 
+Small arrays (under `MIN_BYTES`, one device, numeric; when the save goes
+through the fast writer) are *packed*: the same jitted call concatenates them,
+per dtype, into one staging buffer, and each becomes a `Packed` slice of it.
+The cost of issuing the copy is per output buffer, not per byte: for the 197
+arrays (313 MiB) of tpu_idle.py's state, measured interleaved after idle pauses,
+16 repeats: the batched per-array copy (`_snapshot`) issued in 3.8-7.2 ms p50
+and finished in 60-113 ms (fresh memory); a jitted copy into 197 donated
+buffers issued in 5.7-6.2 ms; concatenated into 3 donated buffers (one per
+dtype) it issued in 1.2 ms (1.0-4.1) and finished in 43-48 ms. Concatenating
+all dtypes as bytes (bitcast to uint8) issued alike but took 207 ms to finish.
+Packed slices stay numpy views: making each a jax.Array again costs ~70 µs
+(14 ms for 197), so the writer reads them as arrays and records them as the
+jax.Arrays they were.
+
 GPU/TPU keep `_snapshot`'s ``device_put`` into pinned host memory: that is a DMA,
 and donating pinned host buffers into a device→host jit is untested here (no
 accelerator on this machine).
@@ -41,6 +55,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import math
 import threading
 import time
 
@@ -49,6 +64,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxckpt._tree import array_nbytes
+from jaxckpt._tree import is_numeric_dtype
 
 # Over XLA:CPU's 1000-flop "cheap" threshold (see above), at 16 KiB per device.
 _BALLAST_ELEMENTS = 4096
@@ -64,13 +80,75 @@ _BALLAST_ELEMENTS = 4096
 MIN_BYTES = 32 << 20
 
 
-def _copies(values: list[jax.Array], ballast: jax.Array):
-  return [jnp.copy(v) for v in values], jnp.sum(ballast * ballast)
+def _copies(values: list[jax.Array], packs: list[list[jax.Array]], ballast: jax.Array):
+  """Copies of ``values``, and each pack of small arrays concatenated, flat."""
+  return ([jnp.copy(v) for v in values],
+          [jnp.concatenate([v.ravel() for v in pack]) for pack in packs],
+          jnp.sum(ballast * ballast))
 
 
 _copy_fresh = jax.jit(_copies)
-_copy_into = jax.jit(lambda staging, values, ballast: _copies(values, ballast),
+_copy_into = jax.jit(lambda staging, values, packs, ballast: _copies(values, packs, ballast),
                      donate_argnums=0, keep_unused=True)
+
+
+class _Buffer:
+  """A pack's staging buffer, read on the host once (by the save's writer)."""
+
+  def __init__(self, array: jax.Array):
+    self.array = array
+    self._host: np.ndarray | None = None
+    self._lock = threading.Lock()
+
+  def host(self) -> np.ndarray:
+    with self._lock:  # The writer and the checksums may ask at once.
+      if self._host is None:
+        self._host = np.asarray(self.array)  # Waits for the copy; no copy itself.
+      return self._host
+
+
+class Packed:
+  """A small array's snapshot: a slice of the staging buffer it shares with the
+  other small arrays of its dtype (see above).
+
+  Reads as a numpy array (``np.asarray`` waits until the copy is done); keeps
+  the saved array's ``shape``, ``dtype`` and ``sharding`` so that the writer
+  records it as the jax.Array it was.
+  """
+  __slots__ = ("_buffer", "_start", "shape", "dtype", "sharding")
+  is_fully_addressable = True
+
+  def __init__(self, buffer: _Buffer, start: int, value: jax.Array):
+    self._buffer, self._start = buffer, start
+    self.shape, self.dtype, self.sharding = value.shape, np.dtype(value.dtype), value.sharding
+
+  @property
+  def size(self) -> int:
+    return math.prod(self.shape)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def nbytes(self) -> int:
+    return self.size * self.dtype.itemsize
+
+  def __array__(self, dtype=None, copy=None):
+    array = self._buffer.host()[self._start:self._start + self.size].reshape(self.shape)
+    if dtype is not None and np.dtype(dtype) != array.dtype:
+      return array.astype(dtype)
+    return array.copy() if copy else array
+
+  def __repr__(self) -> str:
+    return f"Packed(shape={self.shape}, dtype={self.dtype})"
+
+
+def unpack(snapshot: dict[str, object]) -> dict[str, object]:
+  """``snapshot`` with `Packed` values made jax.Arrays again (copies, ~70 µs
+  each): for writers other than the fast writer."""
+  return {name: jax.device_put(np.asarray(v), v.sharding) if isinstance(v, Packed) else v
+          for name, v in snapshot.items()}
 
 _BALLASTS: dict[tuple[jax.Device, ...], jax.Array] = {}
 
@@ -112,24 +190,42 @@ def _stageable(value: jax.Array) -> bool:
           and _device_assignment(value.sharding) is not None)
 
 
+def _packable(value: jax.Array) -> bool:
+  """One device (a concatenation of sharded arrays would gather them), numeric
+  (what the fast writer takes), not empty."""
+  return (len(value.sharding.device_set) == 1 and is_numeric_dtype(value.dtype)
+          and 0 not in value.shape)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Group:
   """Arrays one jitted copy takes: jit wants a single device assignment."""
-  indices: tuple[int, ...]
+  indices: tuple[int, ...]  # Copied one by one.
+  packs: tuple[tuple[int, ...], ...]  # Concatenated: one tuple per dtype.
   key: tuple  # Shapes, dtypes and layouts: which idle buffers fit.
   ballast: jax.Array
 
 
-def _plan(values: list[jax.Array]) -> tuple[_Group, ...]:
-  by_devices: dict[tuple[jax.Device, ...], list[int]] = {}
+def _plan(values: list[jax.Array], small: list[bool]) -> tuple[_Group, ...]:
+  """``small[i]``: pack ``values[i]`` if it can be."""
+  by_devices: dict[tuple[jax.Device, ...], tuple[list[int], dict]] = {}
   for i, v in enumerate(values):
     if _stageable(v):
-      by_devices.setdefault(_device_assignment(v.sharding), []).append(i)
-  return tuple(
-      _Group(tuple(idx), tuple((values[i].shape, values[i].dtype,
-                                _layout(values[i].sharding, values[i].ndim)) for i in idx),
-             _ballast(devices))
-      for devices, idx in by_devices.items())
+      copied, packs = by_devices.setdefault(_device_assignment(v.sharding), ([], {}))
+      if small[i] and _packable(v):
+        packs.setdefault(np.dtype(v.dtype), []).append(i)
+      elif not small[i]:
+        copied.append(i)
+  groups = []
+  for devices, (copied, packs) in by_devices.items():
+    if not copied and not packs:
+      continue
+    key = (devices,) + tuple((values[i].shape, values[i].dtype,
+                 _layout(values[i].sharding, values[i].ndim)) for i in copied)
+    key += tuple((tuple(values[i].shape for i in pack), dtype) for dtype, pack in packs.items())
+    groups.append(_Group(tuple(copied), tuple(tuple(p) for p in packs.values()), key,
+                         _ballast(devices)))
+  return tuple(groups)
 
 
 class StagingPool:
@@ -166,40 +262,56 @@ class StagingPool:
     self._plans: dict[tuple, tuple[_Group, ...]] = {}
     self.reused = 0  # Copies that went into staging buffers (for tests, benchmarks).
 
-  def copy(self, values: list[jax.Array], nbytes: list[int] | None = None
-           ) -> tuple[list[jax.Array | None], list[tuple]]:
+  def copy(self, values: list[jax.Array], nbytes: list[int] | None = None, *,
+           pack: bool = False) -> tuple[list[jax.Array | Packed | None], list[tuple]]:
     """Copies of ``values`` (of ``nbytes`` each, if the caller knows), issued, not
     waited for, and the sets of buffers they are in, for `give_back`. None for
-    values it does not take (under ``min_bytes``, not on CPU, not fully
-    addressable, PRNG keys): copy those another way."""
-    out: list[jax.Array | None] = [None] * len(values)
+    values it does not take (not on CPU, not fully addressable, PRNG keys; and
+    those under ``min_bytes``, unless ``pack``): copy those another way.
+
+    With ``pack``, arrays under ``min_bytes`` on one device come back as `Packed`
+    slices of shared buffers: only for writers that read them (the fast writer;
+    `unpack` for others)."""
+    out: list[jax.Array | Packed | None] = [None] * len(values)
     if nbytes is None:
       nbytes = [array_nbytes(v) for v in values]
-    # Size first: most arrays of most states are small, and a plan lookup over
-    # all 197 arrays of tpu_idle.py's state cost 0.2 ms.
-    large = [i for i, n in enumerate(nbytes) if n >= self._min_bytes]
-    if not large:
-      return out, []
-    values = [values[i] for i in large]
-    signature = tuple((v.shape, v.dtype, v.sharding) for v in values)
+    small = [n < self._min_bytes for n in nbytes]
+    if pack:
+      taken = list(range(len(values)))
+    else:
+      # Size first: most arrays of most states are small, and a plan lookup over
+      # all 197 arrays of tpu_idle.py's state costs 0.2 ms.
+      taken = [i for i, s in enumerate(small) if not s]
+      if not taken:
+        return out, []
+      values, small = [values[i] for i in taken], [small[i] for i in taken]
+    signature = tuple((v.shape, v.dtype, v.sharding, s) for v, s in zip(values, small, strict=True))
     plan = self._plans.get(signature)
     if plan is None:
       if len(self._plans) > 64:
         self._plans.clear()
-      plan = self._plans[signature] = _plan(values)
+      plan = self._plans[signature] = _plan(values, small)
     sets = []
     for group in plan:
       arrays = [values[i] for i in group.indices]
+      packs = [[values[i] for i in p] for p in group.packs]
       with self._lock:
         entry = self._idle.pop(group.key, None)
       if entry is not None:
-        copies, _ = _copy_into(entry[0], arrays, group.ballast)
+        n = len(group.indices)
+        copies, flats, _ = _copy_into((entry[0][:n], entry[0][n:]), arrays, packs,
+                                      group.ballast)
         self.reused += 1
       else:
-        copies, _ = _copy_fresh(arrays, group.ballast)
+        copies, flats, _ = _copy_fresh(arrays, packs, group.ballast)
       for i, c in zip(group.indices, copies, strict=True):
-        out[large[i]] = c
-      sets.append((group.key, copies))
+        out[taken[i]] = c
+      for indices, flat in zip(group.packs, flats, strict=True):
+        buffer, start = _Buffer(flat), 0
+        for i in indices:
+          out[taken[i]] = Packed(buffer, start, values[i])
+          start += math.prod(values[i].shape)
+      sets.append((group.key, copies + flats))
     return out, sets
 
   def give_back(self, sets: list[tuple]) -> None:

@@ -45,6 +45,7 @@ from jaxckpt._multihost import sweep_keys
 from jaxckpt._options import call_write_callback
 from jaxckpt._orbax_fixes import registry_writing_on
 from jaxckpt._orbax_fixes import stop_metrics_leak
+from jaxckpt._staging import unpack
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
 
@@ -201,6 +202,9 @@ def _write_and_commit(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer])
       fast = _fastwrite.start(os.path.join(staging, _knobs.STATE_ITEM), job.snapshot,
                               chunk_byte_size=job.chunk_byte_size)
     elif job.snapshot:  # Orbax refuses an empty PyTree; a Checkpoint may track nothing.
+      # Packed arrays were meant for the fast writer; a leaf it cannot take
+      # (e.g. float8, empty) sends this save to Orbax, which wants jax.Arrays.
+      job.snapshot = unpack(job.snapshot)
       tree = nest(job.snapshot)
       save_args = None
       if job.chunk_byte_size is not None:

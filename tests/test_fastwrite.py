@@ -12,6 +12,7 @@ import tensorstore as ts
 
 import jaxckpt
 from jaxckpt import _fastwrite
+from jaxckpt import _staging
 from jaxckpt._tree import nest
 
 
@@ -50,14 +51,27 @@ def _json(path):
   return data
 
 
-@pytest.mark.parametrize("chunk_byte_size, commit_bytes", [(None, None), (64, None), (None, 1)])
-def test_writes_what_orbax_writes(tmp_path, monkeypatch, chunk_byte_size, commit_bytes):
+def _packed(snapshot):
+  """``snapshot`` as an async save hands it over: small one-device arrays packed."""
+  names = [n for n, v in snapshot.items() if isinstance(v, jax.Array)]
+  copies, _ = _staging.StagingPool().copy([snapshot[n] for n in names], pack=True)
+  packed = dict(snapshot)
+  packed.update((n, c) for n, c in zip(names, copies, strict=True) if c is not None)
+  assert sum(isinstance(v, _staging.Packed) for v in packed.values()) == 2  # t/a, t/bf16
+  return packed
+
+
+@pytest.mark.parametrize("chunk_byte_size, commit_bytes, packed",
+                         [(None, None, False), (64, None, False), (None, 1, False),
+                          (None, None, True)])
+def test_writes_what_orbax_writes(tmp_path, monkeypatch, chunk_byte_size, commit_bytes, packed):
   if commit_bytes is not None:  # One OCDBT commit per array: the same final database.
     monkeypatch.setattr(_fastwrite, "COMMIT_BYTES", commit_bytes)
   snapshot = _snapshot()
-  assert _fastwrite.eligible(snapshot, compression=False, single_process=True,
+  written = _packed(snapshot) if packed else snapshot
+  assert _fastwrite.eligible(written, compression=False, single_process=True,
                              incremental=False)
-  _fastwrite.start(str(tmp_path / "fast" / "state"), snapshot,
+  _fastwrite.start(str(tmp_path / "fast" / "state"), written,
                    chunk_byte_size=chunk_byte_size).wait()
   save_args = None if chunk_byte_size is None else jax.tree.map(
       lambda _: ocp.SaveArgs(chunk_byte_size=chunk_byte_size), nest(snapshot))
@@ -78,9 +92,12 @@ def test_writes_what_orbax_writes(tmp_path, monkeypatch, chunk_byte_size, commit
       assert json.loads(fast[key]) == json.loads(orbax[key]), key
 
 
-def test_orbax_restores_it_without_a_target(tmp_path):
+@pytest.mark.parametrize("enable_async", [False, True])  # Async: small arrays packed.
+def test_orbax_restores_it_without_a_target(tmp_path, enable_async):
   snapshot = _snapshot()
-  path = jaxckpt.Checkpoint(**nest(snapshot)).save(tmp_path / "c")
+  path = jaxckpt.Checkpoint(**nest(snapshot)).save(
+      tmp_path / "c", options=jaxckpt.CheckpointOptions(enable_async=enable_async))
+  path.future.result(timeout=60)
   assert not os.path.exists(os.path.join(path, "state", "ocdbt.process_0"))  # Fast path.
   restored = ocp.StandardCheckpointer().restore(f"{path}/state")["t"]
   for name, value in snapshot.items():
@@ -126,11 +143,18 @@ def test_empty_arrays_and_other_dtypes_go_through_orbax(tmp_path):
     assert not _fastwrite.eligible({"v": value}, compression=False, single_process=True,
                                    incremental=False)
   tree = {"f8": jnp.arange(4.0).astype(ml_dtypes.float8_e4m3fn), "x": jnp.arange(3.0)}
-  path = jaxckpt.Checkpoint(t=tree).save(tmp_path / "c")
-  assert os.path.isdir(os.path.join(path, "state", "ocdbt.process_0"))  # Orbax wrote it.
-  target = jaxckpt.Checkpoint(t={"f8": jnp.zeros(4, ml_dtypes.float8_e4m3fn), "x": jnp.zeros(3)})
-  target.restore(path).assert_consumed()
-  np.testing.assert_array_equal(np.asarray(target.t["f8"], np.float32), np.arange(4.0))
+  for enable_async in (False, True):  # Async: "x" was packed, and is unpacked for Orbax.
+    path = jaxckpt.Checkpoint(t=tree).save(
+        tmp_path / f"c{enable_async}", options=jaxckpt.CheckpointOptions(enable_async=enable_async))
+    path.future.result(timeout=60)
+    assert os.path.isdir(os.path.join(path, "state", "ocdbt.process_0"))  # Orbax wrote it.
+    target = jaxckpt.Checkpoint(t={"f8": jnp.zeros(4, ml_dtypes.float8_e4m3fn),
+                                   "x": jnp.zeros(3)})
+    target.restore(path).assert_consumed()
+    np.testing.assert_array_equal(np.asarray(target.t["f8"], np.float32), np.arange(4.0))
+    np.testing.assert_array_equal(target.t["x"], np.arange(3.0))
+    restored = ocp.StandardCheckpointer().restore(f"{path}/state")["t"]
+    assert isinstance(restored["x"], jax.Array)  # Recorded as the jax.Array it was.
   # Orbax refuses zero-size arrays; so does jaxckpt, naming the array.
   with pytest.raises(jaxckpt.SaveError, match="t.empty"):
     jaxckpt.Checkpoint(t={"empty": jnp.zeros((0, 3))}).save(tmp_path / "e")

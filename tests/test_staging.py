@@ -81,10 +81,13 @@ def test_the_copy_is_not_too_cheap_to_run_in_the_background():
   # thread; the ballast keeps the copy above that (see _staging.py).
   values = [jnp.ones((512, 512))]
   ballast = _staging._ballast(tuple(values[0].sharding._device_assignment))
-  compiled = _staging._copy_into.lower(values, values, ballast).compile()
-  assert compiled.cost_analysis()["flops"] >= 1000
-  aliases = compiled.as_text().split("\n", 1)[0]
-  assert "input_output_alias" in aliases  # The donated buffers are kept and reused.
+  flat = jnp.ones(2 * 512 * 512)
+  for staging, copied, packs in [((values, []), values, []),  # Copied one by one.
+                                 (([], [flat]), [], [values * 2])]:  # Packed.
+    compiled = _staging._copy_into.lower(staging, copied, packs, ballast).compile()
+    assert compiled.cost_analysis()["flops"] >= 1000
+    aliases = compiled.as_text().split("\n", 1)[0]
+    assert "input_output_alias" in aliases  # The donated buffers are kept and reused.
 
 
 def test_a_dropped_checkpoint_frees_its_staging_buffers(tmp_path):
@@ -136,8 +139,9 @@ def test_only_arrays_of_min_bytes_and_more_are_staged():
   pool = _staging.StagingPool(min_bytes=1024)
   copies, sets = pool.copy([jnp.ones(256), jnp.ones(255)])  # 1024 and 1020 bytes.
   assert copies[0] is not None and copies[1] is None
-  assert [k for k, _ in sets] == [(((256,), jnp.ones(1).dtype,
-                                    _staging._layout(copies[0].sharding, 1)),)]
+  devices = tuple(copies[0].sharding._device_assignment)
+  assert [k for k, _ in sets] == [(devices, ((256,), jnp.ones(1).dtype,
+                                             _staging._layout(copies[0].sharding, 1)))]
 
 
 def test_pool_keeps_at_most_max_idle_sets():
@@ -145,7 +149,7 @@ def test_pool_keeps_at_most_max_idle_sets():
   for n in (8, 16, 32):
     _, sets = pool.copy([jnp.ones(n)])
     pool.give_back(sets)
-  assert sorted(k[0][0] for k in pool._idle) == [(16,), (32,)]  # The oldest went.
+  assert sorted(k[1][0] for k in pool._idle) == [(16,), (32,)]  # The oldest went.
 
 
 @pytest.mark.parametrize("knob", ["compression", "incremental"])
@@ -168,3 +172,78 @@ def test_saves_written_by_orbax_reuse_staging_buffers_too(tmp_path, knob):
     reader = jaxckpt.load_checkpoint(path)
     np.testing.assert_array_equal(reader.get_tensor("state/w"), w)
     np.testing.assert_array_equal(reader.get_tensor("state/frozen"), np.ones((32, 32)))
+
+
+def _small_state():
+  return {
+      "f32": jnp.arange(300, dtype=jnp.float32).reshape(20, 15),
+      "bf16": jnp.ones((7, 3), jnp.bfloat16),
+      "i32": jnp.arange(10, dtype=jnp.int32),
+      "scalar": jnp.float32(2.5),  # 0-d
+      "flag": jnp.array([True, False, True]),
+      "big": jnp.arange(4096, dtype=jnp.float32),  # min_bytes and more: copied alone.
+      "sharded": jax.device_put(jnp.arange(64, dtype=jnp.float32),  # Never packed.
+                                jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d"))),
+      "key": jax.random.key(0),
+  }
+
+
+def test_small_arrays_are_packed_into_reused_buffers_over_fifty_saves(tmp_path, monkeypatch):
+  monkeypatch.setattr(_staging, "MIN_BYTES", 16 << 10)  # "big" (16 KiB) is copied alone.
+  # One device's arrays (a jitted step's outputs over several devices are
+  # replicated over them, and only arrays on one device are packed).
+  one_device = jax.jit(lambda s: {**s, "f32": s["f32"] * 1.5 + 1, "i32": s["i32"] + 1,
+                                  "scalar": s["scalar"] + 1, "flag": ~s["flag"],
+                                  "big": s["big"] - 1}, donate_argnums=0)
+
+  def step(s):
+    s = dict(s)
+    return {**one_device({k: s.pop(k) for k in names if k != "sharded"}), **s}
+
+  names = ("f32", "bf16", "i32", "scalar", "flag", "big", "sharded")
+  state = step(_small_state())
+  ckpt = jaxckpt.Checkpoint(state=state)
+  opts = jaxckpt.CheckpointOptions(enable_async=True)
+  pool = ckpt._saver.staging
+  expected, pointers = {}, []
+  for _ in range(50):
+    ckpt.state = state
+    path = ckpt.save(tmp_path / "m", options=opts)
+    expected[path] = {k: np.asarray(state[k]).copy() for k in names}
+    state = step(state)  # Donates what the save just snapshotted.
+    path.future.result(timeout=TIMEOUT)
+    pointers.append(_pointers(pool))
+  assert pool.reused == 49  # One jitted copy per save (one device: packs and "big").
+  # "big" and a buffer per dtype (float32, bfloat16, int32, bool, and uint32 for
+  # the key's data), the same memory every time. "sharded" (small, on four
+  # devices) is not staged: not in the pool.
+  assert len(pointers[0]) == 6
+  assert all(p == pointers[0] for p in pointers)
+  for path in list(expected)[::7] + [list(expected)[-1]]:
+    reader = jaxckpt.load_checkpoint(path)
+    for name, value in expected[path].items():
+      got = reader.get_tensor(f"state/{name}")
+      assert got.dtype == value.dtype and got.shape == value.shape, name
+      np.testing.assert_array_equal(got, value)
+
+
+def test_packed_values_read_as_the_arrays_they_copied():
+  values = list(_small_state().values())[:5]
+  copies, sets = _staging.StagingPool(min_bytes=1 << 20).copy(values, pack=True)
+  assert all(isinstance(c, _staging.Packed) for c in copies)
+  assert len(sets) == 1 and len(sets[0][1]) == 4  # One buffer per dtype.
+  for value, copy in zip(values, copies, strict=True):
+    assert (copy.shape, copy.dtype, copy.sharding) == (value.shape, value.dtype, value.sharding)
+    np.testing.assert_array_equal(np.asarray(copy), np.asarray(value))
+  np.testing.assert_array_equal(np.asarray(copies[0], np.float64), np.asarray(values[0]))
+  # Not packed without pack=True: left for the caller's batched copy.
+  assert _staging.StagingPool(min_bytes=1 << 20).copy(values) == ([None] * 5, [])
+
+
+def test_a_packed_buffer_something_still_views_is_not_overwritten():
+  pool = _staging.StagingPool(min_bytes=1 << 20)
+  first, sets = pool.copy([jnp.ones(64), jnp.ones(32)], pack=True)
+  view = np.asarray(first[1])  # E.g. a writer that has not let go yet.
+  pool.give_back(sets)
+  second, _ = pool.copy([jnp.zeros(64), jnp.zeros(32)], pack=True)
+  assert view.sum() == 32 and np.asarray(second[1]).sum() == 0
