@@ -247,3 +247,17 @@ def test_a_packed_buffer_something_still_views_is_not_overwritten():
   pool.give_back(sets)
   second, _ = pool.copy([jnp.zeros(64), jnp.zeros(32)], pack=True)
   assert view.sum() == 32 and np.asarray(second[1]).sum() == 0
+
+
+def test_a_new_layout_gets_a_new_plan():
+  # The last plan is reused when shapes, dtypes and sharding objects match; any
+  # change must make a new one (same sharding object, other shapes or dtypes).
+  pool = _staging.StagingPool(min_bytes=1 << 20)
+  for values in ([jnp.ones(4), jnp.ones(3)], [jnp.ones(5), jnp.ones(3)],
+                 [jnp.ones(5, jnp.int32), jnp.ones(3)], [jnp.ones(5, jnp.int32), jnp.ones(3)]):
+    copies, sets = pool.copy(values, pack=True)
+    for value, copy in zip(values, copies, strict=True):
+      assert copy.shape == value.shape and copy.dtype == value.dtype
+      np.testing.assert_array_equal(np.asarray(copy), np.asarray(value))
+    pool.give_back(sets)
+  assert len(pool._plans) == 3 and pool.reused == 1
