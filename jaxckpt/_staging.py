@@ -69,7 +69,8 @@ from jaxckpt._tree import is_numeric_dtype
 # Over XLA:CPU's 1000-flop "cheap" threshold (see above), at 16 KiB per device.
 _BALLAST_ELEMENTS = 4096
 
-# Smaller arrays keep `_snapshot`'s batched copy. glibc serves blocks under
+# Smaller arrays are packed (`copy(..., pack=True)`, see above) or else keep
+# `_snapshot`'s batched copy, not one staged copy each. glibc serves blocks under
 # 32 MiB from its heap, which keeps much of that memory mapped, and per array the
 # jitted copy's dispatch costs more than the batched copy (~10 vs ~6.5 µs). Measured
 # on the tpu_idle.py state (197 arrays, all under 32 MiB), all staged vs none,
