@@ -291,7 +291,7 @@ class StagingPool:
       taken = list(range(len(values)))
     else:
       # Size first: most arrays of most states are small, and a plan lookup over
-      # all 197 arrays of tpu_idle.py's state costs 0.2 ms.
+      # all 197 arrays of tpu_idle.py's state costs ~0.1 ms.
       taken = [i for i, s in enumerate(small) if not s]
       if not taken:
         return out, []

@@ -41,10 +41,10 @@ def _pointers(pool: _staging.StagingPool) -> list[int]:
                 for shard in c.addressable_shards)
 
 
-def test_fifty_async_saves_in_a_donating_loop_reuse_one_set_of_buffers(tmp_path):
-  step = jax.jit(lambda s: {**s, "sharded": s["sharded"] * 1.5 + 1,
-                            "single": s["single"] + 1}, donate_argnums=0)
-  state = step(_state())  # The shardings a training loop saves: the step's outputs'.
+def _fifty_saves(tmp_path, state, step, names):
+  """50 async saves of ``state``, each followed by a ``step`` that donates it;
+  returns the pool, {path: saved values of ``names``} and the pool's buffer
+  pointers after each save."""
   ckpt = jaxckpt.Checkpoint(state=state)
   opts = jaxckpt.CheckpointOptions(enable_async=True)
   pool = ckpt._saver.staging
@@ -52,17 +52,33 @@ def test_fifty_async_saves_in_a_donating_loop_reuse_one_set_of_buffers(tmp_path)
   for _ in range(50):
     ckpt.state = state
     path = ckpt.save(tmp_path / "m", options=opts)
-    expected[path] = {k: np.asarray(state[k]).copy() for k in ("sharded", "single")}
+    expected[path] = {k: np.asarray(state[k]).copy() for k in names}
     state = step(state)  # Donates what the save just snapshotted.
     path.future.result(timeout=TIMEOUT)
     pointers.append(_pointers(pool))
-  # The first save allocates; every later one copies into those same buffers.
-  assert pool.reused == 49
-  assert pointers[0] and all(p == pointers[0] for p in pointers)
+  return pool, expected, pointers
+
+
+def _check_some_restores(expected):
+  """Every 7th checkpoint and the last read back bit-exactly; returns the last reader."""
   for path in list(expected)[::7] + [list(expected)[-1]]:
     reader = jaxckpt.load_checkpoint(path)
     for name, value in expected[path].items():
-      np.testing.assert_array_equal(reader.get_tensor(f"state/{name}"), value)
+      got = reader.get_tensor(f"state/{name}")
+      assert got.dtype == value.dtype and got.shape == value.shape, name
+      np.testing.assert_array_equal(got, value)
+  return reader
+
+
+def test_fifty_async_saves_in_a_donating_loop_reuse_one_set_of_buffers(tmp_path):
+  step = jax.jit(lambda s: {**s, "sharded": s["sharded"] * 1.5 + 1,
+                            "single": s["single"] + 1}, donate_argnums=0)
+  state = step(_state())  # The shardings a training loop saves: the step's outputs'.
+  pool, expected, pointers = _fifty_saves(tmp_path, state, step, ("sharded", "single"))
+  # The first save allocates; every later one copies into those same buffers.
+  assert pool.reused == 49
+  assert pointers[0] and all(p == pointers[0] for p in pointers)
+  reader = _check_some_restores(expected)
   assert reader.get_tensor("state/step") == 3
 
 
@@ -202,29 +218,14 @@ def test_small_arrays_are_packed_into_reused_buffers_over_fifty_saves(tmp_path, 
 
   names = ("f32", "bf16", "i32", "scalar", "flag", "big", "sharded")
   state = step(_small_state())
-  ckpt = jaxckpt.Checkpoint(state=state)
-  opts = jaxckpt.CheckpointOptions(enable_async=True)
-  pool = ckpt._saver.staging
-  expected, pointers = {}, []
-  for _ in range(50):
-    ckpt.state = state
-    path = ckpt.save(tmp_path / "m", options=opts)
-    expected[path] = {k: np.asarray(state[k]).copy() for k in names}
-    state = step(state)  # Donates what the save just snapshotted.
-    path.future.result(timeout=TIMEOUT)
-    pointers.append(_pointers(pool))
+  pool, expected, pointers = _fifty_saves(tmp_path, state, step, names)
   assert pool.reused == 49  # One jitted copy per save (one device: packs and "big").
   # "big" and a buffer per dtype (float32, bfloat16, int32, bool, and uint32 for
   # the key's data), the same memory every time. "sharded" (small, on four
   # devices) is not staged: not in the pool.
   assert len(pointers[0]) == 6
   assert all(p == pointers[0] for p in pointers)
-  for path in list(expected)[::7] + [list(expected)[-1]]:
-    reader = jaxckpt.load_checkpoint(path)
-    for name, value in expected[path].items():
-      got = reader.get_tensor(f"state/{name}")
-      assert got.dtype == value.dtype and got.shape == value.shape, name
-      np.testing.assert_array_equal(got, value)
+  _check_some_restores(expected)
 
 
 def test_packed_values_read_as_the_arrays_they_copied():
