@@ -59,7 +59,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import jaxckpt
-from jaxckpt._durable import fsync_tree  # The same fsyncs a jaxckpt commit does.
+from jaxckpt._store import fsync_tree  # The same fsyncs a jaxckpt commit does.
 
 DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "throughput.json"
 LAYOUTS = {"few": 8, "many": 256}

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import atexit
 import collections
-import functools
 import logging
 import os
 import threading
@@ -26,11 +25,10 @@ import time
 import weakref
 
 from jaxckpt import _knobs
-from jaxckpt import _kvstore
+from jaxckpt._commit import SaveJob
+from jaxckpt._commit import run_save
 from jaxckpt._staging import StagingPool
-from jaxckpt._write import SaveJob
-from jaxckpt._write import new_checkpointer
-from jaxckpt._write import run_save
+from jaxckpt._store import store_for
 
 logger = logging.getLogger("jaxckpt")
 
@@ -49,7 +47,6 @@ class Saver:
   """Serializes the saves of one `Checkpoint` and surfaces their errors."""
 
   def __init__(self):
-    self._engines: dict[bool, object] = {}
     self._cond = threading.Condition()
     self._queue: collections.deque[SaveJob] = collections.deque()  # Head may be running.
     self._inflight_bytes = 0
@@ -62,16 +59,6 @@ class Saver:
     _LIVE.add(self)
     # A dropped Saver wakes its waiting worker, which then exits (see _worker).
     weakref.finalize(self, _wake, self._cond)
-
-  def _engine(self, compression: bool):
-    if compression not in self._engines:
-      self._engines[compression] = new_checkpointer(compression=compression)
-    return self._engines[compression]
-
-  def _run(self, job: SaveJob) -> str:
-    # Multi-process saves build their own engine (see new_checkpointer).
-    return run_save(job, None if job.coordination
-                    else functools.partial(self._engine, job.compression))
 
   def _raise_errors(self) -> None:
     with self._cond:
@@ -121,7 +108,7 @@ class Saver:
     """
     if not background:
       try:
-        job.future.set_result(self._run(job))
+        job.future.set_result(run_save(job))
       except BaseException as e:
         job.future.set_exception(e)
         raise
@@ -129,7 +116,7 @@ class Saver:
     job.future.set_running_or_notify_cancel()
     with self._cond:
       self._queue.append(job)
-      self._inflight_bytes += job.nbytes
+      self._inflight_bytes += job.plan.nbytes
       self._peak_inflight_bytes = max(self._peak_inflight_bytes, self._inflight_bytes)
       self._cond.notify_all()
       if not self._worker_running:
@@ -152,7 +139,7 @@ class Saver:
           return stale_in
         job = self._queue[0]
       try:
-        path = self._run(job)
+        path = run_save(job)
       except BaseException as e:
         with self._cond:
           self._errors.append(e)
@@ -166,22 +153,35 @@ class Saver:
         job.future.set_result(path)
       with self._cond:
         self._queue.popleft()
-        self._inflight_bytes -= job.nbytes
+        self._inflight_bytes -= job.plan.nbytes
         self._last_done = time.monotonic()
         self._cond.notify_all()
+
+  def wait_for_saves_into(self, directory: str) -> None:
+    """Waits until no queued save targets ``directory`` (see the module function).
+
+    On this Saver's own thread it returns at once: a write callback making a
+    manager would otherwise wait on itself.
+    """
+    store = store_for(directory)
+    with self._cond:
+      while self._worker_ident != threading.get_ident() and any(
+          job.plan.store is store and store.within(job.plan.target, directory)
+          for job in self._queue):
+        self._cond.wait()
 
   def _join_at_exit(self, deadline: float) -> None:
     with self._cond:
       if self._queue:
         logger.warning("Waiting for %d async save(s) to finish before exit: %s.",
-                       len(self._queue), ", ".join(j.final for j in self._queue))
+                       len(self._queue), ", ".join(j.plan.path for j in self._queue))
       while self._queue and time.monotonic() < deadline:
         self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
       for job in self._queue:
         logger.error(
             "Async save of %s did not finish within %.0f s of interpreter exit; it "
             "is NOT committed and latest_checkpoint still names the previous "
-            "checkpoint.", job.final, _knobs.EXIT_TIMEOUT_S)
+            "checkpoint.", job.plan.path, _knobs.EXIT_TIMEOUT_S)
       errors, self._errors = self._errors, []
     for error in errors:
       logger.error("An async save failed and was never reported: %s", error)
@@ -192,21 +192,10 @@ def wait_for_saves_into(directory: str) -> None:
 
   For sweeps of interrupted saves' leftovers (a new `CheckpointManager`), which
   would otherwise delete the staging data of a save still in flight. Errors are
-  left for the saves' owners. On a save thread it does not wait for that
-  thread's own queue (a write callback making a manager would wait on itself).
-  Other processes' saves are not seen.
+  left for the saves' owners. Other processes' saves are not seen.
   """
-  if _kvstore.is_url(directory):
-    prefix = _kvstore.normalize(directory)
-    prefix += "" if prefix.endswith("/") else "/"
-  else:
-    prefix = os.path.join(os.path.abspath(directory), "")
-  me = threading.get_ident()
   for saver in list(_LIVE):
-    with saver._cond:
-      while any(job.target.startswith(prefix) for job in saver._queue) and (
-          saver._worker_ident != me):
-        saver._cond.wait()
+    saver.wait_for_saves_into(directory)
 
 
 def _wake(cond: threading.Condition) -> None:

@@ -6,16 +6,13 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import numpy as np
 
-from jaxckpt import _fastwrite
-from jaxckpt import _kvstore
 from jaxckpt._background import Saver
-from jaxckpt._durable import check_target
+from jaxckpt._commit import SaveJob
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import TreeError
@@ -27,19 +24,21 @@ from jaxckpt._incremental import weak
 from jaxckpt._io_device import resolve_io_device
 from jaxckpt._load_status import InitializationOnlyStatus
 from jaxckpt._load_status import LoadStatus
-from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import begin
-from jaxckpt._multihost import process_count
 from jaxckpt._options import CheckpointOptions
-from jaxckpt._restore import Reader
-from jaxckpt._restore import read_leaves
+from jaxckpt._plan import FAST
+from jaxckpt._plan import SavePlan
+from jaxckpt._plan import SaveRequest
+from jaxckpt._plan import plan_restore
+from jaxckpt._plan import plan_save
+from jaxckpt._restore import restore_leaves
 from jaxckpt._routed import gather
-from jaxckpt._routed import restore_through
 from jaxckpt._snapshot import take_snapshot
 from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import write_state
+from jaxckpt._store import fspath
+from jaxckpt._store import store_for
 from jaxckpt._tree import flatten_items
-from jaxckpt._write import SaveJob
 
 logger = logging.getLogger("jaxckpt")
 
@@ -64,8 +63,7 @@ def _gather_snapshot(leaves, io_process: int) -> dict[str, object]:
       [leaf for leaf in leaves if not isinstance(leaf.value, jax.Array)],
       copy=True, io_device=None)
   snapshot.update((leaf.name, value) for leaf, value in zip(arrays, gathered, strict=True))
-  # All numpy: written by _orbax_fixes.NumpyOnProcessHandler on this process.
-  return {name: np.asarray(value) for name, value in snapshot.items()}
+  return snapshot
 
 
 class Checkpoint:
@@ -144,6 +142,11 @@ class Checkpoint:
     snapshot is taken; the write, commit, write callbacks and state-file update
     run in the background (at most one save in flight).
 
+    Args:
+      file_prefix: the checkpoint path without its ``-N`` suffix: a local path
+        or a ``memory://``, ``s3://`` or ``gs://`` URL.
+      options: a `CheckpointOptions`, or None for the defaults.
+
     Returns:
       The checkpoint path, a ``str`` whose ``.future`` is its `CommitFuture`.
 
@@ -152,120 +155,34 @@ class Checkpoint:
       TreeError, UnknownDeviceError, InvalidOptionsError: bad input; nothing
         is written and the counter is unchanged.
     """
-    prefix = os.fspath(file_prefix)
-    state_dir = (_kvstore.dirname(prefix) if _kvstore.is_url(prefix)
-                 else os.path.abspath(os.path.dirname(prefix) or "."))
+    prefix = fspath(file_prefix)
+    store = store_for(prefix)
+    state_dir = store.absolute(store.dirname(prefix))
+
     def record(path: str, owner: bool) -> None:
       if owner:
         write_state(state_dir, CheckpointState(path, [path]))
-    return self._save(lambda n: f"{prefix}-{n}", _check_options(options), kind="save",
-                      on_commit=record)
+    return save_checkpoint(self, SaveRequest(lambda n: f"{prefix}-{n}", "save", record),
+                           options)
 
   def write(self, file_prefix: str | os.PathLike,
             options: CheckpointOptions | None = None) -> SavePath:
     """Writes exactly ``file_prefix``: no counter change, no state file.
 
     Overwrites an existing checkpoint there only once the new one is complete.
-    """
-    path = os.fspath(file_prefix)
-    return self._save(lambda n: path, _check_options(options), kind="write",
-                      on_commit=None)
 
-  def _save(self, path_for: Callable[[int], str], options: CheckpointOptions, *, kind: str,
-            on_commit: Callable[[str, bool], None] | None) -> SavePath:
-    """The one save path behind save(), write() and CheckpointManager.save().
+    Args:
+      file_prefix: the checkpoint path (local, or a kvstore URL).
+      options: a `CheckpointOptions`, or None for the defaults.
 
-    ``path_for(counter)`` names the checkpoint; ``kind == "save"`` increments
-    the counter; ``on_commit(path, owner)`` runs after the write callbacks.
+    Returns:
+      The checkpoint path, a ``str`` whose ``.future`` is its `CommitFuture`.
+
+    Raises:
+      SaveError, TreeError, UnknownDeviceError, InvalidOptionsError: as `save`.
     """
-    start = time.perf_counter()
-    io_device = resolve_io_device(options.experimental_io_device)
-    routed = io_device is not None and process_count() > 1  # One process does the I/O.
-    # Numbered first, before anything that could fail on one process only (an
-    # earlier async error, a bad path): every process's n-th save call is then
-    # the same operation, and a process that drops out makes the others fail
-    # that save at a barrier instead of pairing their later saves with its
-    # next one (which would commit shards from different steps).
-    coordination = begin("save", options.timeout_s,
-                         io_process=io_device.process_index if routed else None)
-    counter = self._save_counter + (kind == "save")
-    if coordination is not None:  # For the same reason the number is used up now.
-      object.__setattr__(self, "_save_counter", counter)
-    flat = [leaf for item in flatten_items(self._items) for leaf in item.leaves]
-    abstract = [leaf.name for leaf in flat if leaf.abstract]
-    if abstract:
-      raise TreeError(
-          f"Cannot save abstract values (jax.ShapeDtypeStruct) at {abstract[:5]}: they "
-          "are restore targets. Restore or initialize them first.")
-    if options.incremental and coordination is not None:
-      raise InvalidOptionsError(
-          "incremental=True is single-process only: with several JAX processes every "
-          "process would have to make the same reuse decisions. Use incremental=False.")
-    path = path_for(counter)
-    url = _kvstore.is_url(path)
-    if url and options.incremental:
-      raise InvalidOptionsError(
-          "incremental=True needs a local path; memory://, s3:// and gs:// checkpoints are "
-          "always written in full. Use incremental=False.")
-    if url and coordination is not None and path.startswith("memory://"):
-      raise InvalidOptionsError(
-          "memory:// is private to each process; with several JAX processes save to a "
-          "shared filesystem path, s3:// or gs://.")
-    nbytes = sum(leaf.nbytes for leaf in flat)
-    # Backpressure; also raises an earlier async save's error, as TF does, but
-    # not with several processes: an error raised on one process only would drop
-    # this save there and fail it on the others, and the next one the other way
-    # round. There the error stays for sync()/restore() (and is in its future).
-    raise_errors = coordination is None
-    if options.enable_async:
-      self._saver.reserve(nbytes, max_in_flight=options.max_in_flight,
-                          budget=options.memory_budget_bytes, raise_errors=raise_errors)
-    else:
-      self._saver.wait(raise_errors=raise_errors)
-    if not url:
-      check_target(path)
-    reused = {}
-    if options.incremental:
-      if os.path.lexists(path):
-        raise InvalidPathError(
-            f"Incremental saves never overwrite: {path!r} exists, and newer "
-            "checkpoints may read data from it. Choose a new path.")
-      reused = reuse_by_identity(flat, self._history)
-    to_copy = [leaf for leaf in flat if leaf.name not in reused]
-    if coordination is not None:
-      coordination = dataclasses.replace(coordination, what=f"save of {path!r}")
-    staged = []
-    if routed:
-      # The gather is an XLA collective, which has no timeout: enter it only
-      # once every process is known to be here.
-      coordination.barrier("gather")
-      snapshot = _gather_snapshot(to_copy, io_device.process_index)
-    else:
-      # Small arrays are packed into shared staging buffers only for the fast
-      # writer (see _staging.py); it writes local, single-process saves.
-      pack = not url and _fastwrite.takes(compression=options.compression,
-                                          single_process=coordination is None,
-                                          incremental=options.incremental)
-      snapshot, staged = take_snapshot(to_copy, copy=options.enable_async,
-                                       io_device=io_device, pool=self._saver.staging,
-                                       pack=pack)
-    object.__setattr__(self, "_save_counter", counter)
-    future = CommitFuture(path)
-    job = SaveJob(final=path, snapshot=snapshot, leaves=flat, save_counter=counter, kind=kind,
-                  callbacks=list(options.experimental_write_callbacks or ()),
-                  on_commit=on_commit, future=future, target=path if url else os.path.abspath(path),
-                  nbytes=nbytes, compression=options.compression,
-                  chunk_byte_size=options.chunk_byte_size,
-                  history=self._history if options.incremental else None, reused=reused,
-                  refs={leaf.name: weak(leaf.value) for leaf in flat} if options.incremental
-                  else {}, coordination=coordination, staged=staged)
-    if options.enable_async:
-      logger.info("Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
-                  path, len(flat), nbytes / 2**20,
-                  f" ({len(reused)} reused)" if reused else "",
-                  1e3 * (time.perf_counter() - start))
-    self._saver.submit(job, background=options.enable_async)
-    return SavePath(path, future)
+    path = fspath(file_prefix)
+    return save_checkpoint(self, SaveRequest(lambda n: path, "write"), options)
 
   def sync(self) -> None:
     """Waits for the pending async save; raises if it (or an earlier one) failed."""
@@ -296,31 +213,94 @@ class Checkpoint:
   def _restore(self, save_path, options: CheckpointOptions, *,
                restore_counter: bool) -> LoadStatus:
     io_device = resolve_io_device(options.experimental_io_device)
-    routed = io_device is not None and process_count() > 1  # Only its process reads files.
-    # Numbered before anything that may fail on one process only (see _save).
-    coordination = begin("restore", options.timeout_s,
-                         io_process=io_device.process_index if routed else None)
+    # Numbered before anything that may fail on one process only (see save_checkpoint).
+    coordination = begin("restore", options.timeout_s, io_device=io_device)
+    plan = plan_restore(save_path, options, io_device=io_device, coordination=coordination,
+                        restore_counter=restore_counter)
     self._saver.wait()
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
-    tracked = {leaf.name for leaf in flat}
-    if routed:
-      path, manifest, restored = restore_through(
-          coordination, save_path, flat, verify_checksums=options.verify_checksums)
-      if path is None:
-        return InitializationOnlyStatus(tracked)
-    else:
-      if save_path is None:
-        return InitializationOnlyStatus(tracked)
-      path = os.fspath(save_path)
-      manifest = read_manifest(path)
-      reader = Reader() if coordination is None else Reader(
-          processes=frozenset(range(process_count())), key_prefix=f"jaxckpt{coordination.op}")
-      restored = read_leaves(path, manifest, flat, io_device,
-                             verify_checksums=options.verify_checksums, reader=reader)
+    path, manifest, restored = restore_leaves(plan, flat)
+    if path is None:
+      return InitializationOnlyStatus({leaf.name for leaf in flat})
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
         self._items[item.name] = item.rebuild(restored)
     if restore_counter:
       object.__setattr__(self, "_save_counter", manifest.save_counter)
-    return LoadStatus(path, tracked, set(manifest.leaves))
+    return LoadStatus(path, {leaf.name for leaf in flat}, set(manifest.leaves))
+
+
+def save_checkpoint(checkpoint: Checkpoint, request: SaveRequest,
+                    options: CheckpointOptions | None) -> SavePath:
+  """The one save path behind `Checkpoint.save`, `Checkpoint.write` and
+  `CheckpointManager.save`: plan, snapshot, then commit inline or in the background.
+
+  Raises:
+    As `Checkpoint.save`.
+  """
+  start = time.perf_counter()
+  options = _check_options(options)
+  io_device = resolve_io_device(options.experimental_io_device)
+  # Numbered first, before anything that could fail on one process only (an
+  # earlier async error, a bad path): every process's n-th save call is then
+  # the same operation, and a process that drops out makes the others fail
+  # that save at a barrier instead of pairing their later saves with its next
+  # one (which would commit shards from different steps).
+  coordination = begin("save", options.timeout_s, io_device=io_device)
+  counter = checkpoint._save_counter + (request.kind == "save")
+  if coordination is not None:  # For the same reason the number is used up now.
+    object.__setattr__(checkpoint, "_save_counter", counter)
+  flat = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+  plan = plan_save(request, options, flat, save_counter=counter, io_device=io_device,
+                   coordination=coordination)
+  job = _snapshot(checkpoint, plan, flat, options)
+  object.__setattr__(checkpoint, "_save_counter", counter)
+  if plan.background:
+    logger.info("Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
+                plan.path, len(flat), plan.nbytes / 2**20,
+                f" ({len(job.reused)} reused)" if job.reused else "",
+                1e3 * (time.perf_counter() - start))
+  checkpoint._saver.submit(job, background=plan.background)
+  return SavePath(plan.path, job.future)
+
+
+def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> SaveJob:
+  """Waits for room (raising an earlier async error), checks the path, takes the snapshot."""
+  saver = checkpoint._saver
+  # Backpressure; also raises an earlier async save's error, as TF does, but not
+  # with several processes: an error raised on one process only would drop this
+  # save there and fail it on the others. There it stays for sync()/restore().
+  raise_errors = plan.coordination is None
+  if plan.background:
+    saver.reserve(plan.nbytes, max_in_flight=options.max_in_flight,
+                  budget=options.memory_budget_bytes, raise_errors=raise_errors)
+  else:
+    saver.wait(raise_errors=raise_errors)
+  plan.store.check_target(plan.path)
+  history, reused = checkpoint._history if plan.incremental else None, {}
+  if plan.incremental:
+    if plan.store.exists(plan.path):
+      raise InvalidPathError(
+          f"Incremental saves never overwrite: {plan.path!r} exists, and newer "
+          "checkpoints may read data from it. Choose a new path.")
+    reused = reuse_by_identity(flat, history)
+  to_copy = [leaf for leaf in flat if leaf.name not in reused]
+  staged: list = []
+  if plan.routed:
+    # The gather is an XLA collective, which has no timeout: enter it only once
+    # every process is known to be here.
+    plan.coordination.barrier("gather")
+    snapshot = _gather_snapshot(to_copy, plan.io_device.process_index)
+    if plan.writer != FAST:  # Orbax writes them: numpy only (see _layout.new_checkpointer).
+      snapshot = {name: np.asarray(value) for name, value in snapshot.items()}
+  else:
+    snapshot, staged = take_snapshot(to_copy, copy=plan.background, io_device=plan.io_device,
+                                     pool=saver.staging, pack=plan.pack)
+  coordination = plan.coordination
+  if coordination is not None:
+    plan = dataclasses.replace(plan, coordination=dataclasses.replace(
+        coordination, what=f"save of {plan.path!r}"))
+  return SaveJob(plan=plan, future=CommitFuture(plan.path), leaves=flat, snapshot=snapshot,
+                 staged=staged, history=history, reused=reused,
+                 refs={leaf.name: weak(leaf.value) for leaf in flat} if plan.incremental else {})

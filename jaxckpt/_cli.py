@@ -2,7 +2,7 @@
 
 Built on argparse (subcommands, help, errors) and rich (tables, progress bars).
 Every command takes ``--json`` for machine-readable output. Paths may be local
-or key-value-store URLs (``memory://``, ``s3://``, ``gs://``; see _kvstore.py).
+or key-value-store URLs (``memory://``, ``s3://``, ``gs://``; see _store.py).
 """
 
 from __future__ import annotations
@@ -17,41 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from jaxckpt import _kvstore
-from jaxckpt._durable import LEFTOVER_MARKERS
 from jaxckpt._errors import JaxckptError
+from jaxckpt._layout import layout_of
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
 from jaxckpt._reader import load_checkpoint
 from jaxckpt._state_file import latest_checkpoint
 from jaxckpt._state_file import read_state
-
-
-def _size(path: str) -> int | None:
-  """Bytes on disk under ``path``; None (unknown) for URLs: TensorStore lists keys only."""
-  if _kvstore.is_url(path):
-    return None
-  return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
-
-
-def _join(directory: str, name: str) -> str:
-  return _kvstore.join(directory, name) if _kvstore.is_url(directory) else os.path.join(
-      directory, name)
-
-
-def _basename(path: str) -> str:
-  return _kvstore.basename(path) if _kvstore.is_url(path) else os.path.basename(path)
-
-
-def _names_in(directory: str) -> list[str]:
-  return sorted(_kvstore.children(directory)) if _kvstore.is_url(directory) else os.listdir(
-      directory)
-
-
-def _same_path(a: str, b: str) -> bool:
-  if _kvstore.is_url(a) or _kvstore.is_url(b):
-    return a.rstrip("/") == b.rstrip("/")
-  return os.path.abspath(a) == os.path.abspath(b)
+from jaxckpt._store import fspath
+from jaxckpt._store import store_for
 
 
 def _number(name: str) -> int | None:
@@ -60,31 +34,19 @@ def _number(name: str) -> int | None:
 
 
 def _checkpoints_in(directory: str) -> list[str]:
-  names = [n for n in _names_in(directory)
-           if not n.startswith(".") and is_committed(_join(directory, n))]
+  store = store_for(directory)
+  names = [n for n in store.names(directory)
+           if not n.startswith(".") and is_committed(store.join(directory, n))]
   names.sort(key=lambda n: (re.sub(r"-\d+$", "", n), _number(n) or -1, n))
-  return [_join(directory, n) for n in names]
-
-
-def _incomplete_in(directory: str) -> list[str]:
-  """Leftovers of interrupted saves: hidden staging directories, or (URLs) names
-  holding ``data-*`` prefixes but no manifest."""
-  if not _kvstore.is_url(directory):
-    return sorted(n for n in os.listdir(directory)  # (Not the lock files of saves.)
-                  if n.startswith(".") and any(m in n for m in LEFTOVER_MARKERS)
-                  and not n.endswith(".lock"))
-  return sorted(
-      n for n in _kvstore.children(directory)
-      if not is_committed(_join(directory, n))
-      and any(c.startswith("data-") for c in _kvstore.children(_join(directory, n))))
+  return [store.join(directory, n) for n in names]
 
 
 def cmd_ls(args) -> tuple[Any, int]:
-  directory = args.directory
-  url = _kvstore.is_url(directory)
-  if url and not _kvstore.exists_prefix(directory):
+  directory = fspath(args.directory)
+  store = store_for(directory)
+  if not store.exists(directory):
     raise JaxckptError(f"Nothing is stored under {directory!r}.")
-  if not url and not os.path.isdir(directory):
+  if store.renames and not os.path.isdir(directory):
     raise JaxckptError(f"{directory!r} is not a directory.")
   latest = latest_checkpoint(directory)
   state = read_state(directory)
@@ -93,15 +55,14 @@ def cmd_ls(args) -> tuple[Any, int]:
   for path in _checkpoints_in(directory):
     manifest = read_manifest(path)
     rows.append({
-        "path": path, "number": _number(_basename(path)),
+        "path": path, "number": _number(store.basename(path)),
         "save_counter": manifest.save_counter, "kind": manifest.kind,
         "time": datetime.datetime.fromtimestamp(manifest.created).isoformat(timespec="seconds"),
-        "bytes": _size(path), "arrays": len(manifest.leaves), "committed": True,
-        "latest": latest is not None and (_same_path(path, latest) if url
-                                          else os.path.samefile(path, latest)),
-        "in_state_file": any(_same_path(p, path) for p in managed),
+        "bytes": store.size(path), "arrays": len(manifest.leaves), "committed": True,
+        "latest": latest is not None and store.absolute(path) == store.absolute(latest),
+        "in_state_file": any(store.absolute(p) == store.absolute(path) for p in managed),
     })
-  incomplete = _incomplete_in(directory)
+  incomplete = store.incomplete(directory)
   result = {"directory": directory, "checkpoints": rows, "latest": latest,
             "incomplete": incomplete}
   if not args.json:
@@ -112,57 +73,23 @@ def cmd_ls(args) -> tuple[Any, int]:
       table.add_column(col)
     for r in rows:
       size = "unknown" if r["bytes"] is None else f"{r['bytes'] / 2**20:.1f} MiB"
-      table.add_row(_basename(r["path"]), str(r["number"] or ""), r["time"], size,
+      table.add_row(store.basename(r["path"]), str(r["number"] or ""), r["time"], size,
                     str(r["arrays"]),
                     "committed, latest" if r["latest"] else "committed")
     console = Console()
     console.print(table)
     if incomplete:
       console.print(f"{len(incomplete)} incomplete save(s) left by interrupted runs "
-                    f"({'' if url else 'hidden, '}never restored; removed when a "
+                    f"({'hidden, ' if store.renames else ''}never restored; removed when a "
                     "CheckpointManager opens the directory).")
   return result, 0
-
-
-def _describe_sharding(sharding) -> str:
-  if sharding is None:
-    return "host (numpy / scalar)"
-  if getattr(sharding, "device_str", None):
-    return f"single device {sharding.device_str}"
-  spec = getattr(sharding, "partition_spec", None)
-  if spec is not None:
-    mesh = dict(zip(sharding.axis_names, sharding.shape, strict=False))
-    return f"mesh {mesh} spec {tuple(spec)}"
-  return type(sharding).__name__
-
-
-def _sharding_metadata(path: str) -> dict[str, str]:
-  """Each array's sharding at save time, from Orbax's metadata; empty for URLs
-  (their zarr arrays record no sharding)."""
-  if _kvstore.is_url(path):
-    return {}
-  import orbax.checkpoint as ocp
-  try:
-    tree = ocp.PyTreeCheckpointer().metadata(os.path.join(os.path.abspath(path), "state"))
-    tree = tree.item_metadata.tree
-  except Exception:  # Sharding is informative only; an empty checkpoint has none.
-    return {}
-  out = {}
-  def walk(node, prefix):
-    if isinstance(node, dict):
-      for k, v in node.items():
-        walk(v, f"{prefix}/{k}" if prefix else k)
-    else:
-      out[prefix] = _describe_sharding(getattr(node, "sharding", None))
-  walk(tree, "")
-  return out
 
 
 def cmd_inspect(args) -> tuple[Any, int]:
   reader = load_checkpoint(args.path)
   manifest = reader.manifest
   dtypes = reader.get_variable_to_dtype_map()
-  shardings = _sharding_metadata(reader.path)
+  shardings = layout_of(manifest).describe(reader.path)
   rows = []
   for name in sorted(manifest.leaves):
     info = manifest.leaves[name]
@@ -199,14 +126,11 @@ def cmd_inspect(args) -> tuple[Any, int]:
 
 def cmd_verify(args) -> tuple[Any, int]:
   from rich.progress import Progress
-  target = args.path
-  if _kvstore.is_url(target):  # No directories: a prefix is a checkpoint iff it is committed.
-    paths = [target] if is_committed(target) else _checkpoints_in(target)
-    if not paths and any(n.startswith("data-") for n in _kvstore.children(target)):
-      read_manifest(target)  # Raises NotACheckpointError naming an interrupted save.
-  else:
-    paths = ([target] if is_committed(target) or not os.path.isdir(target)
-             else _checkpoints_in(target))
+  target = fspath(args.path)
+  store = store_for(target)
+  paths = [target] if is_committed(target) else _checkpoints_in(target)
+  if not paths and store.exists(target) and not os.path.isdir(target):
+    read_manifest(target)  # Raises, naming what is there instead (nothing, a partial save).
   if not paths:
     raise JaxckptError(f"No committed checkpoints in {target!r}.")
   results = []
@@ -216,7 +140,7 @@ def cmd_verify(args) -> tuple[Any, int]:
       try:
         reader = load_checkpoint(path)
         names = sorted(reader.get_variable_to_shape_map())
-        task = progress.add_task(f"verify {_basename(path)}", total=len(names))
+        task = progress.add_task(f"verify {store.basename(path)}", total=len(names))
         for name in names:
           try:
             reader.get_tensor(name)
@@ -265,12 +189,12 @@ def main(argv: list[str] | None = None) -> int:
   args = build_parser().parse_args(argv)
   from absl import logging as absl_logging  # Orbax's warnings are noise here.
   absl_logging.set_verbosity(absl_logging.ERROR)
-  url = _kvstore.is_url(getattr(args, "directory", None) or getattr(args, "path", None))
   try:
     try:
       result, code = args.func(args)
     except ValueError as e:  # TensorStore's errors (no such bucket, access denied, ...).
-      if not url:
+      if isinstance(e, JaxckptError) or store_for(
+          getattr(args, "directory", None) or args.path).renames:
         raise
       raise JaxckptError(str(e)) from e
   except (JaxckptError, OSError) as e:

@@ -55,3 +55,11 @@ class WriteCallbackError(SaveError):
 
 class LoadStatusError(JaxckptError, AssertionError):
   """A load-status assertion (``assert_consumed`` ...) failed."""
+
+
+class ArrayReadError(CorruptCheckpointError):
+  """Reading array ``name`` of a checkpoint failed (internal; re-raised with the path)."""
+
+  def __init__(self, name: str, error: BaseException):
+    super().__init__(f"array '{name}' failed to load ({type(error).__name__}: {error})")
+    self.name = name

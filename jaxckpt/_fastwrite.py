@@ -17,9 +17,10 @@ own ``replica_slices`` and ``choose_chunk_shape``), and Orbax's
 ``_METADATA``, ``_sharding``, ``array_metadatas`` and ``_CHECKPOINT_METADATA``
 files. tests/test_fastwrite.py compares them with Orbax's own output.
 
-Only for the common case: one process, no compression, no incremental save, and
-leaves that are fully addressable jax.Arrays, numpy arrays or Python
-bool/int/float. Everything else goes through Orbax (`eligible`).
+Only for the common case, as the save plan decides (`writes_all`): one writing
+process, no compression, no incremental save, and leaves that are fully
+addressable jax.Arrays, numpy arrays or Python bool/int/float. Everything else
+goes through Orbax.
 """
 
 from __future__ import annotations
@@ -37,8 +38,9 @@ import tensorstore as ts
 from orbax.checkpoint._src.arrays import subchunking
 from orbax.checkpoint._src.metadata import sharding as sharding_metadata
 
-from jaxckpt._durable import write_json
 from jaxckpt._staging import Packed
+from jaxckpt._store import write_json
+from jaxckpt._tree import Leaf
 from jaxckpt._tree import array_nbytes
 from jaxckpt._tree import is_numeric_dtype
 
@@ -81,9 +83,7 @@ def _kind(value: Any) -> str | None:
   if isinstance(value, Packed):  # A jax.Array's snapshot (see _staging.py).
     return "jax.Array"
   if isinstance(value, jax.Array):
-    if not value.is_fully_addressable or 0 in value.shape or not _plain(value.dtype):
-      return None
-    return "jax.Array"
+    return None if 0 in value.shape or not _plain(value.dtype) else "jax.Array"
   if isinstance(value, np.ndarray) and is_numeric_dtype(value.dtype) and 0 not in value.shape:
     return "np.ndarray"
   if type(value) in (bool, int, float):
@@ -91,18 +91,13 @@ def _kind(value: Any) -> str | None:
   return None
 
 
-def takes(*, compression: bool, single_process: bool, incremental: bool) -> bool:
-  """Whether saves with these settings may come here (see `eligible`)."""
-  return not compression and single_process and not incremental
+def writes_all(leaves: list[Leaf]) -> bool:
+  """Whether `start` can write every leaf exactly as Orbax would.
 
-
-def eligible(snapshot: dict[str, Any], *, compression: bool, single_process: bool,
-             incremental: bool) -> bool:
-  """Whether `start` can write this snapshot exactly as Orbax would."""
-  return (bool(snapshot)
-          and takes(compression=compression, single_process=single_process,
-                    incremental=incremental)
-          and all(_kind(v) is not None for v in snapshot.values()))
+  For saves with one writing process: its own arrays, or (TF's
+  ``experimental_io_device``) whole host copies of everyone's.
+  """
+  return bool(leaves) and all(_kind(leaf.value) is not None for leaf in leaves)
 
 
 _WRITE_SHAPES: dict[tuple[Any, ...], tuple[int, ...]] = {}

@@ -16,16 +16,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
 import os
 import weakref
 from typing import Any
 
-from jaxckpt._durable import remove_checkpoint
 from jaxckpt._integrity import host_bytes
+from jaxckpt._manifest import MANIFEST_KEY
+from jaxckpt._manifest import RETIRED_SUFFIX
+from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import manifest_file
-
-RETIRED_SUFFIX = ".retired"
+from jaxckpt._manifest import sources_of
+from jaxckpt._store import store_for
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,34 +71,25 @@ def reuse_by_identity(leaves, history: History) -> dict[str, Written]:
 
 def holders_of(checkpoint: str) -> set[str]:
   """Absolute paths of the other checkpoints whose data ``checkpoint`` uses."""
-  for name in (manifest_file(checkpoint), manifest_file(checkpoint) + RETIRED_SUFFIX):
-    try:
-      with open(name) as f:
-        leaves = json.load(f)["leaves"]
-      break
-    except (OSError, ValueError, KeyError):
-      continue
-  else:
-    return set()
-  return {os.path.normpath(os.path.join(checkpoint, info["source"]))
-          for info in leaves.values() if info.get("source")}
+  return {os.path.abspath(os.path.join(checkpoint, source)) for source in sources_of(checkpoint)}
 
 
 def retire_or_remove(doomed: list[str], directory: str) -> None:
   """Deletes swept checkpoints, keeping (retired) those newer ones still read from."""
-  entries = [os.path.join(directory, n) for n in os.listdir(directory)]
-  doomed_abs = {os.path.abspath(p) for p in doomed}
-  live = [p for p in entries if os.path.isfile(manifest_file(p))
-          and os.path.abspath(p) not in doomed_abs]
+  store = store_for(directory)
+  entries = [store.join(directory, n) for n in store.names(directory)]
+  doomed_abs = {store.absolute(p) for p in doomed}
   referenced = set()
-  for path in live:
-    referenced |= {os.path.abspath(h) for h in holders_of(path)}
+  if store.incremental:
+    for path in entries:
+      if store.absolute(path) not in doomed_abs and is_committed(path):
+        referenced |= holders_of(path)
   for path in doomed:
-    if os.path.abspath(path) in referenced:
-      os.rename(manifest_file(path), manifest_file(path) + RETIRED_SUFFIX)
+    if store.absolute(path) in referenced:
+      store.retire(path, MANIFEST_KEY, RETIRED_SUFFIX)
     else:
-      remove_checkpoint(path)
+      store.remove_checkpoint(path)
   for path in entries:  # Retired earlier and no longer needed.
-    if (os.path.isfile(manifest_file(path) + RETIRED_SUFFIX)
-        and os.path.abspath(path) not in referenced):
-      remove_checkpoint(path)
+    if (store.incremental and store.read_bytes(manifest_file(path) + RETIRED_SUFFIX)
+        is not None and store.absolute(path) not in referenced):
+      store.remove_checkpoint(path)

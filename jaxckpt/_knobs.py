@@ -13,7 +13,7 @@ STAGING_IDLE_S: float = 600.0
 
 # Age after which a CheckpointManager deletes unreferenced data on memory://,
 # s3:// and gs:// (younger data may belong to a save in flight in another
-# process; see _kvstore.remove_leftovers).
+# process; see _store.KvStore.remove_leftovers).
 KV_LEFTOVER_AGE_S: float = 6 * 3600.0
 
 # Multi-process operations (saves, restores) whose coordination-service keys

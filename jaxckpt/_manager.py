@@ -12,20 +12,23 @@ from typing import Any
 
 import numpy as np
 
-from jaxckpt import _kvstore
 from jaxckpt._background import wait_for_saves_into
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._checkpoint import _check_options
-from jaxckpt._durable import remove_leftovers
+from jaxckpt._checkpoint import save_checkpoint
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._future import SavePath
 from jaxckpt._incremental import retire_or_remove
+from jaxckpt._manifest import data_of
 from jaxckpt._manifest import is_committed
 from jaxckpt._multihost import is_primary
 from jaxckpt._options import CheckpointOptions
+from jaxckpt._plan import SaveRequest
 from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import read_state
 from jaxckpt._state_file import write_state
+from jaxckpt._store import fspath
+from jaxckpt._store import store_for
 
 logger = logging.getLogger("jaxckpt")
 
@@ -83,18 +86,14 @@ class CheckpointManager:
       raise InvalidOptionsError(
           f"checkpoint_name must be a non-empty file name, got {checkpoint_name!r}.")
     self._checkpoint = checkpoint
-    self._directory = os.fspath(directory)
-    self._url = _kvstore.is_url(self._directory)
-    if self._url:
-      self._directory = _kvstore.normalize(self._directory)
-    elif os.path.exists(self._directory) and not os.path.isdir(self._directory):
+    self._directory = fspath(directory)
+    self._store = store_for(self._directory)
+    if os.path.exists(self._directory) and not os.path.isdir(self._directory):
       raise InvalidOptionsError(
           f"directory {self._directory!r} exists and is not a directory.")
-    self._abs_directory = self._directory if self._url else os.path.abspath(self._directory)
     self._max_to_keep = max_to_keep
     self._keep_every_n_hours = keep_checkpoint_every_n_hours
-    self._prefix = (_kvstore.join(self._directory, checkpoint_name) if self._url
-                    else os.path.join(self._directory, checkpoint_name))
+    self._prefix = self._store.join(self._directory, checkpoint_name)
     self._step_counter = step_counter
     self._checkpoint_interval = checkpoint_interval
     self._init_fn = init_fn
@@ -106,12 +105,11 @@ class CheckpointManager:
     """Reads the directory's state file; drops leftovers of interrupted saves."""
     now = time.time()
     wait_for_saves_into(self._directory)  # Their staging data looks like leftovers.
-    if self._url and is_primary():
-      removed = _kvstore.remove_leftovers(self._directory)
+    if is_primary():
+      removed = self._store.remove_leftovers(self._directory, data_of)
       if removed:
-        logger.info("Deleted data of interrupted saves in %s: %s.", self._directory, removed)
-    elif os.path.isdir(self._directory) and is_primary():
-      remove_leftovers(self._directory)
+        logger.info("Deleted what interrupted saves left in %s: %s.", self._directory,
+                    removed)
     state = read_state(self._directory)
     self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
     self._latest: str | None = None
@@ -122,19 +120,23 @@ class CheckpointManager:
     if len(timestamps) != len(state.all_model_checkpoint_paths):
       timestamps = [now] * len(state.all_model_checkpoint_paths)
     for path, stamp in zip(state.all_model_checkpoint_paths, timestamps, strict=True):
-      if is_committed(path):
+      if self._owns(path) and is_committed(path):
         self._maybe_delete[self._user_path(path)] = stamp
     if state.last_preserved_timestamp is not None and state.last_preserved_timestamp <= now:
       self._last_preserved = state.last_preserved_timestamp
     if is_committed(state.model_checkpoint_path):
       self._latest = self._user_path(state.model_checkpoint_path)
 
+  def _owns(self, path: str) -> bool:
+    """Whether ``path`` is one of this manager's own (deletable) checkpoints: a
+    state file naming anything outside its directory never makes it delete that."""
+    return store_for(path) is self._store and self._store.parent_of(path, self._directory)
+
   def _user_path(self, path: str) -> str:
     """State-file paths come back joined to the directory; keep the user's spelling."""
-    if self._url:
-      return path
-    return os.path.join(self._directory, os.path.basename(path)) if (
-        os.path.dirname(os.path.abspath(path)) == self._abs_directory) else path
+    if self._owns(path):
+      return self._store.join(self._directory, self._store.basename(path))
+    return path
 
   # -- TF's read-only properties -------------------------------------------
 
@@ -182,10 +184,11 @@ class CheckpointManager:
     if checkpoint_number is not None:
       checkpoint_number = _read_step(checkpoint_number)
     prefix = self._prefix
+
     def path_for(counter: int) -> str:
       return f"{prefix}-{counter if checkpoint_number is None else checkpoint_number}"
-    return self._checkpoint._save(path_for, options, kind="save",
-                                  on_commit=self._record_and_sweep)
+    return save_checkpoint(self._checkpoint,
+                           SaveRequest(path_for, "save", self._record_and_sweep), options)
 
   def _record_and_sweep(self, path: str, owner: bool = True) -> None:
     with self._lock:
@@ -196,11 +199,7 @@ class CheckpointManager:
       if not owner:  # Every process tracks the list; one owns the files.
         return
       self._record_state()
-    if doomed and self._url:
-      for path in doomed:
-        _kvstore.remove_checkpoint(path)
-      logger.info("Swept old checkpoints %s.", ", ".join(doomed))
-    elif doomed:  # After the state file stops naming them.
+    if doomed:  # After the state file stops naming them.
       retire_or_remove(doomed, self._directory)
       logger.info("Swept old checkpoints %s.", ", ".join(doomed))
 
@@ -218,8 +217,6 @@ class CheckpointManager:
     return doomed
 
   def _record_state(self) -> None:
-    if not self._url:
-      os.makedirs(self._directory, exist_ok=True)
     write_state(self._directory, CheckpointState(
         model_checkpoint_path=self._latest,
         all_model_checkpoint_paths=list(self._maybe_delete),

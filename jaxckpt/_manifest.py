@@ -15,9 +15,11 @@ import time
 from typing import Any
 
 from jaxckpt import _knobs
-from jaxckpt import _kvstore
 from jaxckpt._errors import CheckpointNotFoundError
+from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import NotACheckpointError
+from jaxckpt._store import fspath
+from jaxckpt._store import store_for
 from jaxckpt._tree import Leaf
 
 
@@ -42,7 +44,7 @@ class Manifest:
   sources: dict[str, str] = dataclasses.field(default_factory=dict)
   digests: dict[str, str | None] = dataclasses.field(default_factory=dict)
   # Where the arrays are: None for the Orbax item ``state`` (local paths), else
-  # the zarr v3 data prefix of a key-value-store checkpoint (see _kvstore.py).
+  # the zarr v3 data prefix of a key-value-store checkpoint (see _store.py).
   data: str | None = None
   # Arrays no process held whole: CRC-32 per stored shard, keyed by its slice.
   shard_checksums: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
@@ -105,49 +107,76 @@ class Manifest:
                          for n, i in data["leaves"].items() if i.get("shard_crc32")})
 
 
-def manifest_file(path: str | os.PathLike) -> str:
-  # Written by jaxckpt after Orbax finished (see _write.py); the layout matches
-  # what Orbax's JsonCheckpointHandler would write for an item "jaxckpt".
-  if _kvstore.is_url(path):
-    return _kvstore.join(path, _knobs.MANIFEST_ITEM, "metadata")
-  return os.path.join(os.fspath(path), _knobs.MANIFEST_ITEM, "metadata")
+MANIFEST_KEY = f"{_knobs.MANIFEST_ITEM}/metadata"  # Where Orbax's JSON handler would put it.
+RETIRED_SUFFIX = ".retired"  # A swept incremental checkpoint still read from (_incremental.py).
 
 
-def is_committed(path: str | os.PathLike) -> bool:
-  if _kvstore.is_url(path):
-    return _kvstore.read_bytes(manifest_file(path)) is not None
-  return os.path.isfile(manifest_file(path))
+def manifest_file(path: str) -> str:
+  return store_for(path).join(path, MANIFEST_KEY)
 
 
-def _read_url_manifest(path: str) -> Manifest:
-  file = manifest_file(path)
-  data = _kvstore.read_bytes(file)
-  if data is None:
-    if _kvstore.exists_prefix(path):
-      raise NotACheckpointError(
-          f"{path!r} holds objects but no committed jaxckpt checkpoint (no {file!r}): an "
-          "interrupted save, or not a jaxckpt checkpoint.")
-    raise CheckpointNotFoundError(f"No checkpoint found at {path!r}.")
+def is_committed(path: str | os.PathLike | None) -> bool:
+  if path is None:
+    return False
+  path = os.fspath(path)
+  return store_for(path).read_bytes(manifest_file(path)) is not None
+
+
+def encode(manifest: Manifest) -> tuple[str, bytes]:
+  """The commit marker: (key inside the checkpoint, bytes)."""
+  return MANIFEST_KEY, json.dumps(manifest.to_json()).encode()
+
+
+def _parse(data: bytes, where: str) -> Manifest:
   try:
-    return Manifest.from_json(json.loads(data), file)
-  except json.JSONDecodeError as e:
-    raise NotACheckpointError(f"{file!r} is not valid JSON: {e}.") from e
+    parsed = json.loads(data)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise NotACheckpointError(f"{where!r} is not valid JSON: {e}.") from e
+  if not isinstance(parsed, dict):
+    raise NotACheckpointError(f"{where!r} is not a jaxckpt manifest.")
+  try:
+    return Manifest.from_json(parsed, where)
+  except (KeyError, TypeError, ValueError, AttributeError) as e:
+    if isinstance(e, JaxckptError):
+      raise
+    raise NotACheckpointError(
+        f"{where!r} is not a valid jaxckpt manifest ({type(e).__name__}: {e}).") from e
+
+
+def data_of(path: str) -> str | None:
+  """The data prefix the committed manifest at ``path`` names (None if none)."""
+  data = store_for(path).read_bytes(manifest_file(path))
+  try:
+    return None if data is None else _parse(data, path).data
+  except JaxckptError:
+    return None
+
+
+def sources_of(path: str) -> set[str]:
+  """The ``source`` paths (relative to ``path``) of a committed or retired manifest."""
+  store = store_for(path)
+  for name in (manifest_file(path), manifest_file(path) + RETIRED_SUFFIX):
+    data = store.read_bytes(name)
+    if data is not None:
+      try:
+        return set(_parse(data, name).sources.values())
+      except (JaxckptError, KeyError, TypeError, ValueError):
+        return set()
+  return set()
 
 
 def _not_found(path: str) -> CheckpointNotFoundError:
+  store = store_for(path)
   hint = ""
-  parent = os.path.dirname(path) or "."
-  base = os.path.basename(path)
-  if os.path.isdir(parent):
-    numbered = sorted(
-        (n for n in os.listdir(parent)
-         if n.startswith(base + "-") and n[len(base) + 1:].isdigit()),
-        key=lambda n: int(n[len(base) + 1:]))
-    if numbered:
-      hint = (f" save() appends '-N' to the prefix: did you mean "
-              f"'{os.path.join(parent, numbered[-1])}'? "
-              f"jaxckpt.latest_checkpoint({parent!r}) finds the newest.")
-  if os.path.isfile(os.path.join(path, _knobs.STATE_FILE_NAME)):
+  parent, base = store.dirname(path), store.basename(path)
+  numbered = sorted((n for n in store.names(parent)
+                     if n.startswith(base + "-") and n[len(base) + 1:].isdigit()),
+                    key=lambda n: int(n[len(base) + 1:]))
+  if numbered:
+    hint = (f" save() appends '-N' to the prefix: did you mean "
+            f"'{store.join(parent, numbered[-1])}'? "
+            f"jaxckpt.latest_checkpoint({parent!r}) finds the newest.")
+  if store.read_bytes(store.join(path, _knobs.STATE_FILE_NAME)) is not None:
     hint = (f" {path!r} is a directory of checkpoints; pass "
             f"jaxckpt.latest_checkpoint({path!r}) instead.")
   return CheckpointNotFoundError(f"No checkpoint found at {path!r}.{hint}")
@@ -161,23 +190,16 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
     NotACheckpointError: something is there but it is not a committed jaxckpt
       checkpoint (or it is from a newer format).
   """
-  path = os.fspath(path)
-  if _kvstore.is_url(path):
-    return _read_url_manifest(path)
-  if not os.path.exists(path):
-    raise _not_found(path)
-  if os.path.isdir(path) and os.path.isfile(
-      os.path.join(path, _knobs.STATE_FILE_NAME)) and not is_committed(path):
-    raise _not_found(path)
+  path = fspath(path)
+  store = store_for(path)
   file = manifest_file(path)
-  if not os.path.isfile(file):
-    raise NotACheckpointError(
-        f"{path!r} exists but is not a committed jaxckpt checkpoint (no "
-        f"{_knobs.MANIFEST_ITEM}/metadata inside). If it is a plain Orbax "
-        "checkpoint, restore it with orbax.checkpoint directly.")
-  with open(file) as f:
-    try:
-      data = json.load(f)
-    except json.JSONDecodeError as e:
-      raise NotACheckpointError(f"{file!r} is not valid JSON: {e}.") from e
-  return Manifest.from_json(data, file)
+  data = store.read_bytes(file)
+  if data is not None:
+    return _parse(data, file)
+  if not store.exists(path) or store.read_bytes(
+      store.join(path, _knobs.STATE_FILE_NAME)) is not None:
+    raise _not_found(path)
+  raise NotACheckpointError(
+      f"{path!r} exists but is not a committed jaxckpt checkpoint (no {MANIFEST_KEY} "
+      "inside): an interrupted save, or not a jaxckpt checkpoint. If it is a plain "
+      "Orbax checkpoint, restore it with orbax.checkpoint directly.")

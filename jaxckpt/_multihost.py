@@ -134,16 +134,18 @@ class Coordination:
           f"stuck). Underlying error: {type(e).__name__}: {e}") from e
 
 
-def begin(what: str, timeout_s: float, *, io_process: int | None = None) -> Coordination | None:
+def begin(what: str, timeout_s: float, *, io_device: jax.Device | None = None
+          ) -> Coordination | None:
   """Numbers the next multi-process operation; None with a single process.
 
-  Call on the caller's thread, in program order. ``io_process``: the only
-  process that touches files (TF's ``experimental_io_device``).
+  Call on the caller's thread, in program order. ``io_device``'s process is the
+  only one that touches files (TF's ``experimental_io_device``).
   """
   if process_count() == 1:
     return None
   with _sequence_lock:
     op = next(_sequence)
+  io_process = None if io_device is None else io_device.process_index
   if io_process is None:
     return Coordination(op=op, timeout_s=timeout_s, what=what)
   return Coordination(op=op, timeout_s=timeout_s, what=what, primary=io_process,

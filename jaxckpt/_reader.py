@@ -7,15 +7,16 @@ import os
 import numpy as np
 
 from jaxckpt import _knobs
-from jaxckpt import _kvstore
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import JaxckptError
+from jaxckpt._layout import stored_dtype
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
 from jaxckpt._restore import read_leaves
-from jaxckpt._restore import stored_dtype
 from jaxckpt._state_file import latest_checkpoint
+from jaxckpt._store import fspath
+from jaxckpt._store import store_for
 from jaxckpt._tree import Leaf
 
 
@@ -24,22 +25,21 @@ class VariableNotFoundError(JaxckptError, KeyError):
 
 
 def _resolve(dir_or_path) -> str:
-  path = os.fspath(dir_or_path)
-  if _kvstore.is_url(path):  # A directory of checkpoints if it has a state file.
-    if not is_committed(path) and latest_checkpoint(path) is not None:
-      return latest_checkpoint(path)
+  """A checkpoint's path, or the latest checkpoint of a directory with a state file."""
+  path = fspath(dir_or_path)
+  if is_committed(path):
     return path
-  if os.path.isdir(path) and not is_committed(path):
-    latest = latest_checkpoint(path)
-    if latest is None:
-      if os.path.isfile(os.path.join(path, _knobs.STATE_FILE_NAME)):
-        raise CheckpointNotFoundError(
-            f"The state file in {path!r} names no committed checkpoint.")
-      raise CheckpointNotFoundError(
-          f"{path!r} is neither a checkpoint nor a directory with a "
-          f"'{_knobs.STATE_FILE_NAME}' state file.")
+  store = store_for(path)
+  latest = latest_checkpoint(path)
+  if latest is not None:
     return latest
-  return path
+  if store.read_bytes(store.join(path, _knobs.STATE_FILE_NAME)) is not None:
+    raise CheckpointNotFoundError(f"The state file in {path!r} names no committed checkpoint.")
+  if os.path.isdir(path):
+    raise CheckpointNotFoundError(
+        f"{path!r} is neither a checkpoint nor a directory with a "
+        f"'{_knobs.STATE_FILE_NAME}' state file.")
+  return path  # read_manifest says what is wrong with it.
 
 
 class CheckpointReader:

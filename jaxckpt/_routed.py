@@ -19,20 +19,19 @@ process K alone touches the filesystem (e.g. a ``/tmp`` only its host can see).
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxckpt._layout import Reader
+from jaxckpt._layout import stored_dtype
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import Coordination
-from jaxckpt._restore import Reader
 from jaxckpt._restore import as_tracked_type
 from jaxckpt._restore import check_compatible
 from jaxckpt._restore import read_leaves
-from jaxckpt._restore import stored_dtype
 from jaxckpt._tree import Leaf
 
 
@@ -121,7 +120,7 @@ def restore_through(coord: Coordination, save_path, leaves: list[Leaf], *,
   io_process = coord.primary
 
   def read_manifest_there():
-    path = None if save_path is None else os.fspath(save_path)
+    path = save_path
     manifest = None if path is None else read_manifest(path)
     if manifest is not None:
       check_compatible(path, manifest, leaves)

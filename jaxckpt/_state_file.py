@@ -15,13 +15,11 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 
 from jaxckpt import _knobs
-from jaxckpt import _kvstore
-from jaxckpt._durable import STATE_TMP
-from jaxckpt._durable import fsync_dir
 from jaxckpt._manifest import is_committed
+from jaxckpt._store import fspath
+from jaxckpt._store import store_for
 
 
 @dataclasses.dataclass
@@ -47,25 +45,18 @@ def _unquote(text: str) -> str:
 
 
 def state_file_path(directory: str) -> str:
-  if _kvstore.is_url(directory):
-    return _kvstore.join(directory, _knobs.STATE_FILE_NAME)
-  return os.path.join(directory or ".", _knobs.STATE_FILE_NAME)
+  return store_for(directory).join(directory or ".", _knobs.STATE_FILE_NAME)
 
 
 def _relative(directory: str, path: str) -> str:
-  if _kvstore.is_url(directory):
-    same = _kvstore.is_url(path) and _kvstore.dirname(path) == directory.rstrip("/")
-    return _kvstore.basename(path) if same else path
-  directory = directory or "."
-  if os.path.dirname(os.path.abspath(path)) == os.path.abspath(directory):
-    return os.path.basename(path)
+  store = store_for(directory)
+  if store_for(path) is store and store.parent_of(path, directory or "."):
+    return store.basename(path)
   return path
 
 
 def _absolute(directory: str, path: str) -> str:
-  if _kvstore.is_url(directory):
-    return path if _kvstore.is_url(path) else _kvstore.join(directory, path)
-  return path if os.path.isabs(path) else os.path.join(directory or ".", path)
+  return store_for(directory).resolve(directory or ".", path)
 
 
 def format_state(directory: str, state: CheckpointState) -> str:
@@ -82,51 +73,32 @@ def format_state(directory: str, state: CheckpointState) -> str:
 def write_state(directory: str, state: CheckpointState) -> None:
   """Atomically replaces ``<directory>/checkpoint``."""
   directory = directory or "."
-  text = format_state(directory, state)
-  if _kvstore.is_url(directory):  # One object PUT: atomic on object stores.
-    _kvstore.write_bytes(state_file_path(directory), text.encode())
-    return
-  fd, tmp = tempfile.mkstemp(dir=directory, prefix=STATE_TMP[0], suffix=STATE_TMP[1])
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(text)
-      f.flush()
-      os.fsync(f.fileno())
-    os.replace(tmp, state_file_path(directory))
-  except BaseException:
-    if os.path.exists(tmp):
-      os.unlink(tmp)
-    raise
-  fsync_dir(directory)
+  store_for(directory).replace_file(state_file_path(directory),
+                                    format_state(directory, state).encode())
 
 
 def read_state(directory: str) -> CheckpointState | None:
   """Parses ``<directory>/checkpoint``; None if absent. Paths come back absolute-joined."""
-  if _kvstore.is_url(directory):
-    data = _kvstore.read_bytes(state_file_path(directory))
-    if data is None:
-      return None
-    text = data.decode()
-  else:
-    try:
-      with open(state_file_path(directory)) as f:
-        text = f.read()
-    except FileNotFoundError:
-      return None
+  data = store_for(directory).read_bytes(state_file_path(directory))
+  if data is None:
+    return None
   state = CheckpointState("", [])
-  for line in text.splitlines():
+  for line in data.decode(errors="replace").splitlines():
     m = _LINE.match(line)
     if not m:
       continue
     key, value = m.groups()
-    if key == "model_checkpoint_path":
-      state.model_checkpoint_path = _absolute(directory, _unquote(value))
-    elif key == "all_model_checkpoint_paths":
-      state.all_model_checkpoint_paths.append(_absolute(directory, _unquote(value)))
-    elif key == "all_model_checkpoint_timestamps":
-      state.all_model_checkpoint_timestamps.append(float(value))
-    elif key == "last_preserved_timestamp":
-      state.last_preserved_timestamp = float(value)
+    try:
+      if key == "model_checkpoint_path":
+        state.model_checkpoint_path = _absolute(directory, _unquote(value))
+      elif key == "all_model_checkpoint_paths":
+        state.all_model_checkpoint_paths.append(_absolute(directory, _unquote(value)))
+      elif key == "all_model_checkpoint_timestamps":
+        state.all_model_checkpoint_timestamps.append(float(value))
+      elif key == "last_preserved_timestamp":
+        state.last_preserved_timestamp = float(value)
+    except (ValueError, TypeError):  # A damaged line: skipped, as TF's parser would fail.
+      continue
   return state if state.model_checkpoint_path else None
 
 
@@ -144,7 +116,7 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
     >>> jaxckpt.latest_checkpoint(d) == path
     True
   """
-  directory = os.fspath(checkpoint_dir)
+  directory = fspath(checkpoint_dir)
   state = read_state(directory)
   if state is None or not is_committed(state.model_checkpoint_path):
     return None

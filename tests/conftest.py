@@ -17,12 +17,12 @@ jax.config.update("jax_num_cpu_devices", 4)
 @pytest.fixture
 def no_orbax_reads(monkeypatch):
   """Fails the test if a jaxckpt restore asks Orbax to read: the fast path must do it all."""
-  from jaxckpt import _restore
+  from jaxckpt import _layout
 
   def refuse(*args, **kwargs):
     raise AssertionError("Orbax was asked to read")
 
-  monkeypatch.setattr(_restore, "_orbax_read", refuse)
+  monkeypatch.setattr(_layout, "_orbax_read", refuse)
 
 
 @pytest.fixture(scope="session")

@@ -45,8 +45,8 @@ def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
 
 def _list(directory: str) -> list[str]:
   if directory.startswith("s3://"):
-    from jaxckpt import _kvstore
-    return sorted(_kvstore.children(directory))
+    from jaxckpt import _store
+    return sorted(_store.KV.names(directory))
   return sorted(os.listdir(directory))
 
 
@@ -157,8 +157,8 @@ def die_during_save(directory: str, victim: int = 1, when: str = "before"):
   if jax.process_index() == victim and when == "before":
     os._exit(17)
   if jax.process_index() == victim and when == "writing":
-    from jaxckpt import _write
-    _write.checksum = lambda *args: os._exit(17)  # Runs while TensorStore writes.
+    from jaxckpt import _commit
+    _commit.checksum = lambda *args: os._exit(17)  # Runs while TensorStore writes.
   start = time.perf_counter()
   path = manager.save(options=opts)
   if jax.process_index() == victim and when == "after":

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import _kvstore
+from jaxckpt import _store
 from jaxckpt._cli import main
 
 
@@ -102,14 +102,14 @@ def store(request):
   (ckpt-9: a data prefix, no manifest).
   """
   if request.param == "memory":
-    root, put = f"memory://{uuid.uuid4().hex}/run", _kvstore.write_bytes
+    root, put = f"memory://{uuid.uuid4().hex}/run", _store.KV.replace_file
   else:
     client, bucket = request.getfixturevalue("s3")
     root = f"s3://{bucket}/run"
     def put(url, data):  # Through S3 itself, behind jaxckpt's back.
       client.put_object(Bucket=bucket, Key=url.removeprefix(f"s3://{bucket}/"), Body=data)
   _three_managed_saves(root, size=16)
-  _kvstore.write_bytes(f"{root}/ckpt-9/data-0123456789ab/model/w/zarr.json", b"{}")
+  _store.KV.replace_file(f"{root}/ckpt-9/data-0123456789ab/model/w/zarr.json", b"{}")
   return root, put
 
 
@@ -158,7 +158,7 @@ def test_verify_on_a_store_names_the_corrupt_array(store, capsys):
   latest = f"{root}/ckpt-3"
   data = jaxckpt.load_checkpoint(latest).manifest.data
   chunk = f"{latest}/{data}/model/w/c/1"  # Shard 1 of model/w: [4., 5., 6., 7.].
-  body = bytearray(_kvstore.read_bytes(chunk))
+  body = bytearray(_store.KV.read_bytes(chunk))
   assert body == np.arange(4.0, 8.0, dtype=np.float32).tobytes()
   body[3] ^= 0xFF
   put(chunk, bytes(body))

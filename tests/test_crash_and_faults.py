@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import _durable
+from jaxckpt import _store
+from jaxckpt._manifest import data_of
 
 sys.path.insert(0, os.path.dirname(__file__))
 import crash_harness  # noqa: E402
@@ -74,7 +75,7 @@ def test_failed_staging_removal_outlasts_late_writes(tmp_path, monkeypatch):
   # written (recreating their directories): removal goes on until it is quiet.
   staging = tmp_path / ".ckpt-2.jaxckpt-tmp-x"
   (staging / "state" / "d").mkdir(parents=True)
-  real, calls = _durable._remove_staging_once, []
+  real, calls = _store._remove_staging_once, []
 
   def late_write_after_second_look(path):
     found = real(path)
@@ -83,8 +84,8 @@ def test_failed_staging_removal_outlasts_late_writes(tmp_path, monkeypatch):
       (staging / "state" / "d").mkdir(parents=True)  # A write lands after a clean look.
     return found
 
-  monkeypatch.setattr(_durable, "_remove_staging_once", late_write_after_second_look)
-  _durable.remove_staging(str(staging))
+  monkeypatch.setattr(_store, "_remove_staging_once", late_write_after_second_look)
+  _store.LOCAL.abort(str(staging), str(staging))
   assert calls[:3] == [True, False, True]
   assert not staging.exists() and os.listdir(tmp_path) == []
 
@@ -185,14 +186,14 @@ HELD_SAVE_CHILD = r"""
 import sys, threading
 import jax.numpy as jnp
 import jaxckpt
-from jaxckpt import _write
+from jaxckpt import _commit
 release = threading.Event()
-original = _write._take_checksums
+original = _commit._take_checksums
 def held(*args):  # The arrays are being written; nothing is committed yet.
   print("writing", flush=True)
   release.wait()
   return original(*args)
-_write._take_checksums = held
+_commit._take_checksums = held
 threading.Thread(target=lambda: (sys.stdin.readline(), release.set()), daemon=True).start()
 ckpt = jaxckpt.Checkpoint(w=jnp.arange(65536.0))
 path = jaxckpt.CheckpointManager(ckpt, sys.argv[1], 3).save(
@@ -252,14 +253,14 @@ def test_staging_lock_is_never_seen_unlocked_and_stale_temp_files_go(tmp_path, m
     monkeypatch.delattr(os, "O_TMPFILE", raising=False)
   elif _supports_tmpfile(tmp_path):  # Then no rename (the temporary name) is needed.
     monkeypatch.setattr(os, "rename", lambda *a: pytest.fail("renamed a temporary lock"))
-  staging = _durable.staging_path(str(tmp_path / "ckpt-1"))
-  fd = _durable.hold_staging(staging)
+  staging = _store.LOCAL.new_staging(str(tmp_path / "ckpt-1"))
+  fd = _store.LOCAL.hold(staging)
   monkeypatch.undo()
   os.makedirs(os.path.join(staging, "state"))
   assert sorted(os.listdir(tmp_path)) == sorted(
       [os.path.basename(staging), os.path.basename(staging) + ".lock"])
-  assert _durable.remove_leftovers(str(tmp_path)) == []  # Held: nothing swept.
-  _durable.release_staging(staging, fd)
+  assert _store.LOCAL.remove_leftovers(str(tmp_path), data_of) == []  # Held: nothing swept.
+  _store.LOCAL.release(staging, fd)
   assert os.listdir(tmp_path) == [os.path.basename(staging)]
   # Also the state file's temporaries (a kill inside write_state), once stale.
   fresh, stale = tmp_path / ".aaaa.jaxckpt-locking", tmp_path / ".bbbb.jaxckpt-locking"
@@ -268,7 +269,7 @@ def test_staging_lock_is_never_seen_unlocked_and_stale_temp_files_go(tmp_path, m
     path.write_text("")
   for path in (stale, stale_state):
     os.utime(path, (time.time() - 120, time.time() - 120))
-  removed = _durable.remove_leftovers(str(tmp_path))
+  removed = _store.LOCAL.remove_leftovers(str(tmp_path), data_of)
   assert sorted(removed) == sorted([os.path.basename(staging), stale.name, stale_state.name])
   assert sorted(os.listdir(tmp_path)) == sorted([fresh.name, fresh_state.name])
 

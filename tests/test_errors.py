@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import pytest
 
 import jaxckpt
-from jaxckpt import _durable
+from jaxckpt import _store
 
 TIMEOUT = 120
 
@@ -88,7 +88,7 @@ def test_failed_overwrite_never_damages_the_earlier_checkpoint(tmp_path, monkeyp
   ckpt.write(tmp_path / "w")
   def failing_fsync(root):
     raise OSError(5, "simulated I/O error during fsync")
-  monkeypatch.setattr(_durable, "fsync_tree", failing_fsync)
+  monkeypatch.setattr(_store, "fsync_tree", failing_fsync)
   ckpt.x = jnp.full(3, 2.0)
   with pytest.raises(jaxckpt.SaveError, match="simulated I/O error"):
     ckpt.write(tmp_path / "w")
@@ -99,7 +99,7 @@ def test_failed_overwrite_never_damages_the_earlier_checkpoint(tmp_path, monkeyp
 def test_failed_async_save_leaves_no_staging_and_is_not_latest(tmp_path, monkeypatch):
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(3))
   good = ckpt.save(tmp_path / "m")
-  monkeypatch.setattr(_durable, "fsync_tree", lambda root: (_ for _ in ()).throw(
+  monkeypatch.setattr(_store, "fsync_tree", lambda root: (_ for _ in ()).throw(
       OSError(28, "No space left on device")))
   bad = ckpt.save(tmp_path / "m", options=_async())
   assert isinstance(bad.future.exception(timeout=TIMEOUT), jaxckpt.SaveError)

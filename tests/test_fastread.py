@@ -11,7 +11,7 @@ import pytest
 
 import jaxckpt
 from jaxckpt import _fastread
-from jaxckpt import _restore
+from jaxckpt import _layout
 
 
 def _tree():
@@ -151,8 +151,8 @@ def test_a_misread_is_read_again_by_orbax_not_reported_as_corruption(tmp_path, m
 
   monkeypatch.setattr(_fastread, "_pread_into", misread)
   orbax_reads = []
-  orbax_read = _restore._orbax_read
-  monkeypatch.setattr(_restore, "_orbax_read",
+  orbax_read = _layout._orbax_read
+  monkeypatch.setattr(_layout, "_orbax_read",
                       lambda *a, **k: orbax_reads.append(1) or orbax_read(*a, **k))
   target = jaxckpt.Checkpoint(t={"w": jnp.zeros_like(value)})
   target.restore(path).assert_consumed()

@@ -13,6 +13,7 @@ import tensorstore as ts
 import jaxckpt
 from jaxckpt import _fastwrite
 from jaxckpt import _staging
+from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
 
 
@@ -61,6 +62,10 @@ def _packed(snapshot):
   return packed
 
 
+def _writes_all(values: dict) -> bool:
+  return _fastwrite.writes_all([Leaf(name, value) for name, value in values.items()])
+
+
 @pytest.mark.parametrize("chunk_byte_size, commit_bytes, packed",
                          [(None, None, False), (64, None, False), (None, 1, False),
                           (None, None, True)])
@@ -69,8 +74,7 @@ def test_writes_what_orbax_writes(tmp_path, monkeypatch, chunk_byte_size, commit
     monkeypatch.setattr(_fastwrite, "COMMIT_BYTES", commit_bytes)
   snapshot = _snapshot()
   written = _packed(snapshot) if packed else snapshot
-  assert _fastwrite.eligible(written, compression=False, single_process=True,
-                             incremental=False)
+  assert _writes_all(written)
   _fastwrite.start(str(tmp_path / "fast" / "state"), written,
                    chunk_byte_size=chunk_byte_size).wait()
   save_args = None if chunk_byte_size is None else jax.tree.map(
@@ -125,8 +129,7 @@ def test_other_saves_go_through_orbax(tmp_path, options, why):
 
 def test_numpy_scalars_and_keys(tmp_path):
   tree = {"scalar": np.float32(1.5), "key": jax.random.key(7), "x": jnp.ones(3)}
-  assert not _fastwrite.eligible({"a": np.float32(1.5)}, compression=False,
-                                 single_process=True, incremental=False)
+  assert not _writes_all({"a": np.float32(1.5)})
   ckpt = jaxckpt.Checkpoint(t=tree)
   path = ckpt.save(tmp_path / "c")
   target = jaxckpt.Checkpoint(t={"scalar": np.float32(0), "key": jax.random.key(0),
@@ -140,10 +143,9 @@ def test_numpy_scalars_and_keys(tmp_path):
 def test_empty_arrays_and_other_dtypes_go_through_orbax(tmp_path):
   import ml_dtypes
   for value in (jnp.zeros((0, 3)), np.zeros((2, 0)), jnp.ones(4, ml_dtypes.float8_e4m3fn)):
-    assert not _fastwrite.eligible({"v": value}, compression=False, single_process=True,
-                                   incremental=False)
+    assert not _writes_all({"v": value})
   tree = {"f8": jnp.arange(4.0).astype(ml_dtypes.float8_e4m3fn), "x": jnp.arange(3.0)}
-  for enable_async in (False, True):  # Async: "x" was packed, and is unpacked for Orbax.
+  for enable_async in (False, True):  # The plan sends the whole save to Orbax: none packed.
     path = jaxckpt.Checkpoint(t=tree).save(
         tmp_path / f"c{enable_async}", options=jaxckpt.CheckpointOptions(enable_async=enable_async))
     path.future.result(timeout=60)

@@ -8,7 +8,7 @@ import pytest
 
 import jaxckpt
 from jaxckpt import _manager
-from jaxckpt import _write
+from jaxckpt import _commit
 
 TIMEOUT = 120
 
@@ -163,12 +163,12 @@ def test_a_new_manager_waits_for_saves_in_flight_into_its_directory(tmp_path, mo
   # looks like; sweeping it would fail that save (or worse).
   directory = str(tmp_path) if where == "local" else f"memory://{uuid.uuid4().hex}/run"
   reached, release = threading.Event(), threading.Event()
-  original = _write._take_checksums
+  original = _commit._take_checksums
   def held(*args):  # The arrays are written (or being written), not committed.
     reached.set()
     release.wait(TIMEOUT)
     return original(*args)
-  monkeypatch.setattr(_write, "_take_checksums", held)
+  monkeypatch.setattr(_commit, "_take_checksums", held)
   value = jnp.arange(4096.0)
   path = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=value), directory, 3).save(
       options=jaxckpt.CheckpointOptions(enable_async=True))

@@ -10,7 +10,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 import jaxckpt
-from jaxckpt import _durable
+from jaxckpt import _store
 
 TIMEOUT = 120
 
@@ -121,8 +121,8 @@ def test_data_and_directories_are_fsynced_before_the_commit_rename(tmp_path, mon
   def rename(src, dst):
     events.append(("rename", os.fspath(src), os.fspath(dst)))
     real_rename(src, dst)
-  monkeypatch.setattr(_durable.os, "fsync", fsync)
-  monkeypatch.setattr(_durable.os, "rename", rename)
+  monkeypatch.setattr(_store.os, "fsync", fsync)
+  monkeypatch.setattr(_store.os, "rename", rename)
   final = str(tmp_path / "c")
   jaxckpt.Checkpoint(x=jnp.ones(8), y=np.zeros(3)).write(final)
   commit_at = next(i for i, e in enumerate(events) if e[0] == "rename" and e[2] == final)

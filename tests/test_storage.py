@@ -17,7 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 import jaxckpt
 from jaxckpt import _knobs
-from jaxckpt import _kvstore
+from jaxckpt import _store
 
 
 @pytest.fixture(params=["memory", "s3"])
@@ -36,7 +36,7 @@ def _state(scale=1.0):
 
 
 def _keys(root):
-  return sorted(_kvstore.children(root))
+  return sorted(_store.KV.names(root))
 
 
 @pytest.mark.parametrize("enable_async", [False, True])
@@ -89,10 +89,10 @@ def test_s3_objects_follow_the_documented_layout(s3):
 def test_write_overwrites_only_after_the_new_data_is_complete(root):
   ckpt = jaxckpt.Checkpoint(params=_state())
   ckpt.write(f"{root}/w")
-  old = [n for n in _kvstore.children(f"{root}/w") if n.startswith("data-")]
+  old = [n for n in _store.KV.names(f"{root}/w") if n.startswith("data-")]
   ckpt.params = _state(3.0)
   ckpt.write(f"{root}/w")
-  new = [n for n in _kvstore.children(f"{root}/w") if n.startswith("data-")]
+  new = [n for n in _store.KV.names(f"{root}/w") if n.startswith("data-")]
   assert len(old) == len(new) == 1 and old != new  # Old data deleted after the commit.
   ckpt.params = _state(0.0)
   ckpt.read(f"{root}/w").assert_consumed()
@@ -104,19 +104,19 @@ def test_failure_before_the_manifest_leaves_no_checkpoint_and_is_collected(root,
   manager = jaxckpt.CheckpointManager(ckpt, root, max_to_keep=3)
   manager.save()
 
-  real = _kvstore.write_bytes
+  real = _store.KV.replace_file
   def crash_on_commit(url, data):
     if url.endswith("jaxckpt/metadata"):
       raise OSError("simulated crash between the data and the commit")
     real(url, data)
-  monkeypatch.setattr(_kvstore, "write_bytes", crash_on_commit)
+  monkeypatch.setattr(_store.KV, "replace_file", crash_on_commit)
   ckpt.params = _state(5.0)
   with pytest.raises(jaxckpt.SaveError, match="was not committed"):
     manager.save()
-  monkeypatch.setattr(_kvstore, "write_bytes", real)
+  monkeypatch.setattr(_store.KV, "replace_file", real)
 
   # The failed save deleted the arrays it had written; ckpt-2 does not exist.
-  assert not _kvstore.children(f"{root}/ckpt-2")
+  assert not _store.KV.names(f"{root}/ckpt-2")
   assert jaxckpt.latest_checkpoint(root) == f"{root}/ckpt-1"
   with pytest.raises(jaxckpt.CheckpointNotFoundError):
     ckpt.restore(f"{root}/ckpt-2")
@@ -138,17 +138,17 @@ def test_crashed_saves_data_is_swept_only_once_no_save_can_be_writing_it(root, m
   old = f"data-{int(now - _knobs.KV_LEFTOVER_AGE_S - 60):x}-{'b' * 12}"
   unnamed = "data-0123456789ab"  # Written before data names had a time.
   for name in (young, old, unnamed):
-    _kvstore.write_bytes(f"{path}/{name}/params.w/zarr.json", b"{}")
+    _store.KV.replace_file(f"{path}/{name}/params.w/zarr.json", b"{}")
   reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root,
                                        max_to_keep=3)
-  data = {n for n in _kvstore.children(path) if n.startswith("data-")}
+  data = {n for n in _store.KV.names(path) if n.startswith("data-")}
   assert young in data and not {old, unnamed} & data
   assert reopened.restore_or_initialize() == path  # The live data is untouched.
   np.testing.assert_array_equal(np.asarray(reopened.checkpoint.params["w"]),
                                 np.asarray(_state()["w"]))
   monkeypatch.setattr(_knobs, "KV_LEFTOVER_AGE_S", 30.0)
   jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root, max_to_keep=3)
-  assert young not in _kvstore.children(path)
+  assert young not in _store.KV.names(path)
 
 
 def test_manager_sweeps_and_recovers_on_a_store(root):

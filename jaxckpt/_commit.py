@@ -1,0 +1,249 @@
+"""One save after its snapshot: layout write → manifest → commit → callbacks → state file.
+
+`run_save` is the same for sync and async saves; only the thread differs. It
+executes the `SavePlan` (_plan.py) and decides nothing: the layout writes the
+snapshot into the store's staging location, CRC-32s are computed meanwhile,
+the store commits (the manifest is the commit marker), then the write
+callbacks and ``on_commit`` (state file, manager sweep) run in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+from typing import Any
+
+import jax
+
+from jaxckpt._errors import SaveError
+from jaxckpt._errors import WriteCallbackError
+from jaxckpt._future import CommitFuture
+from jaxckpt._incremental import History
+from jaxckpt._incremental import Written
+from jaxckpt._incremental import content_digest
+from jaxckpt._integrity import checksum
+from jaxckpt._integrity import shard_checksums
+from jaxckpt._manifest import Manifest
+from jaxckpt._manifest import data_of
+from jaxckpt._manifest import encode
+from jaxckpt._multihost import Coordination
+from jaxckpt._multihost import CoordinationError
+from jaxckpt._multihost import sweep_keys
+from jaxckpt._options import call_write_callback
+from jaxckpt._plan import SavePlan
+from jaxckpt._tree import Leaf
+
+logger = logging.getLogger("jaxckpt")
+
+
+@dataclasses.dataclass
+class SaveJob:
+  """A planned save and the data it owns once the caller has moved on."""
+  plan: SavePlan
+  future: CommitFuture
+  leaves: list[Leaf] | None  # For the manifest; holds the caller's arrays until built.
+  snapshot: dict[str, Any] | None  # name -> value; dropped once written and checksummed.
+  # The snapshot's staging buffers (see _staging.py), returned to the pool after a
+  # successful save; the save must hold nothing else that reads them by then.
+  staged: list = dataclasses.field(default_factory=list)
+  # Incremental saves: the Checkpoint's history, leaves reused by identity (not
+  # in the snapshot) and weakrefs to the saved arrays for the next save.
+  history: History | None = None
+  reused: dict[str, Written] = dataclasses.field(default_factory=dict)
+  refs: dict[str, Any] = dataclasses.field(default_factory=dict)
+  manifest: Manifest | None = None
+  started: float = dataclasses.field(default_factory=time.perf_counter)
+
+
+def run_save(job: SaveJob) -> str:
+  """Writes, commits, runs callbacks, updates the state file; returns the path.
+
+  With several processes every process runs the write callbacks once the
+  checkpoint is committed; only the primary runs ``on_commit`` (state file,
+  manager sweep), and the others' saves finish only after it did, so
+  `latest_checkpoint` agrees on every process once ``save`` returns.
+  """
+  plan, coord = job.plan, job.plan.coordination
+  try:
+    _write_and_commit(job)
+    if job.history is not None:
+      _record_history(job)
+    try:
+      for i, callback in enumerate(plan.callbacks):
+        try:
+          call_write_callback(callback, plan.path)
+        except BaseException as e:
+          raise WriteCallbackError(
+              f"Checkpoint {plan.path!r} was committed, but write callback #{i} "
+              f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
+              "run and the state file was not updated.") from e
+      if plan.on_commit is not None:
+        plan.on_commit(plan.path, coord is None or coord.is_primary)
+    finally:
+      if coord is not None and coord.is_primary:  # Committed, whatever the callbacks did.
+        coord.publish("committed", "ok")
+  finally:
+    if coord is not None:
+      sweep_keys(coord.op)
+  logger.info("Committed checkpoint %s (%.1f MiB) in %.3f s.", plan.path,
+              plan.nbytes / 2**20, time.perf_counter() - job.started)
+  return plan.path
+
+
+def _write_and_commit(job: SaveJob) -> None:
+  plan, coord = job.plan, job.plan.coordination
+  if coord is not None and not coord.writes:  # Another process does the I/O.
+    try:
+      _await_commit(coord)
+    except BaseException as e:
+      raise SaveError(f"Saving checkpoint {plan.path!r} failed: {e}") from e
+    return
+  primary = coord is None or coord.is_primary
+  store, target = plan.store, plan.target
+  staging = held = None
+  try:
+    staging = _name_for_all(coord, target, "staging", lambda: store.new_staging(target))
+    if coord is not None and coord.writers is None:
+      # Everyone is here: from now on Orbax's barriers run, whose blocking part
+      # uses Orbax's fixed 300 s timeout instead of ours.
+      coord.barrier("start")
+    previous = data_of(target) if primary else None  # write() over a URL checkpoint.
+    if primary:  # Other processes' CheckpointManagers must not sweep it meanwhile.
+      held = store.hold(staging)
+    _write(job, store.data_dir(staging, target), staging)
+    if coord is not None and coord.writers is None:
+      coord.barrier("written")
+    if primary:
+      store.commit(staging, target, encode(job.manifest))  # Published by run_save.
+    else:
+      _await_commit(coord)
+  except BaseException as e:
+    _fail(job, e, staging if primary else None)
+  finally:
+    if held is not None:  # After the commit, or after a failed save's cleanup.
+      store.release(staging, held)
+  if previous is not None and previous != staging:
+    store.drop_data(target, previous)  # The data of the checkpoint write() replaced.
+
+
+def _write(job: SaveJob, data_dir: str, staging: str) -> None:
+  """The layout writes the snapshot while its CRC-32s are computed; builds the manifest."""
+  plan = job.plan
+  digests: dict[str, str | None] = {}
+  if job.history is not None:  # Must hash before deciding what to write.
+    _reuse_by_content(job, digests)
+  pending = plan.layout.write(job, data_dir)
+  # Overlaps the TensorStore writes: reads the snapshot, which is ours alone.
+  checksums, shard_sums = _take_checksums(job, plan.coordination)
+  for name, w in job.reused.items():
+    checksums[name], digests[name] = w.crc32, w.sha1
+  job.manifest = Manifest.build(
+      job.leaves, save_counter=plan.save_counter, kind=plan.kind, checksums=checksums,
+      sources={n: os.path.relpath(w.holder, plan.target) for n, w in job.reused.items()},
+      digests=digests, shard_checksums=shard_sums,
+      data=None if plan.store.renames else staging)
+  job.leaves = None  # Holds the caller's arrays; not needed any more.
+  pending.wait()
+
+
+def _fail(job: SaveJob, error: BaseException, staging: str | None) -> None:
+  plan, coord = job.plan, job.plan.coordination
+  if staging is not None:
+    try:
+      plan.store.abort(staging, plan.target)
+    except Exception as cleanup:
+      logger.warning("Could not delete the data of failed save %s (%s); it is never "
+                     "read, and a later CheckpointManager deletes it.", plan.path, cleanup)
+  _publish_failure(coord, error)
+  hint = ""
+  if coord is not None:
+    hint = (f" With {jax.process_count()} processes, one that died or stalled makes the "
+            f"others give up after CheckpointOptions.timeout_s={coord.timeout_s:g} s.")
+  raise SaveError(
+      f"Saving checkpoint {plan.path!r} failed ({type(error).__name__}: {error}). "
+      f"Earlier checkpoints are untouched and this one was not committed.{hint}") from error
+
+
+def _take_checksums(job: SaveJob, coord: Coordination | None
+                    ) -> tuple[dict[str, int | None], dict[str, dict[str, int]]]:
+  """CRC-32 of each snapshot value (None for arrays no process holds whole) and
+  the per-shard CRCs of those; then frees the snapshot."""
+  checksums = {name: checksum(value) for name, value in job.snapshot.items()}
+  shard_sums = _shard_checksums(job.snapshot, checksums, coord)
+  job.snapshot = None
+  return checksums, shard_sums
+
+
+def _publish_failure(coord: Coordination | None, error: BaseException) -> None:
+  """Tells the other processes now, rather than at their timeout (primary only)."""
+  if coord is not None and coord.is_primary:
+    try:
+      coord.publish("committed", f"{type(error).__name__}: {error}")
+    except Exception:  # The coordination service itself is gone.
+      pass
+
+
+def _shard_checksums(snapshot: dict[str, Any], checksums: dict[str, int | None],
+                     coord: Coordination | None) -> dict[str, dict[str, int]]:
+  """Per-shard CRC-32s of the arrays no process holds whole, from every process
+  (complete on the primary; see _integrity.py)."""
+  local = {name: shard_checksums(value) for name, value in snapshot.items()
+           if checksums.get(name) is None and isinstance(value, jax.Array)
+           and not value.is_fully_addressable}
+  if coord is None or coord.writers is not None:
+    return local
+  if not coord.is_primary:
+    coord.publish(f"crc/{jax.process_index()}", json.dumps(local))
+    return local
+  for process in range(jax.process_count()):
+    if process != coord.primary:
+      for name, sums in json.loads(coord.receive(f"crc/{process}", sender=process)).items():
+        local.setdefault(name, {}).update(sums)
+  return local
+
+
+def _name_for_all(coord: Coordination | None, target: str, key: str, make) -> str:
+  """``make()`` on the primary (a staging name), the same name on every process,
+  after checking every process saves to ``target``."""
+  if coord is None:
+    return make()
+  shared, name = json.loads(coord.share(key, lambda: json.dumps([target, make()])))
+  if shared != target:
+    raise CoordinationError(
+        f"Process {coord.primary} saves this operation to {shared!r}, this process to "
+        f"{target!r}: the processes' save calls are out of step (every process must make "
+        "the same save/write calls, in the same order, with the same paths).")
+  return name
+
+
+def _await_commit(coord: Coordination) -> None:
+  outcome = coord.receive("committed")
+  if outcome != "ok":
+    raise CoordinationError(f"process {coord.primary} failed to commit: {outcome}")
+
+
+def _reuse_by_content(job: SaveJob, digests: dict[str, str | None]) -> None:
+  """Drops snapshot leaves whose bytes equal what the last commit wrote."""
+  for name in list(job.snapshot):
+    digests[name] = content_digest(job.snapshot[name])
+    w = job.history.last.get(name)
+    value = job.snapshot[name]
+    if (w is not None and digests[name] is not None and w.sha1 == digests[name]
+        and tuple(getattr(value, "shape", ())) == w.shape and os.path.isdir(w.holder)):
+      job.reused[name] = w
+      del job.snapshot[name]
+
+
+def _record_history(job: SaveJob) -> None:
+  last = {}
+  for name, info in job.manifest.leaves.items():
+    if name in job.reused:
+      last[name] = dataclasses.replace(job.reused[name], ref=job.refs.get(name))
+    else:
+      last[name] = Written(holder=job.plan.target, shape=tuple(info.shape), dtype=info.dtype,
+                           crc32=job.manifest.checksums.get(name),
+                           sha1=job.manifest.digests.get(name), ref=job.refs.get(name))
+  job.history.last = last
