@@ -1,28 +1,19 @@
-"""Restore fast path: uncompressed arrays read straight from the OCDBT data files.
+"""The Orbax layout's fast reader: uncompressed arrays read straight from OCDBT data files.
 
-Why not TensorStore for these: on this machine class (2-core CPU, cold page
-cache, 512 MiB in 8 float32 arrays) TensorStore's zarr-on-OCDBT read took
-0.58-0.94 s and Orbax's restore 0.84-1.04 s, while plain ``read()`` of the same
-data files took 0.15 s (``file_io_mode`` "memmap"/"direct" did not help cold:
-0.58-0.73 s). TensorStore reads each chunk into a buffer of its own, then
-copies it into an output array that is 16-byte aligned, so JAX copies it once
-more (it aliases only 64-byte-aligned host memory).
-
-TensorStore still does the part that is hard to get right: its public
-``ts.ocdbt.dump`` reads the OCDBT manifest and B-tree and says where every
-chunk lives (``value:<dir>:<file>:<offset>:<length>``) or gives its bytes
-inline. Here each chunk is then ``os.preadv``'d straight into a 64-byte-aligned
-numpy array, from several threads (``preadv`` releases the GIL).
+TensorStore reads each chunk into a buffer of its own, then copies it into a
+16-byte-aligned output array, which JAX copies once more (it aliases only
+64-byte-aligned host memory). Here each chunk is ``os.preadv``'d straight into
+a 64-byte-aligned numpy array from several threads (``preadv`` releases the
+GIL); TensorStore still says where every chunk lives (``ts.ocdbt.dump``, whose
+output format is read in _compat.py).
 
 Only what is understood exactly takes this path: zarr v2 metadata without
 compressor or filters, C order, the expected shape and dtype, a B-tree of
-height 0 (Orbax's 100 MB node limit), and every chunk present with its full
-size. Anything else (``compression="zstd"``, a missing chunk, a short file, a
-format this code does not know) is left out of the result and read by Orbax as
-before, which raises the precise error if the data is bad. Each array's CRC-32
-is computed as soon as its last piece is in (overlapping the other reads); one
-that does not match the manifest is read again by Orbax, so a misread here can
-never pass for a corrupt checkpoint, and real corruption still fails its CRC.
+height 0, and every chunk present with its full size. Anything else is left out
+of the result and read by Orbax, which raises the precise error if the data is
+bad. Each array's CRC-32 is computed as soon as its last piece is in; one that
+does not match the manifest is read again by Orbax, so a misread here can never
+pass for a corrupt checkpoint, and real corruption still fails its CRC.
 """
 
 from __future__ import annotations

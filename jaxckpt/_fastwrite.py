@@ -1,26 +1,21 @@
-"""Save fast path: the Orbax checkpoint layout, written with TensorStore directly.
+"""The Orbax PyTree layout's fast writer: the files Orbax writes, written with TensorStore.
 
-Why not through Orbax for these: Orbax spends about 1 ms of CPU per array in
-Python around each TensorStore write (specs, metrics, per-array asyncio tasks,
-sharding and metadata files). Measured on this machine class (2-core CPU),
-64 MiB in 256 float32 arrays: Orbax's save took 0.40-0.55 s and 0.49 CPU-s, the
-same 256 arrays written with TensorStore directly 0.16 s; with 8 arrays the two
-are alike. Disabling Orbax's sharding file and array-metadata store gained only
-5-8%.
+Orbax spends about 1 ms of CPU per array in Python around each TensorStore
+write (specs, metrics, per-array asyncio tasks, sharding and metadata files),
+which dominates saves of many small arrays (benchmarks/throughput.py).
 
 What is written is what Orbax writes for the same tree, so
 ``ocp.StandardCheckpointer().restore(f"{path}/state")`` and jaxckpt's readers
 cannot tell the difference: zarr v2 arrays without compressor in one OCDBT
-database (Orbax's configuration; Orbax writes one sub-database per process and
-merges them, one process needs none), Orbax's chunk grid (computed by Orbax's
-own ``replica_slices`` and ``choose_chunk_shape``), and Orbax's
-``_METADATA``, ``_sharding``, ``array_metadatas`` and ``_CHECKPOINT_METADATA``
-files. tests/test_fastwrite.py compares them with Orbax's own output.
+database, Orbax's chunk grid (from Orbax's own functions, see _compat.py), and
+Orbax's ``_METADATA``, ``_sharding``, ``array_metadatas`` and
+``_CHECKPOINT_METADATA`` files. tests/test_fastwrite.py compares them with
+Orbax's own output.
 
 Only for the common case, as the save plan decides (`writes_all`): one writing
-process, no compression, no incremental save, and leaves that are fully
-addressable jax.Arrays, numpy arrays or Python bool/int/float. Everything else
-goes through Orbax.
+process, no compression, no incremental save, and leaves that are jax.Arrays,
+numpy arrays or Python bool/int/float of plain dtypes. Everything else goes
+through Orbax.
 """
 
 from __future__ import annotations
@@ -47,25 +42,13 @@ from jaxckpt._tree import is_numeric_dtype
 _OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000,
                  "compression": {"id": "zstd"}}  # Orbax's, for its B-tree nodes.
 # OCDBT packs chunk data into data files of about this size. TensorStore's
-# default is one file (Orbax's 2 GiB, for local paths): one writev of the whole
-# state and then one fsync, so the disk idles while the page cache fills and the
-# CPU idles during the fsync. Smaller files are written and fsynced on
-# TensorStore's I/O threads concurrently. Measured (2-core VM, durable write incl.
-# fsync, 3 runs): 512 MiB in 8 arrays, one file 765-1405 ms, 64 MiB files
-# 705-733 ms, 16 MiB files 664-732 ms, dd conv=fdatasync 735-864 ms; 512 MiB in
-# 256 arrays 728-1329 / 691-749 / 645-662 ms, dd 896-1049 ms.
+# default is one file: one writev of the whole state, then one fsync, so the
+# disk idles while the page cache fills and the CPU idles during the fsync.
+# Smaller files are written and fsynced concurrently.
 TARGET_DATA_FILE_SIZE = 16 << 20
 # Arrays are written in transactions of about this many bytes, each one OCDBT
 # commit, committed as soon as its arrays are opened: the disk starts on the
-# first batch while Python still opens the rest (~0.1 ms per array), instead of
-# idling until all are open. Fewer, larger transactions would mean fewer B-tree
-# commits; without any, every ts.open(create=True) commits its .zarray on its
-# own. Measured (durable write / dd of the same bytes in the same iteration,
-# median of 12, variants rotated): 256 arrays of 64 MiB total 1.16x dd's time
-# with 16 MiB batches, 1.32x with one transaction; 128 MiB 1.03x vs 1.11x;
-# 512 MiB 0.63x vs 0.75x; 8 arrays of 512 MiB 0.76x vs 0.79x. 4-16 MiB batches
-# measured alike, 32-64 MiB worse. Orbax and jaxckpt's readers see one database
-# either way.
+# first batch while Python still opens the rest (benchmarks/throughput.py).
 COMMIT_BYTES = 16 << 20
 _CONTEXT = {"file_io_concurrency": {"limit": 128},
             "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}

@@ -4,30 +4,15 @@ An async save must not read the caller's arrays after ``save`` returns: the next
 training step may donate (free) or overwrite them. So the snapshot makes the
 save own its data, without waiting for anything:
 
-* ``jax.Array`` leaves: one batched ``jax.device_put(..., may_alias=False)`` to
-  the same sharding in the ``pinned_host`` memory kind. It enqueues the
-  device→host copies and returns: it neither waits for the step that produces
-  the arrays nor for the copies, and the runtime orders a later donation after
-  the copies' reads. On GPU/TPU this is the DMA into host RAM that Orbax would
-  otherwise do synchronously inside ``save`` (94–138 ms blocked per save for a
-  313 MiB state on this machine class), and it holds no extra accelerator
-  memory. On CPU, "device" memory is host RAM and the same call is a memcpy.
-  Measured here (2-core CPU, 16 MiB sharded array): 0.35–0.5 ms to issue,
-  5–60 ms until done, while the donating next step runs. The issue cost is
-  per array, not per byte (16 leaves: ~1 ms for 64 MiB and for 256 MiB), and
-  ``jax.device_put`` spends ~25 µs of Python per array: 4.6–6.1 ms for 200
-  arrays. JAX's batched ``shard_args`` underneath does the same copies in
-  1.4–1.7 ms, and the C++ batched copy it ends in, called directly
-  (`_copy_in_place`), cut the blocked time of a 197-array NNX save from
-  7.4–8.5 to 3.7–6 ms (private API, pinned JAX version; any failure falls back
-  to ``shard_args``, then ``jax.device_put``). Arrays spread over several
-  processes are copied shard by shard (`_copy_global`).
-  On the CPU backend with a `StagingPool` (async saves of a `Checkpoint`),
-  arrays of 32 MiB and more are copied into the previous save's buffers instead
-  (see _staging.py: the copies finish 4-10x sooner and issue in 0.3 ms whatever
-  the size), and with ``pack`` (saves the fast writer writes) smaller ones are
-  concatenated into a few such buffers (197 arrays: 1.2 ms to issue instead of
-  3.8-7.2 ms).
+* ``jax.Array`` leaves: one batched copy to the same sharding in the
+  ``pinned_host`` memory kind (``jax.device_put(..., may_alias=False)``, or the
+  batched C++ copy underneath it, see _compat.py). It enqueues the device→host
+  copies and returns: it waits neither for the step that produces the arrays
+  nor for the copies, and the runtime orders a later donation after the copies'
+  reads. On GPU/TPU this is the DMA into host RAM that Orbax does synchronously
+  inside ``save``; on CPU it is a memcpy. Arrays spread over several processes
+  are copied shard by shard (`_copy_global`). On CPU, async saves of a
+  `Checkpoint` copy into reused staging buffers instead (see _staging.py).
 * numpy leaves are mutable host memory: copied now (the only blocking copy).
 * Python scalars are immutable: kept as they are.
 

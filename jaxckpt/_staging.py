@@ -3,51 +3,29 @@ by the next save of the same arrays instead of freshly allocated (CPU backend).
 
 On CPU the snapshot is a memcpy, and what it costs is fresh memory: glibc
 ``mmap``s every block over 32 MiB and unmaps it when freed, so each save's
-copies page-fault their whole size in again, on XLA's threads, while the
-training step wants the cores. Measured on this machine class (2-core CPU,
-16 float32 arrays, inputs ready, copies' time to done):
-
-* ``jax.device_put(..., may_alias=False)`` into new memory: 190-357 ms for
-  512 MiB, 744-2066 ms for 2048 MiB; 1-28 ms to issue;
-* one jitted copy into the previous save's donated buffers (this module):
-  46-50 ms for 512 MiB, 185-199 ms for 2048 MiB; 0.24-0.3 ms to issue at both
-  sizes.
-
-Two XLA details make it work, and each alone defeats it:
+copies would page-fault their whole size in again, on XLA's threads, while the
+training step wants the cores. Here one jitted copy writes into the previous
+save's donated buffers. Two XLA details make it work, and each alone defeats it:
 
 * ``keep_unused=True``: the copy never reads the donated buffers, and without
-  it JAX drops unused arguments, donation included (the outputs were new
-  memory; that is why an earlier attempt concluded that XLA:CPU would not
-  alias them).
-* a 4096-element ballast reduction: XLA:CPU runs a computation whose
-  estimated cost is under 1000 flops inline on the calling thread
-  (``cheap_computation_`` in its PjRt client), and a copy counts 0 flops. Without
-  the ballast the copy ran synchronously inside ``save``: 80-155 ms blocked for
-  256 MiB.
+  it JAX drops unused arguments, donation included.
+* a 4096-element ballast reduction: XLA:CPU runs a computation estimated under
+  1000 flops inline on the calling thread (``cheap_computation_`` in its PjRt
+  client), and a copy counts 0 flops; without it the copy would block ``save``.
 
 Donation safety is XLA's: the copy is enqueued after the step that produces the
-arrays (it does not wait for it), and a later step that donates them is ordered
-after the copy's reads. A buffer still referenced elsewhere when it is donated
-again (say, a numpy view) is not donated: XLA allocates new memory, so reuse can
-only be lost, never corrupt data.
+arrays, and a later step that donates them is ordered after the copy's reads. A
+buffer still referenced elsewhere when it is donated again is not donated: XLA
+allocates new memory, so reuse can only be lost, never corrupt data.
 
-Small arrays (under `MIN_BYTES`, one device, numeric; when the save goes
-through the fast writer) are *packed*: the same jitted call concatenates them,
-per dtype, into one staging buffer, and each becomes a `Packed` slice of it.
-The cost of issuing the copy is per output buffer, not per byte: for the 197
-arrays (313 MiB) of tpu_idle.py's state, measured interleaved after idle pauses,
-16 repeats: the batched per-array copy (`_snapshot`) issued in 3.8-7.2 ms p50
-and finished in 60-113 ms (fresh memory); a jitted copy into 197 donated
-buffers issued in 5.7-6.2 ms; concatenated into 3 donated buffers (one per
-dtype) it issued in 1.2 ms (1.0-4.1) and finished in 43-48 ms. Concatenating
-all dtypes as bytes (bitcast to uint8) issued alike but took 207 ms to finish.
-Packed slices stay numpy views: making each a jax.Array again costs ~70 µs
-(14 ms for 197), so the writer reads them as arrays and records them as the
-jax.Arrays they were.
+Small arrays (under `MIN_BYTES`, one device, numeric; when the plan sends the
+save to the fast writer) are *packed*: the same jitted call concatenates them,
+per dtype, into one staging buffer, and each becomes a `Packed` slice of it,
+since issuing a copy costs per output buffer, not per byte. Packed slices stay
+numpy views; the fast writer records them as the jax.Arrays they were.
+benchmarks/async_save.py and benchmarks/tpu_idle.py measure both.
 
-GPU/TPU keep `_snapshot`'s ``device_put`` into pinned host memory: that is a DMA,
-and donating pinned host buffers into a device→host jit is untested here (no
-accelerator on this machine).
+GPU/TPU keep `_snapshot`'s copy into pinned host memory: that is a DMA.
 """
 
 from __future__ import annotations
@@ -69,15 +47,9 @@ from jaxckpt._tree import is_numeric_dtype
 # Over XLA:CPU's 1000-flop "cheap" threshold (see above), at 16 KiB per device.
 _BALLAST_ELEMENTS = 4096
 
-# Smaller arrays are packed (`copy(..., pack=True)`, see above) or else keep
-# `_snapshot`'s batched copy, not one staged copy each. glibc serves blocks under
-# 32 MiB from its heap, which keeps much of that memory mapped, and per array the
-# jitted copy's dispatch costs more than the batched copy (~10 vs ~6.5 µs). Measured
-# on the tpu_idle.py state (197 arrays, all under 32 MiB), all staged vs none,
-# 4 interleaved repeats: the snapshot's issue took 2-3.5 vs 1.3-1.4 ms, and
-# blocked time (5.6 vs 5.6 ms p50) and loop overhead were alike. At 32 MiB per
-# array (async_save.py, 512 MiB in 16) blocked time was 0.8 ms either way; at
-# 128 MiB (2048 MiB in 16) 1.0 ms staged vs 7.2 ms.
+# Smaller arrays are packed (`copy(..., pack=True)`) or else keep `_snapshot`'s
+# batched copy: glibc serves blocks under 32 MiB from its heap, which keeps much
+# of that memory mapped, and per array the jitted copy's dispatch costs more.
 MIN_BYTES = 32 << 20
 
 
@@ -267,9 +239,7 @@ class StagingPool:
     self._idle: collections.OrderedDict[tuple, tuple[list[jax.Array], float]] = (
         collections.OrderedDict())
     # Plans by (shape, dtype, sharding, small) of the values: on save()'s blocking
-    # path the checks and grouping cost ~4 µs per array, a lookup ~0.5 µs (0.1 ms
-    # for tpu_idle.py's 197 arrays; comparing sharding objects by identity
-    # instead measured no faster).
+    # path a lookup costs a fraction of the checks and grouping.
     self._plans: dict[tuple, tuple[_Group, ...]] = {}
     self.reused = 0  # Copies that went into staging buffers (for tests, benchmarks).
 
@@ -290,8 +260,7 @@ class StagingPool:
     if pack:
       taken = list(range(len(values)))
     else:
-      # Size first: most arrays of most states are small, and a plan lookup over
-      # all 197 arrays of tpu_idle.py's state costs ~0.1 ms.
+      # Size first: most arrays of most states are small.
       taken = [i for i, s in enumerate(small) if not s]
       if not taken:
         return out, []

@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 
 import jaxckpt
-from jaxckpt import _manager
 from jaxckpt import _commit
+from jaxckpt import _manager
 
 TIMEOUT = 120
 
