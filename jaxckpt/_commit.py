@@ -95,6 +95,12 @@ def run_save(job: SaveJob) -> str:
 
 def _write_and_commit(job: SaveJob) -> None:
   plan, coord = job.plan, job.plan.coordination
+  if coord is not None:
+    try:  # Processes whose calls are out of step would commit shards of different saves.
+      # Routed: only the I/O process resolves the path (the others' cwd may differ).
+      coord.agree("target", json.dumps([plan.kind, plan.path if plan.routed else plan.target]))
+    except BaseException as e:
+      _fail(job, e, None)
   if coord is not None and not coord.writes:  # Another process does the I/O.
     try:
       _await_commit(coord)
@@ -105,7 +111,8 @@ def _write_and_commit(job: SaveJob) -> None:
   store, target = plan.store, plan.target
   staging = held = None
   try:
-    staging = _name_for_all(coord, target, "staging", lambda: store.new_staging(target))
+    staging = store.new_staging(target) if coord is None else coord.share(
+        "staging", lambda: store.new_staging(target))
     if coord is not None and coord.writers is None:
       # Everyone is here: from now on Orbax's barriers run, whose blocking part
       # uses Orbax's fixed 300 s timeout instead of ours.
@@ -203,20 +210,6 @@ def _shard_checksums(snapshot: dict[str, Any], checksums: dict[str, int | None],
       for name, sums in json.loads(coord.receive(f"crc/{process}", sender=process)).items():
         local.setdefault(name, {}).update(sums)
   return local
-
-
-def _name_for_all(coord: Coordination | None, target: str, key: str, make) -> str:
-  """``make()`` on the primary (a staging name), the same name on every process,
-  after checking every process saves to ``target``."""
-  if coord is None:
-    return make()
-  shared, name = json.loads(coord.share(key, lambda: json.dumps([target, make()])))
-  if shared != target:
-    raise CoordinationError(
-        f"Process {coord.primary} saves this operation to {shared!r}, this process to "
-        f"{target!r}: the processes' save calls are out of step (every process must make "
-        "the same save/write calls, in the same order, with the same paths).")
-  return name
 
 
 def _await_commit(coord: Coordination) -> None:

@@ -24,6 +24,7 @@ import threading
 import jax
 
 from jaxckpt import _knobs
+from jaxckpt._errors import JaxckptError
 
 logger = logging.getLogger("jaxckpt")
 
@@ -37,7 +38,7 @@ _sequence_lock = threading.Lock()
 _swept_through = 0  # Operations whose keys are deleted (on process 0).
 
 
-class CoordinationError(RuntimeError):
+class CoordinationError(JaxckptError, RuntimeError):
   """Another process did not report in time, or reported a failure."""
 
 
@@ -116,6 +117,27 @@ class Coordination:
       self.publish(name, value)
       return value
     return self.receive(name)
+
+  def agree(self, name: str, value: str) -> None:
+    """Checks that every process reached this operation with the same ``value``
+    (e.g. the path it saves to or restores from); all raise if one differs.
+
+    Raises:
+      CoordinationError: the processes disagree (naming who said what), or one
+        did not report within ``timeout_s``.
+    """
+    me = jax.process_index()
+    _client().key_value_set(self._key(f"agree/{name}/{me}"), value)
+    said = {me: value}
+    for process in range(process_count()):
+      if process != me:
+        said[process] = self.receive(f"agree/{name}/{process}", sender=process)
+    if len(set(said.values())) > 1:
+      raise CoordinationError(
+          f"The processes disagree on the {self.what}: "
+          + "; ".join(f"process {p}: {v}" for p, v in sorted(said.items()))
+          + ". Every process must make the same save/restore calls, in the same order, "
+          "with the same paths; nothing was read or written.")
 
   def barrier(self, name: str) -> None:
     try:

@@ -142,6 +142,8 @@ def restore_leaves(plan: RestorePlan, leaves: list[Leaf]
   if plan.routed:
     from jaxckpt._routed import restore_through  # _routed builds on this module.
     return restore_through(coord, plan.path, leaves, verify_checksums=plan.verify_checksums)
+  if coord is not None:  # A mixed restore would assemble arrays from several steps.
+    coord.agree("path", repr(plan.path))
   if plan.path is None:
     return None, None, {}
   manifest = read_manifest(plan.path)

@@ -271,3 +271,31 @@ def callback_fails_once(directory: str, saves: int = 4):
       contents[name] = [s for s in range(1, saves + 1) if bits_equal(got, reference(s))]
   return {"outcomes": outcomes, "contents": contents, "counter": ckpt.save_counter,
           "sync_error": sync_error}
+
+
+def disagreeing_calls(directory: str):
+  """Process 1 restores (then saves to) another path than process 0: every process
+  must refuse at once, naming both paths, instead of mixing checkpoints."""
+  ckpt = jaxckpt.Checkpoint(params=_state(1))
+  opts = jaxckpt.CheckpointOptions(timeout_s=20)
+  first = ckpt.save(os.path.join(directory, "ckpt"), options=opts)
+  ckpt.params = _state(2)
+  second = ckpt.save(os.path.join(directory, "ckpt"), options=opts)
+  mine = first if jax.process_index() == 1 else second
+  out = {}
+  start = time.perf_counter()
+  try:
+    ckpt.restore(mine, options=opts)
+    out["restore_error"] = None
+  except jaxckpt.JaxckptError as e:
+    out["restore_error"] = f"{type(e).__name__}: {e}"
+  out["restore_seconds"] = time.perf_counter() - start
+  start = time.perf_counter()
+  try:
+    ckpt.write(os.path.join(directory, f"w{jax.process_index()}"), options=opts)
+    out["write_error"] = None
+  except jaxckpt.JaxckptError as e:
+    out["write_error"] = f"{type(e).__name__}: {e}"
+  out["write_seconds"] = time.perf_counter() - start
+  out["listing"] = sorted(os.listdir(directory))
+  return out

@@ -244,3 +244,15 @@ def test_an_error_on_one_process_never_mixes_steps_in_later_checkpoints(tmp_path
   for r in results:  # Every committed checkpoint holds exactly one step's data.
     assert r["contents"] == {f"ckpt-{i}": [i] for i in range(1, 5)}
     assert r["counter"] == 4
+
+
+def test_processes_that_disagree_on_the_path_all_refuse_quickly(tmp_path):
+  results = distributed.launch("distributed_cases", "disagreeing_calls", 2, devices=2,
+                               kwargs={"directory": str(tmp_path)})
+  for r in results:
+    assert "disagree" in r["restore_error"], r
+    assert "ckpt-1" in r["restore_error"] and "ckpt-2" in r["restore_error"]
+    assert r["restore_seconds"] < 15  # Not the 20 s timeout, nor Orbax's 300 s.
+    assert "disagree" in r["write_error"] and "w0" in r["write_error"], r
+    assert r["write_seconds"] < 15
+  assert results[0]["listing"] == ["checkpoint", "ckpt-1", "ckpt-2"]  # Nothing was written.
