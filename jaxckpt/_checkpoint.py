@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 import time
 from typing import Any
 
@@ -91,6 +92,9 @@ class Checkpoint:
     object.__setattr__(self, "_save_counter", 0)
     object.__setattr__(self, "_saver", Saver())
     object.__setattr__(self, "_history", History())
+    # Serialises save/write/restore calls from several threads (reentrant: a
+    # write callback or signal handler on the calling thread may save again).
+    object.__setattr__(self, "_lock", threading.RLock())
     for name, value in items.items():
       setattr(self, name, value)
 
@@ -203,12 +207,14 @@ class Checkpoint:
       ShapeMismatchError: a tracked value's shape differs (a ValueError);
         nothing is restored.
     """
-    return self._restore(save_path, _check_options(options), restore_counter=True)
+    with self._lock:
+      return self._restore(save_path, _check_options(options), restore_counter=True)
 
   def read(self, save_path: str | os.PathLike,
            options: CheckpointOptions | None = None) -> LoadStatus:
     """Like `restore`, for checkpoints made by `write`: leaves `save_counter` alone."""
-    return self._restore(save_path, _check_options(options), restore_counter=False)
+    with self._lock:
+      return self._restore(save_path, _check_options(options), restore_counter=False)
 
   def _restore(self, save_path, options: CheckpointOptions, *,
                restore_counter: bool) -> LoadStatus:
@@ -239,6 +245,12 @@ def save_checkpoint(checkpoint: Checkpoint, request: SaveRequest,
   Raises:
     As `Checkpoint.save`.
   """
+  with checkpoint._lock:  # Each call gets its own number and path.
+    return _save(checkpoint, request, options)
+
+
+def _save(checkpoint: Checkpoint, request: SaveRequest,
+          options: CheckpointOptions | None) -> SavePath:
   start = time.perf_counter()
   options = _check_options(options)
   io_device = resolve_io_device(options.experimental_io_device)

@@ -98,7 +98,10 @@ class CheckpointManager:
     self._checkpoint_interval = checkpoint_interval
     self._init_fn = init_fn
     self._last_checkpoint_step: int | None = None
-    self._lock = threading.Lock()  # Guards the recorded state (background thread).
+    # Guards the recorded state (also used by the save thread). Reentrant: a
+    # SIGTERM handler's save may run while the main thread holds it.
+    self._lock = threading.RLock()
+    self._save_lock = threading.RLock()  # One interval decision and save at a time.
     self._recover()
 
   def _recover(self) -> None:
@@ -173,6 +176,11 @@ class CheckpointManager:
     commit (on the background thread for async saves).
     """
     options = _check_options(options)
+    with self._save_lock:
+      return self._save(checkpoint_number, check_interval, options)
+
+  def _save(self, checkpoint_number, check_interval: bool,
+            options: CheckpointOptions) -> SavePath | None:
     if self._checkpoint_interval is not None:
       step = _read_step(self._step_counter)
       if self._last_checkpoint_step is not None:
