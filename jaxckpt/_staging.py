@@ -245,8 +245,7 @@ class StagingPool:
     those under ``min_bytes``, unless ``pack``): copy those another way.
 
     With ``pack``, arrays under ``min_bytes`` on one device come back as `Packed`
-    slices of shared buffers: only for writers that read them (the fast writer;
-    `unpack` for others)."""
+    slices of shared buffers: only for the fast writer, which reads them."""
     out: list[jax.Array | Packed | None] = [None] * len(values)
     if nbytes is None:
       nbytes = [array_nbytes(v) for v in values]
