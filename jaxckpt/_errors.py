@@ -33,6 +33,10 @@ class ShapeMismatchError(JaxckptError, ValueError):
   """A checkpointed array and the tracked value at the same path differ in shape."""
 
 
+class VariableNotFoundError(JaxckptError, KeyError):
+  """`CheckpointReader.get_tensor` was asked for a name not in the checkpoint."""
+
+
 class CheckpointNotFoundError(JaxckptError, FileNotFoundError):
   """The path given to restore/read/load_checkpoint holds no committed checkpoint."""
 
@@ -51,6 +55,15 @@ class SaveError(JaxckptError, RuntimeError):
 
 class WriteCallbackError(SaveError):
   """A write callback raised; the checkpoint itself is committed."""
+
+
+class CoordinationError(JaxckptError, RuntimeError):
+  """Another JAX process did not report in time, or reported a failure.
+
+  Inside a save's write it is the ``__cause__`` of the `SaveError`; restores,
+  and a save with ``experimental_io_device`` before its all-gather, raise it
+  directly.
+  """
 
 
 class LoadStatusError(JaxckptError, AssertionError):

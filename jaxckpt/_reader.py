@@ -9,7 +9,7 @@ import numpy as np
 from jaxckpt import _knobs
 from jaxckpt import _kvstore
 from jaxckpt._errors import CheckpointNotFoundError
-from jaxckpt._errors import JaxckptError
+from jaxckpt._errors import VariableNotFoundError
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
@@ -17,10 +17,6 @@ from jaxckpt._restore import read_leaves
 from jaxckpt._restore import stored_dtype
 from jaxckpt._state_file import latest_checkpoint
 from jaxckpt._tree import Leaf
-
-
-class VariableNotFoundError(JaxckptError, KeyError):
-  """`CheckpointReader.get_tensor` was asked for a name not in the checkpoint."""
 
 
 def _resolve(dir_or_path) -> str:
