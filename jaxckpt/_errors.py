@@ -18,7 +18,7 @@ class InvalidOptionsError(JaxckptError, TypeError, ValueError):
 
 
 class InvalidPathError(JaxckptError, ValueError):
-  """A save path cannot hold a checkpoint (e.g. a parent is a regular file)."""
+  """A path cannot hold a checkpoint (a parent is a regular file, a URL names no bucket)."""
 
 
 class UnknownDeviceError(JaxckptError, ValueError):
@@ -68,3 +68,17 @@ class CoordinationError(JaxckptError, RuntimeError):
 
 class LoadStatusError(JaxckptError, AssertionError):
   """A load-status assertion (``assert_consumed`` ...) failed."""
+
+
+# -- internal: never raised out of jaxckpt's API ---------------------------------
+
+
+class _ArrayReadError(JaxckptError):
+  """Reading array ``name`` from a key-value store failed (see _kvstore.py).
+
+  `read_leaves` turns it into a `CorruptCheckpointError` naming the checkpoint.
+  """
+
+  def __init__(self, name: str, error: BaseException):
+    super().__init__(f"array '{name}' failed to load ({type(error).__name__}: {error})")
+    self.name = name

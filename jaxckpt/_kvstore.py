@@ -39,6 +39,9 @@ import numpy as np
 import tensorstore as ts
 
 from jaxckpt import _knobs
+from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import InvalidPathError
+from jaxckpt._errors import _ArrayReadError as ArrayReadError
 
 SCHEMES = ("memory://", "s3://", "gs://")
 
@@ -60,7 +63,7 @@ def normalize(url: str) -> str:
 def join(url: str, *parts: str) -> str:
   scheme, rest = url.split("://", 1)
   if scheme != "memory" and not rest.strip("/"):
-    raise ValueError(f"{url!r} names no bucket: use {scheme}://BUCKET/path.")
+    raise InvalidPathError(f"{url!r} names no bucket: use {scheme}://BUCKET/path.")
   names = [p.strip("/") for p in (rest, *parts) if p.strip("/")]
   return f"{scheme}://" + "/".join(names)
 
@@ -82,7 +85,7 @@ def _split(url: str) -> tuple[dict, str]:
     return {"driver": "memory"}, rest.strip("/")
   bucket, _, key = rest.partition("/")
   if not bucket:
-    raise ValueError(f"{url!r} names no bucket: use {scheme}://BUCKET/path.")
+    raise InvalidPathError(f"{url!r} names no bucket: use {scheme}://BUCKET/path.")
   if scheme == "gs":
     return {"driver": "gcs", "bucket": bucket}, key.strip("/")
   spec: dict[str, Any] = {"driver": "s3", "bucket": bucket}
@@ -228,14 +231,6 @@ def write_arrays(stores: dict[str, Any], values: dict[str, Any], *, host_values:
     future.result()
 
 
-class ArrayReadError(Exception):
-  """Reading array ``name`` failed."""
-
-  def __init__(self, name: str, error: BaseException):
-    super().__init__(f"array '{name}' failed to load ({type(error).__name__}: {error})")
-    self.name = name
-
-
 def read_arrays(url: str, names: list[str]) -> dict[str, np.ndarray]:
   """Reads the zarr v3 arrays ``names`` under ``url``, all reads in flight at once."""
   opened = {name: ts.open(_array_spec(url, name), open=True, context=_CONTEXT)
@@ -300,7 +295,7 @@ def read_sharded(url: str, name: str, shape, sharding, dtype) -> jax.Array:
   try:
     store = ts.open(_array_spec(url, name), open=True, context=_CONTEXT).result()
     if tuple(store.shape) != tuple(shape):
-      raise ValueError(f"stored shape {tuple(store.shape)}, expected {tuple(shape)}")
+      raise CorruptCheckpointError(f"stored shape {tuple(store.shape)}, expected {tuple(shape)}")
     return jax.make_array_from_callback(
         tuple(shape), sharding,
         lambda index: np.asarray(store[index].read().result(), dtype=dtype))
