@@ -82,3 +82,7 @@ class _ArrayReadError(JaxckptError):
   def __init__(self, name: str, error: BaseException):
     super().__init__(f"array '{name}' failed to load ({type(error).__name__}: {error})")
     self.name = name
+
+
+class _FastReadUnsupported(JaxckptError):
+  """This array is not for the fast read path (see _fastread.py); Orbax reads it."""
