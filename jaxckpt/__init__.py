@@ -9,6 +9,7 @@ from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import LoadStatusError
 from jaxckpt._errors import NotACheckpointError
+from jaxckpt._errors import PathExistsError
 from jaxckpt._errors import SaveError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._errors import TreeError
@@ -43,6 +44,7 @@ __all__ = (
     "LoadStatus",
     "LoadStatusError",
     "NotACheckpointError",
+    "PathExistsError",
     "SaveError",
     "SavePath",
     "ShapeMismatchError",

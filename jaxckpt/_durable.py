@@ -20,6 +20,8 @@ import time
 import uuid
 
 from jaxckpt import _knobs
+from jaxckpt._errors import InvalidPathError
+from jaxckpt._errors import PathExistsError
 
 try:
   import fcntl
@@ -33,7 +35,6 @@ def check_target(final: str) -> None:
   Cheap (a few stats) so it can run on the caller's thread: a bad path fails the
   call itself instead of the background write.
   """
-  from jaxckpt._errors import InvalidPathError
   if os.path.lexists(final) and not os.path.isdir(final):
     raise InvalidPathError(
         f"Cannot save to {final!r}: it exists and is not a directory. Remove it or "
@@ -172,7 +173,7 @@ def commit(staging: str, final: str) -> None:
   old = None
   if os.path.lexists(final):
     if not os.path.isdir(final) or os.path.islink(final):
-      raise FileExistsError(
+      raise PathExistsError(
           f"Cannot save to {final!r}: a file that is not a checkpoint directory is "
           "in the way. Remove it or choose another path.")
     old = staging.replace(".jaxckpt-tmp-", ".jaxckpt-old-")

@@ -21,6 +21,13 @@ class InvalidPathError(JaxckptError, ValueError):
   """A path cannot hold a checkpoint (a parent is a regular file, a URL names no bucket)."""
 
 
+class PathExistsError(InvalidPathError, FileExistsError):
+  """A save's path holds something other than a checkpoint directory at commit time.
+
+  Found after the write, so it is the ``__cause__`` of that save's `SaveError`.
+  """
+
+
 class UnknownDeviceError(JaxckptError, ValueError):
   """``experimental_io_device`` names no device this process can use."""
 
