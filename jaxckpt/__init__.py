@@ -14,6 +14,7 @@ from jaxckpt._errors import SaveError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._errors import TreeError
 from jaxckpt._errors import UnknownDeviceError
+from jaxckpt._errors import UnknownItemError
 from jaxckpt._errors import VariableNotFoundError
 from jaxckpt._errors import WriteCallbackError
 from jaxckpt._future import CommitFuture
@@ -50,6 +51,7 @@ __all__ = (
     "ShapeMismatchError",
     "TreeError",
     "UnknownDeviceError",
+    "UnknownItemError",
     "VariableNotFoundError",
     "WriteCallbackError",
     "install_preemption_handler",

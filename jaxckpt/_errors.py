@@ -44,6 +44,13 @@ class VariableNotFoundError(JaxckptError, KeyError):
   """`CheckpointReader.get_tensor` was asked for a name not in the checkpoint."""
 
 
+class UnknownItemError(JaxckptError, AttributeError):
+  """A `Checkpoint` attribute names no tracked item.
+
+  An AttributeError, so ``hasattr`` and ``getattr(ckpt, name, default)`` work.
+  """
+
+
 class CheckpointNotFoundError(JaxckptError, FileNotFoundError):
   """The path given to restore/read/load_checkpoint holds no committed checkpoint."""
 
