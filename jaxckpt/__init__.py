@@ -2,16 +2,20 @@
 
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._errors import CheckpointNotFoundError
+from jaxckpt._errors import CoordinationError
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import LoadStatusError
 from jaxckpt._errors import NotACheckpointError
+from jaxckpt._errors import PathExistsError
 from jaxckpt._errors import SaveError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._errors import TreeError
 from jaxckpt._errors import UnknownDeviceError
+from jaxckpt._errors import UnknownItemError
+from jaxckpt._errors import VariableNotFoundError
 from jaxckpt._errors import WriteCallbackError
 from jaxckpt._future import CommitFuture
 from jaxckpt._future import SavePath
@@ -20,7 +24,6 @@ from jaxckpt._manager import CheckpointManager
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._preemption import install_preemption_handler
 from jaxckpt._reader import CheckpointReader
-from jaxckpt._reader import VariableNotFoundError
 from jaxckpt._reader import list_variables
 from jaxckpt._reader import load_checkpoint
 from jaxckpt._state_file import latest_checkpoint
@@ -35,17 +38,20 @@ __all__ = (
     "CheckpointReader",
     "CorruptCheckpointError",
     "CommitFuture",
+    "CoordinationError",
     "InvalidOptionsError",
     "InvalidPathError",
     "JaxckptError",
     "LoadStatus",
     "LoadStatusError",
     "NotACheckpointError",
+    "PathExistsError",
     "SaveError",
     "SavePath",
     "ShapeMismatchError",
     "TreeError",
     "UnknownDeviceError",
+    "UnknownItemError",
     "VariableNotFoundError",
     "WriteCallbackError",
     "install_preemption_handler",

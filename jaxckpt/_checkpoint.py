@@ -17,6 +17,7 @@ from jaxckpt._commit import SaveJob
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import TreeError
+from jaxckpt._errors import UnknownItemError
 from jaxckpt._future import CommitFuture
 from jaxckpt._future import SavePath
 from jaxckpt._incremental import History
@@ -104,7 +105,7 @@ class Checkpoint:
     items = self.__dict__.get("_items", {})
     if name in items:
       return items[name]
-    raise AttributeError(
+    raise UnknownItemError(
         f"Checkpoint tracks no item {name!r}; it tracks {sorted(items)}.")
 
   def __setattr__(self, name: str, value: Any) -> None:
@@ -122,8 +123,11 @@ class Checkpoint:
   def __delattr__(self, name: str) -> None:
     if name in self._items:
       del self._items[name]
-    else:
+    elif name.startswith("_"):
       object.__delattr__(self, name)
+    else:  # Public names are items (see __setattr__); the same error as __getattr__'s.
+      raise UnknownItemError(
+          f"Checkpoint tracks no item {name!r}; it tracks {sorted(self._items)}.")
 
   def __dir__(self):
     return sorted(set(super().__dir__()) | set(self._items))

@@ -44,10 +44,10 @@ def _checkpoints_in(directory: str) -> list[str]:
 def cmd_ls(args) -> tuple[Any, int]:
   directory = fspath(args.directory)
   store = store_for(directory)
-  if not store.exists(directory):
-    raise JaxckptError(f"Nothing is stored under {directory!r}.")
   if store.renames and not os.path.isdir(directory):
     raise JaxckptError(f"{directory!r} is not a directory.")
+  if not store.exists(directory):
+    raise JaxckptError(f"Nothing is stored under {directory!r}.")
   latest = latest_checkpoint(directory)
   state = read_state(directory)
   managed = set(state.all_model_checkpoint_paths) if state else set()

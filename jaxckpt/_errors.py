@@ -18,7 +18,14 @@ class InvalidOptionsError(JaxckptError, TypeError, ValueError):
 
 
 class InvalidPathError(JaxckptError, ValueError):
-  """A save path cannot hold a checkpoint (e.g. a parent is a regular file)."""
+  """A path cannot hold a checkpoint (a parent is a regular file, a URL names no bucket)."""
+
+
+class PathExistsError(InvalidPathError, FileExistsError):
+  """A save's path holds something other than a checkpoint directory at commit time.
+
+  Found after the write, so it is the ``__cause__`` of that save's `SaveError`.
+  """
 
 
 class UnknownDeviceError(JaxckptError, ValueError):
@@ -31,6 +38,17 @@ class TreeError(JaxckptError, ValueError):
 
 class ShapeMismatchError(JaxckptError, ValueError):
   """A checkpointed array and the tracked value at the same path differ in shape."""
+
+
+class VariableNotFoundError(JaxckptError, KeyError):
+  """`CheckpointReader.get_tensor` was asked for a name not in the checkpoint."""
+
+
+class UnknownItemError(JaxckptError, AttributeError):
+  """A `Checkpoint` attribute names no tracked item.
+
+  An AttributeError, so ``hasattr`` and ``getattr(ckpt, name, default)`` work.
+  """
 
 
 class CheckpointNotFoundError(JaxckptError, FileNotFoundError):
@@ -53,13 +71,32 @@ class WriteCallbackError(SaveError):
   """A write callback raised; the checkpoint itself is committed."""
 
 
+class CoordinationError(JaxckptError, RuntimeError):
+  """Another JAX process did not report in time, or reported a failure.
+
+  Inside a save's write it is the ``__cause__`` of the `SaveError`; restores,
+  and a save with ``experimental_io_device`` before its all-gather, raise it
+  directly.
+  """
+
+
 class LoadStatusError(JaxckptError, AssertionError):
   """A load-status assertion (``assert_consumed`` ...) failed."""
 
 
-class ArrayReadError(CorruptCheckpointError):
-  """Reading array ``name`` of a checkpoint failed (internal; re-raised with the path)."""
+# -- internal: never raised out of jaxckpt's API ---------------------------------
+
+
+class _ArrayReadError(JaxckptError):
+  """Reading array ``name`` from a key-value store failed (see _zarr3.py).
+
+  `read_leaves` turns it into a `CorruptCheckpointError` naming the checkpoint.
+  """
 
   def __init__(self, name: str, error: BaseException):
     super().__init__(f"array '{name}' failed to load ({type(error).__name__}: {error})")
     self.name = name
+
+
+class _FastReadUnsupported(JaxckptError):
+  """This array is not for the fast read path (see _fastread.py); Orbax reads it."""

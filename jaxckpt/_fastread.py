@@ -30,16 +30,13 @@ import threading
 import numpy as np
 import tensorstore as ts
 
+from jaxckpt._errors import _FastReadUnsupported
 from jaxckpt._integrity import checksum
 
 logger = logging.getLogger("jaxckpt")
 
 _PIECE_BYTES = 32 << 20  # Large chunks are read in pieces, so few arrays still use all threads.
 _THREADS = 8  # I/O-bound: more reads in flight than cores.
-
-
-class _Unsupported(Exception):
-  """This array is not for the fast path; Orbax reads it."""
 
 
 def _zarr_dtype(dtype: np.dtype) -> str:
@@ -60,11 +57,11 @@ def _entries(state_dir: str) -> dict[bytes, dict]:
   manifest = ts.ocdbt.dump(base).result()
   versions = manifest.get("versions") or []
   if not versions:
-    raise _Unsupported("no versions")
+    raise _FastReadUnsupported("no versions")
   latest = max(versions, key=lambda v: v["generation_number"])
   root = latest.get("root") or {}
   if latest.get("root_height", 0) != 0 or "location" not in root:
-    raise _Unsupported(f"B-tree height {latest.get('root_height')}")
+    raise _FastReadUnsupported(f"B-tree height {latest.get('root_height')}")
   node = ts.ocdbt.dump(base, root["location"]).result()
   return {entry["key"]: entry for entry in node["entries"]}
 
@@ -75,7 +72,7 @@ def _location(ref: str, state_dir: str) -> tuple[str, int, int]:
   head, offset, length = rest.rsplit(":", 2)
   prefix, relative = head.split(":", 1)
   if kind != "value" or ".." in prefix.split("/") or ".." in relative.split("/"):
-    raise _Unsupported(f"value reference {ref!r}")
+    raise _FastReadUnsupported(f"value reference {ref!r}")
   return os.path.join(state_dir, prefix, relative), int(offset), int(length)
 
 
@@ -84,11 +81,11 @@ def _small_value(entry: dict, state_dir: str) -> bytes:
     return entry["inline_value"]
   path, offset, length = _location(entry.get("indirect_value", ""), state_dir)
   if length > 1 << 20:
-    raise _Unsupported(f"metadata of {length} bytes")
+    raise _FastReadUnsupported(f"metadata of {length} bytes")
   with open(path, "rb") as f:
     data = os.pread(f.fileno(), length, offset)
   if len(data) != length:
-    raise _Unsupported("metadata beyond the end of its file")
+    raise _FastReadUnsupported("metadata beyond the end of its file")
   return data
 
 
@@ -102,13 +99,13 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[byte
   key = name.replace("/", ".")  # Orbax joins tree keys with '.'; jaxckpt's names have none.
   meta_entry = entries.get(f"{key}/.zarray".encode())
   if meta_entry is None:
-    raise _Unsupported("no zarr v2 metadata")
+    raise _FastReadUnsupported("no zarr v2 metadata")
   meta = json.loads(_small_value(meta_entry, state_dir))
   if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
       or meta.get("filters") is not None or meta.get("order") != "C"
       or meta.get("dtype") != _zarr_dtype(dtype) or tuple(meta.get("shape", ())) != shape
       or len(meta.get("chunks", ())) != len(shape) or 0 in shape):
-    raise _Unsupported(f"metadata {meta}")
+    raise _FastReadUnsupported(f"metadata {meta}")
   chunks = tuple(meta["chunks"])
   sep = meta.get("dimension_separator", ".")
   chunk_bytes = math.prod(chunks) * dtype.itemsize
@@ -121,7 +118,7 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[byte
   for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks, strict=True))):
     entry = entries.get(f"{key}/{sep.join(map(str, index)) or '0'}".encode())
     if entry is None:
-      raise _Unsupported(f"chunk {index} missing")  # E.g. equal to the fill value.
+      raise _FastReadUnsupported(f"chunk {index} missing")  # E.g. equal to the fill value.
     region = tuple(slice(i * c, min((i + 1) * c, s))
                    for i, c, s in zip(index, chunks, shape, strict=True))
     if not shape:
@@ -134,12 +131,12 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[byte
     if "inline_value" in entry:
       data = entry["inline_value"]
       if len(data) != chunk_bytes:
-        raise _Unsupported(f"inline chunk of {len(data)} bytes")
+        raise _FastReadUnsupported(f"inline chunk of {len(data)} bytes")
       reads.append((dest, data, region, chunks))
       continue
     path, offset, length = _location(entry.get("indirect_value", ""), state_dir)
     if length != chunk_bytes:
-      raise _Unsupported(f"chunk of {length} bytes, expected {chunk_bytes}")
+      raise _FastReadUnsupported(f"chunk of {length} bytes, expected {chunk_bytes}")
     reads.append((dest, (path, offset), region, chunks))
   return reads
 
@@ -148,7 +145,7 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
   while view:
     n = os.preadv(fd, [view], offset)
     if n <= 0:
-      raise OSError(f"unexpected end of data file at offset {offset}")
+      raise _FastReadUnsupported(f"unexpected end of data file at offset {offset}")
     view, offset = view[n:], offset + n
 
 
@@ -174,7 +171,7 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *,
     array = aligned_empty(tuple(shape), np.dtype(dtype))
     try:
       plans[name] = _plan(name, tuple(shape), np.dtype(dtype), entries, state_dir, array)
-    except (_Unsupported, OSError, ValueError, KeyError, TypeError) as e:
+    except (_FastReadUnsupported, OSError, ValueError, KeyError, TypeError) as e:
       logger.debug("Array %s of %s is read by Orbax: %s", name, state_dir, e)
       continue
     out[name] = array

@@ -14,6 +14,7 @@ write), reads named leaves back, and describes what it stored. Two exist:
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 import os
 from typing import Any
@@ -26,9 +27,9 @@ from jaxckpt import _fastread
 from jaxckpt import _fastwrite
 from jaxckpt import _knobs
 from jaxckpt import _zarr3
-from jaxckpt._errors import ArrayReadError
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import JaxckptError
+from jaxckpt._errors import _ArrayReadError as ArrayReadError
 from jaxckpt._manifest import Manifest
 from jaxckpt._orbax_fixes import registry_writing_on
 from jaxckpt._orbax_fixes import stop_metrics_leak
@@ -69,18 +70,19 @@ def stored_dtype(manifest: Manifest, name: str) -> np.dtype:
   return np.dtype(jax.numpy.dtype(manifest.leaves[name].dtype))
 
 
-class Layout:
+class Layout(abc.ABC):
   """Writes snapshots into, and reads leaves from, one on-disk layout."""
   has_fast_writer = False
 
+  @abc.abstractmethod
   def write(self, job: Any, data_dir: str) -> Any:
     """Starts writing ``job.snapshot`` under ``data_dir``; returns an object whose
     ``wait()`` finishes the write (raising its error)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def read(self, path: str, manifest: Manifest, wanted: list[Leaf], *,
            io_device: jax.Device | None, reader: Reader, verify_checksums: bool) -> Read:
-    raise NotImplementedError
+    """Reads ``wanted`` (present in ``manifest``) from the checkpoint at ``path``."""
 
   def describe(self, path: str) -> dict[str, str]:
     """Each array's sharding at save time, where the layout records it."""

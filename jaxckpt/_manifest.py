@@ -87,24 +87,29 @@ class Manifest:
 
   @classmethod
   def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
-    if data.get("format") != "jaxckpt":
+    if not isinstance(data, dict) or data.get("format") != "jaxckpt":
       raise NotACheckpointError(f"{where} is not a jaxckpt manifest.")
     version = data.get("version")
     if not isinstance(version, int) or version > _knobs.FORMAT_VERSION:
       raise NotACheckpointError(
           f"{where} has format version {version!r}; this jaxckpt reads versions "
           f"<= {_knobs.FORMAT_VERSION}. Upgrade jaxckpt to read it.")
-    return cls(
-        version=version, save_counter=int(data["save_counter"]),
-        kind=data["kind"], created=float(data["created"]),
-        leaves={n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"])
-                for n, i in data["leaves"].items()},
-        checksums={n: i.get("crc32") for n, i in data["leaves"].items()},
-        sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
-        digests={n: i.get("sha1") for n, i in data["leaves"].items()},
-        data=data.get("data"),
-        shard_checksums={n: {k: int(v) for k, v in i["shard_crc32"].items()}
-                         for n, i in data["leaves"].items() if i.get("shard_crc32")})
+    try:
+      return cls(
+          version=version, save_counter=int(data["save_counter"]),
+          kind=data["kind"], created=float(data["created"]),
+          leaves={n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"])
+                  for n, i in data["leaves"].items()},
+          checksums={n: i.get("crc32") for n, i in data["leaves"].items()},
+          sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
+          digests={n: i.get("sha1") for n, i in data["leaves"].items()},
+          data=data.get("data"),
+          shard_checksums={n: {k: int(v) for k, v in i["shard_crc32"].items()}
+                           for n, i in data["leaves"].items() if i.get("shard_crc32")})
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+      # A truncated or hand-edited manifest: a NotACheckpointError, not a bare KeyError.
+      raise NotACheckpointError(
+          f"{where} is a damaged jaxckpt manifest ({type(e).__name__}: {e}).") from e
 
 
 MANIFEST_KEY = f"{_knobs.MANIFEST_ITEM}/metadata"  # Where Orbax's JSON handler would put it.

@@ -24,7 +24,7 @@ import threading
 import jax
 
 from jaxckpt import _knobs
-from jaxckpt._errors import JaxckptError
+from jaxckpt._errors import CoordinationError
 
 logger = logging.getLogger("jaxckpt")
 
@@ -36,10 +36,6 @@ PRIMARY = 0
 _sequence = itertools.count(1)
 _sequence_lock = threading.Lock()
 _swept_through = 0  # Operations whose keys are deleted (on process 0).
-
-
-class CoordinationError(JaxckptError, RuntimeError):
-  """Another process did not report in time, or reported a failure."""
 
 
 def process_count() -> int:

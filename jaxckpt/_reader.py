@@ -8,7 +8,7 @@ import numpy as np
 
 from jaxckpt import _knobs
 from jaxckpt._errors import CheckpointNotFoundError
-from jaxckpt._errors import JaxckptError
+from jaxckpt._errors import VariableNotFoundError
 from jaxckpt._layout import stored_dtype
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import is_committed
@@ -18,10 +18,6 @@ from jaxckpt._state_file import latest_checkpoint
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
 from jaxckpt._tree import Leaf
-
-
-class VariableNotFoundError(JaxckptError, KeyError):
-  """`CheckpointReader.get_tensor` was asked for a name not in the checkpoint."""
 
 
 def _resolve(dir_or_path) -> str:

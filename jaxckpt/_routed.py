@@ -24,6 +24,8 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
+from jaxckpt import _errors
+from jaxckpt._errors import JaxckptError
 from jaxckpt._layout import Reader
 from jaxckpt._layout import stored_dtype
 from jaxckpt._manifest import Manifest
@@ -73,11 +75,14 @@ def broadcast(arrays: list[np.ndarray] | None, specs: list[tuple[tuple[int, ...]
   return result
 
 
-def _rebuild_error(data: dict, io_process: int) -> Exception:
-  from jaxckpt import _errors
-  cls = getattr(_errors, data.get("error", ""), None)
-  if not (isinstance(cls, type) and issubclass(cls, Exception)):
-    cls = _errors.JaxckptError
+def _rebuild_error(data: dict, io_process: int) -> JaxckptError:
+  """The I/O process's error, by class name; others (not jaxckpt's) as a JaxckptError."""
+  name = data.get("error", "")
+  cls = getattr(_errors, name, None)
+  # Private classes are internal and never published (_ArrayReadError also takes
+  # other arguments); should one arrive, it is rebuilt as a plain JaxckptError.
+  if name.startswith("_") or not (isinstance(cls, type) and issubclass(cls, JaxckptError)):
+    cls = JaxckptError
   return cls(f"(on process {io_process}, the experimental_io_device) {data['message']}")
 
 

@@ -21,6 +21,7 @@ the commit protocol a checkpoint becomes visible by:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import functools
 import json
@@ -37,6 +38,7 @@ import tensorstore as ts
 
 from jaxckpt import _knobs
 from jaxckpt._errors import InvalidPathError
+from jaxckpt._errors import PathExistsError
 
 try:
   import fcntl
@@ -46,8 +48,10 @@ except ImportError:  # pragma: no cover - Windows: no flock; in-flight saves are
 SCHEMES = ("memory://", "s3://", "gs://")
 
 
-class Store:
+class Store(abc.ABC):
   """Operations on one kind of path; implementations are stateless singletons.
+
+  Paths are strings in the store's own spelling (a local path or a URL).
 
   Attributes:
     renames: checkpoints commit by an atomic directory rename (the Orbax PyTree
@@ -61,17 +65,21 @@ class Store:
     """Whether every process sees the same contents at ``path`` (not ``memory://``)."""
     return True
 
+  @abc.abstractmethod
   def absolute(self, path: str) -> str:
-    raise NotImplementedError
+    """``path`` fixed against the working directory (local) or normalized (URLs)."""
 
+  @abc.abstractmethod
   def join(self, base: str, *parts: str) -> str:
-    raise NotImplementedError
+    """``base`` with ``parts`` appended."""
 
+  @abc.abstractmethod
   def dirname(self, path: str) -> str:
-    raise NotImplementedError
+    """The directory holding ``path``."""
 
+  @abc.abstractmethod
   def basename(self, path: str) -> str:
-    raise NotImplementedError
+    """The last component of ``path``."""
 
   def resolve(self, directory: str, path: str) -> str:
     """``path`` (as a state file names it) relative to ``directory``."""
@@ -86,71 +94,72 @@ class Store:
     root = self.absolute(directory).rstrip("/") + "/"
     return (self.absolute(path).rstrip("/") + "/").startswith(root)
 
+  @abc.abstractmethod
   def names(self, directory: str) -> list[str]:
     """Sorted names directly in ``directory`` (empty if there is none)."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def exists(self, path: str) -> bool:
-    raise NotImplementedError
+    """Whether anything is stored at (or under) ``path``."""
 
+  @abc.abstractmethod
   def read_bytes(self, path: str) -> bytes | None:
     """The file's bytes, or None if it does not exist."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def replace_file(self, path: str, data: bytes) -> None:
     """Atomically replaces ``path`` with ``data`` (durable once it returns)."""
-    raise NotImplementedError
 
   def size(self, path: str) -> int | None:
     """Bytes stored under ``path``, or None where the store cannot tell."""
     return None
 
-  def check_target(self, path: str) -> None:
+  def check_target(self, path: str) -> None:  # noqa: B027 - Nothing to check by default.
     """Raises `InvalidPathError` now if ``path`` can never become a checkpoint."""
 
   # -- the commit protocol ----------------------------------------------------
 
+  @abc.abstractmethod
   def new_staging(self, target: str) -> str:
     """A fresh name for a save's data before it is committed at ``target``."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def data_dir(self, staging: str, target: str) -> str:
     """Where the layout writes a save's arrays."""
-    raise NotImplementedError
 
   def hold(self, staging: str) -> Any:
     """Marks ``staging`` as in flight (see `LocalStore.hold`); for `release`."""
     return None
 
-  def release(self, staging: str, held: Any) -> None:
+  def release(self, staging: str, held: Any) -> None:  # noqa: B027 - Nothing held.
     """Ends `hold`."""
 
+  @abc.abstractmethod
   def commit(self, staging: str, target: str, marker: tuple[str, bytes]) -> None:
     """Makes the save visible at ``target``: writes ``marker`` (key, bytes) last."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def abort(self, staging: str, target: str) -> None:
     """Best-effort removal of a failed save's data."""
-    raise NotImplementedError
 
-  def drop_data(self, target: str, data: str) -> None:
+  def drop_data(self, target: str, data: str) -> None:  # noqa: B027 - Renames replace it.
     """Deletes the data prefix ``data`` an overwritten checkpoint used."""
 
+  @abc.abstractmethod
   def remove_checkpoint(self, path: str) -> None:
     """Deletes a committed checkpoint so that it is never half there."""
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def remove_leftovers(self, directory: str, live_data: Callable[[str], str | None]
                        ) -> list[str]:
     """Deletes what interrupted saves left in ``directory``; returns the names.
 
     ``live_data(checkpoint)`` names the data prefix a checkpoint's manifest uses.
     """
-    raise NotImplementedError
 
+  @abc.abstractmethod
   def incomplete(self, directory: str) -> list[str]:
     """Names of interrupted saves' leftovers in ``directory`` (for ``jaxckpt ls``)."""
-    raise NotImplementedError
 
 
 def is_url(path: Any) -> bool:
@@ -362,7 +371,7 @@ class LocalStore(Store):
     old = None
     if os.path.lexists(target):
       if not os.path.isdir(target) or os.path.islink(target):
-        raise InvalidPathError(
+        raise PathExistsError(
             f"Cannot save to {target!r}: a file that is not a checkpoint directory is "
             "in the way. Remove it or choose another path.")
       old = staging.replace(".jaxckpt-tmp-", ".jaxckpt-old-")

@@ -15,7 +15,8 @@ import jax
 import numpy as np
 import tensorstore as ts
 
-from jaxckpt._errors import ArrayReadError
+from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import _ArrayReadError as ArrayReadError
 from jaxckpt._store import KV
 
 
@@ -109,7 +110,8 @@ def read_sharded(url: str, name: str, shape, sharding, dtype) -> jax.Array:
   try:
     store = ts.open(_array_spec(url, name), open=True, context=KV.context).result()
     if tuple(store.shape) != tuple(shape):
-      raise ValueError(f"stored shape {tuple(store.shape)}, expected {tuple(shape)}")
+      raise CorruptCheckpointError(
+          f"stored shape {tuple(store.shape)}, expected {tuple(shape)}")
     return jax.make_array_from_callback(
         tuple(shape), sharding,
         lambda index: np.asarray(store[index].read().result(), dtype=dtype))

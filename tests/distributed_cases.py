@@ -167,7 +167,8 @@ def die_during_save(directory: str, victim: int = 1, when: str = "before"):
     path.future.result(timeout=120)
   except jaxckpt.SaveError as e:
     time.sleep(0.5)  # Let a (wrongly) still-running commit show up in the listing.
-    return {"error": str(e), "seconds": time.perf_counter() - start,
+    return {"error": str(e), "cause": type(e.__cause__).__name__,
+            "seconds": time.perf_counter() - start,
             "listing": sorted(os.listdir(directory)), "latest": manager.latest_checkpoint}
   return {"error": None, "listing": sorted(os.listdir(directory))}
 
