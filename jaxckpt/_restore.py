@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxckpt import _compat
 from jaxckpt import _fastread
 from jaxckpt import _knobs
 from jaxckpt import _kvstore
@@ -90,20 +91,6 @@ def _uncommitted(leaf: Leaf) -> bool:
   return isinstance(leaf.value, jax.Array) and not leaf.value.committed
 
 
-def _uncommit(value: jax.Array) -> jax.Array:
-  """``value`` as an uncommitted array, sharing its buffers (no copy).
-
-  JAX has no public way to drop the "committed" flag; the alternative,
-  ``device_put`` of a numpy copy, cost 0.15 s per 512 MiB (TensorStore's numpy
-  output is 16-byte aligned, and JAX aliases only 64-byte-aligned host memory).
-  """
-  try:
-    from jax._src.array import ArrayImpl
-    return ArrayImpl(value.aval, value.sharding, value._arrays, committed=False)
-  except Exception:  # Another JAX version: copy.
-    return jax.device_put(np.asarray(value))
-
-
 # Uncommitted arrays at least this big are read as device arrays and then
 # uncommitted without a copy; smaller ones as numpy, then copied. Measured with
 # benchmarks/throughput.py (cold reads): the device-array path restored 8 MiB+
@@ -132,7 +119,7 @@ def as_tracked_type(leaf: Leaf, value: Any) -> Any:
       value = value.astype(leaf.dtype)
     if value.sharding != tracked.sharding:
       value = jax.device_put(value, tracked.sharding)
-    return _uncommit(value)
+    return _compat.uncommitted(value)  # No copy (see there).
   if isinstance(tracked, (jax.Array, jax.ShapeDtypeStruct)):
     if value.dtype != leaf.dtype:
       value = value.astype(leaf.dtype)
