@@ -64,7 +64,7 @@ def _gather_snapshot(leaves, io_process: int) -> dict[str, object]:
       [leaf for leaf in leaves if not isinstance(leaf.value, jax.Array)],
       copy=True, io_device=None)
   snapshot.update((leaf.name, value) for leaf, value in zip(arrays, gathered, strict=True))
-  # All numpy: written by _orbax_fixes.NumpyOnProcessHandler on this process.
+  # All numpy: written on this process (_compat.registry_writing_on).
   return {name: np.asarray(value) for name, value in snapshot.items()}
 
 

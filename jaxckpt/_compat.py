@@ -19,15 +19,22 @@ never ``import jaxckpt``:
 
 from __future__ import annotations
 
+import asyncio
 import atexit
+import contextlib
 import functools
 import logging
 import threading
 from collections.abc import Callable
+from collections.abc import Iterator
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+import tensorstore as ts
+
+from jaxckpt._errors import SaveError
 
 logger = logging.getLogger("jaxckpt")
 
@@ -294,3 +301,199 @@ def register_early_atexit(fn: Callable[[], None]) -> None:
     except Exception as e:  # RuntimeError once shutdown has begun.
       _FEATURES["early_atexit"].failed(e)
   atexit.register(fn)
+
+
+# -- Orbax: the fast writer's chunk grid ---------------------------------------
+
+
+@_feature("replica_slices", "Orbax's replica_slices.get_replica_slices",
+          "the fast writer chunks arrays by their shard shape, which for replicated "
+          "arrays may differ from Orbax's chunks")
+def _find_replica_slices():
+  from orbax.checkpoint._src.serialization import jax_array_handlers
+  from orbax.checkpoint._src.serialization import replica_slices
+  return replica_slices.get_replica_slices, jax_array_handlers._get_default_use_replica_parallel
+
+
+def orbax_write_shape(value: jax.Array) -> tuple[int, ...]:
+  """Orbax's chunk grid for ``value``: its shard shape, split among replicas where
+  Orbax's replica-parallel saving would split it (Orbax's own function decides)."""
+  found = _FEATURES["replica_slices"].get()
+  if found is not None:
+    get_replica_slices, use_replica_parallel = found
+    try:
+      return tuple(get_replica_slices(value, replica_id=0,
+                                      use_replica_parallel=use_replica_parallel()).local_shape)
+    except Exception as e:
+      _FEATURES["replica_slices"].failed(e)
+  return tuple(value.sharding.shard_shape(value.shape))  # Always a valid grid.
+
+
+@_feature("subchunking", "Orbax's subchunking.choose_chunk_shape",
+          "the fast writer ignores CheckpointOptions.chunk_byte_size (one chunk per write "
+          "shape)")
+def _find_subchunking():
+  from orbax.checkpoint._src.arrays import subchunking
+  return subchunking.choose_chunk_shape
+
+
+def choose_chunk_shape(global_shape: tuple[int, ...], write_shape: tuple[int, ...],
+                       dtype: np.dtype, target_byte_size: int) -> tuple[int, ...]:
+  """Orbax's chunk shape for ``chunk_byte_size``: the largest that divides
+  ``write_shape`` within ``target_byte_size`` bytes."""
+  choose = _FEATURES["subchunking"].get()
+  if choose is not None:
+    try:
+      return tuple(choose(global_shape, write_shape, dtype, target_byte_size))
+    except Exception as e:
+      _FEATURES["subchunking"].failed(e)
+  return tuple(write_shape)
+
+
+# -- Orbax: numpy arrays written by another process ----------------------------
+
+
+@_feature("numpy_on_process", "Orbax's NumpyHandler._background_serialize (to override)",
+          "saves with experimental_io_device on a task other than 0 are not possible")
+def _find_numpy_on_process():
+  """Orbax's ``NumpyHandler`` writing on a chosen process instead of 0.
+
+  Orbax's ``NumpyHandler`` writes numpy arrays only on process 0: its
+  ``_background_serialize`` hard-codes ``if multihost.process_index() == 0``,
+  whatever ``primary_host`` says, and its ``ArrayHandler`` refuses arrays that
+  live on one process when there are several ("Cannot serialize host local
+  jax.Array"). So a save whose I/O runs on another process (TF's
+  ``experimental_io_device="/task:1"``) would silently write no data. This is
+  Orbax's method with the writer made a parameter.
+  """
+  from orbax.checkpoint._src import asyncio_utils
+  from orbax.checkpoint._src.serialization import ocdbt_utils
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  base = ocp.type_handlers.NumpyHandler
+  stock = base()
+  used = [(asyncio_utils, "cancellable"), (ocdbt_utils, "get_process_index_for_subdir"),
+          (ts_utils, "build_array_write_spec"), (base, "_background_serialize"),
+          (base, "_open_and_write"), (stock, "_override_ocdbt_process_id"),
+          (stock, "_metadata_key")]
+  if not all(hasattr(owner, name) for owner, name in used):
+    return None
+  process_index = ocp.multihost.process_index
+
+  class NumpyOnProcessHandler(base):
+    """Orbax's ``NumpyHandler``, writing on process ``writer`` instead of 0."""
+
+    def __init__(self, writer: int):
+      super().__init__()
+      self._writer = writer
+
+    async def _background_serialize(self, values, infos, args=None):
+      # Copied from orbax-checkpoint 0.12 type_handlers.NumpyHandler; only the
+      # `process_index() == ...` line differs.
+      write_coros = []
+      for value, info, arg in zip(values, infos, args, strict=True):
+        await info.await_path_creation()
+        array_write_spec = ts_utils.build_array_write_spec(
+            info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,
+            dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
+            process_index=ocdbt_utils.get_process_index_for_subdir(
+                use_ocdbt=info.is_ocdbt_checkpoint,
+                override_ocdbt_process_id=self._override_ocdbt_process_id),
+            metadata_key=self._metadata_key)
+        if process_index() == self._writer:
+          write_coros.append(self._open_and_write(value, array_write_spec.json, info.ts_context))
+      await asyncio_utils.cancellable(
+          asyncio.gather(*write_coros),
+          message="[process=%s] Numpy handler gather was cancelled.",
+          process_index=process_index())
+
+  return NumpyOnProcessHandler
+
+
+def registry_writing_on(process: int) -> Any:
+  """A type registry (the global one is untouched) for saves of numpy values
+  written by ``process``.
+
+  Raises:
+    SaveError: ``process`` is not 0 and this Orbax offers no way to write there.
+  """
+  handler_class = _FEATURES["numpy_on_process"].get()
+  if handler_class is not None:
+    handler = handler_class(process)
+  elif process == 0:  # Orbax's own handler writes on process 0.
+    handler = ocp.type_handlers.NumpyHandler()
+  else:
+    raise SaveError(
+        f"Cannot write this save on process {process}: this Orbax version's NumpyHandler "
+        "writes only on process 0 and jaxckpt cannot override it. Use "
+        "experimental_io_device on task 0, or no experimental_io_device.")
+  return ocp.type_handlers.create_type_handler_registry((np.ndarray, handler))
+
+
+# -- Orbax: TensorStore byte counts without the leak ---------------------------
+
+
+@_feature("metrics_fix", "Orbax's tensorstore_utils.get_tensorstore_raw_bytes (to divert)",
+          "each save or restore through Orbax leaks what "
+          "ts.experimental_collect_matching_metrics returns (~5-25 KB of RSS per call, 2 calls "
+          "per operation)")
+def _find_metrics_fix():
+  from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+  if not (callable(ts_utils.get_tensorstore_raw_bytes)
+          and callable(ts.experimental_collect_prometheus_format_metrics)):
+    return None
+  return ts_utils
+
+
+def _raw_bytes(direction: Any = None) -> int:
+  """Orbax's ``get_tensorstore_raw_bytes`` from the Prometheus-format metrics,
+  which do not leak (``experimental_collect_matching_metrics`` does, in
+  tensorstore 0.1.86). ``direction``: Orbax's ``IoDirection``; None is WRITE."""
+  write = direction is None or getattr(direction, "name", None) == "WRITE"
+  suffix = "_bytes_written" if write else "_bytes_read"
+  total = 0
+  for line in ts.experimental_collect_prometheus_format_metrics("/tensorstore/kvstore/"):
+    name, _, value = line.rpartition(" ")
+    if not line.startswith("#") and name.split("{", 1)[0].endswith(suffix):
+      try:
+        total += int(float(value))
+      except ValueError:
+        pass
+  return total
+
+
+_metrics_lock = threading.Lock()
+_metrics_users = 0
+_metrics_original: Any = None
+
+
+@contextlib.contextmanager
+def stop_metrics_leak() -> Iterator[None]:
+  """While jaxckpt's own Orbax operations run, Orbax counts TensorStore's raw bytes
+  with `_raw_bytes` instead of its leaking count.
+
+  Orbax calls ``tensorstore_utils.get_tensorstore_raw_bytes`` through its module,
+  around every array batch it writes or reads (2 calls per save or restore), on
+  its own threads, so the module attribute is swapped while at least one such
+  operation is open and put back when the last closes: Orbax code of the user's
+  running after a jaxckpt save sees Orbax's own function (and during one, the
+  same counts, computed without the leak). The context must span the whole
+  operation, up to ``wait_until_finished`` of an async save.
+  """
+  global _metrics_users, _metrics_original
+  ts_utils = _FEATURES["metrics_fix"].get()
+  if ts_utils is None:
+    yield
+    return
+  with _metrics_lock:
+    if _metrics_users == 0:
+      _metrics_original = ts_utils.get_tensorstore_raw_bytes
+      ts_utils.get_tensorstore_raw_bytes = _raw_bytes
+    _metrics_users += 1
+  try:
+    yield
+  finally:
+    with _metrics_lock:
+      _metrics_users -= 1
+      # Put back only what was swapped out, not a function someone set meanwhile.
+      if _metrics_users == 0 and ts_utils.get_tensorstore_raw_bytes is _raw_bytes:
+        ts_utils.get_tensorstore_raw_bytes = _metrics_original

@@ -28,7 +28,6 @@ from jaxckpt._errors import TreeError
 from jaxckpt._integrity import verify_all
 from jaxckpt._integrity import verify_shards
 from jaxckpt._manifest import Manifest
-from jaxckpt._orbax_fixes import stop_metrics_leak
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
 
@@ -144,7 +143,6 @@ def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
   else:
     restore_args = nest({l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device)
                          for l in leaves})
-  stop_metrics_leak()
   if reader.processes is None:
     checkpointer = ocp.PyTreeCheckpointer()
   else:  # Orbax's default barrier is an XLA collective; see _multihost.py.
@@ -153,7 +151,7 @@ def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
         barrier_sync_key_prefix=reader.key_prefix)
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
                                     multiprocessing_options=mp)
-  with checkpointer:
+  with _compat.stop_metrics_leak(), checkpointer:
     restored = checkpointer.restore(
         os.path.abspath(os.path.join(path, _knobs.STATE_ITEM)),
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from jaxckpt import _compat
 from jaxckpt import _fastwrite
 from jaxckpt import _knobs
 from jaxckpt import _kvstore
@@ -43,8 +44,6 @@ from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import CoordinationError
 from jaxckpt._multihost import sweep_keys
 from jaxckpt._options import call_write_callback
-from jaxckpt._orbax_fixes import registry_writing_on
-from jaxckpt._orbax_fixes import stop_metrics_leak
 from jaxckpt._staging import unpack
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest
@@ -94,14 +93,13 @@ def new_checkpointer(*, compression: bool = False,
   training step's collectives and deadlock), under this save's own key prefix
   (Orbax reuses barrier names across saves) and with the save's timeout.
   """
-  stop_metrics_leak()
   if coordination is None:
     return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
         _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression)}))
   mp = coordination.orbax_options()  # Also for the handlers: they pick who writes metadata.
   extra = {}
   if coordination.writers is not None:  # One process writes whole numpy arrays.
-    extra["type_handler_registry"] = registry_writing_on(coordination.primary)
+    extra["type_handler_registry"] = _compat.registry_writing_on(coordination.primary)
   handler = ocp.CompositeCheckpointHandler(
       composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
       **{_knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(
@@ -357,7 +355,8 @@ def _run_save(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer] | None) 
   if coord is not None and coord.writes and not _kvstore.is_url(job.target):
     checkpointer = new_checkpointer(compression=job.compression, coordination=coord)
     try:
-      _write_and_commit(job, lambda: checkpointer)
+      with _compat.stop_metrics_leak():  # Up to Orbax's wait_until_finished.
+        _write_and_commit(job, lambda: checkpointer)
     except BaseException:
       try:  # Its own (later) error, e.g. a barrier timeout, must not mask this one.
         checkpointer.close()
@@ -366,7 +365,8 @@ def _run_save(job: SaveJob, engine: Callable[[], ocp.AsyncCheckpointer] | None) 
       raise
     checkpointer.close()
   else:
-    _write_and_commit(job, engine)
+    with _compat.stop_metrics_leak():
+      _write_and_commit(job, engine)
   try:
     if job.history is not None:
       _record_history(job, job.target)
