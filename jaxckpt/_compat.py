@@ -24,6 +24,7 @@ import atexit
 import contextlib
 import functools
 import logging
+import os
 import threading
 from collections.abc import Callable
 from collections.abc import Iterator
@@ -497,3 +498,82 @@ def stop_metrics_leak() -> Iterator[None]:
       # Put back only what was swapped out, not a function someone set meanwhile.
       if _metrics_users == 0 and ts_utils.get_tensorstore_raw_bytes is _raw_bytes:
         ts_utils.get_tensorstore_raw_bytes = _metrics_original
+
+
+# -- TensorStore: where each OCDBT value lives ---------------------------------
+
+
+@_feature("ocdbt_dump", "TensorStore's ts.ocdbt.dump, in the output format jaxckpt parses",
+          "the fast read path is off and Orbax reads every array (slower restore())")
+def _find_ocdbt_dump():
+  return getattr(getattr(ts, "ocdbt", None), "dump", None)
+
+
+class _Unlisted(Exception):
+  """This database is not for the fast read path (e.g. not OCDBT): Orbax reads it."""
+
+
+def ocdbt_chunk_entries(state_dir: str) -> dict[bytes, bytes | tuple[str, int, int]] | None:
+  """Key → value of the OCDBT database in ``state_dir``: its bytes when stored
+  inline, else ``(data file path, offset, length)``.
+
+  TensorStore's public ``ts.ocdbt.dump`` reads the manifest and B-tree; the
+  layout of its output (``versions``, ``entries``, ``value:<dir>:<file>:<offset>:<length>``
+  references) is what is private here. Values stored other than in a data file
+  under ``state_dir`` are left out. None when the database cannot be listed: no
+  ``dump`` or an output it does not know (one WARNING), or a database this code
+  does not handle (not OCDBT, a B-tree of height above 0; debug log).
+  """
+  dump = _FEATURES["ocdbt_dump"].get()
+  if dump is None:
+    return None
+  try:
+    return _list_entries(dump, state_dir)
+  except _Unlisted as e:
+    logger.debug("Fast read of %s not possible: %s", state_dir, e)
+  except (KeyError, TypeError, ValueError, AttributeError) as e:  # Another output format.
+    _FEATURES["ocdbt_dump"].failed(e, api_changed=True)
+  return None
+
+
+def _dump(dump: Callable[..., Any], *args: Any) -> Any:
+  try:
+    return dump(*args).result()
+  except Exception as e:  # Not an OCDBT database, or unreadable.
+    raise _Unlisted(f"{type(e).__name__}: {e}") from e
+
+
+def _list_entries(dump: Callable[..., Any], state_dir: str) -> dict:
+  try:
+    base = ts.KvStore.open({"driver": "file", "path": state_dir.rstrip("/") + "/"}).result()
+  except Exception as e:
+    raise _Unlisted(f"{type(e).__name__}: {e}") from e
+  versions = _dump(dump, base).get("versions") or []
+  if not versions:
+    raise _Unlisted("no versions")
+  latest = max(versions, key=lambda v: v["generation_number"])
+  root = latest.get("root") or {}
+  if latest.get("root_height", 0) != 0 or "location" not in root:
+    raise _Unlisted(f"B-tree height {latest.get('root_height')}")
+  entries = {}
+  for entry in _dump(dump, base, root["location"])["entries"]:
+    if "inline_value" in entry:
+      entries[entry["key"]] = entry["inline_value"]
+    else:
+      location = _location(entry["indirect_value"], state_dir)
+      if location is not None:
+        entries[entry["key"]] = location
+  return entries
+
+
+def _location(ref: str, state_dir: str) -> tuple[str, int, int] | None:
+  """``"value:ocdbt.process_0/:d/abc:0:64"`` → (file path, offset, length); None
+  for other references and for paths leaving ``state_dir``."""
+  kind, rest = ref.split(":", 1)
+  if kind != "value":
+    return None
+  head, offset, length = rest.rsplit(":", 2)
+  prefix, relative = head.split(":", 1)
+  if ".." in prefix.split("/") or ".." in relative.split("/"):
+    return None
+  return os.path.join(state_dir, prefix, relative), int(offset), int(length)
