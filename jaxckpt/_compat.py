@@ -14,7 +14,8 @@ never ``import jaxckpt``:
   rest of the process, after exactly one WARNING on logger ``"jaxckpt"`` that
   names what is lost. Any other error falls back for that call (same WARNING,
   once); the public path then raises the real error if there is one;
-* `fast_paths` says which private paths are in use.
+* `fast_paths` says which private paths are in use; tests/test_compat.py fails
+  if one of them silently stops being taken on the pinned versions.
 """
 
 from __future__ import annotations
