@@ -1,6 +1,7 @@
 """Soak: many async saves through a CheckpointManager; callbacks, threads and RSS stay flat.
 
-Usage: python benchmarks/soak.py --saves 1000 [--max-to-keep 3] [--mib 4]
+Usage: python benchmarks/soak.py --saves 1000 [--max-to-keep 3] [--mib 4] [--compression]
+(``--compression`` sends every save through Orbax instead of the fast writer.)
 Prints a line per 100 saves (threads, RSS) and a summary; exits 1 on a violation.
 """
 
@@ -30,6 +31,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--max-to-keep", type=int, default=3)
   parser.add_argument("--mib", type=float, default=4.0, help="state size")
   parser.add_argument("--dir", default=None)
+  parser.add_argument("--compression", action="store_true", help="zstd: saves go through Orbax")
   args = parser.parse_args(argv)
   directory = args.dir or tempfile.mkdtemp(prefix="jaxckpt-soak-")
   try:
@@ -43,7 +45,8 @@ def _soak(args, directory: str) -> dict:
   n = int(args.mib * 2**20 / 4)
   ckpt = jaxckpt.Checkpoint(w=jnp.zeros(n), step=0)
   calls: list[str] = []
-  opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[calls.append])
+  opts = jaxckpt.CheckpointOptions(enable_async=True, compression=args.compression,
+                                   experimental_write_callbacks=[calls.append])
   manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=args.max_to_keep)
   samples = []
   start = time.perf_counter()

@@ -16,7 +16,6 @@ logged.
 
 from __future__ import annotations
 
-import atexit
 import collections
 import logging
 import os
@@ -24,6 +23,7 @@ import threading
 import time
 import weakref
 
+from jaxckpt import _compat
 from jaxckpt import _knobs
 from jaxckpt._commit import SaveJob
 from jaxckpt._commit import run_save
@@ -232,12 +232,5 @@ def _join_pending_saves() -> None:
     saver._join_at_exit(deadline)
 
 
-# A plain atexit hook runs too late: by then concurrent.futures has refused new
-# work ("cannot schedule new futures after interpreter shutdown") and Orbax's
-# save, which uses thread pools, fails mid-write. The stdlib's own executors
-# hook in earlier with threading._register_atexit; registered after them, this
-# runs before them.
-try:
-  threading._register_atexit(_join_pending_saves)
-except (AttributeError, RuntimeError):  # pragma: no cover - other Pythons.
-  atexit.register(_join_pending_saves)
+# Before concurrent.futures stops taking work, which Orbax's save needs (see there).
+_compat.register_early_atexit(_join_pending_saves)

@@ -28,8 +28,8 @@ import sys
 import threading
 
 import numpy as np
-import tensorstore as ts
 
+from jaxckpt import _compat
 from jaxckpt._errors import _FastReadUnsupported
 from jaxckpt._integrity import checksum
 
@@ -51,35 +51,10 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> n
   return raw[start:start + nbytes].view(dtype).reshape(shape)
 
 
-def _entries(state_dir: str) -> dict[bytes, dict]:
-  """Key → B-tree leaf entry of the OCDBT database in ``state_dir``."""
-  base = ts.KvStore.open({"driver": "file", "path": state_dir.rstrip("/") + "/"}).result()
-  manifest = ts.ocdbt.dump(base).result()
-  versions = manifest.get("versions") or []
-  if not versions:
-    raise _FastReadUnsupported("no versions")
-  latest = max(versions, key=lambda v: v["generation_number"])
-  root = latest.get("root") or {}
-  if latest.get("root_height", 0) != 0 or "location" not in root:
-    raise _FastReadUnsupported(f"B-tree height {latest.get('root_height')}")
-  node = ts.ocdbt.dump(base, root["location"]).result()
-  return {entry["key"]: entry for entry in node["entries"]}
-
-
-def _location(ref: str, state_dir: str) -> tuple[str, int, int]:
-  """``"value:ocdbt.process_0/:d/abc:0:64"`` → (file path, offset, length)."""
-  kind, rest = ref.split(":", 1)
-  head, offset, length = rest.rsplit(":", 2)
-  prefix, relative = head.split(":", 1)
-  if kind != "value" or ".." in prefix.split("/") or ".." in relative.split("/"):
-    raise _FastReadUnsupported(f"value reference {ref!r}")
-  return os.path.join(state_dir, prefix, relative), int(offset), int(length)
-
-
-def _small_value(entry: dict, state_dir: str) -> bytes:
-  if "inline_value" in entry:
-    return entry["inline_value"]
-  path, offset, length = _location(entry.get("indirect_value", ""), state_dir)
+def _small_value(entry: bytes | tuple[str, int, int]) -> bytes:
+  if isinstance(entry, bytes):
+    return entry
+  path, offset, length = entry
   if length > 1 << 20:
     raise _FastReadUnsupported(f"metadata of {length} bytes")
   with open(path, "rb") as f:
@@ -89,8 +64,8 @@ def _small_value(entry: dict, state_dir: str) -> bytes:
   return data
 
 
-def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[bytes, dict],
-          state_dir: str, out: np.ndarray) -> list[tuple]:
+def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype,
+          entries: dict[bytes, bytes | tuple[str, int, int]], out: np.ndarray) -> list[tuple]:
   """Reads that fill ``out`` with array ``name``: (dest, source, region, chunks).
 
   ``source`` is ``(path, offset)`` or the chunk's inline bytes; ``dest`` the run
@@ -100,7 +75,7 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[byte
   meta_entry = entries.get(f"{key}/.zarray".encode())
   if meta_entry is None:
     raise _FastReadUnsupported("no zarr v2 metadata")
-  meta = json.loads(_small_value(meta_entry, state_dir))
+  meta = json.loads(_small_value(meta_entry))
   if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
       or meta.get("filters") is not None or meta.get("order") != "C"
       or meta.get("dtype") != _zarr_dtype(dtype) or tuple(meta.get("shape", ())) != shape
@@ -117,8 +92,8 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[byte
   reads = []
   for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks, strict=True))):
     entry = entries.get(f"{key}/{sep.join(map(str, index)) or '0'}".encode())
-    if entry is None:
-      raise _FastReadUnsupported(f"chunk {index} missing")  # E.g. equal to the fill value.
+    if entry is None:  # E.g. equal to the fill value, or stored where this code does not read.
+      raise _FastReadUnsupported(f"chunk {index} missing")
     region = tuple(slice(i * c, min((i + 1) * c, s))
                    for i, c, s in zip(index, chunks, shape, strict=True))
     if not shape:
@@ -128,13 +103,12 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype, entries: dict[byte
       dest = flat[start:region[0].stop * row_bytes]
     else:  # Read the full stored chunk, then copy its valid part.
       dest = None
-    if "inline_value" in entry:
-      data = entry["inline_value"]
-      if len(data) != chunk_bytes:
-        raise _FastReadUnsupported(f"inline chunk of {len(data)} bytes")
-      reads.append((dest, data, region, chunks))
+    if isinstance(entry, bytes):
+      if len(entry) != chunk_bytes:
+        raise _FastReadUnsupported(f"inline chunk of {len(entry)} bytes")
+      reads.append((dest, entry, region, chunks))
       continue
-    path, offset, length = _location(entry.get("indirect_value", ""), state_dir)
+    path, offset, length = entry
     if length != chunk_bytes:
       raise _FastReadUnsupported(f"chunk of {length} bytes, expected {chunk_bytes}")
     reads.append((dest, (path, offset), region, chunks))
@@ -161,16 +135,14 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *,
   """
   if sys.byteorder != "little" or not wanted:
     return {}, {}
-  try:
-    entries = _entries(state_dir)
-  except Exception as e:  # Not an OCDBT layout this code knows: Orbax reads everything.
-    logger.debug("Fast read of %s not possible: %s", state_dir, e)
+  entries = _compat.ocdbt_chunk_entries(state_dir)
+  if entries is None:  # Not an OCDBT layout this code knows: Orbax reads everything.
     return {}, {}
   out, plans = {}, {}
   for name, shape, dtype in wanted:
     array = aligned_empty(tuple(shape), np.dtype(dtype))
     try:
-      plans[name] = _plan(name, tuple(shape), np.dtype(dtype), entries, state_dir, array)
+      plans[name] = _plan(name, tuple(shape), np.dtype(dtype), entries, array)
     except (_FastReadUnsupported, OSError, ValueError, KeyError, TypeError) as e:
       logger.debug("Array %s of %s is read by Orbax: %s", name, state_dir, e)
       continue

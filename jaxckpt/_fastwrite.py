@@ -29,10 +29,10 @@ from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import tensorstore as ts
-from orbax.checkpoint._src.arrays import subchunking
-from orbax.checkpoint._src.metadata import sharding as sharding_metadata
 
+from jaxckpt import _compat
 from jaxckpt._staging import Packed
 from jaxckpt._store import write_json
 from jaxckpt._tree import Leaf
@@ -100,27 +100,24 @@ def _write_shape(value: jax.Array | Packed) -> tuple[int, ...]:
   if shape is None:
     if len(_WRITE_SHAPES) > 4096:
       _WRITE_SHAPES.clear()
-    shape = _WRITE_SHAPES[key] = _orbax_write_shape(value)
+    shape = _WRITE_SHAPES[key] = _compat.orbax_write_shape(value)
   return shape
 
 
 @functools.lru_cache(maxsize=1024)
 def _serialized_sharding(sharding: jax.sharding.Sharding) -> str | None:
-  """Orbax's ``_sharding`` file entry; cached (~25 µs per array otherwise)."""
-  serialized = sharding_metadata.from_jax_sharding(sharding)
-  return None if serialized is None else serialized.to_serialized_string()
+  """Orbax's ``_sharding`` file entry; cached (~25 µs per array otherwise).
 
-
-def _orbax_write_shape(value: jax.Array) -> tuple[int, ...]:
-  try:
-    from orbax.checkpoint._src.serialization import jax_array_handlers
-    from orbax.checkpoint._src.serialization import replica_slices
-    return tuple(replica_slices.get_replica_slices(
-        value, replica_id=0,
-        use_replica_parallel=jax_array_handlers._get_default_use_replica_parallel(),
-    ).local_shape)
-  except Exception:  # Another Orbax version: the shard shape is always valid.
-    return tuple(value.sharding.shard_shape(value.shape))
+  The types Orbax's own ``from_jax_sharding`` converts, through their public
+  classes; Orbax records none for other sharding types either.
+  """
+  if isinstance(sharding, jax.sharding.NamedSharding):
+    serialized = ocp.metadata.NamedShardingMetadata.from_jax_sharding(sharding)
+  elif isinstance(sharding, jax.sharding.SingleDeviceSharding):
+    serialized = ocp.metadata.SingleDeviceShardingMetadata.from_jax_sharding(sharding)
+  else:
+    return None
+  return serialized.to_serialized_string()
 
 
 @dataclasses.dataclass
@@ -177,8 +174,8 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
       write_shape = _write_shape(value)
       chunks = write_shape
       if chunk_byte_size is not None:
-        chunks = tuple(subchunking.choose_chunk_shape(value.shape, write_shape, value.dtype,
-                                                      chunk_byte_size))
+        chunks = _compat.choose_chunk_shape(value.shape, write_shape, value.dtype,
+                                            chunk_byte_size)
       meta["write_shape"] = list(write_shape)
       serialized = _serialized_sharding(value.sharding)
       if serialized is not None:

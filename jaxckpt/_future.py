@@ -23,7 +23,9 @@ class CommitFuture(concurrent.futures.Future):
     self.path = path
 
   def __repr__(self) -> str:
-    return f"<CommitFuture {self.path!r} {self._state.lower()}>"
+    state = ("cancelled" if self.cancelled() else "finished" if self.done()
+             else "running" if self.running() else "pending")
+    return f"<CommitFuture {self.path!r} {state}>"
 
 
 class SavePath(str):

@@ -15,6 +15,7 @@ write), reads named leaves back, and describes what it stored. Two exist:
 from __future__ import annotations
 
 import abc
+import contextlib
 import dataclasses
 import os
 from typing import Any
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxckpt import _compat
 from jaxckpt import _fastread
 from jaxckpt import _fastwrite
 from jaxckpt import _knobs
@@ -31,8 +33,6 @@ from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import _ArrayReadError as ArrayReadError
 from jaxckpt._manifest import Manifest
-from jaxckpt._orbax_fixes import registry_writing_on
-from jaxckpt._orbax_fixes import stop_metrics_leak
 from jaxckpt._store import KV
 from jaxckpt._store import Store
 from jaxckpt._tree import Leaf
@@ -97,14 +97,13 @@ def new_checkpointer(*, compression: bool, coordination: Any = None) -> ocp.Asyn
   from the save thread could interleave with the training step's collectives
   and deadlock), under the save's own key prefix and with its timeout.
   """
-  stop_metrics_leak()
   if coordination is None:
     return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
         _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression)}))
   mp = coordination.orbax_options()  # Also for the handlers: they pick who writes metadata.
   extra = {}
   if coordination.writers is not None:  # One process writes whole numpy arrays.
-    extra["type_handler_registry"] = registry_writing_on(coordination.primary)
+    extra["type_handler_registry"] = _compat.registry_writing_on(coordination.primary)
   handler = ocp.CompositeCheckpointHandler(
       composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
       **{_knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(
@@ -117,17 +116,18 @@ def new_checkpointer(*, compression: bool, coordination: Any = None) -> ocp.Asyn
 class _OrbaxPending:
   """An Orbax save in flight; its engine is closed once it is finished."""
 
-  def __init__(self, checkpointer: ocp.AsyncCheckpointer):
-    self._checkpointer = checkpointer
+  def __init__(self, checkpointer: ocp.AsyncCheckpointer, scope: contextlib.ExitStack):
+    self._checkpointer, self._scope = checkpointer, scope
 
   def wait(self) -> None:
-    try:
-      self._checkpointer.wait_until_finished()  # With several processes: all shards.
-    finally:
-      try:  # Its own (later) error, e.g. a barrier timeout, must not mask the first.
-        self._checkpointer.close()
-      except Exception:
-        pass
+    with self._scope:  # Orbax's background thread counts bytes until it finishes.
+      try:
+        self._checkpointer.wait_until_finished()  # With several processes: all shards.
+      finally:
+        try:  # Its own (later) error, e.g. a barrier timeout, must not mask the first.
+          self._checkpointer.close()
+        except Exception:
+          pass
 
 
 class OrbaxLayout(Layout):
@@ -149,15 +149,18 @@ class OrbaxLayout(Layout):
     if plan.chunk_byte_size is not None:
       save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=plan.chunk_byte_size),
                                tree)
-    checkpointer = new_checkpointer(compression=plan.compression, coordination=coord)
+    scope = contextlib.ExitStack()
+    scope.enter_context(_compat.stop_metrics_leak())
+    pending = _OrbaxPending(new_checkpointer(compression=plan.compression, coordination=coord),
+                            scope)
     try:
       # Returns once Orbax has the data on the host; TensorStore writes continue.
-      checkpointer.save(data_dir, args=ocp.args.Composite(**{
+      pending._checkpointer.save(data_dir, args=ocp.args.Composite(**{
           _knobs.STATE_ITEM: ocp.args.PyTreeSave(tree, save_args=save_args)}))
     except BaseException:
-      _OrbaxPending(checkpointer).wait()
+      pending.wait()
       raise
-    return _OrbaxPending(checkpointer)
+    return pending
 
   def read(self, path: str, manifest: Manifest, wanted: list[Leaf], *,
            io_device: jax.Device | None, reader: Reader, verify_checksums: bool) -> Read:
@@ -257,7 +260,6 @@ def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
                for l in leaves})
   restore_args = nest({l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device,
                                              reader) for l in leaves})
-  stop_metrics_leak()
   if reader.processes is None:
     checkpointer = ocp.PyTreeCheckpointer()
   else:  # Orbax's default barrier is an XLA collective; see _multihost.py.
@@ -266,7 +268,7 @@ def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
         barrier_sync_key_prefix=reader.key_prefix)
     checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
                                     multiprocessing_options=mp)
-  with checkpointer:
+  with _compat.stop_metrics_leak(), checkpointer:
     restored = checkpointer.restore(
         os.path.abspath(os.path.join(path, _knobs.STATE_ITEM)),
         args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,

@@ -23,6 +23,7 @@ import threading
 
 import jax
 
+from jaxckpt import _compat
 from jaxckpt import _knobs
 from jaxckpt._errors import CoordinationError
 
@@ -47,12 +48,12 @@ def is_primary() -> bool:
 
 
 def _client():
-  from jax._src.distributed import global_state  # The only handle JAX offers.
-  if global_state.client is None:
+  client = _compat.distributed_client()
+  if client is None:
     raise CoordinationError(
         f"jax.process_count() is {jax.process_count()} but jax.distributed is not "
         "initialized; call jax.distributed.initialize() before saving.")
-  return global_state.client
+  return client
 
 
 @dataclasses.dataclass(frozen=True)

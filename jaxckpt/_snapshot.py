@@ -28,44 +28,11 @@ import functools
 import jax
 import numpy as np
 
+from jaxckpt import _compat
 from jaxckpt._staging import StagingPool
 from jaxckpt._tree import Leaf
 
 _HOST = "pinned_host"
-
-
-def _copy(values: list[jax.Array], targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
-  """New arrays with ``values``' data in ``targets``; issued, not waited for."""
-  try:
-    from jax._src.interpreters import pxla
-    from jax._src.lib import xla_client as xc
-    return list(pxla.shard_args(targets, [None] * len(values),
-                                [xc.ArrayCopySemantics.ALWAYS_COPY] * len(values), values))
-  except Exception:  # Another JAX version: the public, slower path.
-    return jax.device_put(values, targets, may_alias=False)
-
-
-@functools.lru_cache(maxsize=1024)
-def _devices_of(sharding: jax.sharding.Sharding):
-  return sharding._internal_device_list.addressable_device_list
-
-
-def _copy_in_place(values: list[jax.Array],
-                   targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
-  """`_copy` for fully addressable arrays whose target is their own sharding in
-  another memory kind: straight to the batched C++ copy ``shard_args`` ends in,
-  without its per-array Python checks (sharding comparisons and hashing: about
-  half of the blocked time for the 197 arrays of tpu_idle.py). Falls back to
-  `_copy` on any error (e.g. a JAX version without this function)."""
-  try:
-    from jax._src.lib import xla_client as xc
-    for v in values:
-      v._check_if_deleted()
-    return list(xc.batched_copy_array_to_devices_with_sharding(
-        values, [_devices_of(t) for t in targets], targets,
-        [xc.ArrayCopySemantics.ALWAYS_COPY] * len(values)))
-  except Exception:
-    return _copy(values, targets)
 
 
 def _copy_global(values: list[jax.Array],
@@ -85,7 +52,7 @@ def _copy_global(values: list[jax.Array],
       pieces.append(shard.data)
       piece_targets.append(jax.sharding.SingleDeviceSharding(
           shard.device, memory_kind=target.memory_kind))
-  copies = iter(_copy_in_place(pieces, piece_targets))
+  copies = iter(_compat.copy_in_place(pieces, piece_targets))
   return [jax.make_array_from_single_device_arrays(
               value.shape, target, [next(copies) for _ in range(count)])
           for value, target, count in zip(values, targets, counts, strict=True)]
@@ -94,13 +61,14 @@ def _copy_global(values: list[jax.Array],
 def _snapshot_arrays(values: list[jax.Array],
                      targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
   if jax.process_count() == 1:  # All fully addressable; skip the per-array check.
-    return _copy_in_place(values, targets)
+    return _compat.copy_in_place(values, targets)
   local = [i for i, v in enumerate(values) if v.is_fully_addressable]
   if len(local) == len(values):
-    return _copy_in_place(values, targets)
+    return _compat.copy_in_place(values, targets)
   out: list[jax.Array | None] = [None] * len(values)
-  for i, copy in zip(local, _copy_in_place([values[i] for i in local],
-                                           [targets[i] for i in local]), strict=True):
+  for i, copy in zip(local, _compat.copy_in_place([values[i] for i in local],
+                                                   [targets[i] for i in local]),
+                      strict=True):
     out[i] = copy
   remote = [i for i in range(len(values)) if out[i] is None]
   for i, copy in zip(remote, _copy_global([values[i] for i in remote],
@@ -145,7 +113,7 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool, io_device: jax.Device | Non
   if jax_values and (copy or io_device is not None):
     if io_device is not None:
       targets = [_host_sharding(jax.sharding.SingleDeviceSharding(io_device))] * len(jax_values)
-      jax_values = _copy(jax_values, targets)
+      jax_values = _compat.copy_arrays(jax_values, targets)
     else:
       copies: list = [None] * len(jax_values)
       if pool is not None:

@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxckpt import _compat
 from jaxckpt._tree import array_nbytes
 from jaxckpt._tree import is_numeric_dtype
 
@@ -137,17 +138,8 @@ def _layout(sharding: jax.sharding.Sharding, ndim: int):
   """What XLA sees of a sharding: equal for equal layouts even where the
   shardings are not (a jitted step's outputs come back as ``P()``, ``P(None,)``
   or a ``SingleDeviceSharding`` for the same replicated array)."""
-  try:
-    return sharding._to_xla_hlo_sharding(ndim), sharding.memory_kind
-  except Exception:  # Another JAX version: exact shardings, less reuse.
-    return sharding
-
-
-def _device_assignment(sharding: jax.sharding.Sharding) -> tuple[jax.Device, ...] | None:
-  try:
-    return tuple(sharding._device_assignment)
-  except Exception:  # A sharding type without it: not staged.
-    return None
+  layout = _compat.sharding_layout(sharding, ndim)
+  return sharding if layout is None else (layout, sharding.memory_kind)  # None: exact match.
 
 
 def _stageable(value: jax.Array) -> bool:
@@ -155,7 +147,7 @@ def _stageable(value: jax.Array) -> bool:
   return (value.is_fully_addressable
           and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended)
           and all(d.platform == "cpu" for d in value.sharding.device_set)
-          and _device_assignment(value.sharding) is not None)
+          and _compat.device_assignment(value.sharding) is not None)
 
 
 def _packable(value: jax.Array) -> bool:
@@ -181,7 +173,7 @@ def _plan(values: list[jax.Array], small: list[bool]) -> tuple[_Group, ...]:
   by_devices: dict[tuple[jax.Device, ...], tuple[list[int], dict]] = {}
   for i, v in enumerate(values):
     if _stageable(v):
-      copied, packs = by_devices.setdefault(_device_assignment(v.sharding), ([], {}))
+      copied, packs = by_devices.setdefault(_compat.device_assignment(v.sharding), ([], {}))
       if small[i] and _packable(v):
         packs.setdefault(np.dtype(v.dtype), []).append(i)
       elif not small[i]:

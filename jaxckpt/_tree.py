@@ -108,6 +108,20 @@ def _is_key_dtype(dtype) -> bool:
   return jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
 
 
+def _abstract_key_data(value: jax.ShapeDtypeStruct) -> tuple[jax.ShapeDtypeStruct, str]:
+  """The shape of an abstract PRNG key's data, and its impl's name.
+
+  ``jax.random.key_impl`` takes only concrete keys; traced, it sees the abstract one.
+  """
+  impls = []
+
+  def key_data(key):
+    impls.append(str(jax.random.key_impl(key)))
+    return jax.random.key_data(key)
+
+  return jax.eval_shape(key_data, value), impls[0]
+
+
 def _to_leaf(name: str, value: Any) -> Leaf:
   # On save()'s blocking path: keep per-leaf work to a few attribute reads.
   if isinstance(value, jax.Array):
@@ -120,11 +134,10 @@ def _to_leaf(name: str, value: Any) -> Leaf:
     return Leaf(name, value)
   if isinstance(value, jax.ShapeDtypeStruct):
     if _is_key_dtype(value.dtype):
-      # JAX has no public accessor for an abstract key's impl; the dtype holds it.
-      data = jax.eval_shape(jax.random.key_data, value)
+      data, impl = _abstract_key_data(value)
       return Leaf(name, jax.ShapeDtypeStruct(data.shape, data.dtype,
                                              sharding=getattr(value, "sharding", None)),
-                  value.dtype._impl.name)
+                  impl)
     return Leaf(name, value)
   if isinstance(value, (np.ndarray, np.generic)):
     if not is_numeric_dtype(value.dtype):

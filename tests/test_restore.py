@@ -190,9 +190,9 @@ def test_restore_keeps_uncommitted_arrays_uncommitted_so_jit_does_not_recompile(
 
 
 def test_uncommit_shares_the_buffer_instead_of_copying():
-  from jaxckpt import _restore
+  from jaxckpt import _compat
   x = jax.device_put(jnp.arange(1024.0), jax.devices()[0])
-  y = _restore._uncommit(x)
+  y = _compat.uncommitted(x)
   assert x.committed and not y.committed
   assert y.unsafe_buffer_pointer() == x.unsafe_buffer_pointer()  # The fast path, not a copy.
   np.testing.assert_array_equal(np.asarray(y), np.asarray(x))

@@ -137,6 +137,7 @@ def test_data_and_directories_are_fsynced_before_the_commit_rename(tmp_path, mon
 
 
 def test_snapshot_fast_path_copies_like_device_put(monkeypatch):
+  from jaxckpt import _compat
   from jaxckpt import _snapshot
   from jaxckpt._tree import Leaf
   sharded = jax.device_put(jnp.arange(16.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)),
@@ -145,7 +146,7 @@ def test_snapshot_fast_path_copies_like_device_put(monkeypatch):
   def no_fallback(*args, **kwargs):
     raise AssertionError("fell back to shard_args or jax.device_put: the fast path broke")
   monkeypatch.setattr(jax, "device_put", no_fallback)
-  monkeypatch.setattr(_snapshot, "_copy", no_fallback)
+  monkeypatch.setattr(_compat, "copy_arrays", no_fallback)
   snap, _ = _snapshot.take_snapshot(leaves, copy=True, io_device=None)
   for leaf in leaves:
     copy = snap[leaf.name]

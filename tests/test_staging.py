@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
+from jaxckpt import _compat
 from jaxckpt import _knobs
 from jaxckpt import _staging
 
@@ -96,7 +97,7 @@ def test_the_copy_is_not_too_cheap_to_run_in_the_background():
   # XLA:CPU runs computations under 1000 estimated flops inline on the calling
   # thread; the ballast keeps the copy above that (see _staging.py).
   values = [jnp.ones((512, 512))]
-  ballast = _staging._ballast(tuple(values[0].sharding._device_assignment))
+  ballast = _staging._ballast(_compat.device_assignment(values[0].sharding))
   flat = jnp.ones(2 * 512 * 512)
   for staging, copied, packs in [((values, []), values, []),  # Copied one by one.
                                  (([], [flat]), [], [values * 2])]:  # Packed.
@@ -155,7 +156,7 @@ def test_only_arrays_of_min_bytes_and_more_are_staged():
   pool = _staging.StagingPool(min_bytes=1024)
   copies, sets = pool.copy([jnp.ones(256), jnp.ones(255)])  # 1024 and 1020 bytes.
   assert copies[0] is not None and copies[1] is None
-  devices = tuple(copies[0].sharding._device_assignment)
+  devices = _compat.device_assignment(copies[0].sharding)
   assert [k for k, _ in sets] == [(devices, ((256,), jnp.ones(1).dtype,
                                              _staging._layout(copies[0].sharding, 1)))]
 
