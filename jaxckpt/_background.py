@@ -249,6 +249,6 @@ def _join_pending_saves() -> None:
 # hook in earlier with threading._register_atexit; registered after them, this
 # runs before them.
 try:
-  threading._register_atexit(_join_pending_saves)
+  threading._register_atexit(_join_pending_saves)  # type: ignore[attr-defined]
 except (AttributeError, RuntimeError):  # pragma: no cover - other Pythons.
   atexit.register(_join_pending_saves)

@@ -196,6 +196,7 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *,
 
   def fill(name: str, dest, source, region, chunks) -> None:
     array = out[name]
+    data: bytes | np.ndarray
     if isinstance(source, bytes):
       data = source
     else:

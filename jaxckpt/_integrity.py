@@ -25,6 +25,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from typing import Any
+from typing import overload
 
 import jax
 import numpy as np
@@ -47,7 +48,12 @@ def host_bytes(value: Any, dtype: np.dtype | None = None) -> memoryview | None:
   return memoryview(array.reshape(-1).view(np.uint8))
 
 
+@overload
+def checksum(value: np.ndarray, dtype: np.dtype | None = None) -> int: ...
+@overload
+def checksum(value: Any, dtype: np.dtype | None = None) -> int | None: ...
 def checksum(value: Any, dtype: np.dtype | None = None) -> int | None:
+  """CRC-32 of `host_bytes`; None only for arrays this process cannot see all of."""
   data = host_bytes(value, dtype)
   return None if data is None else _crc32(data)
 
@@ -95,7 +101,7 @@ def shard_checksums(value: Any) -> dict[str, int]:
   out = {}
   for shard in value.addressable_shards:
     if shard.replica_id == 0:
-      out[slice_key(shard.index, value.shape)] = checksum(shard.data)
+      out[slice_key(shard.index, value.shape)] = checksum(np.asarray(shard.data))
   return out
 
 

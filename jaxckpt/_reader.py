@@ -26,8 +26,8 @@ class VariableNotFoundError(JaxckptError, KeyError):
 def _resolve(dir_or_path) -> str:
   path = os.fspath(dir_or_path)
   if _kvstore.is_url(path):  # A directory of checkpoints if it has a state file.
-    if not is_committed(path) and latest_checkpoint(path) is not None:
-      return latest_checkpoint(path)
+    if not is_committed(path) and (latest := latest_checkpoint(path)) is not None:
+      return latest
     return path
   if os.path.isdir(path) and not is_committed(path):
     latest = latest_checkpoint(path)
