@@ -45,7 +45,7 @@ def host_bytes(value: Any, dtype: np.dtype | None = None) -> memoryview | None:
       return None  # Multi-process arrays: each process holds only its shards.
     value = np.asarray(value)
   array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
-  return memoryview(array.reshape(-1).view(np.uint8))
+  return array.reshape(-1).view(np.uint8).data
 
 
 @overload
