@@ -19,7 +19,7 @@ NEWEST_PYTHON  ?= $(shell \
     "$$p" -c 'import sys; print(sys.executable)' 2>/dev/null && break; \
   done)
 
-.PHONY: demo test lint pytest versions test-newest bench clean
+.PHONY: demo test lint ruff-check format-check typecheck pytest versions test-newest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,15 +32,22 @@ demo: $(STAMP)
 
 test: lint pytest
 
-lint: $(STAMP)
+# Three targets, so that `make --keep-going lint` reports all three.
+lint: ruff-check format-check typecheck
+
+ruff-check: $(STAMP)
 	$(BIN)/ruff check $(SOURCES)
-	$(BIN)/ruff format --check $(SOURCES)
+
+format-check: $(STAMP)  # `ruff format --diff` shows the changes, `ruff format` makes them.
+	$(BIN)/ruff format --check --output-format concise $(SOURCES)
+
+typecheck: $(STAMP)  # Over jaxckpt/, configured in pyproject.toml.
 	$(BIN)/mypy
 
 versions: $(STAMP)
-	@$(BIN)/python -c "import sys, importlib.metadata as m; print('$(VENV): Python', \
-	  sys.version.split()[0], *(f'{p} {m.version(p)}' for p in ('jax', 'jaxlib', \
-	  'orbax-checkpoint', 'tensorstore', 'flax', 'optax', 'numpy')), sep=', ')"
+	@$(BIN)/python -c "import sys, importlib.metadata as m; print(f'$(VENV): Python {sys.version.split()[0]}',\
+	  *(f'{p} {m.version(p)}' for p in ('jax', 'jaxlib', 'orbax-checkpoint', 'tensorstore', 'flax',\
+	  'optax', 'numpy')), sep=', ')"
 
 pytest: versions
 	$(BIN)/python -m pytest
