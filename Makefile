@@ -1,10 +1,25 @@
-# Each target sets up what it needs: a .venv with jaxckpt and its extras.
+# Each target sets up what it needs: a venv ($(VENV)) with jaxckpt and its extras.
+#   make test          lint + the test suite in .venv (python3)
+#   make test-newest   the test suite in .venv-newest: Python $(NEWEST_VERSION), newest JAX the ranges admit
+# Both are parameterised on PYTHON and VENV, e.g. `make pytest PYTHON=python3.12 VENV=.venv312`.
 PYTHON ?= python3
-VENV   := .venv
+VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+SOURCES := jaxckpt tests benchmarks demo.py
 
-.PHONY: demo test lint bench clean
+# The interpreter for test-newest: the highest $(pyenv root)/versions/3.13.N, else python3.13 on
+# PATH (only if it runs: a pyenv shim without that version selected does not). Override with
+# NEWEST_PYTHON=/path/to/python.
+NEWEST_VERSION ?= 3.13
+NEWEST_VENV    ?= .venv-newest
+NEWEST_PYTHON  ?= $(shell \
+  for p in $$(ls -d "$$(pyenv root 2>/dev/null)"/versions/$(NEWEST_VERSION).*/bin/python 2>/dev/null \
+              | grep -E '/versions/[0-9.]+/bin/python$$' | sort -V -r) python$(NEWEST_VERSION); do \
+    "$$p" -c 'import sys; print(sys.executable)' 2>/dev/null && break; \
+  done)
+
+.PHONY: demo test lint ruff-check format-check typecheck pytest versions test-newest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +30,36 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python demo.py
 
-test: $(STAMP)
-	$(BIN)/ruff check jaxckpt tests benchmarks demo.py
+test: lint pytest
+
+# Three targets, so that `make --keep-going lint` reports all three.
+lint: ruff-check format-check typecheck
+
+ruff-check: $(STAMP)
+	$(BIN)/ruff check $(SOURCES)
+
+format-check: $(STAMP)  # `ruff format --diff` shows the changes, `ruff format` makes them.
+	$(BIN)/ruff format --check --output-format concise $(SOURCES)
+
+typecheck: $(STAMP)  # Over jaxckpt/, configured in pyproject.toml.
+	$(BIN)/mypy
+
+versions: $(STAMP)
+	@$(BIN)/python -c "import sys, importlib.metadata as m; print(f'$(VENV): Python {sys.version.split()[0]}',\
+	  *(f'{p} {m.version(p)}' for p in ('jax', 'jaxlib', 'orbax-checkpoint', 'tensorstore', 'flax',\
+	  'optax', 'numpy')), sep=', ')"
+
+pytest: versions
 	$(BIN)/python -m pytest
+
+test-newest:
+	@if [ -z "$(NEWEST_PYTHON)" ]; then \
+	  echo "test-newest: no Python $(NEWEST_VERSION): looked for \$$(pyenv root)/versions/$(NEWEST_VERSION).*/bin/python and python$(NEWEST_VERSION) on PATH; set NEWEST_PYTHON=/path/to/python" >&2; \
+	  exit 1; fi
+	$(MAKE) pytest PYTHON="$(NEWEST_PYTHON)" VENV=$(NEWEST_VENV)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/async_save.py
 
 clean:
-	rm -rf $(VENV) *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) *.egg-info

@@ -51,7 +51,7 @@ def cmd_ls(args) -> tuple[Any, int]:
   latest = latest_checkpoint(directory)
   state = read_state(directory)
   managed = set(state.all_model_checkpoint_paths) if state else set()
-  rows = []
+  rows: list[dict[str, Any]] = []
   for path in _checkpoints_in(directory):
     manifest = read_manifest(path)
     rows.append({
@@ -90,7 +90,7 @@ def cmd_inspect(args) -> tuple[Any, int]:
   manifest = reader.manifest
   dtypes = reader.get_variable_to_dtype_map()
   shardings = layout_of(manifest).describe(reader.path)
-  rows = []
+  rows: list[dict[str, Any]] = []
   for name in sorted(manifest.leaves):
     info = manifest.leaves[name]
     dtype = dtypes[name]
@@ -136,7 +136,7 @@ def cmd_verify(args) -> tuple[Any, int]:
   results = []
   with Progress(disable=args.json, transient=True) as progress:
     for path in paths:
-      entry = {"path": path, "ok": True, "arrays": {}}
+      entry: dict[str, Any] = {"path": path, "ok": True, "arrays": {}}
       try:
         reader = load_checkpoint(path)
         names = sorted(reader.get_variable_to_shape_map())

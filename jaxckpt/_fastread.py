@@ -156,6 +156,7 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *,
 
   def fill(name: str, dest, source, region, chunks) -> None:
     array = out[name]
+    data: bytes | np.ndarray
     if isinstance(source, bytes):
       data = source
     else:
@@ -164,7 +165,7 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *,
         _pread_into(fds[path], memoryview(dest), offset)
         return
       data = aligned_empty((math.prod(chunks) * array.dtype.itemsize,), np.dtype(np.uint8))
-      _pread_into(fds[path], memoryview(data), offset)
+      _pread_into(fds[path], data.data, offset)
     if dest is not None:
       dest[:] = np.frombuffer(data, np.uint8, count=len(dest))
     else:

@@ -163,7 +163,8 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
       "config": _OCDBT_CONFIG, "target_data_file_size": TARGET_DATA_FILE_SIZE},
       context=context).result()
   batch = _Batch()
-  futures, commits = [], []
+  futures: list[Any] = []
+  commits: list[Any] = []
   tree_metadata, shardings, array_metadatas = {}, {}, []
   for name, value in snapshot.items():
     parts = name.split("/")

@@ -19,6 +19,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 from typing import Any
+from typing import overload
 
 import jax
 import numpy as np
@@ -38,10 +39,15 @@ def host_bytes(value: Any, dtype: np.dtype | None = None) -> memoryview | None:
       return None  # Multi-process arrays: each process holds only its shards.
     value = np.asarray(value)
   array = np.ascontiguousarray(np.asarray(value, dtype=dtype))
-  return memoryview(array.reshape(-1).view(np.uint8))
+  return array.reshape(-1).view(np.uint8).data
 
 
+@overload
+def checksum(value: np.ndarray, dtype: np.dtype | None = None) -> int: ...
+@overload
+def checksum(value: Any, dtype: np.dtype | None = None) -> int | None: ...
 def checksum(value: Any, dtype: np.dtype | None = None) -> int | None:
+  """CRC-32 of `host_bytes`; None only for arrays this process cannot see all of."""
   data = host_bytes(value, dtype)
   return None if data is None else _crc32(data)
 
@@ -89,7 +95,7 @@ def shard_checksums(value: Any) -> dict[str, int]:
   out = {}
   for shard in value.addressable_shards:
     if shard.replica_id == 0:
-      out[slice_key(shard.index, value.shape)] = checksum(shard.data)
+      out[slice_key(shard.index, value.shape)] = checksum(np.asarray(shard.data))
   return out
 
 

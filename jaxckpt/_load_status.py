@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import weakref
+from typing import NoReturn
 
 from jaxckpt._errors import LoadStatusError
 
@@ -101,7 +102,7 @@ class InitializationOnlyStatus(LoadStatus):
   def __init__(self, tracked: set[str]):
     super().__init__("<no checkpoint>", tracked, set())
 
-  def _fail(self):
+  def _fail(self) -> NoReturn:
     raise LoadStatusError(
         "No checkpoint specified (save_path=None); nothing was restored.")
 

@@ -234,7 +234,7 @@ class CheckpointOptions:
       return NotImplemented
     return self._key() == other._key()
 
-  __hash__ = None  # Mutable.
+  __hash__ = None  # type: ignore[assignment]  # Mutable.
 
   def __repr__(self) -> str:
     extra = "".join(

@@ -58,6 +58,7 @@ def install_preemption_handler(
     if isinstance(target, CheckpointManager):
       path = target.save(check_interval=False, options=final)
     else:
+      assert file_prefix is not None  # Checked above.
       path = target.save(file_prefix, options=final)
     logger.warning("Saved %s after %s; exiting with status %d.", path, name, exit_code)
     sys.exit(exit_code)

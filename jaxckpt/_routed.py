@@ -62,6 +62,7 @@ def broadcast(arrays: list[np.ndarray] | None, specs: list[tuple[tuple[int, ...]
   Others pass ``None``; ``specs`` (shape, dtype) must be the same everywhere.
   """
   if jax.process_index() == source:
+    assert arrays is not None, "the source process passes the arrays"
     words = [_to_words(a) for a in arrays]
   else:
     words = [np.zeros((-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 4),), np.uint32)
@@ -127,7 +128,7 @@ def restore_through(coord: Coordination, save_path, leaves: list[Leaf], *,
   def read_manifest_there():
     path = save_path
     manifest = None if path is None else read_manifest(path)
-    if manifest is not None:
+    if path is not None and manifest is not None:
       check_compatible(path, manifest, leaves)
     return manifest, {"path": path, "manifest": manifest and manifest.to_json()}
 
