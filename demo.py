@@ -69,8 +69,9 @@ def make(width: int, seed: int) -> tuple[MLP, nnx.Optimizer]:
 @nnx.jit
 def train_step(model: MLP, optimizer: nnx.Optimizer):
   """One step on batch ``optimizer.step``; updates both objects in place, returns the loss."""
-  x = jax.random.normal(jax.random.fold_in(jax.random.key(SEED + 2), optimizer.step[...]),
-                        (BATCH, IN_DIM))
+  x = jax.random.normal(
+    jax.random.fold_in(jax.random.key(SEED + 2), optimizer.step[...]), (BATCH, IN_DIM)
+  )
   y = jnp.sum(jnp.sin(x @ TEACHER), axis=-1, keepdims=True)
   loss, grads = nnx.value_and_grad(lambda m: jnp.mean((m(x) - y) ** 2))(model)
   optimizer.update(model, grads)
@@ -98,14 +99,17 @@ def train(model, optimizer, stop, label, *, manager=None, opts=None, save_every=
         path = manager.save(checkpoint_number=i, options=opts)
         stats["blocked"].append(time.perf_counter() - t)
         path.future.add_done_callback(
-            lambda _, t=t: stats["commit"].append(time.perf_counter() - t))
+          lambda _, t=t: stats["commit"].append(time.perf_counter() - t)
+        )
   return {i: float(loss) for i, loss in losses.items()}
 
 
 def host_leaves(tree) -> list[np.ndarray]:
   """Every array of ``tree`` on the host; typed PRNG keys as their raw key data."""
-  return [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-                     else x) for x in jax.tree.leaves(tree)]
+  return [
+    np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x)
+    for x in jax.tree.leaves(tree)
+  ]
 
 
 def main(argv=None) -> int:
@@ -130,24 +134,37 @@ def main(argv=None) -> int:
 def run(args, ckpt_dir: str, preempt_at: int) -> int:
   """Phase 1, preemption, phase 2, reference run and the comparison; returns the exit code."""
   opts = jaxckpt.CheckpointOptions(
-      enable_async=True,
-      experimental_write_callbacks=[lambda path: print(f"  committed {path}")])
+    enable_async=True, experimental_write_callbacks=[lambda path: print(f"  committed {path}")]
+  )
   stats = {"blocked": [], "commit": [], "waited": 0}
   jax.block_until_ready(train_step(*make(args.width, SEED)))  # Compiles outside timed regions.
-  print(f"NNX MLP {IN_DIM}-{args.width}-{args.width}-1 + Dropout, adamw, {args.steps} steps, "
-        f"async save every {args.save_every}, preemption after step {preempt_at}; "
-        f"checkpoints in {ckpt_dir}")
+  print(
+    f"NNX MLP {IN_DIM}-{args.width}-{args.width}-1 + Dropout, adamw, {args.steps} steps, "
+    f"async save every {args.save_every}, preemption after step {preempt_at}; "
+    f"checkpoints in {ckpt_dir}"
+  )
 
   # Phase 1: train until the "preemption".
   t0 = time.perf_counter()
   model, optimizer = make(args.width, SEED)
-  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(model=model, optimizer=optimizer),
-                                      ckpt_dir, max_to_keep=3)
-  losses = train(model, optimizer, preempt_at, "phase 1", manager=manager, opts=opts,
-                 save_every=args.save_every, stats=stats)
+  manager = jaxckpt.CheckpointManager(
+    jaxckpt.Checkpoint(model=model, optimizer=optimizer), ckpt_dir, max_to_keep=3
+  )
+  losses = train(
+    model,
+    optimizer,
+    preempt_at,
+    "phase 1",
+    manager=manager,
+    opts=opts,
+    save_every=args.save_every,
+    stats=stats,
+  )
   manager.sync()  # Keeps the demo deterministic: the in-flight save lands first.
-  print(f"phase 1: preempted at step {preempt_at} (loss {losses[preempt_at]:.4f}); "
-        "model, optimizer and manager dropped")
+  print(
+    f"phase 1: preempted at step {preempt_at} (loss {losses[preempt_at]:.4f}); "
+    "model, optimizer and manager dropped"
+  )
   del model, optimizer, manager, losses
 
   # Phase 2: what a restarted job does: fresh objects (another seed), restore, continue.
@@ -162,40 +179,66 @@ def run(args, ckpt_dir: str, preempt_at: int) -> int:
   ckpt.restore(latest).assert_consumed()  # Every variable restored, every array used.
   assert ckpt.model is model and ckpt.optimizer is optimizer  # Updated in place.
   restored_at = int(optimizer.step[...])
-  print(f"phase 2: restored {latest} into a fresh model in {time.perf_counter() - t1:.2f} s: "
-        f"step {restored_at}, {preempt_at - restored_at} steps to redo")
-  losses = train(model, optimizer, args.steps, "phase 2", manager=manager, opts=opts,
-                 save_every=args.save_every, stats=stats)
+  print(
+    f"phase 2: restored {latest} into a fresh model in {time.perf_counter() - t1:.2f} s: "
+    f"step {restored_at}, {preempt_at - restored_at} steps to redo"
+  )
+  losses = train(
+    model,
+    optimizer,
+    args.steps,
+    "phase 2",
+    manager=manager,
+    opts=opts,
+    save_every=args.save_every,
+    stats=stats,
+  )
   manager.sync()
   t2 = time.perf_counter()
   kept = ", ".join(os.path.basename(p) for p in manager.checkpoints)
-  print(f"phase 2: finished at step {args.steps} (loss {losses[args.steps]:.4f}); "
-        f"kept {kept} (max_to_keep=3)")
+  print(
+    f"phase 2: finished at step {args.steps} (loss {losses[args.steps]:.4f}); "
+    f"kept {kept} (max_to_keep=3)"
+  )
 
   # Reference: uninterrupted, no checkpoints.
   ref_model, ref_optimizer = make(args.width, SEED)
   ref_losses = train(ref_model, ref_optimizer, args.steps, "reference")
   t3 = time.perf_counter()
 
-  same_state = all(np.array_equal(a, b) for a, b in zip(
+  same_state = all(
+    np.array_equal(a, b)
+    for a, b in zip(
       host_leaves(nnx.state((model, optimizer))),
-      host_leaves(nnx.state((ref_model, ref_optimizer))), strict=True))
+      host_leaves(nnx.state((ref_model, ref_optimizer))),
+      strict=True,
+    )
+  )
   same_losses = losses == {i: ref_losses[i] for i in losses}
   blocked = [b * 1e3 for b in stats["blocked"]]
-  print(f"\nidle time per save (from step outputs ready): p50 {statistics.median(blocked):.2f} "
-        f"ms, max {max(blocked):.2f} ms over {len(blocked)} saves; commit p50 "
-        f"{statistics.median(stats['commit']) * 1e3:.0f} ms in the background; "
-        f"{stats['waited']}/{len(blocked)} saves waited for the previous one (one in flight)")
+  print(
+    f"\nidle time per save (from step outputs ready): p50 {statistics.median(blocked):.2f} "
+    f"ms, max {max(blocked):.2f} ms over {len(blocked)} saves; commit p50 "
+    f"{statistics.median(stats['commit']) * 1e3:.0f} ms in the background; "
+    f"{stats['waited']}/{len(blocked)} saves waited for the previous one (one in flight)"
+  )
   total, ref_time = t2 - t0, t3 - t2
-  print(f"time: preempted+resumed {total:.2f} s (phase 1 {t1 - t0:.2f} s, phase 2 "
-        f"{t2 - t1:.2f} s); reference {ref_time:.2f} s; overhead {total - ref_time:+.2f} s "
-        f"(saves, restore, redone steps)")
-  print(f"final params, Adam state, step and Dropout RNG: "
-        f"{'bit-identical' if same_state else 'DIFFERENT'}; losses of steps "
-        f"{restored_at + 1}-{args.steps}: {'identical' if same_losses else 'DIFFERENT'}")
+  print(
+    f"time: preempted+resumed {total:.2f} s (phase 1 {t1 - t0:.2f} s, phase 2 "
+    f"{t2 - t1:.2f} s); reference {ref_time:.2f} s; overhead {total - ref_time:+.2f} s "
+    f"(saves, restore, redone steps)"
+  )
+  print(
+    f"final params, Adam state, step and Dropout RNG: "
+    f"{'bit-identical' if same_state else 'DIFFERENT'}; losses of steps "
+    f"{restored_at + 1}-{args.steps}: {'identical' if same_losses else 'DIFFERENT'}"
+  )
   ok = same_state and same_losses
-  print("PASS: resumed run is bit-identical to the uninterrupted run" if ok else
-        "FAIL: resumed run differs from the uninterrupted run")
+  print(
+    "PASS: resumed run is bit-identical to the uninterrupted run"
+    if ok
+    else "FAIL: resumed run differs from the uninterrupted run"
+  )
   return 0 if ok else 1
 
 

@@ -55,29 +55,41 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "async_save.json"
 ORBAX_ASYNC = "orbax-async"
 RUNNING = "-step-running"
 MODES = (
-    "jaxckpt-async",
-    ORBAX_ASYNC,
-    "jaxckpt-async" + RUNNING,
-    ORBAX_ASYNC + RUNNING,
-    "jaxckpt-sync",
-    "orbax-sync",
+  "jaxckpt-async",
+  ORBAX_ASYNC,
+  "jaxckpt-async" + RUNNING,
+  ORBAX_ASYNC + RUNNING,
+  "jaxckpt-sync",
+  "orbax-sync",
 )
 
 
 def _parse_args(argv):
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--size-mib", type=float, default=512.0,
-                      help="total state size in MiB (default: 512)")
-  parser.add_argument("--leaves", type=int, default=16,
-                      help="number of float32 leaves the state is split over (default: 16)")
-  parser.add_argument("--repeats", type=int, default=3,
-                      help="measurements per mode (default: 3)")
-  parser.add_argument("--dir", default=None,
-                      help="where to write checkpoints (default: a temp dir)")
-  parser.add_argument("--json", default=str(DEFAULT_JSON),
-                      help=f"where to write the results (default: {DEFAULT_JSON})")
-  parser.add_argument("--step-seconds", type=float, default=1.0,
-                      help="duration of the producing step in *-step-running modes")
+  parser.add_argument(
+    "--size-mib", type=float, default=512.0, help="total state size in MiB (default: 512)"
+  )
+  parser.add_argument(
+    "--leaves",
+    type=int,
+    default=16,
+    help="number of float32 leaves the state is split over (default: 16)",
+  )
+  parser.add_argument("--repeats", type=int, default=3, help="measurements per mode (default: 3)")
+  parser.add_argument(
+    "--dir", default=None, help="where to write checkpoints (default: a temp dir)"
+  )
+  parser.add_argument(
+    "--json",
+    default=str(DEFAULT_JSON),
+    help=f"where to write the results (default: {DEFAULT_JSON})",
+  )
+  parser.add_argument(
+    "--step-seconds",
+    type=float,
+    default=1.0,
+    help="duration of the producing step in *-step-running modes",
+  )
   args = parser.parse_args(argv)
   if args.size_mib <= 0 or args.leaves < 1 or args.repeats < 1 or args.step_seconds <= 0:
     parser.error("--size-mib, --leaves, --repeats and --step-seconds must be positive")
@@ -88,8 +100,9 @@ def make_state(size_mib: float, leaves: int) -> dict[str, jax.Array]:
   """Random float32 leaves totalling about ``size_mib`` MiB (random: no free compression)."""
   per_leaf = max(1, int(size_mib * 2**20) // 4 // leaves)
   keys = jax.random.split(jax.random.key(0), leaves)
-  state = {f"leaf{i:03d}": jax.random.normal(k, (per_leaf,), jnp.float32)
-           for i, k in enumerate(keys)}
+  state = {
+    f"leaf{i:03d}": jax.random.normal(k, (per_leaf,), jnp.float32) for i, k in enumerate(keys)
+  }
   return jax.block_until_ready(state)
 
 
@@ -183,12 +196,12 @@ class Bench:
 
 def _summarize(blocked: list[float], commit: list[float]) -> dict:
   return {
-      "blocked_ms": [b * 1e3 for b in blocked],
-      "commit_s": commit,
-      "p50_blocked_ms": statistics.median(blocked) * 1e3,
-      "min_blocked_ms": min(blocked) * 1e3,
-      "max_blocked_ms": max(blocked) * 1e3,
-      "p50_commit_s": statistics.median(commit),
+    "blocked_ms": [b * 1e3 for b in blocked],
+    "commit_s": commit,
+    "p50_blocked_ms": statistics.median(blocked) * 1e3,
+    "min_blocked_ms": min(blocked) * 1e3,
+    "max_blocked_ms": max(blocked) * 1e3,
+    "p50_commit_s": statistics.median(commit),
   }
 
 
@@ -199,16 +212,21 @@ def _baseline(mode: str) -> str:
 
 def format_table(results: dict) -> str:
   """The results as a fixed-width text table."""
-  header = (f"{'mode':<28} {'blocked p50 ms':>14} {'min ms':>9} {'max ms':>9} "
-            f"{'commit p50 s':>12} {'vs orbax-async':>14}")
+  header = (
+    f"{'mode':<28} {'blocked p50 ms':>14} {'min ms':>9} {'max ms':>9} "
+    f"{'commit p50 s':>12} {'vs orbax-async':>14}"
+  )
   lines = [header, "-" * len(header)]
   for mode, r in results["modes"].items():
     lines.append(
-        f"{mode:<28} {r['p50_blocked_ms']:>14.1f} {r['min_blocked_ms']:>9.1f} "
-        f"{r['max_blocked_ms']:>9.1f} {r['p50_commit_s']:>12.3f} "
-        f"{r['blocked_vs_orbax_async']:>13.3f}x")
-  lines.append("vs orbax-async: p50 blocked / p50 blocked of orbax-async "
-               "(of orbax-async-step-running for *-step-running modes).")
+      f"{mode:<28} {r['p50_blocked_ms']:>14.1f} {r['min_blocked_ms']:>9.1f} "
+      f"{r['max_blocked_ms']:>9.1f} {r['p50_commit_s']:>12.3f} "
+      f"{r['blocked_vs_orbax_async']:>13.3f}x"
+    )
+  lines.append(
+    "vs orbax-async: p50 blocked / p50 blocked of orbax-async "
+    "(of orbax-async-step-running for *-step-running modes)."
+  )
   return "\n".join(lines)
 
 
@@ -220,8 +238,10 @@ def main(argv: list[str] | None = None) -> dict:
   os.makedirs(root, exist_ok=True)
   state = make_state(args.size_mib, args.leaves)
   nbytes = sum(leaf.nbytes for leaf in state.values())
-  print(f"state: {nbytes / 2**20:.1f} MiB in {len(state)} float32 leaves; "
-        f"{args.repeats} repeat(s); checkpoints under {root}")
+  print(
+    f"state: {nbytes / 2**20:.1f} MiB in {len(state)} float32 leaves; "
+    f"{args.repeats} repeat(s); checkpoints under {root}"
+  )
   x, iters, step_s = calibrate_step(state, args.step_seconds)
   print(f"producing step: {iters} matmuls, {step_s:.2f} s")
   bench = Bench(state, x, iters, root)
@@ -247,14 +267,25 @@ def main(argv: list[str] | None = None) -> dict:
   for m, r in modes.items():
     r["blocked_vs_orbax_async"] = r["p50_blocked_ms"] / modes[_baseline(m)]["p50_blocked_ms"]
   results = {
-      "config": {"size_mib": args.size_mib, "state_bytes": nbytes, "leaves": args.leaves,
-                 "repeats": args.repeats, "step_seconds": args.step_seconds,
-                 "step_iters": iters, "measured_step_s": step_s},
-      "env": {"jax": jax.__version__, "orbax": ocp.__version__,
-              "jaxckpt": jaxckpt.__version__, "python": platform.python_version(),
-              "platform": platform.platform(), "cpus": os.cpu_count(),
-              "device": str(jax.devices()[0])},
-      "modes": modes,
+    "config": {
+      "size_mib": args.size_mib,
+      "state_bytes": nbytes,
+      "leaves": args.leaves,
+      "repeats": args.repeats,
+      "step_seconds": args.step_seconds,
+      "step_iters": iters,
+      "measured_step_s": step_s,
+    },
+    "env": {
+      "jax": jax.__version__,
+      "orbax": ocp.__version__,
+      "jaxckpt": jaxckpt.__version__,
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "cpus": os.cpu_count(),
+      "device": str(jax.devices()[0]),
+    },
+    "modes": modes,
   }
   print(format_table(results))
   json_path = Path(args.json)

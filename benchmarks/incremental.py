@@ -51,19 +51,28 @@ def main(argv=None) -> dict:
       jax.block_until_ready(ckpt.trainable)
       start = time.perf_counter()
       second = ckpt.save(f"{d}/c", options=opts)
-      rows[mode].append({"seconds": time.perf_counter() - start,
-                         "bytes": _state_bytes(second)})
+      rows[mode].append({"seconds": time.perf_counter() - start, "bytes": _state_bytes(second)})
       shutil.rmtree(d)
   full_s = statistics.median(r["seconds"] for r in rows["full"])
   full_b = statistics.median(r["bytes"] for r in rows["full"])
   inc_s = statistics.median(r["seconds"] for r in rows["incremental"])
   inc_b = statistics.median(r["bytes"] for r in rows["incremental"])
-  result = {"size_mib": args.size_mib, "leaves": args.leaves, "frozen_fraction": 0.9,
-            "full_second_save_s": full_s, "incremental_second_save_s": inc_s,
-            "full_bytes": full_b, "incremental_bytes": inc_b,
-            "bytes_ratio": inc_b / full_b, "time_ratio": inc_s / full_s, "runs": rows}
-  print(f"{args.size_mib:.0f} MiB in {args.leaves} leaves, 90% frozen; sync saves, durable; "
-        f"median of {args.repeats}")
+  result = {
+    "size_mib": args.size_mib,
+    "leaves": args.leaves,
+    "frozen_fraction": 0.9,
+    "full_second_save_s": full_s,
+    "incremental_second_save_s": inc_s,
+    "full_bytes": full_b,
+    "incremental_bytes": inc_b,
+    "bytes_ratio": inc_b / full_b,
+    "time_ratio": inc_s / full_s,
+    "runs": rows,
+  }
+  print(
+    f"{args.size_mib:.0f} MiB in {args.leaves} leaves, 90% frozen; sync saves, durable; "
+    f"median of {args.repeats}"
+  )
   print(f"{'second save':<14}{'seconds':>10}{'MiB written':>14}")
   print(f"{'full':<14}{full_s:>10.3f}{full_b / 2**20:>14.1f}")
   print(f"{'incremental':<14}{inc_s:>10.3f}{inc_b / 2**20:>14.1f}")

@@ -36,8 +36,9 @@ DEFAULT_JSON = ROOT / "benchmarks" / "results" / "multiprocess.json"
 CONFIGS = {"1x4": (1, 4, None), "2x2": (2, 2, None), "2x2-io-task0": (2, 2, "/task:0")}
 
 
-def run_in_process(directory: str, size_mib: int, leaves: int, repeats: int,
-                   io_device: str | None) -> dict:
+def run_in_process(
+  directory: str, size_mib: int, leaves: int, repeats: int, io_device: str | None
+) -> dict:
   """Runs inside each launched process (every process calls the same saves)."""
   import jax
   import numpy as np
@@ -45,17 +46,23 @@ def run_in_process(directory: str, size_mib: int, leaves: int, repeats: int,
   from jax.sharding import PartitionSpec as P
 
   import jaxckpt
+
   mesh = jax.make_mesh((jax.device_count(),), ("x",))
   sharding = NamedSharding(mesh, P("x"))
   rows = 1024
   cols = max(1, size_mib * 2**20 // 4 // leaves // rows)
-  state = {f"w{i}": jax.jit(lambda i=i: jax.random.normal(jax.random.key(i), (rows, cols)),
-                            out_shardings=sharding)() for i in range(leaves)}
+  state = {
+    f"w{i}": jax.jit(
+      lambda i=i: jax.random.normal(jax.random.key(i), (rows, cols)), out_shardings=sharding
+    )()
+    for i in range(leaves)
+  }
   jax.block_until_ready(state)
   ckpt = jaxckpt.Checkpoint(state=state)
   sync = jaxckpt.CheckpointOptions(experimental_io_device=io_device, timeout_s=600)
-  async_ = jaxckpt.CheckpointOptions(experimental_io_device=io_device, enable_async=True,
-                                     timeout_s=600)
+  async_ = jaxckpt.CheckpointOptions(
+    experimental_io_device=io_device, enable_async=True, timeout_s=600
+  )
   out = {"save_s": [], "blocked_ms": [], "restore_s": []}
   ckpt.write(os.path.join(directory, "warmup"), options=sync)
   for r in range(repeats):
@@ -90,22 +97,37 @@ def main(argv=None) -> dict:
   sys.path.insert(0, str(ROOT / "tests"))
   import distributed  # The test suite's N-process launcher.
 
-  results = {"size_mib": args.size_mib, "leaves": args.leaves, "repeats": args.repeats,
-             "configs": {}}
+  results = {
+    "size_mib": args.size_mib,
+    "leaves": args.leaves,
+    "repeats": args.repeats,
+    "configs": {},
+  }
   for name in args.configs.split(","):
     processes, devices, io_device = CONFIGS[name]
     scratch = tempfile.mkdtemp(prefix=f"jaxckpt-mp-{name}-", dir=args.dir)
     try:
       per_process = distributed.launch(
-          "benchmarks.multiprocess", "run_in_process", processes, devices=devices,
-          timeout=1800, kwargs={"directory": scratch, "size_mib": args.size_mib,
-                                "leaves": args.leaves, "repeats": args.repeats,
-                                "io_device": io_device})
+        "benchmarks.multiprocess",
+        "run_in_process",
+        processes,
+        devices=devices,
+        timeout=1800,
+        kwargs={
+          "directory": scratch,
+          "size_mib": args.size_mib,
+          "leaves": args.leaves,
+          "repeats": args.repeats,
+          "io_device": io_device,
+        },
+      )
     finally:
       shutil.rmtree(scratch, ignore_errors=True)
     # A save or restore is done when the slowest process is done.
-    slowest = {k: [max(p[k][i] for p in per_process) for i in range(args.repeats)]
-               for k in ("save_s", "blocked_ms", "restore_s")}
+    slowest = {
+      k: [max(p[k][i] for p in per_process) for i in range(args.repeats)]
+      for k in ("save_s", "blocked_ms", "restore_s")
+    }
     results["configs"][name] = {**slowest, "bytes": per_process[0]["bytes"]}
   print(table(results))
   os.makedirs(os.path.dirname(args.json), exist_ok=True)
@@ -116,16 +138,20 @@ def main(argv=None) -> dict:
 
 def table(results: dict) -> str:
   base = results["configs"].get("1x4")
-  lines = [f"{results['size_mib']} MiB in {results['leaves']} arrays, p50 of "
-           f"{results['repeats']} (slowest process)",
-           f"{'processes x devices':<22}{'sync save s':>12}{'vs 1x4':>8}{'async blocked ms':>18}"
-           f"{'restore s':>11}{'vs 1x4':>8}"]
+  lines = [
+    f"{results['size_mib']} MiB in {results['leaves']} arrays, p50 of "
+    f"{results['repeats']} (slowest process)",
+    f"{'processes x devices':<22}{'sync save s':>12}{'vs 1x4':>8}{'async blocked ms':>18}"
+    f"{'restore s':>11}{'vs 1x4':>8}",
+  ]
   for name, r in results["configs"].items():
     save, restore = _p50(r["save_s"]), _p50(r["restore_s"])
     ratio_save = f"{save / _p50(base['save_s']):.2f}x" if base else "-"
     ratio_restore = f"{restore / _p50(base['restore_s']):.2f}x" if base else "-"
-    lines.append(f"{name:<22}{save:>12.3f}{ratio_save:>8}{_p50(r['blocked_ms']):>18.1f}"
-                 f"{restore:>11.3f}{ratio_restore:>8}")
+    lines.append(
+      f"{name:<22}{save:>12.3f}{ratio_save:>8}{_p50(r['blocked_ms']):>18.1f}"
+      f"{restore:>11.3f}{ratio_restore:>8}"
+    )
   return "\n".join(lines)
 
 

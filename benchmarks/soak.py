@@ -45,8 +45,9 @@ def _soak(args, directory: str) -> dict:
   n = int(args.mib * 2**20 / 4)
   ckpt = jaxckpt.Checkpoint(w=jnp.zeros(n), step=0)
   calls: list[str] = []
-  opts = jaxckpt.CheckpointOptions(enable_async=True, compression=args.compression,
-                                   experimental_write_callbacks=[calls.append])
+  opts = jaxckpt.CheckpointOptions(
+    enable_async=True, compression=args.compression, experimental_write_callbacks=[calls.append]
+  )
   manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=args.max_to_keep)
   samples = []
   start = time.perf_counter()
@@ -62,15 +63,21 @@ def _soak(args, directory: str) -> dict:
   elapsed = time.perf_counter() - start
   expected = [os.path.join(directory, f"ckpt-{i}") for i in range(1, args.saves + 1)]
   result = {
-      "saves": args.saves, "seconds": elapsed, "ms_per_save": 1e3 * elapsed / args.saves,
-      "callbacks_in_order_once_each": calls == expected,
-      "threads": sorted({s[1] for s in samples}),
-      "rss_first_mib": samples[0][2], "rss_last_mib": samples[-1][2],
-      "kept": [os.path.basename(p) for p in manager.checkpoints],
+    "saves": args.saves,
+    "seconds": elapsed,
+    "ms_per_save": 1e3 * elapsed / args.saves,
+    "callbacks_in_order_once_each": calls == expected,
+    "threads": sorted({s[1] for s in samples}),
+    "rss_first_mib": samples[0][2],
+    "rss_last_mib": samples[-1][2],
+    "kept": [os.path.basename(p) for p in manager.checkpoints],
   }
   print(result)
-  ok = (result["callbacks_in_order_once_each"] and len(result["threads"]) == 1
-        and result["rss_last_mib"] - result["rss_first_mib"] < 64)
+  ok = (
+    result["callbacks_in_order_once_each"]
+    and len(result["threads"]) == 1
+    and result["rss_last_mib"] - result["rss_first_mib"] < 64
+  )
   result["ok"] = ok
   return result
 

@@ -75,8 +75,7 @@ def make_state(size_mib: float, leaves: int, seed: int = 0) -> dict[str, jax.Arr
   """Random float32 leaves totalling ``size_mib`` MiB (rounded down to whole floats)."""
   per_leaf = max(1, int(size_mib * MIB) // 4 // leaves)
   keys = jax.random.split(jax.random.key(seed), leaves)
-  state = {f"w{i:03d}": jax.random.normal(k, (per_leaf,), jnp.float32)
-           for i, k in enumerate(keys)}
+  state = {f"w{i:03d}": jax.random.normal(k, (per_leaf,), jnp.float32) for i, k in enumerate(keys)}
   return jax.block_until_ready(state)
 
 
@@ -87,7 +86,7 @@ def host_bytes(state: dict[str, jax.Array]) -> np.ndarray:
   offset = 0
   for x in state.values():
     raw = np.asarray(x).reshape(-1).view(np.uint8)
-    buf[offset:offset + raw.size] = raw
+    buf[offset : offset + raw.size] = raw
     offset += raw.size
   return buf
 
@@ -100,7 +99,7 @@ def dd_write(path: str, buf: np.ndarray) -> float:
   try:
     offset = 0
     while offset < len(view):
-      offset += os.write(fd, view[offset:offset + CHUNK])
+      offset += os.write(fd, view[offset : offset + CHUNK])
     os.fsync(fd)
   finally:
     os.close(fd)
@@ -114,7 +113,7 @@ def dd_read(path: str, buf: np.ndarray) -> float:
   with open(path, "rb", buffering=0) as f:
     offset = 0
     while offset < len(view):
-      n = f.readinto(view[offset:offset + CHUNK])
+      n = f.readinto(view[offset : offset + CHUNK])
       if not n:
         raise OSError(f"{path}: short read at {offset} of {len(view)} bytes")
       offset += n
@@ -178,8 +177,12 @@ def resident_bytes(paths: list[str]) -> int | None:
   if not files or shutil.which("fincore") is None:
     return None
   try:
-    out = subprocess.run(["fincore", "--bytes", "--raw", "--noheadings", "--output", "RES",
-                          *files], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+      ["fincore", "--bytes", "--raw", "--noheadings", "--output", "RES", *files],
+      check=True,
+      capture_output=True,
+      text=True,
+    ).stdout
     return sum(int(line) for line in out.split())
   except (OSError, ValueError, subprocess.CalledProcessError):
     return None
@@ -189,12 +192,18 @@ def resident_bytes(paths: list[str]) -> int | None:
 
 
 def _same(a: dict, b: dict) -> bool:
-  return a.keys() == b.keys() and all(
-      np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+  return a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
 
 
-def measure(state: dict[str, jax.Array], host: np.ndarray, warm_dst: np.ndarray,
-            rep: int, root: str, evict_method: str, verify: bool) -> dict:
+def measure(
+  state: dict[str, jax.Array],
+  host: np.ndarray,
+  warm_dst: np.ndarray,
+  rep: int,
+  root: str,
+  evict_method: str,
+  verify: bool,
+) -> dict:
   """One repeat for one state: saves, restores, limits. Returns seconds per operation."""
   workdir = tempfile.mkdtemp(prefix="tp-", dir=root)
   jx_prefix = os.path.join(workdir, "jaxckpt", "ckpt")
@@ -241,14 +250,17 @@ def measure(state: dict[str, jax.Array], host: np.ndarray, warm_dst: np.ndarray,
       ckpt.state = state
 
     def restore_orbax():
-      item = {k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
-              for k, x in state.items()}
-      restore_args = {k: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype,
-                                              global_shape=x.shape)
-                      for k, x in state.items()}
+      item = {
+        k: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding) for k, x in state.items()
+      }
+      restore_args = {
+        k: ocp.ArrayRestoreArgs(sharding=x.sharding, dtype=x.dtype, global_shape=x.shape)
+        for k, x in state.items()
+      }
       start = time.perf_counter()
-      restored = orbax.restore(ob_path, args=ocp.args.PyTreeRestore(
-          item=item, restore_args=restore_args))
+      restored = orbax.restore(
+        ob_path, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args)
+      )
       jax.block_until_ready(restored)
       t["orbax_restore"] = time.perf_counter() - start
       if verify:
@@ -271,8 +283,17 @@ def measure(state: dict[str, jax.Array], host: np.ndarray, warm_dst: np.ndarray,
   return t
 
 
-TIMED = ("jaxckpt_save", "orbax_save", "orbax_save_fsync", "dd_write", "jaxckpt_restore",
-         "orbax_restore", "dd_read", "memcpy_warm", "memcpy_first_touch")
+TIMED = (
+  "jaxckpt_save",
+  "orbax_save",
+  "orbax_save_fsync",
+  "dd_write",
+  "jaxckpt_restore",
+  "orbax_restore",
+  "dd_read",
+  "memcpy_warm",
+  "memcpy_first_touch",
+)
 
 
 def summarize(nbytes: int, runs: list[dict]) -> dict:
@@ -283,13 +304,13 @@ def summarize(nbytes: int, runs: list[dict]) -> dict:
     gbps[key] = {"median": statistics.median(rates), "min": min(rates), "max": max(rates)}
   med = {k: v["median"] for k, v in gbps.items()}
   return {
-      "gbps": gbps,
-      "ratios": {
-          "jaxckpt_save_vs_dd": med["jaxckpt_save"] / med["dd_write"],
-          "jaxckpt_save_vs_orbax_save_fsync": med["jaxckpt_save"] / med["orbax_save_fsync"],
-          "jaxckpt_restore_vs_orbax": med["jaxckpt_restore"] / med["orbax_restore"],
-          "jaxckpt_restore_vs_dd_read": med["jaxckpt_restore"] / med["dd_read"],
-      },
+    "gbps": gbps,
+    "ratios": {
+      "jaxckpt_save_vs_dd": med["jaxckpt_save"] / med["dd_write"],
+      "jaxckpt_save_vs_orbax_save_fsync": med["jaxckpt_save"] / med["orbax_save_fsync"],
+      "jaxckpt_restore_vs_orbax": med["jaxckpt_restore"] / med["orbax_restore"],
+      "jaxckpt_restore_vs_dd_read": med["jaxckpt_restore"] / med["dd_read"],
+    },
   }
 
 
@@ -309,28 +330,30 @@ def fit_costs(runs: list[dict]) -> dict:
     for op in TIMED:
       y = np.array([statistics.median(r["seconds"][op]) for r in rows])
       slope, intercept = np.polyfit(x, y, 1)
-      fits[layout][op] = {"fixed_ms": float(intercept) * 1e3,
-                          "marginal_gbps": float(1 / slope / GB) if slope > 0 else None}
+      fits[layout][op] = {
+        "fixed_ms": float(intercept) * 1e3,
+        "marginal_gbps": float(1 / slope / GB) if slope > 0 else None,
+      }
   return fits
 
 
 # -- reporting ------------------------------------------------------------------
 
 COLUMNS = (  # (header, getter)
-    ("MiB", lambda r: f"{r['size_mib']:g}"),
-    ("layout", lambda r: f"{r['layout']}({r['leaves']})"),
-    ("jx save", lambda r: f"{r['gbps']['jaxckpt_save']['median']:.3g}"),
-    ("ob save", lambda r: f"{r['gbps']['orbax_save']['median']:.3g}"),
-    ("ob save+fsync", lambda r: f"{r['gbps']['orbax_save_fsync']['median']:.3g}"),
-    ("dd write", lambda r: f"{r['gbps']['dd_write']['median']:.3g}"),
-    ("jx/dd", lambda r: f"{r['ratios']['jaxckpt_save_vs_dd']:.2f}"),
-    ("jx restore", lambda r: f"{r['gbps']['jaxckpt_restore']['median']:.3g}"),
-    ("ob restore", lambda r: f"{r['gbps']['orbax_restore']['median']:.3g}"),
-    ("jx/ob", lambda r: f"{r['ratios']['jaxckpt_restore_vs_orbax']:.2f}"),
-    ("dd read", lambda r: f"{r['gbps']['dd_read']['median']:.3g}"),
-    ("jx/rd", lambda r: f"{r['ratios']['jaxckpt_restore_vs_dd_read']:.2f}"),
-    ("memcpy warm", lambda r: f"{r['gbps']['memcpy_warm']['median']:.3g}"),
-    ("1st-touch", lambda r: f"{r['gbps']['memcpy_first_touch']['median']:.3g}"),
+  ("MiB", lambda r: f"{r['size_mib']:g}"),
+  ("layout", lambda r: f"{r['layout']}({r['leaves']})"),
+  ("jx save", lambda r: f"{r['gbps']['jaxckpt_save']['median']:.3g}"),
+  ("ob save", lambda r: f"{r['gbps']['orbax_save']['median']:.3g}"),
+  ("ob save+fsync", lambda r: f"{r['gbps']['orbax_save_fsync']['median']:.3g}"),
+  ("dd write", lambda r: f"{r['gbps']['dd_write']['median']:.3g}"),
+  ("jx/dd", lambda r: f"{r['ratios']['jaxckpt_save_vs_dd']:.2f}"),
+  ("jx restore", lambda r: f"{r['gbps']['jaxckpt_restore']['median']:.3g}"),
+  ("ob restore", lambda r: f"{r['gbps']['orbax_restore']['median']:.3g}"),
+  ("jx/ob", lambda r: f"{r['ratios']['jaxckpt_restore_vs_orbax']:.2f}"),
+  ("dd read", lambda r: f"{r['gbps']['dd_read']['median']:.3g}"),
+  ("jx/rd", lambda r: f"{r['ratios']['jaxckpt_restore_vs_dd_read']:.2f}"),
+  ("memcpy warm", lambda r: f"{r['gbps']['memcpy_warm']['median']:.3g}"),
+  ("1st-touch", lambda r: f"{r['gbps']['memcpy_first_touch']['median']:.3g}"),
 )
 
 
@@ -341,20 +364,32 @@ def format_table(results: dict) -> str:
   widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
 
   def line(cells):
-    return "  ".join(c.ljust(w) if i < 2 else c.rjust(w)
-                     for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
+    return "  ".join(
+      c.ljust(w) if i < 2 else c.rjust(w)
+      for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+    )
 
   out = [line(headers), "-" * (sum(widths) + 2 * (len(widths) - 1))]
   out += [line(row) for row in rows]
   cfg = results["config"]
-  out.append(f"GB/s (1e9 B/s of state), median of {cfg['repeats']} repeat(s). jx = jaxckpt "
-             "(durable), ob = Orbax (zstd on; metadata/dirs not fsynced; save+fsync adds it).")
-  out.append("jx/dd = jaxckpt save / dd write+fsync; jx/ob and jx/rd = jaxckpt restore / Orbax "
-             "restore and / dd read; memcpy = np.copyto warm and into fresh np.empty.")
+  out.append(
+    f"GB/s (1e9 B/s of state), median of {cfg['repeats']} repeat(s). jx = jaxckpt "
+    "(durable), ob = Orbax (zstd on; metadata/dirs not fsynced; save+fsync adds it)."
+  )
+  out.append(
+    "jx/dd = jaxckpt save / dd write+fsync; jx/ob and jx/rd = jaxckpt restore / Orbax "
+    "restore and / dd read; memcpy = np.copyto warm and into fresh np.empty."
+  )
   out.append(f"restore page cache: {results['page_cache']}")
   if results.get("fits"):
-    ops = ("jaxckpt_save", "orbax_save_fsync", "dd_write", "jaxckpt_restore", "orbax_restore",
-           "dd_read")
+    ops = (
+      "jaxckpt_save",
+      "orbax_save_fsync",
+      "dd_write",
+      "jaxckpt_restore",
+      "orbax_restore",
+      "dd_read",
+    )
     out.append("")
     out.append("cost vs size, least squares over sizes: seconds = fixed ms + bytes / marginal GB/s")
     out.append(f"{'layout':<7}" + "".join(f"{op:>22}" for op in ops))
@@ -372,30 +407,48 @@ def _page_cache_note(runs: list[dict], requested: str) -> str:
   methods = sorted({m for r in runs for m in r["evict_methods"]})
   resident = [b for r in runs for b in r["resident_after_evict_bytes"] if b is not None]
   note = {
-      "drop_caches": "evicted with sync + echo 3 > /proc/sys/vm/drop_caches (cold reads)",
-      "fadvise_dontneed": "drop_caches unavailable; evicted the checkpoint files with "
-                          "posix_fadvise(POSIX_FADV_DONTNEED) (cold reads)",
-      "none": "NOT evicted: restores read from the page cache (warm)",
+    "drop_caches": "evicted with sync + echo 3 > /proc/sys/vm/drop_caches (cold reads)",
+    "fadvise_dontneed": "drop_caches unavailable; evicted the checkpoint files with "
+    "posix_fadvise(POSIX_FADV_DONTNEED) (cold reads)",
+    "none": "NOT evicted: restores read from the page cache (warm)",
   }
   text = "; ".join(note[m] for m in methods) + f" [--evict {requested}]"
   if resident:
-    text += (f"; fincore after eviction: at most {max(resident) / MIB:.1f} MiB of the "
-             "files still resident")
+    text += (
+      f"; fincore after eviction: at most {max(resident) / MIB:.1f} MiB of the files still resident"
+    )
   return text
 
 
 def _parse_args(argv):
   p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  p.add_argument("--sizes", type=float, nargs="+", default=[64, 128, 256, 512],
-                 help="state sizes in MiB (default: 64 128 256 512)")
-  p.add_argument("--layouts", nargs="+", default=list(LAYOUTS), choices=list(LAYOUTS),
-                 help="leaf layouts: few (8 leaves), many (256 leaves) (default: both)")
+  p.add_argument(
+    "--sizes",
+    type=float,
+    nargs="+",
+    default=[64, 128, 256, 512],
+    help="state sizes in MiB (default: 64 128 256 512)",
+  )
+  p.add_argument(
+    "--layouts",
+    nargs="+",
+    default=list(LAYOUTS),
+    choices=list(LAYOUTS),
+    help="leaf layouts: few (8 leaves), many (256 leaves) (default: both)",
+  )
   p.add_argument("--repeats", type=int, default=3, help="repeats per size/layout (default: 3)")
-  p.add_argument("--evict", default="auto", choices=EVICT_METHODS,
-                 help="page-cache eviction before restores (default: auto)")
+  p.add_argument(
+    "--evict",
+    default="auto",
+    choices=EVICT_METHODS,
+    help="page-cache eviction before restores (default: auto)",
+  )
   p.add_argument("--dir", default=None, help="where to write (default: a temp dir)")
-  p.add_argument("--json", default=str(DEFAULT_JSON),
-                 help=f"where to write the results (default: {DEFAULT_JSON})")
+  p.add_argument(
+    "--json",
+    default=str(DEFAULT_JSON),
+    help=f"where to write the results (default: {DEFAULT_JSON})",
+  )
   args = p.parse_args(argv)
   if args.repeats < 1 or any(s <= 0 for s in args.sizes):
     p.error("--repeats and --sizes must be positive")
@@ -405,8 +458,15 @@ def _parse_args(argv):
 def _warm_up(root: str) -> None:
   """One tiny untimed save and restore per engine: thread pools, TensorStore context."""
   state = make_state(0.0625, 2, seed=1)
-  measure(state, host_bytes(state), np.empty(sum(x.nbytes for x in state.values()), np.uint8),
-          0, root, "none", verify=False)
+  measure(
+    state,
+    host_bytes(state),
+    np.empty(sum(x.nbytes for x in state.values()), np.uint8),
+    0,
+    root,
+    "none",
+    verify=False,
+  )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -415,8 +475,11 @@ def main(argv: list[str] | None = None) -> dict:
   own_root = args.dir is None
   root = tempfile.mkdtemp(prefix="jaxckpt-tp-") if own_root else args.dir
   os.makedirs(root, exist_ok=True)
-  print(f"sizes {args.sizes} MiB x layouts {args.layouts}, {args.repeats} repeat(s); "
-        f"writing under {root}; device {jax.devices()[0]}", flush=True)
+  print(
+    f"sizes {args.sizes} MiB x layouts {args.layouts}, {args.repeats} repeat(s); "
+    f"writing under {root}; device {jax.devices()[0]}",
+    flush=True,
+  )
   runs = []
   try:
     _warm_up(root)
@@ -427,22 +490,31 @@ def main(argv: list[str] | None = None) -> dict:
         nbytes = sum(x.nbytes for x in state.values())
         host = host_bytes(state)
         warm_dst = np.empty_like(host)
-        reps = [measure(state, host, warm_dst, rep, root, args.evict, verify=rep == 0)
-                for rep in range(args.repeats)]
-        run = {"size_mib": size, "layout": layout, "leaves": leaves, "bytes": nbytes,
-               "seconds": {k: [r[k] for r in reps] for k in TIMED},
-               "evict_methods": [r["evict"] for r in reps],
-               "resident_after_evict_bytes": [r["resident_after_evict_bytes"] for r in reps],
-               "verified": {"jaxckpt": reps[0]["jaxckpt_verified"],
-                            "orbax": reps[0]["orbax_verified"]},
-               **summarize(nbytes, reps)}
+        reps = [
+          measure(state, host, warm_dst, rep, root, args.evict, verify=rep == 0)
+          for rep in range(args.repeats)
+        ]
+        run = {
+          "size_mib": size,
+          "layout": layout,
+          "leaves": leaves,
+          "bytes": nbytes,
+          "seconds": {k: [r[k] for r in reps] for k in TIMED},
+          "evict_methods": [r["evict"] for r in reps],
+          "resident_after_evict_bytes": [r["resident_after_evict_bytes"] for r in reps],
+          "verified": {"jaxckpt": reps[0]["jaxckpt_verified"], "orbax": reps[0]["orbax_verified"]},
+          **summarize(nbytes, reps),
+        }
         runs.append(run)
         g = run["gbps"]
-        print(f"  {size:g} MiB {layout:<4}: jaxckpt save {g['jaxckpt_save']['median']:.2f} "
-              f"restore {g['jaxckpt_restore']['median']:.2f} GB/s; orbax save "
-              f"{g['orbax_save']['median']:.2f} restore {g['orbax_restore']['median']:.2f}; "
-              f"dd {g['dd_write']['median']:.2f}/{g['dd_read']['median']:.2f}; "
-              f"evict {','.join(sorted(set(run['evict_methods'])))}", flush=True)
+        print(
+          f"  {size:g} MiB {layout:<4}: jaxckpt save {g['jaxckpt_save']['median']:.2f} "
+          f"restore {g['jaxckpt_restore']['median']:.2f} GB/s; orbax save "
+          f"{g['orbax_save']['median']:.2f} restore {g['orbax_restore']['median']:.2f}; "
+          f"dd {g['dd_write']['median']:.2f}/{g['dd_read']['median']:.2f}; "
+          f"evict {','.join(sorted(set(run['evict_methods'])))}",
+          flush=True,
+        )
         if not all(run["verified"].values()):
           print(f"  WARNING: restored values differ from the saved ones: {run['verified']}")
         del state, host, warm_dst
@@ -451,16 +523,27 @@ def main(argv: list[str] | None = None) -> dict:
       shutil.rmtree(root, ignore_errors=True)
 
   results = {
-      "config": {"sizes_mib": args.sizes, "layouts": {k: LAYOUTS[k] for k in args.layouts},
-                 "repeats": args.repeats, "evict": args.evict, "chunk_bytes": CHUNK,
-                 "unit": "GB/s = 1e9 bytes of state per second"},
-      "env": {"jax": jax.__version__, "orbax": ocp.__version__, "jaxckpt": jaxckpt.__version__,
-              "python": platform.python_version(), "platform": platform.platform(),
-              "cpus": os.cpu_count(), "backend": jax.default_backend(),
-              "device": str(jax.devices()[0])},
-      "page_cache": _page_cache_note(runs, args.evict),
-      "runs": runs,
-      "fits": fit_costs(runs),
+    "config": {
+      "sizes_mib": args.sizes,
+      "layouts": {k: LAYOUTS[k] for k in args.layouts},
+      "repeats": args.repeats,
+      "evict": args.evict,
+      "chunk_bytes": CHUNK,
+      "unit": "GB/s = 1e9 bytes of state per second",
+    },
+    "env": {
+      "jax": jax.__version__,
+      "orbax": ocp.__version__,
+      "jaxckpt": jaxckpt.__version__,
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "cpus": os.cpu_count(),
+      "backend": jax.default_backend(),
+      "device": str(jax.devices()[0]),
+    },
+    "page_cache": _page_cache_note(runs, args.evict),
+    "runs": runs,
+    "fits": fit_costs(runs),
   }
   print(format_table(results))
   json_path = Path(args.json)

@@ -144,8 +144,9 @@ class Block(nnx.Module):
 class TransformerLM(nnx.Module):
   """Decoder-only LM: embedding + positions, blocks, final LayerNorm, output head."""
 
-  def __init__(self, *, vocab: int, d_model: int, layers: int, heads: int, seq: int,
-               rngs: nnx.Rngs):
+  def __init__(
+    self, *, vocab: int, d_model: int, layers: int, heads: int, seq: int, rngs: nnx.Rngs
+  ):
     self.embed = nnx.Embed(vocab, d_model, rngs=rngs)
     self.pos = nnx.Param(jax.random.normal(rngs.params(), (seq, d_model)) * 0.02)
     self.blocks = nnx.List([Block(d_model, heads, rngs=rngs) for _ in range(layers)])
@@ -167,8 +168,14 @@ def param_count(*, vocab: int, d_model: int, layers: int, seq: int) -> int:
 
 def build(args) -> tuple[nnx.GraphDef, nnx.State, Callable, list[jax.Array]]:
   """Model, Adam optimizer, the donating jitted step and a few synthetic batches."""
-  model = TransformerLM(vocab=args.vocab, d_model=args.d_model, layers=args.layers,
-                        heads=args.heads, seq=args.seq, rngs=nnx.Rngs(0))
+  model = TransformerLM(
+    vocab=args.vocab,
+    d_model=args.d_model,
+    layers=args.layers,
+    heads=args.heads,
+    seq=args.seq,
+    rngs=nnx.Rngs(0),
+  )
   optimizer = nnx.Optimizer(model, optax.adam(1e-4), wrt=nnx.Param)
   graphdef, state = nnx.split((model, optimizer))
 
@@ -185,8 +192,9 @@ def build(args) -> tuple[nnx.GraphDef, nnx.State, Callable, list[jax.Array]]:
     return nnx.state((model, optimizer)), loss
 
   keys = jax.random.split(jax.random.key(1), 4)
-  batches = [jax.random.randint(k, (args.batch, args.seq + 1), 0, args.vocab, jnp.int32)
-             for k in keys]
+  batches = [
+    jax.random.randint(k, (args.batch, args.seq + 1), 0, args.vocab, jnp.int32) for k in keys
+  ]
   return graphdef, state, train_step, batches
 
 
@@ -236,8 +244,9 @@ class Saver:
       self._orbax = ocp.Checkpointer(ocp.PyTreeCheckpointHandler())
     elif mode == "orbax_async":
       self._mngr = ocp.CheckpointManager(
-          os.path.join(workdir, "orbax"),
-          options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True))
+        os.path.join(workdir, "orbax"),
+        options=ocp.CheckpointManagerOptions(enable_async_checkpointing=True),
+      )
     elif mode == "dd_async":
       self._dd: threading.Thread | None = None
     elif mode.startswith("jaxckpt"):
@@ -252,8 +261,7 @@ class Saver:
     committed: list[float] = []
     self._last = committed
     if self.mode == "orbax_sync":
-      self._orbax.save(os.path.join(self.workdir, f"step_{step}"),
-                       args=ocp.args.PyTreeSave(state))
+      self._orbax.save(os.path.join(self.workdir, f"step_{step}"), args=ocp.args.PyTreeSave(state))
       committed.append(time.perf_counter())
     elif self.mode == "orbax_async":
       self._mngr.save(step, args=ocp.args.StandardSave(state))
@@ -270,8 +278,11 @@ class Saver:
         self._dd.join()  # One write in flight, like the async checkpointers' default.
       copies = jax.device_put(jax.tree.leaves(state), may_alias=False)
       self._dd = threading.Thread(
-          target=_dd_write, args=(os.path.join(self.workdir, f"dd_{step}"), copies, committed),
-          daemon=True, name=f"dd-{step}")
+        target=_dd_write,
+        args=(os.path.join(self.workdir, f"dd_{step}"), copies, committed),
+        daemon=True,
+        name=f"dd-{step}",
+      )
       self._dd.start()
     else:
       self._ckpt.state = state
@@ -307,7 +318,7 @@ def _dd_write(path: str, arrays: list[jax.Array], committed: list[float]) -> Non
     for array in arrays:
       data = memoryview(np.ascontiguousarray(np.asarray(array))).cast("B")
       while data:
-        data = data[os.write(fd, data):]
+        data = data[os.write(fd, data) :]
     os.fsync(fd)
   finally:
     os.close(fd)
@@ -389,34 +400,46 @@ def run_mode(mode: str, state, train_step, batches, args, root: str):
   else:
     commit = [c[0] - t0 for c, t0 in zip(commit_at, starts, strict=True)]
   record = {
-      "loop_s": loop_s,
-      "drain_s": drain_s,
-      "wall_s": loop_s + drain_s,
-      "ms_per_step": loop_s / args.steps * 1e3,
-      "ms_per_step_excl_blocked": (loop_s - sum(blocked)) / args.steps * 1e3,
-      "saves": len(blocked),
-      "saves_found_previous_in_flight": in_flight,
-      "blocked_ms": [b * 1e3 for b in blocked],
-      "blocked_p50_ms": _percentile(blocked, 50) * 1e3,
-      "blocked_p95_ms": _percentile(blocked, 95) * 1e3,
-      "blocked_max_ms": max(blocked, default=0.0) * 1e3,
-      "blocked_total_s": sum(blocked),
-      "commit_s": commit,
-      "commit_p50_s": _percentile(commit, 50),
-      "commit_max_s": max(commit, default=0.0),
-      "peak_rss_delta_mib": rss.delta_mib,
-      "baseline_rss_mib": rss.baseline / MIB,
-      "final_loss": float(loss),
+    "loop_s": loop_s,
+    "drain_s": drain_s,
+    "wall_s": loop_s + drain_s,
+    "ms_per_step": loop_s / args.steps * 1e3,
+    "ms_per_step_excl_blocked": (loop_s - sum(blocked)) / args.steps * 1e3,
+    "saves": len(blocked),
+    "saves_found_previous_in_flight": in_flight,
+    "blocked_ms": [b * 1e3 for b in blocked],
+    "blocked_p50_ms": _percentile(blocked, 50) * 1e3,
+    "blocked_p95_ms": _percentile(blocked, 95) * 1e3,
+    "blocked_max_ms": max(blocked, default=0.0) * 1e3,
+    "blocked_total_s": sum(blocked),
+    "commit_s": commit,
+    "commit_p50_s": _percentile(commit, 50),
+    "commit_max_s": max(commit, default=0.0),
+    "peak_rss_delta_mib": rss.delta_mib,
+    "baseline_rss_mib": rss.baseline / MIB,
+    "final_loss": float(loss),
   }
   return state, record
 
 
 # -- reporting ----------------------------------------------------------------
 
-SUMMARY_KEYS = ("wall_s", "loop_s", "drain_s", "ms_per_step", "ms_per_step_excl_blocked",
-                "overhead", "blocked_p50_ms", "blocked_p95_ms", "blocked_max_ms",
-                "blocked_total_s", "commit_p50_s", "commit_max_s", "peak_rss_delta_mib",
-                "saves_found_previous_in_flight")
+SUMMARY_KEYS = (
+  "wall_s",
+  "loop_s",
+  "drain_s",
+  "ms_per_step",
+  "ms_per_step_excl_blocked",
+  "overhead",
+  "blocked_p50_ms",
+  "blocked_p95_ms",
+  "blocked_max_ms",
+  "blocked_total_s",
+  "commit_p50_s",
+  "commit_max_s",
+  "peak_rss_delta_mib",
+  "saves_found_previous_in_flight",
+)
 
 
 def summarize(records: list[dict]) -> dict:
@@ -434,15 +457,15 @@ def _cell(stat: dict, fmt: str) -> str:
 
 
 COLUMNS = (  # (header, summary key, format, scale)
-    ("wall s", "wall_s", ".1f", 1),
-    ("ms/step", "ms_per_step", ".0f", 1),
-    ("overhead %", "overhead", ".1f", 100),
-    ("blocked p50 ms", "blocked_p50_ms", ".0f", 1),
-    ("p95 ms", "blocked_p95_ms", ".0f", 1),
-    ("max ms", "blocked_max_ms", ".0f", 1),
-    ("commit p50 s", "commit_p50_s", ".2f", 1),
-    ("peak RSS +MiB", "peak_rss_delta_mib", ".0f", 1),
-    ("prev busy", "saves_found_previous_in_flight", "g", 1),
+  ("wall s", "wall_s", ".1f", 1),
+  ("ms/step", "ms_per_step", ".0f", 1),
+  ("overhead %", "overhead", ".1f", 100),
+  ("blocked p50 ms", "blocked_p50_ms", ".0f", 1),
+  ("p95 ms", "blocked_p95_ms", ".0f", 1),
+  ("max ms", "blocked_max_ms", ".0f", 1),
+  ("commit p50 s", "commit_p50_s", ".2f", 1),
+  ("peak RSS +MiB", "peak_rss_delta_mib", ".0f", 1),
+  ("prev busy", "saves_found_previous_in_flight", "g", 1),
 )
 
 
@@ -458,23 +481,32 @@ def format_table(results: dict) -> str:
   headers = ["mode"] + [c[0] for c in COLUMNS]
   widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(headers)]
   line = lambda cells: "  ".join(  # noqa: E731
-      c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths,
-                                                                          strict=True)))
+    c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+  )
   out = [line(headers), "-" * (sum(widths) + 2 * (len(widths) - 1))]
   out += [line(row) for row in rows]
   cfg = results["config"]
   out.append(
-      f"{cfg['repeats']} repeat(s): median [min, max]. {cfg['saves_per_mode']} timed saves "
-      f"per mode of {cfg['state_mib']:.0f} MiB every {cfg['save_every']} of {cfg['steps']} "
-      "steps; blocked = time inside the save call after block_until_ready(state).")
-  out.append("wall = timed loop + drain of the last save; overhead = wall / wall(none) - 1 in "
-             "the same repeat; commit = save call -> committed;")
-  out.append("prev busy = saves that found the previous save still uncommitted (they wait for "
-             "it inside the save call).")
-  out.append("Orbax leaves its metadata files and directories un-fsynced (data files are "
-             "fsynced by TensorStore); jaxckpt fsyncs all.")
-  out.append("On CPU the 'accelerator' is the host: async writes share its cores and device "
-             "arrays count in RSS.")
+    f"{cfg['repeats']} repeat(s): median [min, max]. {cfg['saves_per_mode']} timed saves "
+    f"per mode of {cfg['state_mib']:.0f} MiB every {cfg['save_every']} of {cfg['steps']} "
+    "steps; blocked = time inside the save call after block_until_ready(state)."
+  )
+  out.append(
+    "wall = timed loop + drain of the last save; overhead = wall / wall(none) - 1 in "
+    "the same repeat; commit = save call -> committed;"
+  )
+  out.append(
+    "prev busy = saves that found the previous save still uncommitted (they wait for "
+    "it inside the save call)."
+  )
+  out.append(
+    "Orbax leaves its metadata files and directories un-fsynced (data files are "
+    "fsynced by TensorStore); jaxckpt fsyncs all."
+  )
+  out.append(
+    "On CPU the 'accelerator' is the host: async writes share its cores and device "
+    "arrays count in RSS."
+  )
   return "\n".join(out)
 
 
@@ -490,14 +522,29 @@ def _parse_args(argv):
   p.add_argument("--save-every", type=int, default=10, help="save period in steps (default: 10)")
   p.add_argument("--warmup", type=int, default=3, help="untimed steps per mode (default: 3)")
   p.add_argument("--repeats", type=int, default=2, help="runs of every mode (default: 2)")
-  p.add_argument("--modes", default=",".join(MODES),
-                 help=f"comma-separated subset of {','.join(MODES)} (default: all)")
+  p.add_argument(
+    "--modes",
+    default=",".join(MODES),
+    help=f"comma-separated subset of {','.join(MODES)} (default: all)",
+  )
   p.add_argument("--dir", default=None, help="checkpoint root (default: a temp dir)")
-  p.add_argument("--json", default=str(DEFAULT_JSON),
-                 help=f"where to write the results (default: {DEFAULT_JSON})")
+  p.add_argument(
+    "--json",
+    default=str(DEFAULT_JSON),
+    help=f"where to write the results (default: {DEFAULT_JSON})",
+  )
   args = p.parse_args(argv)
-  for name in ("d_model", "layers", "heads", "vocab", "seq", "batch", "steps", "save_every",
-               "repeats"):
+  for name in (
+    "d_model",
+    "layers",
+    "heads",
+    "vocab",
+    "seq",
+    "batch",
+    "steps",
+    "save_every",
+    "repeats",
+  ):
     if getattr(args, name) < 1:
       p.error(f"--{name.replace('_', '-')} must be positive")
   if args.warmup < 0:
@@ -523,12 +570,13 @@ def main(argv: list[str] | None = None) -> dict:
   del graphdef
   leaves = jax.tree.leaves(state)
   state_bytes = sum(x.nbytes for x in leaves)
-  params = param_count(vocab=args.vocab, d_model=args.d_model, layers=args.layers,
-                       seq=args.seq)
-  print(f"model: d_model={args.d_model} layers={args.layers} heads={args.heads} "
-        f"vocab={args.vocab} seq={args.seq} batch={args.batch}: {params / 1e6:.1f} M params "
-        f"({params * 4 / MIB:.0f} MiB), checkpointed state {state_bytes / MIB:.0f} MiB in "
-        f"{len(leaves)} arrays; backend {jax.default_backend()} ({jax.devices()[0]})")
+  params = param_count(vocab=args.vocab, d_model=args.d_model, layers=args.layers, seq=args.seq)
+  print(
+    f"model: d_model={args.d_model} layers={args.layers} heads={args.heads} "
+    f"vocab={args.vocab} seq={args.seq} batch={args.batch}: {params / 1e6:.1f} M params "
+    f"({params * 4 / MIB:.0f} MiB), checkpointed state {state_bytes / MIB:.0f} MiB in "
+    f"{len(leaves)} arrays; backend {jax.default_backend()} ({jax.devices()[0]})"
+  )
   t = time.perf_counter()
   state, loss = train_step(state, batches[0])  # Compiles.
   jax.block_until_ready((state, loss))
@@ -538,9 +586,11 @@ def main(argv: list[str] | None = None) -> dict:
     state, loss = train_step(state, batches[i % len(batches)])
   jax.block_until_ready((state, loss))
   step_s = (time.perf_counter() - t) / 3
-  print(f"compile + first step {compile_s:.1f} s; {step_s * 1e3:.0f} ms/step; "
-        f"{len(args.modes)} modes x {args.repeats} repeat(s), checkpoints under {root}",
-        flush=True)
+  print(
+    f"compile + first step {compile_s:.1f} s; {step_s * 1e3:.0f} ms/step; "
+    f"{len(args.modes)} modes x {args.repeats} repeat(s), checkpoints under {root}",
+    flush=True,
+  )
 
   records = {m: [] for m in args.modes}
   try:
@@ -549,10 +599,13 @@ def main(argv: list[str] | None = None) -> dict:
       for mode in args.modes[k:] + args.modes[:k]:
         state, rec = run_mode(mode, state, train_step, batches, args, root)
         records[mode].append(rec)
-        print(f"  repeat {rep + 1}/{args.repeats} {mode:<14} wall {rec['wall_s']:6.2f} s  "
-              f"{rec['ms_per_step']:6.0f} ms/step  blocked p50 {rec['blocked_p50_ms']:7.1f} ms  "
-              f"commit p50 {rec['commit_p50_s']:6.2f} s  peak RSS +{rec['peak_rss_delta_mib']:.0f}"
-              " MiB", flush=True)
+        print(
+          f"  repeat {rep + 1}/{args.repeats} {mode:<14} wall {rec['wall_s']:6.2f} s  "
+          f"{rec['ms_per_step']:6.0f} ms/step  blocked p50 {rec['blocked_p50_ms']:7.1f} ms  "
+          f"commit p50 {rec['commit_p50_s']:6.2f} s  peak RSS +{rec['peak_rss_delta_mib']:.0f}"
+          " MiB",
+          flush=True,
+        )
   finally:
     if own_root:
       shutil.rmtree(root, ignore_errors=True)
@@ -563,31 +616,50 @@ def main(argv: list[str] | None = None) -> dict:
       records[mode][rep]["overhead"] = records[mode][rep]["wall_s"] / base - 1
   modes = {m: {"repeats": records[m], "summary": summarize(records[m])} for m in args.modes}
   results = {
-      "config": {
-          "d_model": args.d_model, "layers": args.layers, "heads": args.heads,
-          "vocab": args.vocab, "seq": args.seq, "batch": args.batch, "steps": args.steps,
-          "save_every": args.save_every, "warmup": args.warmup, "repeats": args.repeats,
-          "modes": list(args.modes), "params": params, "param_mib": params * 4 / MIB,
-          "state_bytes": state_bytes, "state_mib": state_bytes / MIB, "state_arrays": len(leaves),
-          "saves_per_mode": args.steps // args.save_every, "compile_s": compile_s,
-          "step_s_before_modes": step_s, "rss_period_s": RSS_PERIOD_S,
-          "malloc_trim": trim_heap(),
-      },
-      "env": {"jax": jax.__version__, "orbax": ocp.__version__, "jaxckpt": jaxckpt.__version__,
-              "python": platform.python_version(), "platform": platform.platform(),
-              "cpus": os.cpu_count(), "backend": jax.default_backend(),
-              "device": str(jax.devices()[0])},
-      "notes": [
-          "blocked: time inside the save call, after jax.block_until_ready(state).",
-          "commit: save call start -> committed (jaxckpt: path.future done callback; orbax_async:"
-          " helper thread returning from mngr.wait_until_finished(); sync: = blocked).",
-          "wall_s = loop_s + drain_s (wait for the last save after the loop).",
-          "TensorStore fsyncs array data files in both; Orbax 0.12.8 does not fsync its"
-          " metadata files or directories, jaxckpt fsyncs everything before committing.",
-          "peak_rss_delta_mib: peak RSS (5 ms sampling) minus RSS at mode start (after gc and"
-          " malloc_trim(0)).",
-      ],
-      "modes": modes,
+    "config": {
+      "d_model": args.d_model,
+      "layers": args.layers,
+      "heads": args.heads,
+      "vocab": args.vocab,
+      "seq": args.seq,
+      "batch": args.batch,
+      "steps": args.steps,
+      "save_every": args.save_every,
+      "warmup": args.warmup,
+      "repeats": args.repeats,
+      "modes": list(args.modes),
+      "params": params,
+      "param_mib": params * 4 / MIB,
+      "state_bytes": state_bytes,
+      "state_mib": state_bytes / MIB,
+      "state_arrays": len(leaves),
+      "saves_per_mode": args.steps // args.save_every,
+      "compile_s": compile_s,
+      "step_s_before_modes": step_s,
+      "rss_period_s": RSS_PERIOD_S,
+      "malloc_trim": trim_heap(),
+    },
+    "env": {
+      "jax": jax.__version__,
+      "orbax": ocp.__version__,
+      "jaxckpt": jaxckpt.__version__,
+      "python": platform.python_version(),
+      "platform": platform.platform(),
+      "cpus": os.cpu_count(),
+      "backend": jax.default_backend(),
+      "device": str(jax.devices()[0]),
+    },
+    "notes": [
+      "blocked: time inside the save call, after jax.block_until_ready(state).",
+      "commit: save call start -> committed (jaxckpt: path.future done callback; orbax_async:"
+      " helper thread returning from mngr.wait_until_finished(); sync: = blocked).",
+      "wall_s = loop_s + drain_s (wait for the last save after the loop).",
+      "TensorStore fsyncs array data files in both; Orbax 0.12.8 does not fsync its"
+      " metadata files or directories, jaxckpt fsyncs everything before committing.",
+      "peak_rss_delta_mib: peak RSS (5 ms sampling) minus RSS at mode start (after gc and"
+      " malloc_trim(0)).",
+    ],
+    "modes": modes,
   }
   print(format_table(results))
   json_path = Path(args.json)

@@ -66,8 +66,10 @@ class Saver:
     if errors:
       first = errors[0]
       if len(errors) > 1:
-        first.add_note(f"{len(errors) - 1} later async save(s) failed too: "
-                       + "; ".join(str(e) for e in errors[1:]))
+        first.add_note(
+          f"{len(errors) - 1} later async save(s) failed too: "
+          + "; ".join(str(e) for e in errors[1:])
+        )
       raise first
 
   def wait(self, *, raise_errors: bool = True) -> None:
@@ -78,8 +80,9 @@ class Saver:
     if raise_errors:
       self._raise_errors()
 
-  def reserve(self, nbytes: int, *, max_in_flight: int, budget: int | None,
-              raise_errors: bool = True) -> float:
+  def reserve(
+    self, nbytes: int, *, max_in_flight: int, budget: int | None, raise_errors: bool = True
+  ) -> float:
     """Blocks until a save of ``nbytes`` fits; returns the seconds waited.
 
     Raises the error of an earlier failed save, if any.
@@ -87,16 +90,24 @@ class Saver:
     budget = default_memory_budget() if budget is None else budget
     start = time.perf_counter()
     with self._cond:
-      while self._queue and (len(self._queue) >= max_in_flight
-                             or self._inflight_bytes + nbytes > budget):
+      while self._queue and (
+        len(self._queue) >= max_in_flight or self._inflight_bytes + nbytes > budget
+      ):
         self._cond.wait()
     waited = time.perf_counter() - start
     if waited > 0.01:
-      logger.info("Waited %.3f s for earlier saves to commit (max_in_flight=%d, "
-                  "memory budget %.1f MiB).", waited, max_in_flight, budget / 2**20)
+      logger.info(
+        "Waited %.3f s for earlier saves to commit (max_in_flight=%d, memory budget %.1f MiB).",
+        waited,
+        max_in_flight,
+        budget / 2**20,
+      )
     if nbytes > budget:
-      logger.warning("A %.1f MiB snapshot exceeds the memory budget of %.1f MiB; it "
-                     "runs alone.", nbytes / 2**20, budget / 2**20)
+      logger.warning(
+        "A %.1f MiB snapshot exceeds the memory budget of %.1f MiB; it runs alone.",
+        nbytes / 2**20,
+        budget / 2**20,
+      )
     if raise_errors:
       self._raise_errors()
     return waited
@@ -121,8 +132,9 @@ class Saver:
       self._cond.notify_all()
       if not self._worker_running:
         self._worker_running = True
-        threading.Thread(target=_worker, args=(weakref.ref(self),), daemon=True,
-                         name="jaxckpt-save").start()
+        threading.Thread(
+          target=_worker, args=(weakref.ref(self),), daemon=True, name="jaxckpt-save"
+        ).start()
 
   def _run_queue(self) -> float | None:
     """Runs queued jobs until there are none; returns how long the worker should
@@ -166,22 +178,28 @@ class Saver:
     store = store_for(directory)
     with self._cond:
       while self._worker_ident != threading.get_ident() and any(
-          job.plan.store is store and store.within(job.plan.target, directory)
-          for job in self._queue):
+        job.plan.store is store and store.within(job.plan.target, directory) for job in self._queue
+      ):
         self._cond.wait()
 
   def _join_at_exit(self, deadline: float) -> None:
     with self._cond:
       if self._queue:
-        logger.warning("Waiting for %d async save(s) to finish before exit: %s.",
-                       len(self._queue), ", ".join(j.plan.path for j in self._queue))
+        logger.warning(
+          "Waiting for %d async save(s) to finish before exit: %s.",
+          len(self._queue),
+          ", ".join(j.plan.path for j in self._queue),
+        )
       while self._queue and time.monotonic() < deadline:
         self._cond.wait(timeout=max(0.0, deadline - time.monotonic()))
       for job in self._queue:
         logger.error(
-            "Async save of %s did not finish within %.0f s of interpreter exit; it "
-            "is NOT committed and latest_checkpoint still names the previous "
-            "checkpoint.", job.plan.path, _knobs.EXIT_TIMEOUT_S)
+          "Async save of %s did not finish within %.0f s of interpreter exit; it "
+          "is NOT committed and latest_checkpoint still names the previous "
+          "checkpoint.",
+          job.plan.path,
+          _knobs.EXIT_TIMEOUT_S,
+        )
       errors, self._errors = self._errors, []
     for error in errors:
       logger.error("An async save failed and was never reported: %s", error)

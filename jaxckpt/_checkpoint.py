@@ -50,8 +50,8 @@ def _check_options(options) -> CheckpointOptions:
     return CheckpointOptions()
   if not isinstance(options, CheckpointOptions):
     raise InvalidOptionsError(
-        f"options must be a jaxckpt.CheckpointOptions or None, got "
-        f"{type(options).__name__}.")
+      f"options must be a jaxckpt.CheckpointOptions or None, got {type(options).__name__}."
+    )
   return options
 
 
@@ -62,8 +62,8 @@ def _gather_snapshot(leaves, io_process: int) -> dict[str, object]:
   if jax.process_index() != io_process:
     return {}
   snapshot, _ = take_snapshot(
-      [leaf for leaf in leaves if not isinstance(leaf.value, jax.Array)],
-      copy=True, io_device=None)
+    [leaf for leaf in leaves if not isinstance(leaf.value, jax.Array)], copy=True, io_device=None
+  )
   snapshot.update((leaf.name, value) for leaf, value in zip(arrays, gathered, strict=True))
   return snapshot
 
@@ -105,8 +105,7 @@ class Checkpoint:
     items = self.__dict__.get("_items", {})
     if name in items:
       return items[name]
-    raise UnknownItemError(
-        f"Checkpoint tracks no item {name!r}; it tracks {sorted(items)}.")
+    raise UnknownItemError(f"Checkpoint tracks no item {name!r}; it tracks {sorted(items)}.")
 
   def __setattr__(self, name: str, value: Any) -> None:
     if name.startswith("_"):
@@ -114,8 +113,8 @@ class Checkpoint:
       return
     if hasattr(type(self), name):
       raise TreeError(
-          f"Cannot track an item named {name!r}: it is a Checkpoint "
-          "attribute. Choose another name.")
+        f"Cannot track an item named {name!r}: it is a Checkpoint attribute. Choose another name."
+      )
     if "/" in name or "." in name:
       raise TreeError(f"Item name {name!r} must not contain '/' or '.'.")
     self._items[name] = value
@@ -127,7 +126,8 @@ class Checkpoint:
       object.__delattr__(self, name)
     else:  # Public names are items (see __setattr__); the same error as __getattr__'s.
       raise UnknownItemError(
-          f"Checkpoint tracks no item {name!r}; it tracks {sorted(self._items)}.")
+        f"Checkpoint tracks no item {name!r}; it tracks {sorted(self._items)}."
+      )
 
   def __dir__(self):
     return sorted(set(super().__dir__()) | set(self._items))
@@ -142,8 +142,9 @@ class Checkpoint:
 
   # -- saving --------------------------------------------------------------
 
-  def save(self, file_prefix: str | os.PathLike,
-           options: CheckpointOptions | None = None) -> SavePath:
+  def save(
+    self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None
+  ) -> SavePath:
     """Saves to ``f"{file_prefix}-{save_counter + 1}"`` and updates the state file.
 
     Increments `save_counter`. With ``options.enable_async`` it returns once the
@@ -170,11 +171,12 @@ class Checkpoint:
     def record(path: str, owner: bool) -> None:
       if owner:
         write_state(state_dir, CheckpointState(path, [path]))
-    return save_checkpoint(self, SaveRequest(lambda n: f"{prefix}-{n}", "save", record),
-                           options)
 
-  def write(self, file_prefix: str | os.PathLike,
-            options: CheckpointOptions | None = None) -> SavePath:
+    return save_checkpoint(self, SaveRequest(lambda n: f"{prefix}-{n}", "save", record), options)
+
+  def write(
+    self, file_prefix: str | os.PathLike, options: CheckpointOptions | None = None
+  ) -> SavePath:
     """Writes exactly ``file_prefix``: no counter change, no state file.
 
     Overwrites an existing checkpoint there only once the new one is complete.
@@ -198,8 +200,9 @@ class Checkpoint:
 
   # -- restoring -----------------------------------------------------------
 
-  def restore(self, save_path: str | os.PathLike | None,
-              options: CheckpointOptions | None = None) -> LoadStatus:
+  def restore(
+    self, save_path: str | os.PathLike | None, options: CheckpointOptions | None = None
+  ) -> LoadStatus:
     """Restores tracked items and `save_counter` from a checkpoint.
 
     Waits for a pending async save first. ``save_path=None`` (e.g. from
@@ -214,19 +217,24 @@ class Checkpoint:
     with self._lock:
       return self._restore(save_path, _check_options(options), restore_counter=True)
 
-  def read(self, save_path: str | os.PathLike,
-           options: CheckpointOptions | None = None) -> LoadStatus:
+  def read(
+    self, save_path: str | os.PathLike, options: CheckpointOptions | None = None
+  ) -> LoadStatus:
     """Like `restore`, for checkpoints made by `write`: leaves `save_counter` alone."""
     with self._lock:
       return self._restore(save_path, _check_options(options), restore_counter=False)
 
-  def _restore(self, save_path, options: CheckpointOptions, *,
-               restore_counter: bool) -> LoadStatus:
+  def _restore(self, save_path, options: CheckpointOptions, *, restore_counter: bool) -> LoadStatus:
     io_device = resolve_io_device(options.experimental_io_device)
     # Numbered before anything that may fail on one process only (see save_checkpoint).
     coordination = begin("restore", options.timeout_s, io_device=io_device)
-    plan = plan_restore(save_path, options, io_device=io_device, coordination=coordination,
-                        restore_counter=restore_counter)
+    plan = plan_restore(
+      save_path,
+      options,
+      io_device=io_device,
+      coordination=coordination,
+      restore_counter=restore_counter,
+    )
     self._saver.wait()
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
@@ -241,8 +249,9 @@ class Checkpoint:
     return LoadStatus(path, {leaf.name for leaf in flat}, set(manifest.leaves))
 
 
-def save_checkpoint(checkpoint: Checkpoint, request: SaveRequest,
-                    options: CheckpointOptions | None) -> SavePath:
+def save_checkpoint(
+  checkpoint: Checkpoint, request: SaveRequest, options: CheckpointOptions | None
+) -> SavePath:
   """The one save path behind `Checkpoint.save`, `Checkpoint.write` and
   `CheckpointManager.save`: plan, snapshot, then commit inline or in the background.
 
@@ -253,8 +262,9 @@ def save_checkpoint(checkpoint: Checkpoint, request: SaveRequest,
     return _save(checkpoint, request, options)
 
 
-def _save(checkpoint: Checkpoint, request: SaveRequest,
-          options: CheckpointOptions | None) -> SavePath:
+def _save(
+  checkpoint: Checkpoint, request: SaveRequest, options: CheckpointOptions | None
+) -> SavePath:
   start = time.perf_counter()
   options = _check_options(options)
   io_device = resolve_io_device(options.experimental_io_device)
@@ -268,15 +278,20 @@ def _save(checkpoint: Checkpoint, request: SaveRequest,
   if coordination is not None:  # For the same reason the number is used up now.
     object.__setattr__(checkpoint, "_save_counter", counter)
   flat = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
-  plan = plan_save(request, options, flat, save_counter=counter, io_device=io_device,
-                   coordination=coordination)
+  plan = plan_save(
+    request, options, flat, save_counter=counter, io_device=io_device, coordination=coordination
+  )
   job = _snapshot(checkpoint, plan, flat, options)
   object.__setattr__(checkpoint, "_save_counter", counter)
   if plan.background:
-    logger.info("Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
-                plan.path, len(flat), plan.nbytes / 2**20,
-                f" ({len(job.reused)} reused)" if job.reused else "",
-                1e3 * (time.perf_counter() - start))
+    logger.info(
+      "Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
+      plan.path,
+      len(flat),
+      plan.nbytes / 2**20,
+      f" ({len(job.reused)} reused)" if job.reused else "",
+      1e3 * (time.perf_counter() - start),
+    )
   checkpoint._saver.submit(job, background=plan.background)
   return SavePath(plan.path, job.future)
 
@@ -289,8 +304,12 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
   # save there and fail it on the others. There it stays for sync()/restore().
   raise_errors = plan.coordination is None
   if plan.background:
-    saver.reserve(plan.nbytes, max_in_flight=options.max_in_flight,
-                  budget=options.memory_budget_bytes, raise_errors=raise_errors)
+    saver.reserve(
+      plan.nbytes,
+      max_in_flight=options.max_in_flight,
+      budget=options.memory_budget_bytes,
+      raise_errors=raise_errors,
+    )
   else:
     saver.wait(raise_errors=raise_errors)
   plan.store.check_target(plan.path)
@@ -298,8 +317,9 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
   if plan.incremental:
     if plan.store.exists(plan.path):
       raise InvalidPathError(
-          f"Incremental saves never overwrite: {plan.path!r} exists, and newer "
-          "checkpoints may read data from it. Choose a new path.")
+        f"Incremental saves never overwrite: {plan.path!r} exists, and newer "
+        "checkpoints may read data from it. Choose a new path."
+      )
     reused = reuse_by_identity(flat, history)
   to_copy = [leaf for leaf in flat if leaf.name not in reused]
   staged: list = []
@@ -311,12 +331,21 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
     if plan.writer != FAST:  # Orbax writes them: numpy only (see _layout.new_checkpointer).
       snapshot = {name: np.asarray(value) for name, value in snapshot.items()}
   else:
-    snapshot, staged = take_snapshot(to_copy, copy=plan.background, io_device=plan.io_device,
-                                     pool=saver.staging, pack=plan.pack)
+    snapshot, staged = take_snapshot(
+      to_copy, copy=plan.background, io_device=plan.io_device, pool=saver.staging, pack=plan.pack
+    )
   coordination = plan.coordination
   if coordination is not None:
-    plan = dataclasses.replace(plan, coordination=dataclasses.replace(
-        coordination, what=f"save of {plan.path!r}"))
-  return SaveJob(plan=plan, future=CommitFuture(plan.path), leaves=flat, snapshot=snapshot,
-                 staged=staged, history=history, reused=reused,
-                 refs={leaf.name: weak(leaf.value) for leaf in flat} if plan.incremental else {})
+    plan = dataclasses.replace(
+      plan, coordination=dataclasses.replace(coordination, what=f"save of {plan.path!r}")
+    )
+  return SaveJob(
+    plan=plan,
+    future=CommitFuture(plan.path),
+    leaves=flat,
+    snapshot=snapshot,
+    staged=staged,
+    history=history,
+    reused=reused,
+    refs={leaf.name: weak(leaf.value) for leaf in flat} if plan.incremental else {},
+  )

@@ -35,8 +35,11 @@ def _number(name: str) -> int | None:
 
 def _checkpoints_in(directory: str) -> list[str]:
   store = store_for(directory)
-  names = [n for n in store.names(directory)
-           if not n.startswith(".") and is_committed(store.join(directory, n))]
+  names = [
+    n
+    for n in store.names(directory)
+    if not n.startswith(".") and is_committed(store.join(directory, n))
+  ]
   names.sort(key=lambda n: (re.sub(r"-\d+$", "", n), _number(n) or -1, n))
   return [store.join(directory, n) for n in names]
 
@@ -54,34 +57,47 @@ def cmd_ls(args) -> tuple[Any, int]:
   rows: list[dict[str, Any]] = []
   for path in _checkpoints_in(directory):
     manifest = read_manifest(path)
-    rows.append({
-        "path": path, "number": _number(store.basename(path)),
-        "save_counter": manifest.save_counter, "kind": manifest.kind,
+    rows.append(
+      {
+        "path": path,
+        "number": _number(store.basename(path)),
+        "save_counter": manifest.save_counter,
+        "kind": manifest.kind,
         "time": datetime.datetime.fromtimestamp(manifest.created).isoformat(timespec="seconds"),
-        "bytes": store.size(path), "arrays": len(manifest.leaves), "committed": True,
+        "bytes": store.size(path),
+        "arrays": len(manifest.leaves),
+        "committed": True,
         "latest": latest is not None and store.absolute(path) == store.absolute(latest),
         "in_state_file": any(store.absolute(p) == store.absolute(path) for p in managed),
-    })
+      }
+    )
   incomplete = store.incomplete(directory)
-  result = {"directory": directory, "checkpoints": rows, "latest": latest,
-            "incomplete": incomplete}
+  result = {"directory": directory, "checkpoints": rows, "latest": latest, "incomplete": incomplete}
   if not args.json:
     from rich.console import Console
     from rich.table import Table
+
     table = Table(title=f"Checkpoints in {directory}")
     for col in ("name", "number", "time", "size", "arrays", "status"):
       table.add_column(col)
     for r in rows:
       size = "unknown" if r["bytes"] is None else f"{r['bytes'] / 2**20:.1f} MiB"
-      table.add_row(store.basename(r["path"]), str(r["number"] or ""), r["time"], size,
-                    str(r["arrays"]),
-                    "committed, latest" if r["latest"] else "committed")
+      table.add_row(
+        store.basename(r["path"]),
+        str(r["number"] or ""),
+        r["time"],
+        size,
+        str(r["arrays"]),
+        "committed, latest" if r["latest"] else "committed",
+      )
     console = Console()
     console.print(table)
     if incomplete:
-      console.print(f"{len(incomplete)} incomplete save(s) left by interrupted runs "
-                    f"({'hidden, ' if store.renames else ''}never restored; removed when a "
-                    "CheckpointManager opens the directory).")
+      console.print(
+        f"{len(incomplete)} incomplete save(s) left by interrupted runs "
+        f"({'hidden, ' if store.renames else ''}never restored; removed when a "
+        "CheckpointManager opens the directory)."
+      )
   return result, 0
 
 
@@ -94,28 +110,45 @@ def cmd_inspect(args) -> tuple[Any, int]:
   for name in sorted(manifest.leaves):
     info = manifest.leaves[name]
     dtype = dtypes[name]
-    row = {"name": name, "shape": list(info.shape), "dtype": info.dtype,
-           "bytes": int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize,
-           "sharding": shardings.get(name, ""), "kind": info.kind,
-           "crc32": manifest.checksums.get(name),
-           "shard_crc32": manifest.shard_checksums.get(name),  # Saved by several processes.
-           "stored_in": manifest.sources.get(name)}  # Incremental: reused from there.
+    row = {
+      "name": name,
+      "shape": list(info.shape),
+      "dtype": info.dtype,
+      "bytes": int(np.prod(info.shape, dtype=np.int64)) * dtype.itemsize,
+      "sharding": shardings.get(name, ""),
+      "kind": info.kind,
+      "crc32": manifest.checksums.get(name),
+      "shard_crc32": manifest.shard_checksums.get(name),  # Saved by several processes.
+      "stored_in": manifest.sources.get(name),
+    }  # Incremental: reused from there.
     if args.values:
       row["value"] = reader.get_tensor(name).tolist()
     rows.append(row)
-  result = {"path": reader.path, "format_version": manifest.version,
-            "save_counter": manifest.save_counter, "arrays": rows}
+  result = {
+    "path": reader.path,
+    "format_version": manifest.version,
+    "save_counter": manifest.save_counter,
+    "arrays": rows,
+  }
   if not args.json:
     from rich.console import Console
     from rich.table import Table
+
     table = Table(title=f"{reader.path} (save_counter={manifest.save_counter})")
     reused = any(r["stored_in"] for r in rows)
     for col in ("tensor", "shape", "dtype", "bytes", "sharding") + (
-        ("reused from",) if reused else ()):
+      ("reused from",) if reused else ()
+    ):
       table.add_column(col)
     for r in rows:
-      table.add_row(r["name"], str(tuple(r["shape"])), r["dtype"], str(r["bytes"]),
-                    r["sharding"], *((r["stored_in"] or "",) if reused else ()))
+      table.add_row(
+        r["name"],
+        str(tuple(r["shape"])),
+        r["dtype"],
+        str(r["bytes"]),
+        r["sharding"],
+        *((r["stored_in"] or "",) if reused else ()),
+      )
     console = Console()
     console.print(table)
     if args.values:
@@ -126,6 +159,7 @@ def cmd_inspect(args) -> tuple[Any, int]:
 
 def cmd_verify(args) -> tuple[Any, int]:
   from rich.progress import Progress
+
   target = fspath(args.path)
   store = store_for(target)
   paths = [target] if is_committed(target) else _checkpoints_in(target)
@@ -166,13 +200,15 @@ def cmd_verify(args) -> tuple[Any, int]:
 
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(
-      prog="jaxckpt", description="Inspect and verify jaxckpt checkpoints.")
+    prog="jaxckpt", description="Inspect and verify jaxckpt checkpoints."
+  )
   sub = parser.add_subparsers(dest="command", required=True)
   ls = sub.add_parser("ls", help="list the checkpoints in a directory")
   ls.add_argument("directory", help="a directory, or a URL (memory://, s3://, gs://)")
   ls.set_defaults(func=cmd_ls)
   inspect = sub.add_parser(
-      "inspect", help="show a checkpoint's arrays (like TF's inspect_checkpoint)")
+    "inspect", help="show a checkpoint's arrays (like TF's inspect_checkpoint)"
+  )
   inspect.add_argument("path", help="a checkpoint, or a directory (its latest checkpoint)")
   inspect.add_argument("--values", action="store_true", help="also print every array's values")
   inspect.set_defaults(func=cmd_inspect)
@@ -188,13 +224,16 @@ def main(argv: list[str] | None = None) -> int:
   """Runs the CLI; returns the exit code (0 ok, 1 corrupt checkpoint found, 2 error)."""
   args = build_parser().parse_args(argv)
   from absl import logging as absl_logging  # Orbax's warnings are noise here.
+
   absl_logging.set_verbosity(absl_logging.ERROR)
   try:
     try:
       result, code = args.func(args)
     except ValueError as e:  # TensorStore's errors (no such bucket, access denied, ...).
-      if isinstance(e, JaxckptError) or store_for(
-          getattr(args, "directory", None) or args.path).renames:
+      if (
+        isinstance(e, JaxckptError)
+        or store_for(getattr(args, "directory", None) or args.path).renames
+      ):
         raise
       raise JaxckptError(str(e)) from e
   except (JaxckptError, OSError) as e:

@@ -42,6 +42,7 @@ logger = logging.getLogger("jaxckpt")
 @dataclasses.dataclass
 class SaveJob:
   """A planned save and the data it owns once the caller has moved on."""
+
   plan: SavePlan
   future: CommitFuture
   leaves: list[Leaf] | None  # For the manifest; holds the caller's arrays until built.
@@ -77,9 +78,10 @@ def run_save(job: SaveJob) -> str:
           call_write_callback(callback, plan.path)
         except BaseException as e:
           raise WriteCallbackError(
-              f"Checkpoint {plan.path!r} was committed, but write callback #{i} "
-              f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
-              "run and the state file was not updated.") from e
+            f"Checkpoint {plan.path!r} was committed, but write callback #{i} "
+            f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
+            "run and the state file was not updated."
+          ) from e
       if plan.on_commit is not None:
         plan.on_commit(plan.path, coord is None or coord.is_primary)
     finally:
@@ -88,8 +90,12 @@ def run_save(job: SaveJob) -> str:
   finally:
     if coord is not None:
       sweep_keys(coord.op)
-  logger.info("Committed checkpoint %s (%.1f MiB) in %.3f s.", plan.path,
-              plan.nbytes / 2**20, time.perf_counter() - job.started)
+  logger.info(
+    "Committed checkpoint %s (%.1f MiB) in %.3f s.",
+    plan.path,
+    plan.nbytes / 2**20,
+    time.perf_counter() - job.started,
+  )
   return plan.path
 
 
@@ -111,8 +117,11 @@ def _write_and_commit(job: SaveJob) -> None:
   store, target = plan.store, plan.target
   staging = held = None
   try:
-    staging = store.new_staging(target) if coord is None else coord.share(
-        "staging", lambda: store.new_staging(target))
+    staging = (
+      store.new_staging(target)
+      if coord is None
+      else coord.share("staging", lambda: store.new_staging(target))
+    )
     if coord is not None and coord.writers is None:
       # Everyone is here: from now on Orbax's barriers run, whose blocking part
       # uses Orbax's fixed 300 s timeout instead of ours.
@@ -148,10 +157,15 @@ def _write(job: SaveJob, data_dir: str, staging: str) -> None:
   for name, w in job.reused.items():
     checksums[name], digests[name] = w.crc32, w.sha1
   job.manifest = Manifest.build(
-      job.leaves, save_counter=plan.save_counter, kind=plan.kind, checksums=checksums,
-      sources={n: os.path.relpath(w.holder, plan.target) for n, w in job.reused.items()},
-      digests=digests, shard_checksums=shard_sums,
-      data=None if plan.store.renames else staging)
+    job.leaves,
+    save_counter=plan.save_counter,
+    kind=plan.kind,
+    checksums=checksums,
+    sources={n: os.path.relpath(w.holder, plan.target) for n, w in job.reused.items()},
+    digests=digests,
+    shard_checksums=shard_sums,
+    data=None if plan.store.renames else staging,
+  )
   job.leaves = None  # Holds the caller's arrays; not needed any more.
   pending.wait()
 
@@ -162,20 +176,28 @@ def _fail(job: SaveJob, error: BaseException, staging: str | None) -> None:
     try:
       plan.store.abort(staging, plan.target)
     except Exception as cleanup:
-      logger.warning("Could not delete the data of failed save %s (%s); it is never "
-                     "read, and a later CheckpointManager deletes it.", plan.path, cleanup)
+      logger.warning(
+        "Could not delete the data of failed save %s (%s); it is never "
+        "read, and a later CheckpointManager deletes it.",
+        plan.path,
+        cleanup,
+      )
   _publish_failure(coord, error)
   hint = ""
   if coord is not None:
-    hint = (f" With {jax.process_count()} processes, one that died or stalled makes the "
-            f"others give up after CheckpointOptions.timeout_s={coord.timeout_s:g} s.")
+    hint = (
+      f" With {jax.process_count()} processes, one that died or stalled makes the "
+      f"others give up after CheckpointOptions.timeout_s={coord.timeout_s:g} s."
+    )
   raise SaveError(
-      f"Saving checkpoint {plan.path!r} failed ({type(error).__name__}: {error}). "
-      f"Earlier checkpoints are untouched and this one was not committed.{hint}") from error
+    f"Saving checkpoint {plan.path!r} failed ({type(error).__name__}: {error}). "
+    f"Earlier checkpoints are untouched and this one was not committed.{hint}"
+  ) from error
 
 
-def _take_checksums(job: SaveJob, coord: Coordination | None
-                    ) -> tuple[dict[str, int | None], dict[str, dict[str, int]]]:
+def _take_checksums(
+  job: SaveJob, coord: Coordination | None
+) -> tuple[dict[str, int | None], dict[str, dict[str, int]]]:
   """CRC-32 of each snapshot value (None for arrays no process holds whole) and
   the per-shard CRCs of those; then frees the snapshot."""
   checksums = {name: checksum(value) for name, value in job.snapshot.items()}
@@ -193,13 +215,18 @@ def _publish_failure(coord: Coordination | None, error: BaseException) -> None:
       pass
 
 
-def _shard_checksums(snapshot: dict[str, Any], checksums: dict[str, int | None],
-                     coord: Coordination | None) -> dict[str, dict[str, int]]:
+def _shard_checksums(
+  snapshot: dict[str, Any], checksums: dict[str, int | None], coord: Coordination | None
+) -> dict[str, dict[str, int]]:
   """Per-shard CRC-32s of the arrays no process holds whole, from every process
   (complete on the primary; see _integrity.py)."""
-  local = {name: shard_checksums(value) for name, value in snapshot.items()
-           if checksums.get(name) is None and isinstance(value, jax.Array)
-           and not value.is_fully_addressable}
+  local = {
+    name: shard_checksums(value)
+    for name, value in snapshot.items()
+    if checksums.get(name) is None
+    and isinstance(value, jax.Array)
+    and not value.is_fully_addressable
+  }
   if coord is None or coord.writers is not None:
     return local
   if not coord.is_primary:
@@ -224,8 +251,13 @@ def _reuse_by_content(job: SaveJob, digests: dict[str, str | None]) -> None:
     digests[name] = content_digest(job.snapshot[name])
     w = job.history.last.get(name)
     value = job.snapshot[name]
-    if (w is not None and digests[name] is not None and w.sha1 == digests[name]
-        and tuple(getattr(value, "shape", ())) == w.shape and os.path.isdir(w.holder)):
+    if (
+      w is not None
+      and digests[name] is not None
+      and w.sha1 == digests[name]
+      and tuple(getattr(value, "shape", ())) == w.shape
+      and os.path.isdir(w.holder)
+    ):
       job.reused[name] = w
       del job.snapshot[name]
 
@@ -236,7 +268,12 @@ def _record_history(job: SaveJob) -> None:
     if name in job.reused:
       last[name] = dataclasses.replace(job.reused[name], ref=job.refs.get(name))
     else:
-      last[name] = Written(holder=job.plan.target, shape=tuple(info.shape), dtype=info.dtype,
-                           crc32=job.manifest.checksums.get(name),
-                           sha1=job.manifest.digests.get(name), ref=job.refs.get(name))
+      last[name] = Written(
+        holder=job.plan.target,
+        shape=tuple(info.shape),
+        dtype=info.dtype,
+        crc32=job.manifest.checksums.get(name),
+        sha1=job.manifest.digests.get(name),
+        ref=job.refs.get(name),
+      )
   job.history.last = last

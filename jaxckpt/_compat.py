@@ -104,9 +104,11 @@ _FEATURES: dict[str, _Feature] = {}
 
 def _feature(name: str, what: str, lost: str) -> Callable[[Callable[[], Any]], Callable]:
   """Registers the decorated finder as feature ``name`` (see `_Feature`)."""
+
   def register(find: Callable[[], Any]) -> Callable[[], Any]:
     _FEATURES[name] = _Feature(name, what, lost, find)
     return find
+
   return register
 
 
@@ -125,18 +127,26 @@ def clear_caches() -> None:
 # -- JAX: snapshots ---------------------------------------------------------
 
 
-@_feature("shard_args", "JAX's pxla.shard_args",
-          "snapshots use jax.device_put instead (slower save(): ~25 us of Python per array)")
+@_feature(
+  "shard_args",
+  "JAX's pxla.shard_args",
+  "snapshots use jax.device_put instead (slower save(): ~25 us of Python per array)",
+)
 def _find_shard_args():
   from jax._src.interpreters import pxla
   from jax._src.lib import xla_client as xc
+
   return pxla.shard_args, xc.ArrayCopySemantics.ALWAYS_COPY
 
 
-@_feature("batched_copy", "JAX's xla_client.batched_copy_array_to_devices_with_sharding",
-          "async snapshots use JAX's shard_args or jax.device_put instead (slower save())")
+@_feature(
+  "batched_copy",
+  "JAX's xla_client.batched_copy_array_to_devices_with_sharding",
+  "async snapshots use JAX's shard_args or jax.device_put instead (slower save())",
+)
 def _find_batched_copy():
   from jax._src.lib import xla_client as xc
+
   if not hasattr(jax.sharding.Sharding, "_internal_device_list"):
     return None
   return xc.batched_copy_array_to_devices_with_sharding, xc.ArrayCopySemantics.ALWAYS_COPY
@@ -146,8 +156,7 @@ def _any_deleted(values: list[jax.Array]) -> bool:
   return any(v.is_deleted() for v in values)
 
 
-def copy_arrays(values: list[jax.Array],
-                targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
+def copy_arrays(values: list[jax.Array], targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
   """New arrays with ``values``' data in ``targets``; issued, not waited for.
 
   JAX's batched ``shard_args`` (what ``jax.device_put`` ends in) skips ~25 us of
@@ -169,8 +178,7 @@ def _addressable_devices(sharding: jax.sharding.Sharding):
   return sharding._internal_device_list.addressable_device_list
 
 
-def copy_in_place(values: list[jax.Array],
-                  targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
+def copy_in_place(values: list[jax.Array], targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
   """`copy_arrays` for fully addressable arrays whose targets are their own
   shardings, maybe in another memory kind: straight to the batched C++ copy
   ``shard_args`` ends in, without its per-array Python checks (sharding
@@ -180,8 +188,11 @@ def copy_in_place(values: list[jax.Array],
   if found is not None:
     batched_copy, always_copy = found
     try:
-      return list(batched_copy(values, [_addressable_devices(t) for t in targets], targets,
-                               [always_copy] * len(values)))
+      return list(
+        batched_copy(
+          values, [_addressable_devices(t) for t in targets], targets, [always_copy] * len(values)
+        )
+      )
     except Exception as e:
       _FEATURES["batched_copy"].failed(e)
   return copy_arrays(values, targets)
@@ -190,8 +201,11 @@ def copy_in_place(values: list[jax.Array],
 # -- JAX: shardings and arrays ------------------------------------------------
 
 
-@_feature("hlo_sharding", "JAX's Sharding._to_xla_hlo_sharding",
-          "staging buffers are reused only for equal shardings (fewer reuses on CPU)")
+@_feature(
+  "hlo_sharding",
+  "JAX's Sharding._to_xla_hlo_sharding",
+  "staging buffers are reused only for equal shardings (fewer reuses on CPU)",
+)
 def _find_hlo_sharding():
   return True if hasattr(jax.sharding.Sharding, "_to_xla_hlo_sharding") else None
 
@@ -210,8 +224,11 @@ def sharding_layout(sharding: jax.sharding.Sharding, ndim: int) -> Any:
     return None
 
 
-@_feature("device_assignment", "JAX's Sharding._device_assignment",
-          "only NamedSharding and SingleDeviceSharding arrays get staging buffers")
+@_feature(
+  "device_assignment",
+  "JAX's Sharding._device_assignment",
+  "only NamedSharding and SingleDeviceSharding arrays get staging buffers",
+)
 def _find_device_assignment():
   return True if hasattr(jax.sharding.Sharding, "_device_assignment") else None
 
@@ -232,10 +249,14 @@ def device_assignment(sharding: jax.sharding.Sharding) -> tuple[jax.Device, ...]
   return None
 
 
-@_feature("uncommit", "JAX's jax._src.array.ArrayImpl constructor",
-          "restored uncommitted arrays are copied once more (slower restore())")
+@_feature(
+  "uncommit",
+  "JAX's jax._src.array.ArrayImpl constructor",
+  "restored uncommitted arrays are copied once more (slower restore())",
+)
 def _find_uncommit():
   from jax._src.array import ArrayImpl
+
   return ArrayImpl if hasattr(ArrayImpl, "_arrays") else None
 
 
@@ -255,10 +276,14 @@ def uncommitted(value: jax.Array) -> jax.Array:
   return jax.device_put(np.asarray(value))
 
 
-@_feature("distributed_client", "JAX's jax._src.distributed.global_state",
-          "multi-process saves cannot reach the coordination service and fail")
+@_feature(
+  "distributed_client",
+  "JAX's jax._src.distributed.global_state",
+  "multi-process saves cannot reach the coordination service and fail",
+)
 def _find_distributed_client():
   from jax._src.distributed import global_state  # The only handle JAX offers.
+
   return global_state if hasattr(global_state, "client") else None
 
 
@@ -273,17 +298,22 @@ def distributed_client() -> Any:
     return state.client
   if not jax.distributed.is_initialized():
     return None
-  raise CoordinationError("jax.distributed is initialized but this JAX version offers no handle "
-                     "on its client (jax._src.distributed.global_state); jaxckpt's "
-                     "multi-process saves need it.")
+  raise CoordinationError(
+    "jax.distributed is initialized but this JAX version offers no handle "
+    "on its client (jax._src.distributed.global_state); jaxckpt's "
+    "multi-process saves need it."
+  )
 
 
 # -- CPython ------------------------------------------------------------------
 
 
-@_feature("early_atexit", "CPython's threading._register_atexit",
-          "async saves still pending at interpreter exit are joined by a plain atexit hook, "
-          "which runs after concurrent.futures refuses new work: those saves may fail")
+@_feature(
+  "early_atexit",
+  "CPython's threading._register_atexit",
+  "async saves still pending at interpreter exit are joined by a plain atexit hook, "
+  "which runs after concurrent.futures refuses new work: those saves may fail",
+)
 def _find_early_atexit():
   return getattr(threading, "_register_atexit", None)
 
@@ -310,12 +340,16 @@ def register_early_atexit(fn: Callable[[], None]) -> None:
 # -- Orbax: the fast writer's chunk grid ---------------------------------------
 
 
-@_feature("replica_slices", "Orbax's replica_slices.get_replica_slices",
-          "the fast writer chunks arrays by their shard shape, which for replicated "
-          "arrays may differ from Orbax's chunks")
+@_feature(
+  "replica_slices",
+  "Orbax's replica_slices.get_replica_slices",
+  "the fast writer chunks arrays by their shard shape, which for replicated "
+  "arrays may differ from Orbax's chunks",
+)
 def _find_replica_slices():
   from orbax.checkpoint._src.serialization import jax_array_handlers
   from orbax.checkpoint._src.serialization import replica_slices
+
   return replica_slices.get_replica_slices, jax_array_handlers._get_default_use_replica_parallel
 
 
@@ -326,23 +360,33 @@ def orbax_write_shape(value: jax.Array) -> tuple[int, ...]:
   if found is not None:
     get_replica_slices, use_replica_parallel = found
     try:
-      return tuple(get_replica_slices(value, replica_id=0,
-                                      use_replica_parallel=use_replica_parallel()).local_shape)
+      return tuple(
+        get_replica_slices(
+          value, replica_id=0, use_replica_parallel=use_replica_parallel()
+        ).local_shape
+      )
     except Exception as e:
       _FEATURES["replica_slices"].failed(e)
   return tuple(value.sharding.shard_shape(value.shape))  # Always a valid grid.
 
 
-@_feature("subchunking", "Orbax's subchunking.choose_chunk_shape",
-          "the fast writer ignores CheckpointOptions.chunk_byte_size (one chunk per write "
-          "shape)")
+@_feature(
+  "subchunking",
+  "Orbax's subchunking.choose_chunk_shape",
+  "the fast writer ignores CheckpointOptions.chunk_byte_size (one chunk per write shape)",
+)
 def _find_subchunking():
   from orbax.checkpoint._src.arrays import subchunking
+
   return subchunking.choose_chunk_shape
 
 
-def choose_chunk_shape(global_shape: tuple[int, ...], write_shape: tuple[int, ...],
-                       dtype: np.dtype, target_byte_size: int) -> tuple[int, ...]:
+def choose_chunk_shape(
+  global_shape: tuple[int, ...],
+  write_shape: tuple[int, ...],
+  dtype: np.dtype,
+  target_byte_size: int,
+) -> tuple[int, ...]:
   """Orbax's chunk shape for ``chunk_byte_size``: the largest that divides
   ``write_shape`` within ``target_byte_size`` bytes."""
   choose = _FEATURES["subchunking"].get()
@@ -357,8 +401,11 @@ def choose_chunk_shape(global_shape: tuple[int, ...], write_shape: tuple[int, ..
 # -- Orbax: numpy arrays written by another process ----------------------------
 
 
-@_feature("numpy_on_process", "Orbax's NumpyHandler._background_serialize (to override)",
-          "saves with experimental_io_device on a task other than 0 are not possible")
+@_feature(
+  "numpy_on_process",
+  "Orbax's NumpyHandler._background_serialize (to override)",
+  "saves with experimental_io_device on a task other than 0 are not possible",
+)
 def _find_numpy_on_process():
   """Orbax's ``NumpyHandler`` writing on a chosen process instead of 0.
 
@@ -373,12 +420,18 @@ def _find_numpy_on_process():
   from orbax.checkpoint._src import asyncio_utils
   from orbax.checkpoint._src.serialization import ocdbt_utils
   from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
+
   base = ocp.type_handlers.NumpyHandler
   stock = base()
-  used = [(asyncio_utils, "cancellable"), (ocdbt_utils, "get_process_index_for_subdir"),
-          (ts_utils, "build_array_write_spec"), (base, "_background_serialize"),
-          (base, "_open_and_write"), (stock, "_override_ocdbt_process_id"),
-          (stock, "_metadata_key")]
+  used = [
+    (asyncio_utils, "cancellable"),
+    (ocdbt_utils, "get_process_index_for_subdir"),
+    (ts_utils, "build_array_write_spec"),
+    (base, "_background_serialize"),
+    (base, "_open_and_write"),
+    (stock, "_override_ocdbt_process_id"),
+    (stock, "_metadata_key"),
+  ]
   if not all(hasattr(owner, name) for owner, name in used):
     return None
   process_index = ocp.multihost.process_index
@@ -397,18 +450,25 @@ def _find_numpy_on_process():
       for value, info, arg in zip(values, infos, args, strict=True):
         await info.await_path_creation()
         array_write_spec = ts_utils.build_array_write_spec(
-            info=info, arg=arg, global_shape=value.shape, local_shape=value.shape,
-            dtype=value.dtype, use_ocdbt=info.is_ocdbt_checkpoint,
-            process_index=ocdbt_utils.get_process_index_for_subdir(
-                use_ocdbt=info.is_ocdbt_checkpoint,
-                override_ocdbt_process_id=self._override_ocdbt_process_id),
-            metadata_key=self._metadata_key)
+          info=info,
+          arg=arg,
+          global_shape=value.shape,
+          local_shape=value.shape,
+          dtype=value.dtype,
+          use_ocdbt=info.is_ocdbt_checkpoint,
+          process_index=ocdbt_utils.get_process_index_for_subdir(
+            use_ocdbt=info.is_ocdbt_checkpoint,
+            override_ocdbt_process_id=self._override_ocdbt_process_id,
+          ),
+          metadata_key=self._metadata_key,
+        )
         if process_index() == self._writer:
           write_coros.append(self._open_and_write(value, array_write_spec.json, info.ts_context))
       await asyncio_utils.cancellable(
-          asyncio.gather(*write_coros),
-          message="[process=%s] Numpy handler gather was cancelled.",
-          process_index=process_index())
+        asyncio.gather(*write_coros),
+        message="[process=%s] Numpy handler gather was cancelled.",
+        process_index=process_index(),
+      )
 
   return NumpyOnProcessHandler
 
@@ -427,23 +487,30 @@ def registry_writing_on(process: int) -> Any:
     handler = ocp.type_handlers.NumpyHandler()
   else:
     raise SaveError(
-        f"Cannot write this save on process {process}: this Orbax version's NumpyHandler "
-        "writes only on process 0 and jaxckpt cannot override it. Use "
-        "experimental_io_device on task 0, or no experimental_io_device.")
+      f"Cannot write this save on process {process}: this Orbax version's NumpyHandler "
+      "writes only on process 0 and jaxckpt cannot override it. Use "
+      "experimental_io_device on task 0, or no experimental_io_device."
+    )
   return ocp.type_handlers.create_type_handler_registry((np.ndarray, handler))
 
 
 # -- Orbax: TensorStore byte counts without the leak ---------------------------
 
 
-@_feature("metrics_fix", "Orbax's tensorstore_utils.get_tensorstore_raw_bytes (to divert)",
-          "each save or restore through Orbax leaks what "
-          "ts.experimental_collect_matching_metrics returns (~5-25 KB of RSS per call, 2 calls "
-          "per operation)")
+@_feature(
+  "metrics_fix",
+  "Orbax's tensorstore_utils.get_tensorstore_raw_bytes (to divert)",
+  "each save or restore through Orbax leaks what "
+  "ts.experimental_collect_matching_metrics returns (~5-25 KB of RSS per call, 2 calls "
+  "per operation)",
+)
 def _find_metrics_fix():
   from orbax.checkpoint._src.serialization import tensorstore_utils as ts_utils
-  if not (callable(ts_utils.get_tensorstore_raw_bytes)
-          and callable(ts.experimental_collect_prometheus_format_metrics)):
+
+  if not (
+    callable(ts_utils.get_tensorstore_raw_bytes)
+    and callable(ts.experimental_collect_prometheus_format_metrics)
+  ):
     return None
   return ts_utils
 
@@ -506,8 +573,11 @@ def stop_metrics_leak() -> Iterator[None]:
 # -- TensorStore: where each OCDBT value lives ---------------------------------
 
 
-@_feature("ocdbt_dump", "TensorStore's ts.ocdbt.dump, in the output format jaxckpt parses",
-          "the fast read path is off and Orbax reads every array (slower restore())")
+@_feature(
+  "ocdbt_dump",
+  "TensorStore's ts.ocdbt.dump, in the output format jaxckpt parses",
+  "the fast read path is off and Orbax reads every array (slower restore())",
+)
 def _find_ocdbt_dump():
   return getattr(getattr(ts, "ocdbt", None), "dump", None)
 

@@ -48,7 +48,7 @@ def aligned_empty(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> n
   nbytes = math.prod(shape) * dtype.itemsize
   raw = np.empty(nbytes + align, np.uint8)
   start = -raw.ctypes.data % align
-  return raw[start:start + nbytes].view(dtype).reshape(shape)
+  return raw[start : start + nbytes].view(dtype).reshape(shape)
 
 
 def _small_value(entry: bytes | tuple[str, int, int]) -> bytes:
@@ -64,8 +64,13 @@ def _small_value(entry: bytes | tuple[str, int, int]) -> bytes:
   return data
 
 
-def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype,
-          entries: dict[bytes, bytes | tuple[str, int, int]], out: np.ndarray) -> list[tuple]:
+def _plan(
+  name: str,
+  shape: tuple[int, ...],
+  dtype: np.dtype,
+  entries: dict[bytes, bytes | tuple[str, int, int]],
+  out: np.ndarray,
+) -> list[tuple]:
   """Reads that fill ``out`` with array ``name``: (dest, source, region, chunks).
 
   ``source`` is ``(path, offset)`` or the chunk's inline bytes; ``dest`` the run
@@ -76,10 +81,16 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype,
   if meta_entry is None:
     raise _FastReadUnsupported("no zarr v2 metadata")
   meta = json.loads(_small_value(meta_entry))
-  if (meta.get("zarr_format") != 2 or meta.get("compressor") is not None
-      or meta.get("filters") is not None or meta.get("order") != "C"
-      or meta.get("dtype") != _zarr_dtype(dtype) or tuple(meta.get("shape", ())) != shape
-      or len(meta.get("chunks", ())) != len(shape) or 0 in shape):
+  if (
+    meta.get("zarr_format") != 2
+    or meta.get("compressor") is not None
+    or meta.get("filters") is not None
+    or meta.get("order") != "C"
+    or meta.get("dtype") != _zarr_dtype(dtype)
+    or tuple(meta.get("shape", ())) != shape
+    or len(meta.get("chunks", ())) != len(shape)
+    or 0 in shape
+  ):
     raise _FastReadUnsupported(f"metadata {meta}")
   chunks = tuple(meta["chunks"])
   sep = meta.get("dimension_separator", ".")
@@ -94,13 +105,14 @@ def _plan(name: str, shape: tuple[int, ...], dtype: np.dtype,
     entry = entries.get(f"{key}/{sep.join(map(str, index)) or '0'}".encode())
     if entry is None:  # E.g. equal to the fill value, or stored where this code does not read.
       raise _FastReadUnsupported(f"chunk {index} missing")
-    region = tuple(slice(i * c, min((i + 1) * c, s))
-                   for i, c, s in zip(index, chunks, shape, strict=True))
+    region = tuple(
+      slice(i * c, min((i + 1) * c, s)) for i, c, s in zip(index, chunks, shape, strict=True)
+    )
     if not shape:
       dest = flat
     elif contiguous:
       start = region[0].start * row_bytes
-      dest = flat[start:region[0].stop * row_bytes]
+      dest = flat[start : region[0].stop * row_bytes]
     else:  # Read the full stored chunk, then copy its valid part.
       dest = None
     if isinstance(entry, bytes):
@@ -123,8 +135,9 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
     view, offset = view[n:], offset + n
 
 
-def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *,
-         checksums: bool = True) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def read(
+  state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *, checksums: bool = True
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
   """Reads what it can of ``wanted`` (name, shape, stored dtype).
 
   Returns ``({name: array}, {name: CRC-32 of its bytes})`` (no CRCs without
@@ -199,8 +212,9 @@ def read(state_dir: str, wanted: list[tuple[str, tuple[int, ...], np.dtype]], *,
       if dest is not None and not isinstance(source, bytes) and len(dest) > _PIECE_BYTES:
         path, offset = source
         for start in range(0, len(dest), _PIECE_BYTES):
-          jobs.append((name, dest[start:start + _PIECE_BYTES], (path, offset + start), region,
-                       chunks))
+          jobs.append(
+            (name, dest[start : start + _PIECE_BYTES], (path, offset + start), region, chunks)
+          )
       else:
         jobs.append((name, dest, source, region, chunks))
   for job in jobs:

@@ -39,8 +39,11 @@ from jaxckpt._tree import Leaf
 from jaxckpt._tree import array_nbytes
 from jaxckpt._tree import is_numeric_dtype
 
-_OCDBT_CONFIG = {"max_inline_value_bytes": 1024, "max_decoded_node_bytes": 100_000_000,
-                 "compression": {"id": "zstd"}}  # Orbax's, for its B-tree nodes.
+_OCDBT_CONFIG = {
+  "max_inline_value_bytes": 1024,
+  "max_decoded_node_bytes": 100_000_000,
+  "compression": {"id": "zstd"},
+}  # Orbax's, for its B-tree nodes.
 # OCDBT packs chunk data into data files of about this size. TensorStore's
 # default is one file: one writev of the whole state, then one fsync, so the
 # disk idles while the page cache fills and the CPU idles during the fsync.
@@ -50,8 +53,10 @@ TARGET_DATA_FILE_SIZE = 16 << 20
 # commit, committed as soon as its arrays are opened: the disk starts on the
 # first batch while Python still opens the rest (benchmarks/throughput.py).
 COMMIT_BYTES = 16 << 20
-_CONTEXT = {"file_io_concurrency": {"limit": 128},
-            "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000}}
+_CONTEXT = {
+  "file_io_concurrency": {"limit": 128},
+  "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
+}
 _HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
 
 
@@ -123,6 +128,7 @@ def _serialized_sharding(sharding: jax.sharding.Sharding) -> str | None:
 @dataclasses.dataclass
 class Pending:
   """Writes in flight; `wait` finishes them and writes Orbax's metadata files."""
+
   state_dir: str
   futures: list[Any]
   commits: list[Any]  # The transactions' commit futures.
@@ -133,35 +139,57 @@ class Pending:
 
   def wait(self) -> None:
     # The metadata files first, while the data is still being written.
-    write_json(os.path.join(self.state_dir, "_METADATA"), {
-        "tree_metadata": self.tree_metadata, "use_ocdbt": True, "use_zarr3": False,
-        "store_array_data_equal_to_fill_value": True, "custom_metadata": None})
+    write_json(
+      os.path.join(self.state_dir, "_METADATA"),
+      {
+        "tree_metadata": self.tree_metadata,
+        "use_ocdbt": True,
+        "use_zarr3": False,
+        "store_array_data_equal_to_fill_value": True,
+        "custom_metadata": None,
+      },
+    )
     if self.shardings:
       write_json(os.path.join(self.state_dir, "_sharding"), self.shardings)
     if self.array_metadatas:
-      write_json(os.path.join(self.state_dir, "array_metadatas", "process_0"),
-                  {"array_metadatas": self.array_metadatas})
+      write_json(
+        os.path.join(self.state_dir, "array_metadatas", "process_0"),
+        {"array_metadatas": self.array_metadatas},
+      )
     for future in self.futures + self.commits:
       future.result()
     self.futures = self.commits = []
-    write_json(os.path.join(os.path.dirname(self.state_dir), "_CHECKPOINT_METADATA"), {
-        "item_handlers": {os.path.basename(self.state_dir): _HANDLER}, "metrics": {},
-        "performance_metrics": {}, "init_timestamp_nsecs": self.started_ns,
-        "commit_timestamp_nsecs": time.time_ns(), "custom_metadata": {}})
+    write_json(
+      os.path.join(os.path.dirname(self.state_dir), "_CHECKPOINT_METADATA"),
+      {
+        "item_handlers": {os.path.basename(self.state_dir): _HANDLER},
+        "metrics": {},
+        "performance_metrics": {},
+        "init_timestamp_nsecs": self.started_ns,
+        "commit_timestamp_nsecs": time.time_ns(),
+        "custom_metadata": {},
+      },
+    )
 
 
-def start(state_dir: str, snapshot: dict[str, Any], *,
-          chunk_byte_size: int | None = None) -> Pending:
+def start(
+  state_dir: str, snapshot: dict[str, Any], *, chunk_byte_size: int | None = None
+) -> Pending:
   """Starts writing ``snapshot`` ({"a/b": value}) as the Orbax item at ``state_dir``."""
   started_ns = time.time_ns()
   os.makedirs(state_dir)
   context = ts.Context(_CONTEXT)  # One context: one OCDBT writer for all arrays.
   # The OCDBT database, opened once: ts.open with this object instead of its
   # JSON spec halves the Python cost of each open (19 -> 10 ms for 256 arrays).
-  kvstore = ts.KvStore.open({
-      "driver": "ocdbt", "base": f"file://{os.path.abspath(state_dir)}/",
-      "config": _OCDBT_CONFIG, "target_data_file_size": TARGET_DATA_FILE_SIZE},
-      context=context).result()
+  kvstore = ts.KvStore.open(
+    {
+      "driver": "ocdbt",
+      "base": f"file://{os.path.abspath(state_dir)}/",
+      "config": _OCDBT_CONFIG,
+      "target_data_file_size": TARGET_DATA_FILE_SIZE,
+    },
+    context=context,
+  ).result()
   batch = _Batch()
   futures: list[Any] = []
   commits: list[Any] = []
@@ -175,15 +203,21 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
       write_shape = _write_shape(value)
       chunks = write_shape
       if chunk_byte_size is not None:
-        chunks = _compat.choose_chunk_shape(value.shape, write_shape, value.dtype,
-                                            chunk_byte_size)
+        chunks = _compat.choose_chunk_shape(value.shape, write_shape, value.dtype, chunk_byte_size)
       meta["write_shape"] = list(write_shape)
       serialized = _serialized_sharding(value.sharding)
       if serialized is not None:
         shardings[base64.b64encode(key.encode()).decode()] = serialized
-      array_metadatas.append({"array_metadata": {
-          "param_name": key, "write_shape": list(write_shape), "chunk_shape": list(chunks),
-          "ext_metadata": None}})
+      array_metadatas.append(
+        {
+          "array_metadata": {
+            "param_name": key,
+            "write_shape": list(write_shape),
+            "chunk_shape": list(chunks),
+            "ext_metadata": None,
+          }
+        }
+      )
       dtype, shape = np.dtype(value.dtype), tuple(value.shape)
       if len(value.sharding.device_set) == 1:  # Whole: skips building Shard objects.
         pieces = [((), value)]
@@ -197,19 +231,32 @@ def start(state_dir: str, snapshot: dict[str, Any], *,
       pieces = [((), array)]
       nbytes = array.nbytes
     tree_metadata[str(tuple(parts))] = {
-        "key_metadata": [{"key": p, "key_type": 2} for p in parts], "value_metadata": meta}
-    spec = {"driver": "zarr", "dtype": dtype.name,
-            "metadata": {"shape": list(shape), "chunks": list(chunks), "compressor": None,
-                         "dimension_separator": "."}}
-    batch.add(ts.open(spec, kvstore=kvstore / f"{key}/", create=True, context=context,
-                      transaction=batch.txn), pieces, nbytes)
+      "key_metadata": [{"key": p, "key_type": 2} for p in parts],
+      "value_metadata": meta,
+    }
+    spec = {
+      "driver": "zarr",
+      "dtype": dtype.name,
+      "metadata": {
+        "shape": list(shape),
+        "chunks": list(chunks),
+        "compressor": None,
+        "dimension_separator": ".",
+      },
+    }
+    batch.add(
+      ts.open(
+        spec, kvstore=kvstore / f"{key}/", create=True, context=context, transaction=batch.txn
+      ),
+      pieces,
+      nbytes,
+    )
     if batch.nbytes >= COMMIT_BYTES:
       batch.commit(futures, commits)
       batch = _Batch()
   if batch.opens:
     batch.commit(futures, commits)
-  return Pending(state_dir, futures, commits, tree_metadata, shardings, array_metadatas,
-                 started_ns)
+  return Pending(state_dir, futures, commits, tree_metadata, shardings, array_metadatas, started_ns)
 
 
 class _Batch:
@@ -231,7 +278,6 @@ class _Batch:
         target = store[index] if index else store
         # No copy into TensorStore's chunk cache (as Orbax): the snapshot is this
         # save's own, and a sync save's caller waits until the write is done.
-        futures.append(target.write(np.asarray(data),
-                                    can_reference_source_data_indefinitely=True))
+        futures.append(target.write(np.asarray(data), can_reference_source_data_indefinitely=True))
     # Writes the data files and the B-tree in the background.
     commits.append(self.txn.commit_async())

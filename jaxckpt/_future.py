@@ -23,8 +23,15 @@ class CommitFuture(concurrent.futures.Future):
     self.path = path
 
   def __repr__(self) -> str:
-    state = ("cancelled" if self.cancelled() else "finished" if self.done()
-             else "running" if self.running() else "pending")
+    state = (
+      "cancelled"
+      if self.cancelled()
+      else "finished"
+      if self.done()
+      else "running"
+      if self.running()
+      else "pending"
+    )
     return f"<CommitFuture {self.path!r} {state}>"
 
 

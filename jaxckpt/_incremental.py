@@ -32,6 +32,7 @@ from jaxckpt._store import store_for
 @dataclasses.dataclass(frozen=True)
 class Written:
   """Where one leaf's bytes live after a committed save."""
+
   holder: str  # Absolute path of the checkpoint whose state/ holds the bytes.
   shape: tuple[int, ...]
   dtype: str
@@ -63,8 +64,7 @@ def reuse_by_identity(leaves, history: History) -> dict[str, Written]:
   out = {}
   for leaf in leaves:
     w = history.last.get(leaf.name)
-    if (w is not None and w.ref is not None and w.ref() is leaf.value
-        and os.path.isdir(w.holder)):
+    if w is not None and w.ref is not None and w.ref() is leaf.value and os.path.isdir(w.holder):
       out[leaf.name] = w
   return out
 
@@ -90,6 +90,9 @@ def retire_or_remove(doomed: list[str], directory: str) -> None:
     else:
       store.remove_checkpoint(path)
   for path in entries:  # Retired earlier and no longer needed.
-    if (store.incremental and store.read_bytes(manifest_file(path) + RETIRED_SUFFIX)
-        is not None and store.absolute(path) not in referenced):
+    if (
+      store.incremental
+      and store.read_bytes(manifest_file(path) + RETIRED_SUFFIX) is not None
+      and store.absolute(path) not in referenced
+    ):
       store.remove_checkpoint(path)

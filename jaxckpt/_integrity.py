@@ -73,15 +73,18 @@ def verify(path: str, name: str, value: Any, dtype: np.dtype, expected: int | No
   got = checksum(value, dtype)
   if got is not None and got != expected:
     raise CorruptCheckpointError(
-        f"Checkpoint {path!r} is corrupt: array '{name}' has CRC-32 {got:#010x}, "
-        f"recorded {expected:#010x} at save time. Restore an earlier checkpoint; "
-        "`jaxckpt verify` checks the others.")
+      f"Checkpoint {path!r} is corrupt: array '{name}' has CRC-32 {got:#010x}, "
+      f"recorded {expected:#010x} at save time. Restore an earlier checkpoint; "
+      "`jaxckpt verify` checks the others."
+    )
 
 
 def slice_key(index: tuple, shape: tuple[int, ...]) -> str:
   """``"0:8,0:4"`` for the shard ``index`` (a tuple of slices) of an array of ``shape``."""
-  return ",".join(f"{s.start or 0}:{dim if s.stop is None else s.stop}"
-                  for s, dim in zip(index, shape, strict=True))
+  return ",".join(
+    f"{s.start or 0}:{dim if s.stop is None else s.stop}"
+    for s, dim in zip(index, shape, strict=True)
+  )
 
 
 def _parse_key(key: str) -> tuple[slice, ...]:
@@ -105,8 +108,11 @@ def verify_shards(path: str, name: str, value: Any, expected: dict[str, int]) ->
   local shards whose slice was saved as such."""
   checked = 0
   if isinstance(value, jax.Array) and not value.is_fully_addressable:
-    pieces = [(slice_key(s.index, value.shape), s.data) for s in value.addressable_shards
-              if s.replica_id == 0]
+    pieces = [
+      (slice_key(s.index, value.shape), s.data)
+      for s in value.addressable_shards
+      if s.replica_id == 0
+    ]
   else:
     whole = np.asarray(value)
     pieces = [(key, whole[_parse_key(key)]) for key in expected]
@@ -117,7 +123,8 @@ def verify_shards(path: str, name: str, value: Any, expected: dict[str, int]) ->
     checked += 1
     if got != expected[key]:
       raise CorruptCheckpointError(
-          f"Checkpoint {path!r} is corrupt: array '{name}', shard [{key}], has CRC-32 "
-          f"{got:#010x}, recorded {expected[key]:#010x} at save time. Restore an earlier "
-          "checkpoint; `jaxckpt verify` checks the others.")
+        f"Checkpoint {path!r} is corrupt: array '{name}', shard [{key}], has CRC-32 "
+        f"{got:#010x}, recorded {expected[key]:#010x} at save time. Restore an earlier "
+        "checkpoint; `jaxckpt verify` checks the others."
+      )
   return checked

@@ -24,10 +24,11 @@ import jax
 from jaxckpt._errors import UnknownDeviceError
 
 _SPEC = re.compile(
-    r"^(?:/job:(?P<job>[A-Za-z0-9_\-]+))?"
-    r"(?:/replica:(?P<replica>\d+))?"
-    r"(?:/task:(?P<task>\d+))?"
-    r"(?:/?(?:device:)?(?P<type>[A-Za-z]+):(?P<index>\d+|\*))?$")
+  r"^(?:/job:(?P<job>[A-Za-z0-9_\-]+))?"
+  r"(?:/replica:(?P<replica>\d+))?"
+  r"(?:/task:(?P<task>\d+))?"
+  r"(?:/?(?:device:)?(?P<type>[A-Za-z]+):(?P<index>\d+|\*))?$"
+)
 
 
 def _available() -> str:
@@ -59,25 +60,29 @@ def resolve_io_device(spec) -> jax.Device | None:
     return spec
   if not isinstance(spec, str):
     raise UnknownDeviceError(
-        f"experimental_io_device must be None, a TF device string or a jax.Device, "
-        f"got {type(spec).__name__} {spec!r}. Available: {_available()}.")
+      f"experimental_io_device must be None, a TF device string or a jax.Device, "
+      f"got {type(spec).__name__} {spec!r}. Available: {_available()}."
+    )
   text = spec.strip()
   m = _SPEC.match(text)
   if not text or m is None:
     raise UnknownDeviceError(
-        f"experimental_io_device {spec!r} is not a device string like "
-        f"'/job:localhost', '/job:worker/task:0/device:CPU:0' or 'cpu:0'. "
-        f"Available: {_available()}.")
+      f"experimental_io_device {spec!r} is not a device string like "
+      f"'/job:localhost', '/job:worker/task:0/device:CPU:0' or 'cpu:0'. "
+      f"Available: {_available()}."
+    )
   if m["replica"] not in (None, "0"):
     raise UnknownDeviceError(
-        f"experimental_io_device {spec!r}: replica {m['replica']} does not exist; "
-        f"JAX has one replica per job. Available: {_available()}.")
+      f"experimental_io_device {spec!r}: replica {m['replica']} does not exist; "
+      f"JAX has one replica per job. Available: {_available()}."
+    )
   task = jax.process_index() if m["task"] is None else int(m["task"])
   if task >= jax.process_count():
     raise UnknownDeviceError(
-        f"experimental_io_device {spec!r} names task {task}, but there are "
-        f"{jax.process_count()} JAX processes (tasks 0..{jax.process_count() - 1}). "
-        f"Available: {_available()}.")
+      f"experimental_io_device {spec!r} names task {task}, but there are "
+      f"{jax.process_count()} JAX processes (tasks 0..{jax.process_count() - 1}). "
+      f"Available: {_available()}."
+    )
   backend = (m["type"] or "cpu").lower()
   index = 0 if m["index"] in (None, "*") else int(m["index"])
   try:
@@ -87,6 +92,7 @@ def resolve_io_device(spec) -> jax.Device | None:
   # TF numbers devices per task; JAX ids are global, so index into the task's.
   if index >= len(devices):
     raise UnknownDeviceError(
-        f"experimental_io_device {spec!r}: no {backend.upper()}:{index} device in "
-        f"task {task}. Available: {_available()}.")
+      f"experimental_io_device {spec!r}: no {backend.upper()}:{index} device in "
+      f"task {task}. Available: {_available()}."
+    )
   return devices[index]

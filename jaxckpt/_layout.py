@@ -43,6 +43,7 @@ from jaxckpt._tree import nest
 class Reader:
   """Who reads: all processes (default), or one process reading whole arrays to
   host memory for the others (``host_only``; see _routed.py)."""
+
   processes: frozenset[int] | None = None  # None: Orbax's defaults (one process).
   primary: int = 0
   host_only: bool = False
@@ -56,6 +57,7 @@ ONE_PROCESS = Reader()
 class Read:
   """What a layout read: ``raw`` values in the stored dtype, ``placed`` values
   already in their target sharding, and the names whose CRC-32 matched."""
+
   raw: dict[str, Any] = dataclasses.field(default_factory=dict)
   placed: dict[str, Any] = dataclasses.field(default_factory=dict)
   verified: set[str] = dataclasses.field(default_factory=set)
@@ -72,6 +74,7 @@ def stored_dtype(manifest: Manifest, name: str) -> np.dtype:
 
 class Layout(abc.ABC):
   """Writes snapshots into, and reads leaves from, one on-disk layout."""
+
   has_fast_writer = False
 
   @abc.abstractmethod
@@ -80,8 +83,16 @@ class Layout(abc.ABC):
     ``wait()`` finishes the write (raising its error)."""
 
   @abc.abstractmethod
-  def read(self, path: str, manifest: Manifest, wanted: list[Leaf], *,
-           io_device: jax.Device | None, reader: Reader, verify_checksums: bool) -> Read:
+  def read(
+    self,
+    path: str,
+    manifest: Manifest,
+    wanted: list[Leaf],
+    *,
+    io_device: jax.Device | None,
+    reader: Reader,
+    verify_checksums: bool,
+  ) -> Read:
     """Reads ``wanted`` (present in ``manifest``) from the checkpoint at ``path``."""
 
   def describe(self, path: str) -> dict[str, str]:
@@ -98,19 +109,28 @@ def new_checkpointer(*, compression: bool, coordination: Any = None) -> ocp.Asyn
   and deadlock), under the save's own key prefix and with its timeout.
   """
   if coordination is None:
-    return ocp.AsyncCheckpointer(ocp.CompositeCheckpointHandler(**{
-        _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression)}))
+    return ocp.AsyncCheckpointer(
+      ocp.CompositeCheckpointHandler(
+        **{_knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression)}
+      )
+    )
   mp = coordination.orbax_options()  # Also for the handlers: they pick who writes metadata.
   extra = {}
   if coordination.writers is not None:  # One process writes whole numpy arrays.
     extra["type_handler_registry"] = _compat.registry_writing_on(coordination.primary)
   handler = ocp.CompositeCheckpointHandler(
-      composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
-      **{_knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(
-          use_compression=compression, multiprocessing_options=mp, **extra)})
+    composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
+    **{
+      _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(
+        use_compression=compression, multiprocessing_options=mp, **extra
+      )
+    },
+  )
   return ocp.AsyncCheckpointer(
-      handler, multiprocessing_options=mp,
-      async_options=ocp.AsyncOptions(timeout_secs=max(1, int(coordination.timeout_s))))
+    handler,
+    multiprocessing_options=mp,
+    async_options=ocp.AsyncOptions(timeout_secs=max(1, int(coordination.timeout_s))),
+  )
 
 
 class _OrbaxPending:
@@ -132,6 +152,7 @@ class _OrbaxPending:
 
 class OrbaxLayout(Layout):
   """``<ckpt>/state``: a plain Orbax PyTree checkpoint (see the module docstring)."""
+
   has_fast_writer = True
 
   def write(self, job: Any, data_dir: str) -> Any:
@@ -142,45 +163,61 @@ class OrbaxLayout(Layout):
         os.makedirs(data_dir, exist_ok=True)
       return _Done()
     if plan.writer == "fast":
-      return _fastwrite.start(os.path.join(data_dir, _knobs.STATE_ITEM), snapshot,
-                              chunk_byte_size=plan.chunk_byte_size)
+      return _fastwrite.start(
+        os.path.join(data_dir, _knobs.STATE_ITEM), snapshot, chunk_byte_size=plan.chunk_byte_size
+      )
     tree = nest(snapshot)
     save_args = None
     if plan.chunk_byte_size is not None:
-      save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=plan.chunk_byte_size),
-                               tree)
+      save_args = jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=plan.chunk_byte_size), tree)
     scope = contextlib.ExitStack()
     scope.enter_context(_compat.stop_metrics_leak())
-    pending = _OrbaxPending(new_checkpointer(compression=plan.compression, coordination=coord),
-                            scope)
+    pending = _OrbaxPending(
+      new_checkpointer(compression=plan.compression, coordination=coord), scope
+    )
     try:
       # Returns once Orbax has the data on the host; TensorStore writes continue.
-      pending._checkpointer.save(data_dir, args=ocp.args.Composite(**{
-          _knobs.STATE_ITEM: ocp.args.PyTreeSave(tree, save_args=save_args)}))
+      pending._checkpointer.save(
+        data_dir,
+        args=ocp.args.Composite(
+          **{_knobs.STATE_ITEM: ocp.args.PyTreeSave(tree, save_args=save_args)}
+        ),
+      )
     except BaseException:
       pending.wait()
       raise
     return pending
 
-  def read(self, path: str, manifest: Manifest, wanted: list[Leaf], *,
-           io_device: jax.Device | None, reader: Reader, verify_checksums: bool) -> Read:
+  def read(
+    self,
+    path: str,
+    manifest: Manifest,
+    wanted: list[Leaf],
+    *,
+    io_device: jax.Device | None,
+    reader: Reader,
+    verify_checksums: bool,
+  ) -> Read:
     out = Read()
     for holder, group in _by_holder(path, manifest, wanted).items():
       if holder != path and not os.path.isdir(os.path.join(holder, _knobs.STATE_ITEM)):
         raise CorruptCheckpointError(
-            f"Checkpoint {path!r} is incremental and reads '{group[0].name}' (and "
-            f"{len(group) - 1} more) from {holder!r}, which no longer exists. Delete "
-            "checkpoints through CheckpointManager, which keeps such data.")
-      values, matched = _read_group(holder, manifest, group, io_device, reader,
-                                    verify_checksums)
+          f"Checkpoint {path!r} is incremental and reads '{group[0].name}' (and "
+          f"{len(group) - 1} more) from {holder!r}, which no longer exists. Delete "
+          "checkpoints through CheckpointManager, which keeps such data."
+        )
+      values, matched = _read_group(holder, manifest, group, io_device, reader, verify_checksums)
       out.raw.update(values)
       out.verified |= matched
     return out
 
   def describe(self, path: str) -> dict[str, str]:
     try:
-      tree = ocp.PyTreeCheckpointer().metadata(
-          os.path.join(os.path.abspath(path), _knobs.STATE_ITEM)).item_metadata.tree
+      tree = (
+        ocp.PyTreeCheckpointer()
+        .metadata(os.path.join(os.path.abspath(path), _knobs.STATE_ITEM))
+        .item_metadata.tree
+      )
     except Exception:  # Sharding is informative only; an empty checkpoint has none.
       return {}
     out: dict[str, str] = {}
@@ -191,6 +228,7 @@ class OrbaxLayout(Layout):
           walk(v, f"{prefix}/{k}" if prefix else k)
       else:
         out[prefix] = _describe_sharding(getattr(node, "sharding", None))
+
     walk(tree, "")
     return out
 
@@ -215,11 +253,14 @@ def _by_holder(path: str, manifest: Manifest, wanted: list[Leaf]) -> dict[str, l
   for leaf in wanted:
     source = manifest.sources.get(leaf.name)
     holder = os.path.normpath(os.path.join(path, source)) if source else path
-    if source and (os.path.dirname(os.path.abspath(holder)) != parent
-                   or os.path.abspath(holder) == os.path.abspath(path)):
+    if source and (
+      os.path.dirname(os.path.abspath(holder)) != parent
+      or os.path.abspath(holder) == os.path.abspath(path)
+    ):
       raise CorruptCheckpointError(
-          f"Checkpoint {path!r} names {source!r} as the holder of '{leaf.name}'; only a "
-          "sibling checkpoint in the same directory can hold its data.")
+        f"Checkpoint {path!r} names {source!r} as the holder of '{leaf.name}'; only a "
+        "sibling checkpoint in the same directory can hold its data."
+      )
     groups.setdefault(holder, []).append(leaf)
   return groups
 
@@ -246,33 +287,43 @@ def _restore_args(leaf: Leaf, dtype: np.dtype, io_device: jax.Device | None, rea
     return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
   # Not with several processes either: each has its own default device.
   numpy_read = is_uncommitted(leaf) and (
-      jax.process_count() > 1 or leaf.nbytes < _DEVICE_READ_MIN_BYTES)
+    jax.process_count() > 1 or leaf.nbytes < _DEVICE_READ_MIN_BYTES
+  )
   if isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)) and not numpy_read:
-    sharding = (jax.sharding.SingleDeviceSharding(io_device) if io_device is not None
-                else target_sharding(leaf))
+    sharding = (
+      jax.sharding.SingleDeviceSharding(io_device)
+      if io_device is not None
+      else target_sharding(leaf)
+    )
     return ocp.ArrayRestoreArgs(sharding=sharding, dtype=dtype, global_shape=leaf.shape)
   return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
 
 
-def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
-                io_device: jax.Device | None, reader: Reader) -> dict[str, Any]:
-  item = nest({l.name: jax.ShapeDtypeStruct(l.shape, stored_dtype(manifest, l.name))
-               for l in leaves})
-  restore_args = nest({l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device,
-                                             reader) for l in leaves})
+def _orbax_read(
+  path: str, manifest: Manifest, leaves: list[Leaf], io_device: jax.Device | None, reader: Reader
+) -> dict[str, Any]:
+  item = nest(
+    {l.name: jax.ShapeDtypeStruct(l.shape, stored_dtype(manifest, l.name)) for l in leaves}
+  )
+  restore_args = nest(
+    {l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device, reader) for l in leaves}
+  )
   if reader.processes is None:
     checkpointer = ocp.PyTreeCheckpointer()
   else:  # Orbax's default barrier is an XLA collective; see _multihost.py.
     mp = ocp.options.MultiprocessingOptions(
-        primary_host=reader.primary, active_processes=set(reader.processes),
-        barrier_sync_key_prefix=reader.key_prefix)
-    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(multiprocessing_options=mp),
-                                    multiprocessing_options=mp)
+      primary_host=reader.primary,
+      active_processes=set(reader.processes),
+      barrier_sync_key_prefix=reader.key_prefix,
+    )
+    checkpointer = ocp.Checkpointer(
+      ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp
+    )
   with _compat.stop_metrics_leak(), checkpointer:
     restored = checkpointer.restore(
-        os.path.abspath(os.path.join(path, _knobs.STATE_ITEM)),
-        args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args,
-                                    partial_restore=True))
+      os.path.abspath(os.path.join(path, _knobs.STATE_ITEM)),
+      args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
+    )
   out = {}
   for leaf in leaves:
     node = restored
@@ -282,16 +333,23 @@ def _orbax_read(path: str, manifest: Manifest, leaves: list[Leaf],
   return out
 
 
-def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
-                io_device: jax.Device | None, reader: Reader,
-                verify_checksums: bool) -> tuple[dict[str, Any], set[str]]:
+def _read_group(
+  path: str,
+  manifest: Manifest,
+  wanted: list[Leaf],
+  io_device: jax.Device | None,
+  reader: Reader,
+  verify_checksums: bool,
+) -> tuple[dict[str, Any], set[str]]:
   """Reads ``wanted`` from the checkpoint at ``path`` (its own, or an incremental
   holder's); returns the values and the names whose CRC-32 already matched."""
   fast, verified = {}, set()
   if io_device is None and reader == ONE_PROCESS:  # One process, default devices.
-    fast, crcs = _fastread.read(os.path.join(path, _knobs.STATE_ITEM),
-                                [(l.name, l.shape, stored_dtype(manifest, l.name))
-                                 for l in wanted], checksums=verify_checksums)
+    fast, crcs = _fastread.read(
+      os.path.join(path, _knobs.STATE_ITEM),
+      [(l.name, l.shape, stored_dtype(manifest, l.name)) for l in wanted],
+      checksums=verify_checksums,
+    )
     for name, crc in crcs.items():
       expected = manifest.checksums.get(name)
       if expected == crc:
@@ -306,8 +364,9 @@ def _read_group(path: str, manifest: Manifest, wanted: list[Leaf],
   return fast, verified
 
 
-def _orbax_read_named(path: str, manifest: Manifest, wanted: list[Leaf],
-                      io_device: jax.Device | None, reader: Reader) -> dict[str, Any]:
+def _orbax_read_named(
+  path: str, manifest: Manifest, wanted: list[Leaf], io_device: jax.Device | None, reader: Reader
+) -> dict[str, Any]:
   try:
     return _orbax_read(path, manifest, wanted, io_device, reader)
   except JaxckptError:
@@ -319,18 +378,22 @@ def _orbax_read_named(path: str, manifest: Manifest, wanted: list[Leaf],
         _orbax_read(path, manifest, [leaf], io_device, reader)
       except Exception as e:
         raise CorruptCheckpointError(
-            f"Checkpoint {path!r} is unreadable: array '{leaf.name}' failed to load "
-            f"({type(e).__name__}: {e}).") from e
+          f"Checkpoint {path!r} is unreadable: array '{leaf.name}' failed to load "
+          f"({type(e).__name__}: {e})."
+        ) from e
     raise CorruptCheckpointError(
-        f"Checkpoint {path!r} could not be read ({type(batch_error).__name__}: "
-        f"{batch_error}).") from batch_error
+      f"Checkpoint {path!r} could not be read ({type(batch_error).__name__}: {batch_error})."
+    ) from batch_error
 
 
 def _global_target(leaf: Leaf) -> jax.sharding.Sharding | None:
   """The sharding of a tracked value that spans several processes, else None."""
   sharding = getattr(leaf.value, "sharding", None)
-  if (isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)) and sharding is not None
-      and not sharding.is_fully_addressable):
+  if (
+    isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct))
+    and sharding is not None
+    and not sharding.is_fully_addressable
+  ):
     return sharding
   return None
 
@@ -350,22 +413,40 @@ class Zarr3Layout(Layout):
     _zarr3.write_arrays(stores, job.snapshot, host_values=primary)
     return _Done()
 
-  def read(self, path: str, manifest: Manifest, wanted: list[Leaf], *,
-           io_device: jax.Device | None, reader: Reader, verify_checksums: bool) -> Read:
+  def read(
+    self,
+    path: str,
+    manifest: Manifest,
+    wanted: list[Leaf],
+    *,
+    io_device: jax.Device | None,
+    reader: Reader,
+    verify_checksums: bool,
+  ) -> Read:
     if not KV.is_data_name(manifest.data):
       raise CorruptCheckpointError(
-          f"Checkpoint {path!r} names {manifest.data!r} as its data; only a data-* prefix "
-          "inside the checkpoint can hold it.")
+        f"Checkpoint {path!r} names {manifest.data!r} as its data; only a data-* prefix "
+        "inside the checkpoint can hold it."
+      )
     url = KV.join(path, manifest.data)
     # Arrays no single process will hold whole, without a CRC to check: each
     # process reads just its shards. The rest are read whole (and CRC-checked).
-    partial = [] if reader.host_only else [
-        l for l in wanted if _global_target(l) is not None
-        and (manifest.checksums.get(l.name) is None or not verify_checksums)]
+    partial = (
+      []
+      if reader.host_only
+      else [
+        l
+        for l in wanted
+        if _global_target(l) is not None
+        and (manifest.checksums.get(l.name) is None or not verify_checksums)
+      ]
+    )
     out = Read()
     try:
-      out.placed = {l.name: _zarr3.read_sharded(url, l.name, l.shape, _global_target(l),
-                                                l.dtype) for l in partial}
+      out.placed = {
+        l.name: _zarr3.read_sharded(url, l.name, l.shape, _global_target(l), l.dtype)
+        for l in partial
+      }
       out.raw = _zarr3.read_arrays(url, [l.name for l in wanted if l.name not in out.placed])
     except ArrayReadError as e:
       raise CorruptCheckpointError(f"Checkpoint {path!r} is unreadable: {e}.") from e

@@ -20,8 +20,11 @@ def _list(names) -> str:
 def _warn_unused(path: str, unused: frozenset[str], silenced: list[bool]) -> None:
   if unused and not silenced[0]:
     logger.warning(
-        "Values in checkpoint %s were never restored (nothing tracks them): %s. "
-        "Call expect_partial() on the load status to silence this.", path, _list(unused))
+      "Values in checkpoint %s were never restored (nothing tracks them): %s. "
+      "Call expect_partial() on the load status to silence this.",
+      path,
+      _list(unused),
+    )
 
 
 def _structure_hints(missing: frozenset[str], unused: frozenset[str]) -> str:
@@ -30,12 +33,15 @@ def _structure_hints(missing: frozenset[str], unused: frozenset[str]) -> str:
   for name in sorted(missing):
     below = sorted(u for u in unused if u.startswith(name + "/"))
     if below:
-      hints.append(f"at '{name}' the checkpoint has a subtree ({_list(below)}) but a "
-                   "single value is tracked")
+      hints.append(
+        f"at '{name}' the checkpoint has a subtree ({_list(below)}) but a single value is tracked"
+      )
     above = [u for u in unused if name.startswith(u + "/")]
     if above:
-      hints.append(f"at '{above[0]}' the checkpoint has a single value but a subtree "
-                   f"(incl. '{name}') is tracked")
+      hints.append(
+        f"at '{above[0]}' the checkpoint has a single value but a subtree "
+        f"(incl. '{name}') is tracked"
+      )
   hints = list(dict.fromkeys(hints))
   return (" Structure differs: " + "; ".join(hints) + ".") if hints else ""
 
@@ -62,9 +68,10 @@ class LoadStatus:
     self.assert_existing_objects_matched()
     if self.unused:
       raise LoadStatusError(
-          f"Unresolved values in checkpoint {self.path!r}: {_list(self.unused)} "
-          "are in the checkpoint but not tracked. Track them, or use "
-          "assert_existing_objects_matched() if that is intended.")
+        f"Unresolved values in checkpoint {self.path!r}: {_list(self.unused)} "
+        "are in the checkpoint but not tracked. Track them, or use "
+        "assert_existing_objects_matched() if that is intended."
+      )
     self._silenced[0] = True
     return self
 
@@ -72,17 +79,19 @@ class LoadStatus:
     """Every tracked value was found in the checkpoint (extra values are fine)."""
     if self.missing:
       raise LoadStatusError(
-          f"Tracked values not found in checkpoint {self.path!r}: "
-          f"{_list(self.missing)}; they kept their current values."
-          + _structure_hints(self.missing, self.unused))
+        f"Tracked values not found in checkpoint {self.path!r}: "
+        f"{_list(self.missing)}; they kept their current values."
+        + _structure_hints(self.missing, self.unused)
+      )
     return self
 
   def assert_nontrivial_match(self) -> LoadStatus:
     """At least one tracked value was restored."""
     if not self.matched:
       raise LoadStatusError(
-          f"Nothing tracked matched checkpoint {self.path!r} (tracked: "
-          f"{_list(self.missing) or 'nothing'}; in checkpoint: {_list(self.unused)}).")
+        f"Nothing tracked matched checkpoint {self.path!r} (tracked: "
+        f"{_list(self.missing) or 'nothing'}; in checkpoint: {_list(self.unused)})."
+      )
     return self
 
   def expect_partial(self) -> LoadStatus:
@@ -91,8 +100,10 @@ class LoadStatus:
     return self
 
   def __repr__(self) -> str:
-    return (f"LoadStatus({self.path!r}, matched={len(self.matched)}, "
-            f"missing={len(self.missing)}, unused={len(self.unused)})")
+    return (
+      f"LoadStatus({self.path!r}, matched={len(self.matched)}, "
+      f"missing={len(self.missing)}, unused={len(self.unused)})"
+    )
 
 
 class InitializationOnlyStatus(LoadStatus):
@@ -103,8 +114,7 @@ class InitializationOnlyStatus(LoadStatus):
     super().__init__("<no checkpoint>", tracked, set())
 
   def _fail(self) -> NoReturn:
-    raise LoadStatusError(
-        "No checkpoint specified (save_path=None); nothing was restored.")
+    raise LoadStatusError("No checkpoint specified (save_path=None); nothing was restored.")
 
   def assert_consumed(self) -> LoadStatus:
     self._fail()

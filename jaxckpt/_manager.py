@@ -34,10 +34,8 @@ logger = logging.getLogger("jaxckpt")
 
 
 def _positive_or_none(name: str, value, *, number=(int,)) -> None:
-  if value is not None and (isinstance(value, bool) or not isinstance(value, number)
-                            or value <= 0):
-    raise InvalidOptionsError(
-        f"{name} must be None or a positive number, got {value!r}.")
+  if value is not None and (isinstance(value, bool) or not isinstance(value, number) or value <= 0):
+    raise InvalidOptionsError(f"{name} must be None or a positive number, got {value!r}.")
 
 
 def _read_step(step_counter) -> int:
@@ -68,29 +66,37 @@ class CheckpointManager:
     ['ckpt-3', 'ckpt-4']
   """
 
-  def __init__(self, checkpoint: Checkpoint, directory: str | os.PathLike,
-               max_to_keep: int | None, keep_checkpoint_every_n_hours: float | None = None,
-               checkpoint_name: str = "ckpt", step_counter: Any = None,
-               checkpoint_interval: int | None = None,
-               init_fn: Callable[[], Any] | None = None):
+  def __init__(
+    self,
+    checkpoint: Checkpoint,
+    directory: str | os.PathLike,
+    max_to_keep: int | None,
+    keep_checkpoint_every_n_hours: float | None = None,
+    checkpoint_name: str = "ckpt",
+    step_counter: Any = None,
+    checkpoint_interval: int | None = None,
+    init_fn: Callable[[], Any] | None = None,
+  ):
     if not isinstance(checkpoint, Checkpoint):
       raise InvalidOptionsError(
-          f"checkpoint must be a jaxckpt.Checkpoint, got {type(checkpoint).__name__}.")
+        f"checkpoint must be a jaxckpt.Checkpoint, got {type(checkpoint).__name__}."
+      )
     _positive_or_none("max_to_keep", max_to_keep)
-    _positive_or_none("keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours,
-                      number=(int, float))
+    _positive_or_none(
+      "keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours, number=(int, float)
+    )
     _positive_or_none("checkpoint_interval", checkpoint_interval)
     if checkpoint_interval is not None and step_counter is None:
       raise InvalidOptionsError("step_counter must be given when checkpoint_interval is.")
     if not checkpoint_name or "/" in checkpoint_name:
       raise InvalidOptionsError(
-          f"checkpoint_name must be a non-empty file name, got {checkpoint_name!r}.")
+        f"checkpoint_name must be a non-empty file name, got {checkpoint_name!r}."
+      )
     self._checkpoint = checkpoint
     self._directory = fspath(directory)
     self._store = store_for(self._directory)
     if os.path.exists(self._directory) and not os.path.isdir(self._directory):
-      raise InvalidOptionsError(
-          f"directory {self._directory!r} exists and is not a directory.")
+      raise InvalidOptionsError(f"directory {self._directory!r} exists and is not a directory.")
     self._max_to_keep = max_to_keep
     self._keep_every_n_hours = keep_checkpoint_every_n_hours
     self._prefix = self._store.join(self._directory, checkpoint_name)
@@ -111,8 +117,7 @@ class CheckpointManager:
     if is_primary():
       removed = self._store.remove_leftovers(self._directory, data_of)
       if removed:
-        logger.info("Deleted what interrupted saves left in %s: %s.", self._directory,
-                    removed)
+        logger.info("Deleted what interrupted saves left in %s: %s.", self._directory, removed)
     state = read_state(self._directory)
     self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
     self._latest: str | None = None
@@ -168,8 +173,12 @@ class CheckpointManager:
 
   # -- saving ----------------------------------------------------------------
 
-  def save(self, checkpoint_number: int | None = None, check_interval: bool = True,
-           options: CheckpointOptions | None = None) -> SavePath | None:
+  def save(
+    self,
+    checkpoint_number: int | None = None,
+    check_interval: bool = True,
+    options: CheckpointOptions | None = None,
+  ) -> SavePath | None:
     """Saves a numbered checkpoint; returns its path, or None if skipped by the interval.
 
     The sweep beyond ``max_to_keep`` and the state-file update run after the
@@ -179,8 +188,9 @@ class CheckpointManager:
     with self._save_lock:
       return self._save(checkpoint_number, check_interval, options)
 
-  def _save(self, checkpoint_number, check_interval: bool,
-            options: CheckpointOptions) -> SavePath | None:
+  def _save(
+    self, checkpoint_number, check_interval: bool, options: CheckpointOptions
+  ) -> SavePath | None:
     if self._checkpoint_interval is not None:
       step = _read_step(self._step_counter)
       if self._last_checkpoint_step is not None:
@@ -195,8 +205,10 @@ class CheckpointManager:
 
     def path_for(counter: int) -> str:
       return f"{prefix}-{counter if checkpoint_number is None else checkpoint_number}"
-    return save_checkpoint(self._checkpoint,
-                           SaveRequest(path_for, "save", self._record_and_sweep), options)
+
+    return save_checkpoint(
+      self._checkpoint, SaveRequest(path_for, "save", self._record_and_sweep), options
+    )
 
   def _record_and_sweep(self, path: str, owner: bool = True) -> None:
     with self._lock:
@@ -217,19 +229,25 @@ class CheckpointManager:
       return doomed
     while len(self._maybe_delete) > self._max_to_keep:
       path, stamp = self._maybe_delete.popitem(last=False)
-      if (self._keep_every_n_hours is not None
-          and stamp - self._keep_every_n_hours * 3600.0 >= self._last_preserved):
+      if (
+        self._keep_every_n_hours is not None
+        and stamp - self._keep_every_n_hours * 3600.0 >= self._last_preserved
+      ):
         self._last_preserved = stamp
         continue  # Kept forever; no longer managed.
       doomed.append(path)
     return doomed
 
   def _record_state(self) -> None:
-    write_state(self._directory, CheckpointState(
+    write_state(
+      self._directory,
+      CheckpointState(
         model_checkpoint_path=self._latest,
         all_model_checkpoint_paths=list(self._maybe_delete),
         all_model_checkpoint_timestamps=list(self._maybe_delete.values()),
-        last_preserved_timestamp=self._last_preserved))
+        last_preserved_timestamp=self._last_preserved,
+      ),
+    )
 
   def sync(self) -> None:
     """Waits for the pending async save (and its sweep); raises if it failed."""

@@ -50,33 +50,51 @@ class Manifest:
   shard_checksums: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
 
   @classmethod
-  def build(cls, leaves: list[Leaf], *, save_counter: int, kind: str,
-            checksums: dict[str, int | None] | None = None,
-            sources: dict[str, str] | None = None,
-            digests: dict[str, str | None] | None = None,
-            data: str | None = None,
-            shard_checksums: dict[str, dict[str, int]] | None = None) -> Manifest:
+  def build(
+    cls,
+    leaves: list[Leaf],
+    *,
+    save_counter: int,
+    kind: str,
+    checksums: dict[str, int | None] | None = None,
+    sources: dict[str, str] | None = None,
+    digests: dict[str, str | None] | None = None,
+    data: str | None = None,
+    shard_checksums: dict[str, dict[str, int]] | None = None,
+  ) -> Manifest:
     return cls(
-        version=_knobs.FORMAT_VERSION, save_counter=save_counter, kind=kind,
-        created=time.time(),
-        leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves},
-        checksums=checksums or {}, sources=sources or {}, digests=digests or {}, data=data,
-        shard_checksums=shard_checksums or {})
+      version=_knobs.FORMAT_VERSION,
+      save_counter=save_counter,
+      kind=kind,
+      created=time.time(),
+      leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves},
+      checksums=checksums or {},
+      sources=sources or {},
+      digests=digests or {},
+      data=data,
+      shard_checksums=shard_checksums or {},
+    )
 
   def to_json(self) -> dict[str, Any]:
     out = {
-        "format": "jaxckpt", "version": self.version,
-        "save_counter": self.save_counter, "kind": self.kind,
-        "created": self.created,
-        "leaves": {n: self._leaf_json(n, i) for n, i in self.leaves.items()},
+      "format": "jaxckpt",
+      "version": self.version,
+      "save_counter": self.save_counter,
+      "kind": self.kind,
+      "created": self.created,
+      "leaves": {n: self._leaf_json(n, i) for n, i in self.leaves.items()},
     }
     if self.data is not None:
       out["data"] = self.data
     return out
 
   def _leaf_json(self, name: str, info: LeafInfo) -> dict[str, Any]:
-    out = {"shape": list(info.shape), "dtype": info.dtype, "kind": info.kind,
-           "crc32": self.checksums.get(name)}
+    out = {
+      "shape": list(info.shape),
+      "dtype": info.dtype,
+      "kind": info.kind,
+      "crc32": self.checksums.get(name),
+    }
     if name in self.sources:
       out["source"] = self.sources[name]
     if self.digests.get(name):
@@ -92,24 +110,33 @@ class Manifest:
     version = data.get("version")
     if not isinstance(version, int) or version > _knobs.FORMAT_VERSION:
       raise NotACheckpointError(
-          f"{where} has format version {version!r}; this jaxckpt reads versions "
-          f"<= {_knobs.FORMAT_VERSION}. Upgrade jaxckpt to read it.")
+        f"{where} has format version {version!r}; this jaxckpt reads versions "
+        f"<= {_knobs.FORMAT_VERSION}. Upgrade jaxckpt to read it."
+      )
     try:
       return cls(
-          version=version, save_counter=int(data["save_counter"]),
-          kind=data["kind"], created=float(data["created"]),
-          leaves={n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"])
-                  for n, i in data["leaves"].items()},
-          checksums={n: i.get("crc32") for n, i in data["leaves"].items()},
-          sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
-          digests={n: i.get("sha1") for n, i in data["leaves"].items()},
-          data=data.get("data"),
-          shard_checksums={n: {k: int(v) for k, v in i["shard_crc32"].items()}
-                           for n, i in data["leaves"].items() if i.get("shard_crc32")})
+        version=version,
+        save_counter=int(data["save_counter"]),
+        kind=data["kind"],
+        created=float(data["created"]),
+        leaves={
+          n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"]) for n, i in data["leaves"].items()
+        },
+        checksums={n: i.get("crc32") for n, i in data["leaves"].items()},
+        sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
+        digests={n: i.get("sha1") for n, i in data["leaves"].items()},
+        data=data.get("data"),
+        shard_checksums={
+          n: {k: int(v) for k, v in i["shard_crc32"].items()}
+          for n, i in data["leaves"].items()
+          if i.get("shard_crc32")
+        },
+      )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       # A truncated or hand-edited manifest: a NotACheckpointError, not a bare KeyError.
       raise NotACheckpointError(
-          f"{where} is a damaged jaxckpt manifest ({type(e).__name__}: {e}).") from e
+        f"{where} is a damaged jaxckpt manifest ({type(e).__name__}: {e})."
+      ) from e
 
 
 MANIFEST_KEY = f"{_knobs.MANIFEST_ITEM}/metadata"  # Where Orbax's JSON handler would put it.
@@ -145,7 +172,8 @@ def _parse(data: bytes, where: str) -> Manifest:
     if isinstance(e, JaxckptError):
       raise
     raise NotACheckpointError(
-        f"{where!r} is not a valid jaxckpt manifest ({type(e).__name__}: {e}).") from e
+      f"{where!r} is not a valid jaxckpt manifest ({type(e).__name__}: {e})."
+    ) from e
 
 
 def data_of(path: str) -> str | None:
@@ -174,16 +202,20 @@ def _not_found(path: str) -> CheckpointNotFoundError:
   store = store_for(path)
   hint = ""
   parent, base = store.dirname(path), store.basename(path)
-  numbered = sorted((n for n in store.names(parent)
-                     if n.startswith(base + "-") and n[len(base) + 1:].isdigit()),
-                    key=lambda n: int(n[len(base) + 1:]))
+  numbered = sorted(
+    (n for n in store.names(parent) if n.startswith(base + "-") and n[len(base) + 1 :].isdigit()),
+    key=lambda n: int(n[len(base) + 1 :]),
+  )
   if numbered:
-    hint = (f" save() appends '-N' to the prefix: did you mean "
-            f"'{store.join(parent, numbered[-1])}'? "
-            f"jaxckpt.latest_checkpoint({parent!r}) finds the newest.")
+    hint = (
+      f" save() appends '-N' to the prefix: did you mean "
+      f"'{store.join(parent, numbered[-1])}'? "
+      f"jaxckpt.latest_checkpoint({parent!r}) finds the newest."
+    )
   if store.read_bytes(store.join(path, _knobs.STATE_FILE_NAME)) is not None:
-    hint = (f" {path!r} is a directory of checkpoints; pass "
-            f"jaxckpt.latest_checkpoint({path!r}) instead.")
+    hint = (
+      f" {path!r} is a directory of checkpoints; pass jaxckpt.latest_checkpoint({path!r}) instead."
+    )
   return CheckpointNotFoundError(f"No checkpoint found at {path!r}.{hint}")
 
 
@@ -201,10 +233,12 @@ def read_manifest(path: str | os.PathLike) -> Manifest:
   data = store.read_bytes(file)
   if data is not None:
     return _parse(data, file)
-  if not store.exists(path) or store.read_bytes(
-      store.join(path, _knobs.STATE_FILE_NAME)) is not None:
+  if (
+    not store.exists(path) or store.read_bytes(store.join(path, _knobs.STATE_FILE_NAME)) is not None
+  ):
     raise _not_found(path)
   raise NotACheckpointError(
-      f"{path!r} exists but is not a committed jaxckpt checkpoint (no {MANIFEST_KEY} "
-      "inside): an interrupted save, or not a jaxckpt checkpoint. If it is a plain "
-      "Orbax checkpoint, restore it with orbax.checkpoint directly.")
+    f"{path!r} exists but is not a committed jaxckpt checkpoint (no {MANIFEST_KEY} "
+    "inside): an interrupted save, or not a jaxckpt checkpoint. If it is a plain "
+    "Orbax checkpoint, restore it with orbax.checkpoint directly."
+  )

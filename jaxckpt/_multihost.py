@@ -51,8 +51,9 @@ def _client():
   client = _compat.distributed_client()
   if client is None:
     raise CoordinationError(
-        f"jax.process_count() is {jax.process_count()} but jax.distributed is not "
-        "initialized; call jax.distributed.initialize() before saving.")
+      f"jax.process_count() is {jax.process_count()} but jax.distributed is not "
+      "initialized; call jax.distributed.initialize() before saving."
+    )
   return client
 
 
@@ -64,6 +65,7 @@ class Coordination:
   the processes that touch files at all: every process normally, only the
   ``experimental_io_device`` task when one is named.
   """
+
   op: int
   timeout_s: float
   what: str  # For error messages, e.g. "save of '/ckpt/ckpt-3'".
@@ -81,10 +83,12 @@ class Coordination:
   def orbax_options(self):
     """Orbax MultiprocessingOptions matching this operation (see `new_checkpointer`)."""
     import orbax.checkpoint as ocp
+
     return ocp.options.MultiprocessingOptions(
-        primary_host=self.primary,
-        active_processes=set(self.writers or range(process_count())),
-        barrier_sync_key_prefix=f"jaxckpt{self.op}")
+      primary_host=self.primary,
+      active_processes=set(self.writers or range(process_count())),
+      barrier_sync_key_prefix=f"jaxckpt{self.op}",
+    )
 
   def _key(self, name: str) -> str:
     return f"jaxckpt/{self.op}/{name}"
@@ -103,9 +107,10 @@ class Coordination:
       return _client().blocking_key_value_get(self._key(name), self._timeout_ms)
     except Exception as e:  # JaxRuntimeError(DEADLINE_EXCEEDED) and the like.
       raise CoordinationError(
-          f"The {self.what} gave up after {self.timeout_s:g} s: process {sender} did "
-          f"not report '{name}' (it may have died or be stuck). No checkpoint was "
-          f"committed by this save. Underlying error: {type(e).__name__}: {e}") from e
+        f"The {self.what} gave up after {self.timeout_s:g} s: process {sender} did "
+        f"not report '{name}' (it may have died or be stuck). No checkpoint was "
+        f"committed by this save. Underlying error: {type(e).__name__}: {e}"
+      ) from e
 
   def share(self, name: str, make) -> str:
     """``make()`` on the primary, the same string on every process."""
@@ -131,10 +136,11 @@ class Coordination:
         said[process] = self.receive(f"agree/{name}/{process}", sender=process)
     if len(set(said.values())) > 1:
       raise CoordinationError(
-          f"The processes disagree on the {self.what}: "
-          + "; ".join(f"process {p}: {v}" for p, v in sorted(said.items()))
-          + ". Every process must make the same save/restore calls, in the same order, "
-          "with the same paths; nothing was read or written.")
+        f"The processes disagree on the {self.what}: "
+        + "; ".join(f"process {p}: {v}" for p, v in sorted(said.items()))
+        + ". Every process must make the same save/restore calls, in the same order, "
+        "with the same paths; nothing was read or written."
+      )
 
   def barrier(self, name: str) -> None:
     try:
@@ -146,15 +152,18 @@ class Coordination:
         reason = None
       if reason and reason != "ok":
         raise CoordinationError(
-            f"The {self.what} failed on process {self.primary}: {reason}") from e
+          f"The {self.what} failed on process {self.primary}: {reason}"
+        ) from e
       raise CoordinationError(
-          f"The {self.what} gave up after {self.timeout_s:g} s waiting for all "
-          f"{process_count()} processes at '{name}' (one may have died or be "
-          f"stuck). Underlying error: {type(e).__name__}: {e}") from e
+        f"The {self.what} gave up after {self.timeout_s:g} s waiting for all "
+        f"{process_count()} processes at '{name}' (one may have died or be "
+        f"stuck). Underlying error: {type(e).__name__}: {e}"
+      ) from e
 
 
-def begin(what: str, timeout_s: float, *, io_device: jax.Device | None = None
-          ) -> Coordination | None:
+def begin(
+  what: str, timeout_s: float, *, io_device: jax.Device | None = None
+) -> Coordination | None:
   """Numbers the next multi-process operation; None with a single process.
 
   Call on the caller's thread, in program order. ``io_device``'s process is the
@@ -167,8 +176,9 @@ def begin(what: str, timeout_s: float, *, io_device: jax.Device | None = None
   io_process = None if io_device is None else io_device.process_index
   if io_process is None:
     return Coordination(op=op, timeout_s=timeout_s, what=what)
-  return Coordination(op=op, timeout_s=timeout_s, what=what, primary=io_process,
-                      writers=frozenset([io_process]))
+  return Coordination(
+    op=op, timeout_s=timeout_s, what=what, primary=io_process, writers=frozenset([io_process])
+  )
 
 
 def sweep_keys(op: int) -> None:

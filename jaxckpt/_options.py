@@ -14,8 +14,8 @@ from jaxckpt._errors import InvalidOptionsError
 WriteCallback = Callable[..., Any]
 
 _DEPRECATED_ALIAS = (
-    "CheckpointOptions(experimental_enable_async_checkpoint=...) is deprecated; "
-    "use enable_async=... instead."
+  "CheckpointOptions(experimental_enable_async_checkpoint=...) is deprecated; "
+  "use enable_async=... instead."
 )
 
 
@@ -25,38 +25,42 @@ def _takes_path(callback: WriteCallback) -> bool:
     params = inspect.signature(callback).parameters.values()
   except (TypeError, ValueError):  # Builtins without a signature, e.g. print.
     return True
-  positional = (inspect.Parameter.POSITIONAL_ONLY,
-                inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                inspect.Parameter.VAR_POSITIONAL)
+  positional = (
+    inspect.Parameter.POSITIONAL_ONLY,
+    inspect.Parameter.POSITIONAL_OR_KEYWORD,
+    inspect.Parameter.VAR_POSITIONAL,
+  )
   return any(p.kind in positional for p in params)
 
 
 def _check_callback(index: int, callback: Any) -> None:
   if not callable(callback):
     raise InvalidOptionsError(
-        f"experimental_write_callbacks[{index}] must be callable, got "
-        f"{type(callback).__name__} {callback!r}.")
+      f"experimental_write_callbacks[{index}] must be callable, got "
+      f"{type(callback).__name__} {callback!r}."
+    )
   try:
     params = inspect.signature(callback).parameters.values()
   except (TypeError, ValueError):
     return
   required = [
-      p.name for p in params
-      if p.kind in (inspect.Parameter.POSITIONAL_ONLY,
-                    inspect.Parameter.POSITIONAL_OR_KEYWORD)
-      and p.default is inspect.Parameter.empty
+    p.name
+    for p in params
+    if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    and p.default is inspect.Parameter.empty
   ]
   required_kw = [
-      p.name for p in params
-      if p.kind is inspect.Parameter.KEYWORD_ONLY
-      and p.default is inspect.Parameter.empty
+    p.name
+    for p in params
+    if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
   ]
   if len(required) > 1 or required_kw:
     raise InvalidOptionsError(
-        f"experimental_write_callbacks[{index}] ({callback!r}) must take at most "
-        f"one positional argument (the save path), got required parameters "
-        f"{required + required_kw}. Give the others defaults or wrap it: "
-        f"lambda path: {getattr(callback, '__name__', 'cb')}(path, ...).")
+      f"experimental_write_callbacks[{index}] ({callback!r}) must take at most "
+      f"one positional argument (the save path), got required parameters "
+      f"{required + required_kw}. Give the others defaults or wrap it: "
+      f"lambda path: {getattr(callback, '__name__', 'cb')}(path, ...)."
+    )
 
 
 def call_write_callback(callback: WriteCallback, save_path: str) -> None:
@@ -120,24 +124,33 @@ class CheckpointOptions:
     False
   """
 
-  __slots__ = ("experimental_io_device", "_async", "_callbacks", "compression",
-               "chunk_byte_size", "max_in_flight", "memory_budget_bytes",
-               "verify_checksums", "incremental", "timeout_s")
+  __slots__ = (
+    "experimental_io_device",
+    "_async",
+    "_callbacks",
+    "compression",
+    "chunk_byte_size",
+    "max_in_flight",
+    "memory_budget_bytes",
+    "verify_checksums",
+    "incremental",
+    "timeout_s",
+  )
 
   def __init__(
-      self,
-      experimental_io_device: Any = None,
-      experimental_enable_async_checkpoint: bool = False,
-      experimental_write_callbacks: Iterable[WriteCallback] | None = None,
-      enable_async: bool = False,
-      *,
-      compression: bool = False,
-      chunk_byte_size: int | None = None,
-      max_in_flight: int = 1,
-      memory_budget_bytes: int | None = None,
-      verify_checksums: bool = True,
-      incremental: bool = False,
-      timeout_s: float = 300.0,
+    self,
+    experimental_io_device: Any = None,
+    experimental_enable_async_checkpoint: bool = False,
+    experimental_write_callbacks: Iterable[WriteCallback] | None = None,
+    enable_async: bool = False,
+    *,
+    compression: bool = False,
+    chunk_byte_size: int | None = None,
+    max_in_flight: int = 1,
+    memory_budget_bytes: int | None = None,
+    verify_checksums: bool = True,
+    incremental: bool = False,
+    timeout_s: float = 300.0,
   ):
     if experimental_enable_async_checkpoint:
       warnings.warn(_DEPRECATED_ALIAS, DeprecationWarning, stacklevel=2)
@@ -155,8 +168,7 @@ class CheckpointOptions:
     self.max_in_flight = max_in_flight
     self.memory_budget_bytes = memory_budget_bytes
     if not isinstance(verify_checksums, bool):
-      raise InvalidOptionsError(
-          f"verify_checksums must be a bool, got {verify_checksums!r}.")
+      raise InvalidOptionsError(f"verify_checksums must be a bool, got {verify_checksums!r}.")
     self.verify_checksums = verify_checksums
     if not isinstance(incremental, bool):
       raise InvalidOptionsError(f"incremental must be a bool, got {incremental!r}.")
@@ -164,10 +176,12 @@ class CheckpointOptions:
       # The next save must see the previous one committed (and its sweep done)
       # to know which earlier data is safe to refer to.
       raise InvalidOptionsError(
-          f"incremental=True needs max_in_flight=1, got max_in_flight={max_in_flight}.")
+        f"incremental=True needs max_in_flight=1, got max_in_flight={max_in_flight}."
+      )
     self.incremental = incremental
-    if isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (
-        timeout_s > 0):
+    if (
+      isinstance(timeout_s, bool) or not isinstance(timeout_s, (int, float)) or not (timeout_s > 0)
+    ):
       raise InvalidOptionsError(f"timeout_s must be a positive number, got {timeout_s!r}.")
     self.timeout_s = float(timeout_s)
 
@@ -179,7 +193,8 @@ class CheckpointOptions:
   def enable_async(self, value: bool) -> None:
     if not isinstance(value, (bool, int)):
       raise InvalidOptionsError(
-          f"enable_async must be a bool, got {type(value).__name__} {value!r}.")
+        f"enable_async must be a bool, got {type(value).__name__} {value!r}."
+      )
     self._async = bool(value)
 
   @property
@@ -203,8 +218,9 @@ class CheckpointOptions:
       return
     if callable(callbacks) or isinstance(callbacks, (str, bytes)):
       raise InvalidOptionsError(
-          "experimental_write_callbacks must be a list of callables, got a "
-          f"single {type(callbacks).__name__}; wrap it: [{callbacks!r}].")
+        "experimental_write_callbacks must be a list of callables, got a "
+        f"single {type(callbacks).__name__}; wrap it: [{callbacks!r}]."
+      )
     callbacks = list(callbacks)
     for i, cb in enumerate(callbacks):
       _check_callback(i, cb)
@@ -226,8 +242,10 @@ class CheckpointOptions:
     return copy.copy(self)
 
   def _key(self):
-    return tuple(tuple(v) if isinstance(v, list) else v
-                 for v in (getattr(self, name) for name in self.__slots__))
+    return tuple(
+      tuple(v) if isinstance(v, list) else v
+      for v in (getattr(self, name) for name in self.__slots__)
+    )
 
   def __eq__(self, other) -> bool:
     if not isinstance(other, CheckpointOptions):
@@ -238,16 +256,26 @@ class CheckpointOptions:
 
   def __repr__(self) -> str:
     extra = "".join(
-        f", {name}={getattr(self, name)!r}"
-        for name, default in _KNOB_DEFAULTS.items() if getattr(self, name) != default)
-    return (f"CheckpointOptions(experimental_io_device={self.experimental_io_device!r}, "
-            f"enable_async={self._async}, "
-            f"experimental_write_callbacks={self._callbacks!r}{extra})")
+      f", {name}={getattr(self, name)!r}"
+      for name, default in _KNOB_DEFAULTS.items()
+      if getattr(self, name) != default
+    )
+    return (
+      f"CheckpointOptions(experimental_io_device={self.experimental_io_device!r}, "
+      f"enable_async={self._async}, "
+      f"experimental_write_callbacks={self._callbacks!r}{extra})"
+    )
 
 
-_KNOB_DEFAULTS = {"compression": False, "chunk_byte_size": None, "max_in_flight": 1,
-                  "memory_budget_bytes": None, "verify_checksums": True,
-                  "incremental": False, "timeout_s": 300.0}
+_KNOB_DEFAULTS = {
+  "compression": False,
+  "chunk_byte_size": None,
+  "max_in_flight": 1,
+  "memory_budget_bytes": None,
+  "verify_checksums": True,
+  "incremental": False,
+  "timeout_s": 300.0,
+}
 
 
 def _check_positive(name: str, value: Any, *, allow_none: bool) -> None:
@@ -255,4 +283,5 @@ def _check_positive(name: str, value: Any, *, allow_none: bool) -> None:
     return
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
     raise InvalidOptionsError(
-        f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}.")
+      f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}."
+    )

@@ -40,6 +40,7 @@ class SaveRequest:
   ``kind == "save"`` increments the counter; ``on_commit(path, owner)`` runs
   after the write callbacks (``owner`` is False on processes that must not
   touch files)."""
+
   path_for: Callable[[int], str]
   kind: str  # "save" or "write"
   on_commit: Callable[[str, bool], None] | None = None
@@ -48,6 +49,7 @@ class SaveRequest:
 @dataclasses.dataclass(frozen=True)
 class SavePlan:
   """One save, decided: the later stages only execute it."""
+
   path: str  # As the caller wrote it (returned, passed to callbacks).
   target: str  # Its absolute form, fixed now (the cwd may change).
   kind: str
@@ -72,29 +74,40 @@ def _check_leaves(leaves: list[Leaf]) -> None:
   abstract = [leaf.name for leaf in leaves if leaf.abstract]
   if abstract:
     raise TreeError(
-        f"Cannot save abstract values (jax.ShapeDtypeStruct) at {abstract[:5]}: they "
-        "are restore targets. Restore or initialize them first.")
+      f"Cannot save abstract values (jax.ShapeDtypeStruct) at {abstract[:5]}: they "
+      "are restore targets. Restore or initialize them first."
+    )
 
 
-def _check_store(store: Store, path: str, options: CheckpointOptions,
-                 coordination: Coordination | None) -> None:
+def _check_store(
+  store: Store, path: str, options: CheckpointOptions, coordination: Coordination | None
+) -> None:
   if options.incremental and coordination is not None:
     raise InvalidOptionsError(
-        "incremental=True is single-process only: with several JAX processes every "
-        "process would have to make the same reuse decisions. Use incremental=False.")
+      "incremental=True is single-process only: with several JAX processes every "
+      "process would have to make the same reuse decisions. Use incremental=False."
+    )
   if options.incremental and not store.incremental:
     raise InvalidOptionsError(
-        "incremental=True needs a local path; memory://, s3:// and gs:// checkpoints are "
-        "always written in full. Use incremental=False.")
+      "incremental=True needs a local path; memory://, s3:// and gs:// checkpoints are "
+      "always written in full. Use incremental=False."
+    )
   if coordination is not None and not store.shared(path):
     raise InvalidOptionsError(
-        "memory:// is private to each process; with several JAX processes save to a "
-        "shared filesystem path, s3:// or gs://.")
+      "memory:// is private to each process; with several JAX processes save to a "
+      "shared filesystem path, s3:// or gs://."
+    )
 
 
-def plan_save(request: SaveRequest, options: CheckpointOptions, leaves: list[Leaf], *,
-              save_counter: int, io_device: jax.Device | None,
-              coordination: Coordination | None) -> SavePlan:
+def plan_save(
+  request: SaveRequest,
+  options: CheckpointOptions,
+  leaves: list[Leaf],
+  *,
+  save_counter: int,
+  io_device: jax.Device | None,
+  coordination: Coordination | None,
+) -> SavePlan:
   """Decides everything about one save (see the module docstring).
 
   Raises:
@@ -108,22 +121,39 @@ def plan_save(request: SaveRequest, options: CheckpointOptions, leaves: list[Lea
   routed = coordination is not None and coordination.writers is not None
   layout = layout_for_store(store)
   single_writer = coordination is None or routed
-  fast = (layout.has_fast_writer and single_writer and not options.compression
-          and not options.incremental
-          and _fastwrite.writes_all(leaves))
+  fast = (
+    layout.has_fast_writer
+    and single_writer
+    and not options.compression
+    and not options.incremental
+    and _fastwrite.writes_all(leaves)
+  )
   return SavePlan(
-      path=path, target=store.absolute(path), kind=request.kind, save_counter=save_counter,
-      store=store, layout=layout, writer=FAST if fast or not layout.has_fast_writer else ORBAX,
-      pack=fast and not routed, background=options.enable_async, io_device=io_device,
-      routed=routed, coordination=coordination, incremental=options.incremental,
-      compression=options.compression, chunk_byte_size=options.chunk_byte_size,
-      callbacks=tuple(options.experimental_write_callbacks or ()),
-      on_commit=request.on_commit, nbytes=sum(leaf.nbytes for leaf in leaves))
+    path=path,
+    target=store.absolute(path),
+    kind=request.kind,
+    save_counter=save_counter,
+    store=store,
+    layout=layout,
+    writer=FAST if fast or not layout.has_fast_writer else ORBAX,
+    pack=fast and not routed,
+    background=options.enable_async,
+    io_device=io_device,
+    routed=routed,
+    coordination=coordination,
+    incremental=options.incremental,
+    compression=options.compression,
+    chunk_byte_size=options.chunk_byte_size,
+    callbacks=tuple(options.experimental_write_callbacks or ()),
+    on_commit=request.on_commit,
+    nbytes=sum(leaf.nbytes for leaf in leaves),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class RestorePlan:
   """One restore, decided."""
+
   path: str | None  # None: restore nothing (TF's behaviour for latest_checkpoint None).
   io_device: jax.Device | None
   routed: bool
@@ -132,12 +162,20 @@ class RestorePlan:
   restore_counter: bool
 
 
-def plan_restore(save_path: str | os.PathLike | None, options: CheckpointOptions, *,
-                 io_device: jax.Device | None, coordination: Coordination | None,
-                 restore_counter: bool) -> RestorePlan:
+def plan_restore(
+  save_path: str | os.PathLike | None,
+  options: CheckpointOptions,
+  *,
+  io_device: jax.Device | None,
+  coordination: Coordination | None,
+  restore_counter: bool,
+) -> RestorePlan:
   """Decides one restore: which path, who reads, what is checked."""
   return RestorePlan(
-      path=None if save_path is None else fspath(save_path), io_device=io_device,
-      routed=coordination is not None and coordination.writers is not None,
-      coordination=coordination, verify_checksums=options.verify_checksums,
-      restore_counter=restore_counter)
+    path=None if save_path is None else fspath(save_path),
+    io_device=io_device,
+    routed=coordination is not None and coordination.writers is not None,
+    coordination=coordination,
+    verify_checksums=options.verify_checksums,
+    restore_counter=restore_counter,
+  )

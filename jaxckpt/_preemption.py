@@ -17,9 +17,13 @@ logger = logging.getLogger("jaxckpt")
 
 
 def install_preemption_handler(
-    target: CheckpointManager | Checkpoint, *, file_prefix: str | None = None,
-    options: CheckpointOptions | None = None,
-    signals: Iterable[int] = (signal.SIGTERM,), exit_code: int = 0) -> Callable[[], None]:
+  target: CheckpointManager | Checkpoint,
+  *,
+  file_prefix: str | None = None,
+  options: CheckpointOptions | None = None,
+  signals: Iterable[int] = (signal.SIGTERM,),
+  exit_code: int = 0,
+) -> Callable[[], None]:
   """On SIGTERM, finish in-flight saves, save synchronously, then exit.
 
   Cloud schedulers send SIGTERM some seconds before killing a preemptible
@@ -44,7 +48,8 @@ def install_preemption_handler(
     raise InvalidOptionsError("file_prefix is required when target is a Checkpoint.")
   if not isinstance(target, (Checkpoint, CheckpointManager)):
     raise InvalidOptionsError(
-        f"target must be a CheckpointManager or Checkpoint, got {type(target).__name__}.")
+      f"target must be a CheckpointManager or Checkpoint, got {type(target).__name__}."
+    )
   final = (options or CheckpointOptions()).copy()
   final.enable_async = False
 
@@ -68,4 +73,5 @@ def install_preemption_handler(
   def uninstall() -> None:
     for s, old in previous.items():
       signal.signal(s, old)
+
   return uninstall

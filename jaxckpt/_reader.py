@@ -33,8 +33,9 @@ def _resolve(dir_or_path) -> str:
     raise CheckpointNotFoundError(f"The state file in {path!r} names no committed checkpoint.")
   if os.path.isdir(path):
     raise CheckpointNotFoundError(
-        f"{path!r} is neither a checkpoint nor a directory with a "
-        f"'{_knobs.STATE_FILE_NAME}' state file.")
+      f"{path!r} is neither a checkpoint nor a directory with a "
+      f"'{_knobs.STATE_FILE_NAME}' state file."
+    )
   return path  # read_manifest says what is wrong with it.
 
 
@@ -78,8 +79,8 @@ class CheckpointReader:
     info = self._manifest.leaves.get(name)
     if info is None:
       raise VariableNotFoundError(
-          f"{name!r} is not in checkpoint {self.path!r}; it has "
-          f"{sorted(self._manifest.leaves)[:10]}.")
+        f"{name!r} is not in checkpoint {self.path!r}; it has {sorted(self._manifest.leaves)[:10]}."
+      )
     template = Leaf(name, np.zeros(info.shape, stored_dtype(self._manifest, name)))
     return read_leaves(self.path, self._manifest, [template])[name]
 

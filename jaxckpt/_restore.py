@@ -53,18 +53,18 @@ def check_compatible(path: str, manifest: Manifest, leaves: list[Leaf]) -> None:
       continue
     if tuple(info.shape) != leaf.shape:
       raise ShapeMismatchError(
-          f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has shape "
-          f"{tuple(info.shape)} but the tracked value has shape {leaf.shape}. "
-          "Nothing was restored. Build the model with the checkpoint's shapes, or "
-          "stop tracking this value.")
+        f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has shape "
+        f"{tuple(info.shape)} but the tracked value has shape {leaf.shape}. "
+        "Nothing was restored. Build the model with the checkpoint's shapes, or "
+        "stop tracking this value."
+      )
     saved, tracked = _group(stored_dtype(manifest, leaf.name)), _group(leaf.dtype)
     if saved != tracked and (saved, tracked) not in _ALLOWED:
       raise TreeError(
-          f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has dtype "
-          f"{info.dtype} but the tracked value has dtype {leaf.dtype.name}; casting "
-          f"{saved} to {tracked} would change values. Nothing was restored.")
-
-
+        f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has dtype "
+        f"{info.dtype} but the tracked value has dtype {leaf.dtype.name}; casting "
+        f"{saved} to {tracked} would change values. Nothing was restored."
+      )
 
 
 def as_tracked_type(leaf: Leaf, value: Any) -> Any:
@@ -90,9 +90,15 @@ def as_tracked_type(leaf: Leaf, value: Any) -> Any:
   return type(tracked)(value.item())
 
 
-def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
-                io_device: jax.Device | None = None, *,
-                verify_checksums: bool = True, reader: Reader = ONE_PROCESS) -> dict[str, Any]:
+def read_leaves(
+  path: str,
+  manifest: Manifest,
+  leaves: list[Leaf],
+  io_device: jax.Device | None = None,
+  *,
+  verify_checksums: bool = True,
+  reader: Reader = ONE_PROCESS,
+) -> dict[str, Any]:
   """Reads the leaves of ``leaves`` present in the checkpoint; returns {name: value}.
 
   With ``reader.host_only`` the values are whole numpy arrays in the stored dtype.
@@ -106,14 +112,25 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
   wanted = [l for l in leaves if l.name in manifest.leaves]
   if not wanted:
     return {}
-  read = layout_of(manifest).read(path, manifest, wanted, io_device=io_device, reader=reader,
-                                  verify_checksums=verify_checksums)
+  read = layout_of(manifest).read(
+    path, manifest, wanted, io_device=io_device, reader=reader, verify_checksums=verify_checksums
+  )
   raw, placed = read.raw, read.placed
   wanted = [l for l in wanted if l.name not in placed]
   if verify_checksums:
-    verify_all(path, [(leaf.name, raw[leaf.name], stored_dtype(manifest, leaf.name),
-                       manifest.checksums.get(leaf.name)) for leaf in wanted
-                      if leaf.name not in read.verified])
+    verify_all(
+      path,
+      [
+        (
+          leaf.name,
+          raw[leaf.name],
+          stored_dtype(manifest, leaf.name),
+          manifest.checksums.get(leaf.name),
+        )
+        for leaf in wanted
+        if leaf.name not in read.verified
+      ],
+    )
     for name, value in [*((l.name, raw[l.name]) for l in wanted), *placed.items()]:
       sums = manifest.shard_checksums.get(name)
       if sums and value.dtype == stored_dtype(manifest, name):
@@ -123,21 +140,35 @@ def read_leaves(path: str, manifest: Manifest, leaves: list[Leaf],
   return {**placed, **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}}
 
 
-def restore_leaves(plan: RestorePlan, leaves: list[Leaf]
-                   ) -> tuple[str | None, Manifest | None, dict[str, Any]]:
+def restore_leaves(
+  plan: RestorePlan, leaves: list[Leaf]
+) -> tuple[str | None, Manifest | None, dict[str, Any]]:
   """Executes a restore plan: returns (path, manifest, {name: value}); (None, None,
   {}) for a plan that restores nothing."""
   coord = plan.coordination
   if plan.routed:
     from jaxckpt._routed import restore_through  # _routed builds on this module.
+
     return restore_through(coord, plan.path, leaves, verify_checksums=plan.verify_checksums)
   if coord is not None:  # A mixed restore would assemble arrays from several steps.
     coord.agree("path", repr(plan.path))
   if plan.path is None:
     return None, None, {}
   manifest = read_manifest(plan.path)
-  reader = ONE_PROCESS if coord is None else Reader(
-      processes=frozenset(range(jax.process_count())), key_prefix=f"jaxckpt{coord.op}")
-  return plan.path, manifest, read_leaves(plan.path, manifest, leaves, plan.io_device,
-                                          verify_checksums=plan.verify_checksums,
-                                          reader=reader)
+  reader = (
+    ONE_PROCESS
+    if coord is None
+    else Reader(processes=frozenset(range(jax.process_count())), key_prefix=f"jaxckpt{coord.op}")
+  )
+  return (
+    plan.path,
+    manifest,
+    read_leaves(
+      plan.path,
+      manifest,
+      leaves,
+      plan.io_device,
+      verify_checksums=plan.verify_checksums,
+      reader=reader,
+    ),
+  )

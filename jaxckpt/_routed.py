@@ -43,8 +43,10 @@ def gather(values: list[jax.Array]) -> list[np.ndarray]:
   # Fully addressable arrays are this process's own values (TF: its variables).
   shared = [v for v, is_local in zip(values, local, strict=True) if not is_local]
   gathered = iter(multihost_utils.process_allgather(shared, tiled=True) if shared else [])
-  return [np.array(v) if is_local else np.asarray(next(gathered))
-          for v, is_local in zip(values, local, strict=True)]
+  return [
+    np.array(v) if is_local else np.asarray(next(gathered))
+    for v, is_local in zip(values, local, strict=True)
+  ]
 
 
 def _to_words(a: np.ndarray) -> np.ndarray:
@@ -55,8 +57,9 @@ def _to_words(a: np.ndarray) -> np.ndarray:
   return raw.view(np.uint32)  # uint32: summed exactly without jax_enable_x64.
 
 
-def broadcast(arrays: list[np.ndarray] | None, specs: list[tuple[tuple[int, ...], np.dtype]],
-              *, source: int) -> list[np.ndarray]:
+def broadcast(
+  arrays: list[np.ndarray] | None, specs: list[tuple[tuple[int, ...], np.dtype]], *, source: int
+) -> list[np.ndarray]:
   """``arrays`` from process ``source`` on every process (a collective).
 
   Others pass ``None``; ``specs`` (shape, dtype) must be the same everywhere.
@@ -65,13 +68,15 @@ def broadcast(arrays: list[np.ndarray] | None, specs: list[tuple[tuple[int, ...]
     assert arrays is not None, "the source process passes the arrays"
     words = [_to_words(a) for a in arrays]
   else:
-    words = [np.zeros((-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 4),), np.uint32)
-             for shape, dtype in specs]
+    words = [
+      np.zeros((-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 4),), np.uint32)
+      for shape, dtype in specs
+    ]
   out = multihost_utils.broadcast_one_to_all(words, is_source=jax.process_index() == source)
   result = []
   for w, (shape, dtype) in zip(out, specs, strict=True):
     dtype = np.dtype(dtype)
-    raw = np.asarray(w, np.uint32).view(np.uint8)[:int(np.prod(shape)) * dtype.itemsize]
+    raw = np.asarray(w, np.uint32).view(np.uint8)[: int(np.prod(shape)) * dtype.itemsize]
     result.append(raw.view(dtype).reshape(shape))
   return result
 
@@ -107,15 +112,19 @@ def _on_io_process(coord: Coordination, name: str, work):
 
 def _place(leaf: Leaf, value: np.ndarray):
   sharding = getattr(leaf.value, "sharding", None)
-  if (isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)) and sharding is not None
-      and not sharding.is_fully_addressable):
+  if (
+    isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct))
+    and sharding is not None
+    and not sharding.is_fully_addressable
+  ):
     value = value.astype(leaf.dtype, copy=False)
     return jax.make_array_from_callback(leaf.shape, sharding, lambda index: value[index])
   return as_tracked_type(leaf, value)
 
 
-def restore_through(coord: Coordination, save_path, leaves: list[Leaf], *,
-                    verify_checksums: bool) -> tuple[str | None, Manifest | None, dict]:
+def restore_through(
+  coord: Coordination, save_path, leaves: list[Leaf], *, verify_checksums: bool
+) -> tuple[str | None, Manifest | None, dict]:
   """Restore where only ``coord.primary`` (the I/O process) reads files; returns
   (path, manifest, values).
 
@@ -139,13 +148,22 @@ def restore_through(coord: Coordination, save_path, leaves: list[Leaf], *,
   if path is None:
     return None, None, {}
   wanted = [leaf for leaf in leaves if leaf.name in manifest.leaves]
-  reader = Reader(processes=frozenset([io_process]), primary=io_process, host_only=True,
-                  key_prefix=f"jaxckpt{coord.op}")
-  raw, _ = _on_io_process(coord, "read", lambda: (
+  reader = Reader(
+    processes=frozenset([io_process]),
+    primary=io_process,
+    host_only=True,
+    key_prefix=f"jaxckpt{coord.op}",
+  )
+  raw, _ = _on_io_process(
+    coord,
+    "read",
+    lambda: (
       read_leaves(path, manifest, wanted, verify_checksums=verify_checksums, reader=reader),
-      None))
-  specs = [(tuple(manifest.leaves[l.name].shape), stored_dtype(manifest, l.name))
-           for l in wanted]
-  arrays = broadcast(None if raw is None else [raw[l.name] for l in wanted], specs,
-                     source=io_process)
+      None,
+    ),
+  )
+  specs = [(tuple(manifest.leaves[l.name].shape), stored_dtype(manifest, l.name)) for l in wanted]
+  arrays = broadcast(
+    None if raw is None else [raw[l.name] for l in wanted], specs, source=io_process
+  )
   return path, manifest, {l.name: _place(l, a) for l, a in zip(wanted, arrays, strict=True)}

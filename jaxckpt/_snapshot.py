@@ -35,8 +35,7 @@ from jaxckpt._tree import Leaf
 _HOST = "pinned_host"
 
 
-def _copy_global(values: list[jax.Array],
-                 targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
+def _copy_global(values: list[jax.Array], targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
   """Copies of arrays this process holds only part of (multi-process).
 
   JAX returns such an array itself instead of a copy (``_array_shard_arg``: "not
@@ -50,29 +49,37 @@ def _copy_global(values: list[jax.Array],
     counts.append(len(shards))
     for shard in shards:
       pieces.append(shard.data)
-      piece_targets.append(jax.sharding.SingleDeviceSharding(
-          shard.device, memory_kind=target.memory_kind))
+      piece_targets.append(
+        jax.sharding.SingleDeviceSharding(shard.device, memory_kind=target.memory_kind)
+      )
   copies = iter(_compat.copy_in_place(pieces, piece_targets))
-  return [jax.make_array_from_single_device_arrays(
-              value.shape, target, [next(copies) for _ in range(count)])
-          for value, target, count in zip(values, targets, counts, strict=True)]
+  return [
+    jax.make_array_from_single_device_arrays(
+      value.shape, target, [next(copies) for _ in range(count)]
+    )
+    for value, target, count in zip(values, targets, counts, strict=True)
+  ]
 
 
-def _snapshot_arrays(values: list[jax.Array],
-                     targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
+def _snapshot_arrays(
+  values: list[jax.Array], targets: list[jax.sharding.Sharding]
+) -> list[jax.Array]:
   if jax.process_count() == 1:  # All fully addressable; skip the per-array check.
     return _compat.copy_in_place(values, targets)
   local = [i for i, v in enumerate(values) if v.is_fully_addressable]
   if len(local) == len(values):
     return _compat.copy_in_place(values, targets)
   out: list[jax.Array | None] = [None] * len(values)
-  for i, copy in zip(local, _compat.copy_in_place([values[i] for i in local],
-                                                   [targets[i] for i in local]),
-                      strict=True):
+  for i, copy in zip(
+    local,
+    _compat.copy_in_place([values[i] for i in local], [targets[i] for i in local]),
+    strict=True,
+  ):
     out[i] = copy
   remote = [i for i in range(len(values)) if out[i] is None]
-  for i, copy in zip(remote, _copy_global([values[i] for i in remote],
-                                          [targets[i] for i in remote]), strict=True):
+  for i, copy in zip(
+    remote, _copy_global([values[i] for i in remote], [targets[i] for i in remote]), strict=True
+  ):
     out[i] = copy
   return out
 
@@ -92,9 +99,14 @@ def _host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
   return sharding
 
 
-def take_snapshot(leaves: list[Leaf], *, copy: bool, io_device: jax.Device | None,
-                  pool: StagingPool | None = None, pack: bool = False
-                  ) -> tuple[dict[str, object], list]:
+def take_snapshot(
+  leaves: list[Leaf],
+  *,
+  copy: bool,
+  io_device: jax.Device | None,
+  pool: StagingPool | None = None,
+  pack: bool = False,
+) -> tuple[dict[str, object], list]:
   """Returns ``{name: value}`` safe to write after the caller moves on, and the
   staging sets to give back to ``pool`` once the save is done (may be empty).
   ``pack``: small arrays may come back as `_staging.Packed` (see there)."""
@@ -121,8 +133,9 @@ def take_snapshot(leaves: list[Leaf], *, copy: bool, io_device: jax.Device | Non
       rest = [i for i, c in enumerate(copies) if c is None]
       if rest:
         others = [jax_values[i] for i in rest]
-        for i, c in zip(rest, _snapshot_arrays(
-            others, [_host_sharding(x.sharding) for x in others]), strict=True):
+        for i, c in zip(
+          rest, _snapshot_arrays(others, [_host_sharding(x.sharding) for x in others]), strict=True
+        ):
           copies[i] = c
       jax_values = copies
   out.update(zip(jax_names, jax_values, strict=True))

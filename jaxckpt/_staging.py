@@ -56,14 +56,19 @@ MIN_BYTES = 32 << 20
 
 def _copies(values: list[jax.Array], packs: list[list[jax.Array]], ballast: jax.Array):
   """Copies of ``values``, and each pack of small arrays concatenated, flat."""
-  return ([jnp.copy(v) for v in values],
-          [jnp.concatenate([v.ravel() for v in pack]) for pack in packs],
-          jnp.sum(ballast * ballast))
+  return (
+    [jnp.copy(v) for v in values],
+    [jnp.concatenate([v.ravel() for v in pack]) for pack in packs],
+    jnp.sum(ballast * ballast),
+  )
 
 
 _copy_fresh = jax.jit(_copies)
-_copy_into = jax.jit(lambda staging, values, packs, ballast: _copies(values, packs, ballast),
-                     donate_argnums=0, keep_unused=True)
+_copy_into = jax.jit(
+  lambda staging, values, packs, ballast: _copies(values, packs, ballast),
+  donate_argnums=0,
+  keep_unused=True,
+)
 
 
 class _Buffer:
@@ -89,11 +94,18 @@ class Packed:
   the saved array's ``shape``, ``dtype`` and ``sharding`` so that the writer
   records it as the jax.Array it was.
   """
+
   __slots__ = ("_buffer", "_start", "shape", "dtype", "sharding")
   is_fully_addressable = True
 
-  def __init__(self, buffer: _Buffer, start: int, shape: tuple[int, ...], dtype: np.dtype,
-               sharding: jax.sharding.Sharding):
+  def __init__(
+    self,
+    buffer: _Buffer,
+    start: int,
+    shape: tuple[int, ...],
+    dtype: np.dtype,
+    sharding: jax.sharding.Sharding,
+  ):
     self._buffer, self._start = buffer, start
     self.shape, self.dtype, self.sharding = shape, dtype, sharding
 
@@ -110,7 +122,7 @@ class Packed:
     return self.size * self.dtype.itemsize
 
   def __array__(self, dtype=None, copy=None):
-    array = self._buffer.host()[self._start:self._start + self.size].reshape(self.shape)
+    array = self._buffer.host()[self._start : self._start + self.size].reshape(self.shape)
     if dtype is not None and np.dtype(dtype) != array.dtype:
       return array.astype(dtype)
     return array.copy() if copy else array
@@ -128,8 +140,9 @@ def _ballast(devices: tuple[jax.Device, ...]) -> jax.Array:
   if ballast is None:
     mesh = jax.sharding.Mesh(np.array(devices), ("d",))
     ballast = _BALLASTS[devices] = jax.device_put(
-        np.ones(_BALLAST_ELEMENTS, np.float32),
-        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+      np.ones(_BALLAST_ELEMENTS, np.float32),
+      jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
   return ballast
 
 
@@ -144,22 +157,26 @@ def _layout(sharding: jax.sharding.Sharding, ndim: int):
 
 def _stageable(value: jax.Array) -> bool:
   """Fully addressable, on CPU, a plain dtype (not PRNG keys)."""
-  return (value.is_fully_addressable
-          and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended)
-          and all(d.platform == "cpu" for d in value.sharding.device_set)
-          and _compat.device_assignment(value.sharding) is not None)
+  return (
+    value.is_fully_addressable
+    and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended)
+    and all(d.platform == "cpu" for d in value.sharding.device_set)
+    and _compat.device_assignment(value.sharding) is not None
+  )
 
 
 def _packable(value: jax.Array) -> bool:
   """One device (a concatenation of sharded arrays would gather them), numeric
   (what the fast writer takes), not empty."""
-  return (len(value.sharding.device_set) == 1 and is_numeric_dtype(value.dtype)
-          and 0 not in value.shape)
+  return (
+    len(value.sharding.device_set) == 1 and is_numeric_dtype(value.dtype) and 0 not in value.shape
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Group:
   """Arrays one jitted copy takes: jit wants a single device assignment."""
+
   indices: tuple[int, ...]  # Copied one by one.
   packs: tuple[tuple[int, ...], ...]  # Concatenated: one tuple per dtype.
   # Per pack, per array: (start in the buffer, shape, dtype, sharding).
@@ -182,16 +199,29 @@ def _plan(values: list[jax.Array], small: list[bool]) -> tuple[_Group, ...]:
   for devices, (copied, packs) in by_devices.items():
     if not copied and not packs:
       continue
-    key = (devices,) + tuple((values[i].shape, values[i].dtype,
-                 _layout(values[i].sharding, values[i].ndim)) for i in copied)
+    key = (devices,) + tuple(
+      (values[i].shape, values[i].dtype, _layout(values[i].sharding, values[i].ndim))
+      for i in copied
+    )
     key += tuple((tuple(values[i].shape for i in pack), dtype) for dtype, pack in packs.items())
     slices = []
     for pack in packs.values():
       starts = np.cumsum([0] + [math.prod(values[i].shape) for i in pack]).tolist()
-      slices.append(tuple((start, values[i].shape, np.dtype(values[i].dtype), values[i].sharding)
-                          for start, i in zip(starts, pack, strict=False)))
-    groups.append(_Group(tuple(copied), tuple(tuple(p) for p in packs.values()), tuple(slices),
-                         key, _ballast(devices)))
+      slices.append(
+        tuple(
+          (start, values[i].shape, np.dtype(values[i].dtype), values[i].sharding)
+          for start, i in zip(starts, pack, strict=False)
+        )
+      )
+    groups.append(
+      _Group(
+        tuple(copied),
+        tuple(tuple(p) for p in packs.values()),
+        tuple(slices),
+        key,
+        _ballast(devices),
+      )
+    )
   return tuple(groups)
 
 
@@ -215,22 +245,23 @@ class StagingPool:
     ([0.0, 0.0, 0.0, 0.0], True)
   """
 
-  def __init__(self, *, max_idle: int = 2, idle_s: float = 600.0,
-               min_bytes: int | None = None):
+  def __init__(self, *, max_idle: int = 2, idle_s: float = 600.0, min_bytes: int | None = None):
     self._min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     self._max_idle = max_idle
     self._idle_s = idle_s
     self._lock = threading.Lock()
     # key -> (buffers, time returned); ordered oldest first.
     self._idle: collections.OrderedDict[tuple, tuple[list[jax.Array], float]] = (
-        collections.OrderedDict())
+      collections.OrderedDict()
+    )
     # Plans by (shape, dtype, sharding, small) of the values: on save()'s blocking
     # path a lookup costs a fraction of the checks and grouping.
     self._plans: dict[tuple, tuple[_Group, ...]] = {}
     self.reused = 0  # Copies that went into staging buffers (for tests, benchmarks).
 
-  def copy(self, values: list[jax.Array], nbytes: list[int] | None = None, *,
-           pack: bool = False) -> tuple[list[jax.Array | Packed | None], list[tuple]]:
+  def copy(
+    self, values: list[jax.Array], nbytes: list[int] | None = None, *, pack: bool = False
+  ) -> tuple[list[jax.Array | Packed | None], list[tuple]]:
     """Copies of ``values`` (of ``nbytes`` each, if the caller knows), issued, not
     waited for, and the sets of buffers they are in, for `give_back`. None for
     values it does not take (not on CPU, not fully addressable, PRNG keys; and
@@ -250,8 +281,7 @@ class StagingPool:
       if not taken:
         return out, []
       values, small = [values[i] for i in taken], [small[i] for i in taken]
-    signature = tuple((v.shape, v.dtype, v.sharding, s)
-                      for v, s in zip(values, small, strict=True))
+    signature = tuple((v.shape, v.dtype, v.sharding, s) for v, s in zip(values, small, strict=True))
     plan = self._plans.get(signature)
     if plan is None:
       if len(self._plans) > 64:
@@ -265,8 +295,7 @@ class StagingPool:
         entry = self._idle.pop(group.key, None)
       if entry is not None:
         n = len(group.indices)
-        copies, flats, _ = _copy_into((entry[0][:n], entry[0][n:]), arrays, packs,
-                                      group.ballast)
+        copies, flats, _ = _copy_into((entry[0][:n], entry[0][n:]), arrays, packs, group.ballast)
         self.reused += 1
       else:
         copies, flats, _ = _copy_fresh(arrays, packs, group.ballast)

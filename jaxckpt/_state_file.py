@@ -30,7 +30,7 @@ class CheckpointState:
   last_preserved_timestamp: float | None = None
 
 
-_LINE = re.compile(r'^\s*(\w+)\s*:\s*(.+?)\s*$')
+_LINE = re.compile(r"^\s*(\w+)\s*:\s*(.+?)\s*$")
 
 
 def _quote(text: str) -> str:
@@ -61,10 +61,13 @@ def _absolute(directory: str, path: str) -> str:
 
 def format_state(directory: str, state: CheckpointState) -> str:
   lines = [f"model_checkpoint_path: {_quote(_relative(directory, state.model_checkpoint_path))}"]
-  lines += [f"all_model_checkpoint_paths: {_quote(_relative(directory, p))}"
-            for p in state.all_model_checkpoint_paths]
-  lines += [f"all_model_checkpoint_timestamps: {t!r}"
-            for t in state.all_model_checkpoint_timestamps]
+  lines += [
+    f"all_model_checkpoint_paths: {_quote(_relative(directory, p))}"
+    for p in state.all_model_checkpoint_paths
+  ]
+  lines += [
+    f"all_model_checkpoint_timestamps: {t!r}" for t in state.all_model_checkpoint_timestamps
+  ]
   if state.last_preserved_timestamp is not None:
     lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
   return "\n".join(lines) + "\n"
@@ -73,8 +76,9 @@ def format_state(directory: str, state: CheckpointState) -> str:
 def write_state(directory: str, state: CheckpointState) -> None:
   """Atomically replaces ``<directory>/checkpoint``."""
   directory = directory or "."
-  store_for(directory).replace_file(state_file_path(directory),
-                                    format_state(directory, state).encode())
+  store_for(directory).replace_file(
+    state_file_path(directory), format_state(directory, state).encode()
+  )
 
 
 def read_state(directory: str) -> CheckpointState | None:

@@ -58,6 +58,7 @@ class Store(abc.ABC):
       layout needs it); else by writing the manifest last.
     incremental: leaves may be read from other checkpoints (``source``).
   """
+
   renames = False
   incremental = False
 
@@ -150,8 +151,7 @@ class Store(abc.ABC):
     """Deletes a committed checkpoint so that it is never half there."""
 
   @abc.abstractmethod
-  def remove_leftovers(self, directory: str, live_data: Callable[[str], str | None]
-                       ) -> list[str]:
+  def remove_leftovers(self, directory: str, live_data: Callable[[str], str | None]) -> list[str]:
     """Deletes what interrupted saves left in ``directory``; returns the names.
 
     ``live_data(checkpoint)`` names the data prefix a checkpoint's manifest uses.
@@ -230,6 +230,7 @@ def _stale(path: str) -> bool:
 
 class LocalStore(Store):
   """POSIX paths; commits by rename (see the module docstring)."""
+
   renames = True
   incremental = True
 
@@ -278,22 +279,21 @@ class LocalStore(Store):
     fsync_dir(directory)
 
   def size(self, path: str) -> int | None:
-    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path)
-               for f in files)
+    return sum(os.path.getsize(os.path.join(d, f)) for d, _, files in os.walk(path) for f in files)
 
   def check_target(self, path: str) -> None:
     # A few stats, so it runs on the caller's thread: a bad path fails the call
     # itself instead of the background write.
     if os.path.lexists(path) and not os.path.isdir(path):
       raise InvalidPathError(
-          f"Cannot save to {path!r}: it exists and is not a directory. Remove it or "
-          "choose another path.")
+        f"Cannot save to {path!r}: it exists and is not a directory. Remove it or "
+        "choose another path."
+      )
     ancestor = os.path.dirname(os.path.abspath(path))
     while not os.path.lexists(ancestor):
       ancestor = os.path.dirname(ancestor)
     if not os.path.isdir(ancestor):
-      raise InvalidPathError(
-          f"Cannot save to {path!r}: {ancestor!r} is a file, not a directory.")
+      raise InvalidPathError(f"Cannot save to {path!r}: {ancestor!r} is a file, not a directory.")
 
   def new_staging(self, target: str) -> str:
     return _sibling(target, "tmp")
@@ -372,8 +372,9 @@ class LocalStore(Store):
     if os.path.lexists(target):
       if not os.path.isdir(target) or os.path.islink(target):
         raise PathExistsError(
-            f"Cannot save to {target!r}: a file that is not a checkpoint directory is "
-            "in the way. Remove it or choose another path.")
+          f"Cannot save to {target!r}: a file that is not a checkpoint directory is "
+          "in the way. Remove it or choose another path."
+        )
       old = staging.replace(".jaxckpt-tmp-", ".jaxckpt-old-")
       os.rename(target, old)
     try:
@@ -386,8 +387,9 @@ class LocalStore(Store):
     if old is not None:
       shutil.rmtree(old, ignore_errors=True)
 
-  def abort(self, staging: str, target: str, *, settle_s: float = 0.1,
-            limit_s: float = 2.0) -> None:
+  def abort(
+    self, staging: str, target: str, *, settle_s: float = 0.1, limit_s: float = 2.0
+  ) -> None:
     """Removes ``staging`` (and Orbax's tmp dirs next to it) until nothing has
     reappeared for ``settle_s``, for at most ``limit_s``.
 
@@ -418,22 +420,25 @@ class LocalStore(Store):
     """Renames ``path/key`` to ``path/key+suffix`` (see _incremental.py)."""
     os.rename(os.path.join(path, key), os.path.join(path, key + suffix))
 
-  def remove_leftovers(self, directory: str, live_data: Callable[[str], str | None]
-                       ) -> list[str]:
+  def remove_leftovers(self, directory: str, live_data: Callable[[str], str | None]) -> list[str]:
     # Hidden entries never listed or restored; saves still in flight in any
     # process on this host are skipped (see `hold`).
     removed = []
     for name in self.names(directory):
       path = os.path.join(directory, name)
-      if name.endswith(_LOCKING) or (name.startswith(_STATE_TMP[0])
-                                     and name.endswith(_STATE_TMP[1])):
+      if name.endswith(_LOCKING) or (
+        name.startswith(_STATE_TMP[0]) and name.endswith(_STATE_TMP[1])
+      ):
         if _stale(path):
           with contextlib.suppress(OSError):
             os.unlink(path)
             removed.append(name)
         continue
-      if (name.startswith(".") and any(m in name for m in LEFTOVER_MARKERS)
-          and not _in_flight(directory, name)):
+      if (
+        name.startswith(".")
+        and any(m in name for m in LEFTOVER_MARKERS)
+        and not _in_flight(directory, name)
+      ):
         if os.path.isdir(path) and not os.path.islink(path):
           shutil.rmtree(path, ignore_errors=True)
         else:
@@ -443,9 +448,13 @@ class LocalStore(Store):
     return removed
 
   def incomplete(self, directory: str) -> list[str]:
-    return [n for n in self.names(directory)  # (Not the lock files of saves.)
-            if n.startswith(".") and any(m in n for m in LEFTOVER_MARKERS)
-            and not n.endswith(_LOCK_SUFFIX)]
+    return [
+      n
+      for n in self.names(directory)  # (Not the lock files of saves.)
+      if n.startswith(".")
+      and any(m in n for m in LEFTOVER_MARKERS)
+      and not n.endswith(_LOCK_SUFFIX)
+    ]
 
 
 def _remove_staging_once(staging: str) -> bool:
@@ -469,8 +478,9 @@ def _in_flight(directory: str, name: str) -> bool:
   if match is None or fcntl is None:
     return False
   try:
-    fd = os.open(os.path.join(directory, f"{match.group(1)}tmp{match.group(2)}{_LOCK_SUFFIX}"),
-                 os.O_RDONLY)
+    fd = os.open(
+      os.path.join(directory, f"{match.group(1)}tmp{match.group(2)}{_LOCK_SUFFIX}"), os.O_RDONLY
+    )
   except OSError:
     return False
   try:
@@ -508,6 +518,7 @@ def _open_root(spec_json: str) -> ts.KvStore:
 
 class KvStore(Store):
   """TensorStore kvstores; commits by writing the manifest (see the module docstring)."""
+
   # One context for the process: memory:// contents live in it (two contexts see
   # two different stores), and it shares connection pools for s3/gcs.
   context = ts.Context()
@@ -617,8 +628,7 @@ class KvStore(Store):
     kv.write(key, None).result()
     self.delete_prefix(path)
 
-  def remove_leftovers(self, directory: str, live_data: Callable[[str], str | None]
-                       ) -> list[str]:
+  def remove_leftovers(self, directory: str, live_data: Callable[[str], str | None]) -> list[str]:
     # An object store has no locks to tell a crashed save's data from that of a
     # save still writing in another process, so prefixes younger than
     # KV_LEFTOVER_AGE_S are left for a later sweep (a failed save deletes its own).
@@ -637,9 +647,12 @@ class KvStore(Store):
     return removed
 
   def incomplete(self, directory: str) -> list[str]:
-    return [n for n in self.names(directory)
-            if self.read_bytes(self.join(directory, n, _knobs.MANIFEST_ITEM, "metadata")) is None
-            and any(_DATA_NAME.match(c) for c in self.names(self.join(directory, n)))]
+    return [
+      n
+      for n in self.names(directory)
+      if self.read_bytes(self.join(directory, n, _knobs.MANIFEST_ITEM, "metadata")) is None
+      and any(_DATA_NAME.match(c) for c in self.names(self.join(directory, n)))
+    ]
 
 
 LOCAL = LocalStore()

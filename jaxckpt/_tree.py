@@ -38,6 +38,7 @@ def is_numeric_dtype(dtype) -> bool:
 @dataclasses.dataclass(frozen=True)
 class Leaf:
   """One named leaf of a tracked item; ``value`` is what gets saved."""
+
   name: str
   value: Any
   key_impl: str | None = None  # Set for typed PRNG keys (value is their key data).
@@ -127,35 +128,40 @@ def _to_leaf(name: str, value: Any) -> Leaf:
   if isinstance(value, jax.Array):
     if value.is_deleted():
       raise TreeError(
-          f"Leaf '{name}' is a deleted jax.Array (was it donated to a jitted step?). "
-          "Save the step's outputs, not its donated inputs.")
+        f"Leaf '{name}' is a deleted jax.Array (was it donated to a jitted step?). "
+        "Save the step's outputs, not its donated inputs."
+      )
     if _is_key_dtype(value.dtype):
       return Leaf(name, jax.random.key_data(value), str(jax.random.key_impl(value)))
     return Leaf(name, value)
   if isinstance(value, jax.ShapeDtypeStruct):
     if _is_key_dtype(value.dtype):
       data, impl = _abstract_key_data(value)
-      return Leaf(name, jax.ShapeDtypeStruct(data.shape, data.dtype,
-                                             sharding=getattr(value, "sharding", None)),
-                  impl)
+      return Leaf(
+        name,
+        jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=getattr(value, "sharding", None)),
+        impl,
+      )
     return Leaf(name, value)
   if isinstance(value, (np.ndarray, np.generic)):
     if not is_numeric_dtype(value.dtype):
       raise TreeError(
-          f"Leaf '{name}' is a numpy array of dtype {value.dtype}; expected a "
-          "numeric dtype.")
+        f"Leaf '{name}' is a numpy array of dtype {value.dtype}; expected a numeric dtype."
+      )
     return Leaf(name, value)
   if isinstance(value, SCALAR_TYPES):
     return Leaf(name, value)
   raise TreeError(
-      f"Leaf '{name}' is a {type(value).__module__}.{type(value).__qualname__}; "
-      "expected a jax.Array, a numpy array or a Python bool/int/float. Remove it "
-      "from the tracked item or register its type as a pytree node.")
+    f"Leaf '{name}' is a {type(value).__module__}.{type(value).__qualname__}; "
+    "expected a jax.Array, a numpy array or a Python bool/int/float. Remove it "
+    "from the tracked item or register its type as a pytree node."
+  )
 
 
 @dataclasses.dataclass
 class Item:
   """One tracked item, flattened; `rebuild` puts restored values back."""
+
   name: str
   obj: Any
   leaves: list[Leaf]
@@ -195,14 +201,16 @@ def _leaf_names(item_name: str, tree: Any, nnx_object: bool) -> list[str]:
       part = _key_name(key)
       if not part or "/" in part or "." in part:
         raise TreeError(
-            f"Key {part!r} under '{'/'.join(parts)}' cannot name a checkpoint "
-            "entry: keys must be non-empty and contain no '/' or '.'. Rename it.")
+          f"Key {part!r} under '{'/'.join(parts)}' cannot name a checkpoint "
+          "entry: keys must be non-empty and contain no '/' or '.'. Rename it."
+        )
       parts.append(part)
     name = "/".join(parts)
     if name in seen:
       raise TreeError(
-          f"Two leaves of item '{item_name}' map to the same name '{name}' "
-          "(e.g. dict keys 0 and '0'); make the keys distinct.")
+        f"Two leaves of item '{item_name}' map to the same name '{name}' "
+        "(e.g. dict keys 0 and '0'); make the keys distinct."
+      )
     seen.add(name)
     names.append(name)
   return names

@@ -35,11 +35,15 @@ def _chunks(value: Any) -> tuple[int, ...] | None:
 
 
 def _schema(value: Any, compression: bool) -> dict[str, Any]:
-  codecs = [{"name": "bytes"}] + ([{"name": "zstd", "configuration": {"level": 1}}]
-                                 if compression else [])
+  codecs = [{"name": "bytes"}] + (
+    [{"name": "zstd", "configuration": {"level": 1}}] if compression else []
+  )
   dtype = np.dtype(value.dtype) if hasattr(value, "dtype") else np.asarray(value).dtype
-  schema: dict[str, Any] = {"dtype": dtype.name, "domain": {"shape": list(np.shape(value))},
-                            "codec": {"driver": "zarr3", "codecs": codecs}}
+  schema: dict[str, Any] = {
+    "dtype": dtype.name,
+    "domain": {"shape": list(np.shape(value))},
+    "codec": {"driver": "zarr3", "codecs": codecs},
+  }
   chunks = _chunks(value)
   if chunks is not None:
     schema["chunk_layout"] = {"chunk": {"shape": list(chunks)}}
@@ -54,15 +58,20 @@ def create_arrays(url: str, values: dict[str, Any], *, compression: bool) -> dic
   # delete_existing: the prefix is fresh, so nothing is lost, and the metadata
   # write is unconditional. TensorStore's conditional create retried forever when
   # S3 answered 404 NoSuchBucket; the unconditional one fails at once.
-  opening = {name: ts.open({**_array_spec(url, name), "schema": _schema(value, compression)},
-                           create=True, delete_existing=True, context=KV.context)
-             for name, value in values.items()}
+  opening = {
+    name: ts.open(
+      {**_array_spec(url, name), "schema": _schema(value, compression)},
+      create=True,
+      delete_existing=True,
+      context=KV.context,
+    )
+    for name, value in values.items()
+  }
   return {name: future.result() for name, future in opening.items()}
 
 
 def open_arrays(url: str, names) -> dict[str, Any]:
-  opening = {name: ts.open(_array_spec(url, name), open=True, context=KV.context)
-             for name in names}
+  opening = {name: ts.open(_array_spec(url, name), open=True, context=KV.context) for name in names}
   return {name: future.result() for name, future in opening.items()}
 
 
@@ -87,8 +96,7 @@ def write_arrays(stores: dict[str, Any], values: dict[str, Any], *, host_values:
 
 def read_arrays(url: str, names: list[str]) -> dict[str, np.ndarray]:
   """Reads the arrays ``names`` under ``url``, all reads in flight at once."""
-  opened = {name: ts.open(_array_spec(url, name), open=True, context=KV.context)
-            for name in names}
+  opened = {name: ts.open(_array_spec(url, name), open=True, context=KV.context) for name in names}
   reads = {}
   for name, future in opened.items():
     try:
@@ -110,10 +118,9 @@ def read_sharded(url: str, name: str, shape, sharding, dtype) -> jax.Array:
   try:
     store = ts.open(_array_spec(url, name), open=True, context=KV.context).result()
     if tuple(store.shape) != tuple(shape):
-      raise CorruptCheckpointError(
-          f"stored shape {tuple(store.shape)}, expected {tuple(shape)}")
+      raise CorruptCheckpointError(f"stored shape {tuple(store.shape)}, expected {tuple(shape)}")
     return jax.make_array_from_callback(
-        tuple(shape), sharding,
-        lambda index: np.asarray(store[index].read().result(), dtype=dtype))
+      tuple(shape), sharding, lambda index: np.asarray(store[index].read().result(), dtype=dtype)
+    )
   except Exception as e:
     raise ArrayReadError(name, e) from e

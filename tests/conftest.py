@@ -29,6 +29,7 @@ def no_orbax_reads(monkeypatch):
 def s3_endpoint():
   """A moto S3 server on 127.0.0.1 (a free port), shared by the whole session."""
   from moto.server import ThreadedMotoServer
+
   logging.getLogger("werkzeug").setLevel(logging.ERROR)
   server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
   server.start()
@@ -41,9 +42,14 @@ def s3_endpoint():
 def s3(s3_endpoint, monkeypatch):
   """Points s3:// at the moto server and creates a fresh bucket: (boto3 client, bucket)."""
   import boto3
-  for key, value in {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-                     "AWS_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true",
-                     "AWS_ENDPOINT_URL": s3_endpoint}.items():
+
+  for key, value in {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_REGION": "us-east-1",
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ENDPOINT_URL": s3_endpoint,
+  }.items():
     monkeypatch.setenv(key, value)
   bucket = f"test-{uuid.uuid4().hex[:12]}"
   client = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")

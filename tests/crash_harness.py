@@ -45,9 +45,13 @@ def state_at(step: int) -> dict:
   """The training state after ``step`` steps: every byte depends on the step."""
   import jax.numpy as jnp
   import numpy as np
+
   w = (jnp.arange(64 * 1024, dtype=jnp.float32) * 0.5 + step).reshape(256, 256)
-  return {"params": {"w": w, "b": jnp.full((512,), step, jnp.bfloat16)},
-          "opt": {"mu": np.full((1000,), step * 0.25, np.float64)}, "step": step}
+  return {
+    "params": {"w": w, "b": jnp.full((512,), step, jnp.bfloat16)},
+    "opt": {"mu": np.full((1000,), step * 0.25, np.float64)},
+    "step": step,
+  }
 
 
 def check(directory: str) -> int | None:
@@ -56,6 +60,7 @@ def check(directory: str) -> int | None:
 
   import jaxckpt
   from jaxckpt._cli import main as cli
+
   path = jaxckpt.latest_checkpoint(directory)
   if path is None:
     return None
@@ -82,8 +87,12 @@ def run(directory: str, kills: int, seed: int = 0, max_delay: float = 2.0) -> li
   here = os.path.dirname(os.path.abspath(__file__))
   steps = []
   for _ in range(kills):
-    child = subprocess.Popen([sys.executable, "-c", CHILD, directory, here],
-                             stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    child = subprocess.Popen(
+      [sys.executable, "-c", CHILD, directory, here],
+      stdout=subprocess.PIPE,
+      stderr=subprocess.DEVNULL,
+      text=True,
+    )
     try:
       assert child.stdout.readline().startswith("ready"), "child failed to start"
       time.sleep(rng.uniform(0.0, max_delay))
@@ -102,6 +111,7 @@ def main() -> None:
   args = parser.parse_args()
   import shutil
   import tempfile
+
   directory = args.dir or tempfile.mkdtemp(prefix="jaxckpt-crash-")
   start = time.time()
   try:
@@ -109,9 +119,11 @@ def main() -> None:
   finally:
     if args.dir is None:  # Our own temp dir: leave nothing behind.
       shutil.rmtree(directory, ignore_errors=True)
-  print(f"{args.kills} kills survived in {time.time() - start:.0f} s; every latest checkpoint "
-        f"restored bit-exactly and verified (a bad one raises); "
-        f"latest step after each kill: {steps}")
+  print(
+    f"{args.kills} kills survived in {time.time() - start:.0f} s; every latest checkpoint "
+    f"restored bit-exactly and verified (a bad one raises); "
+    f"latest step after each kill: {steps}"
+  )
 
 
 if __name__ == "__main__":

@@ -33,9 +33,18 @@ class ProcessFailure(AssertionError):
   """A launched process raised, crashed or timed out."""
 
 
-def start(module: str, function: str, n: int, *, devices: int = 2, cwds=None,
-          kwargs: dict | None = None, env: dict | None = None, hard_exit: bool = False,
-          recoverable: bool = False):
+def start(
+  module: str,
+  function: str,
+  n: int,
+  *,
+  devices: int = 2,
+  cwds=None,
+  kwargs: dict | None = None,
+  env: dict | None = None,
+  hard_exit: bool = False,
+  recoverable: bool = False,
+):
   """Starts the processes; returns (procs, outdir). `collect` finishes the job.
 
   ``hard_exit``: skip ``jax.distributed.shutdown()`` (whose barrier waits for
@@ -47,19 +56,38 @@ def start(module: str, function: str, n: int, *, devices: int = 2, cwds=None,
   outdir = tempfile.mkdtemp(prefix="jaxckpt-mp-")
   procs = []
   for i in range(n):
-    spec = {"module": module, "function": function, "kwargs": kwargs or {},
-            "port": port, "n": n, "id": i, "devices": devices,
-            "out": os.path.join(outdir, f"result.{i}"), "hard_exit": hard_exit,
-            "recoverable": recoverable}
-    child_env = dict(os.environ, JAXCKPT_TEST_SPEC=json.dumps(spec),
-                     XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                     PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
-                     **(env or {}))
-    with (open(os.path.join(outdir, f"stdout.{i}"), "w") as stdout,
-          open(os.path.join(outdir, f"stderr.{i}"), "w") as stderr):
-      procs.append(subprocess.Popen(
+    spec = {
+      "module": module,
+      "function": function,
+      "kwargs": kwargs or {},
+      "port": port,
+      "n": n,
+      "id": i,
+      "devices": devices,
+      "out": os.path.join(outdir, f"result.{i}"),
+      "hard_exit": hard_exit,
+      "recoverable": recoverable,
+    }
+    child_env = dict(
+      os.environ,
+      JAXCKPT_TEST_SPEC=json.dumps(spec),
+      XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+      PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+      **(env or {}),
+    )
+    with (
+      open(os.path.join(outdir, f"stdout.{i}"), "w") as stdout,
+      open(os.path.join(outdir, f"stderr.{i}"), "w") as stderr,
+    ):
+      procs.append(
+        subprocess.Popen(
           [sys.executable, os.path.join(HERE, "distributed.py")],
-          cwd=(cwds[i] if cwds else None), env=child_env, stdout=stdout, stderr=stderr))
+          cwd=(cwds[i] if cwds else None),
+          env=child_env,
+          stdout=stdout,
+          stderr=stderr,
+        )
+      )
   return procs, outdir
 
 
@@ -79,8 +107,9 @@ def collect(procs, outdir: str, *, timeout: float = 120, expect_fail: set[int] =
     # returned its result (seen once in ~30 runs); that teardown is JAX's, not
     # what a test checks, so processes still there 20 s after all results are
     # in are killed, and how they end after that does not fail the test.
-    if results_at is None and all(os.path.exists(os.path.join(outdir, f"result.{i}"))
-                                  for i in range(len(procs))):
+    if results_at is None and all(
+      os.path.exists(os.path.join(outdir, f"result.{i}")) for i in range(len(procs))
+    ):
       results_at = now
     if now > deadline or (results_at is not None and now > results_at + 20):
       timed_out = results_at is None
@@ -102,13 +131,18 @@ def collect(procs, outdir: str, *, timeout: float = 120, expect_fail: set[int] =
     with open(os.path.join(outdir, f"stderr.{i}")) as f:
       stderr = f.read()
     if i in expect_fail:  # Whatever it returned, plus how it ended.
-      got = dict(value) if status == "ok" and isinstance(value, dict) else {
-          "error": value if status == "error" else None}
+      got = (
+        dict(value)
+        if status == "ok" and isinstance(value, dict)
+        else {"error": value if status == "error" else None}
+      )
       results.append({**got, "returncode": p.returncode, "stderr": stderr})
       continue
     if status != "ok" or (p.returncode != 0 and not all_in):
-      problems.append(f"--- process {i}: returncode {p.returncode}, status {status}\n"
-                      f"{value or ''}\n--- stderr tail:\n{stderr[-3000:]}")
+      problems.append(
+        f"--- process {i}: returncode {p.returncode}, status {status}\n"
+        f"{value or ''}\n--- stderr tail:\n{stderr[-3000:]}"
+      )
     results.append(value)
   if timed_out:
     problems.insert(0, f"Timed out after {timeout} s; all processes killed.")
@@ -118,11 +152,19 @@ def collect(procs, outdir: str, *, timeout: float = 120, expect_fail: set[int] =
   return results
 
 
-def launch(module: str, function: str, n: int, *, devices: int = 2, timeout: float = 120,
-           cwds=None, kwargs: dict | None = None, env: dict | None = None):
+def launch(
+  module: str,
+  function: str,
+  n: int,
+  *,
+  devices: int = 2,
+  timeout: float = 120,
+  cwds=None,
+  kwargs: dict | None = None,
+  env: dict | None = None,
+):
   """Runs ``module.function(**kwargs)`` in ``n`` processes; returns their results."""
-  procs, outdir = start(module, function, n, devices=devices, cwds=cwds, kwargs=kwargs,
-                        env=env)
+  procs, outdir = start(module, function, n, devices=devices, cwds=cwds, kwargs=kwargs, env=env)
   return collect(procs, outdir, timeout=timeout)
 
 
@@ -132,6 +174,7 @@ def _child() -> None:
   import traceback
 
   import jax
+
   jax.config.update("jax_num_cpu_devices", spec["devices"])
   try:
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
@@ -139,8 +182,9 @@ def _child() -> None:
     pass
   if spec["recoverable"]:
     jax.config.update("jax_enable_recoverability", True)
-  jax.distributed.initialize(coordinator_address=f"127.0.0.1:{spec['port']}",
-                             num_processes=spec["n"], process_id=spec["id"])
+  jax.distributed.initialize(
+    coordinator_address=f"127.0.0.1:{spec['port']}", num_processes=spec["n"], process_id=spec["id"]
+  )
   try:
     fn = getattr(importlib.import_module(spec["module"]), spec["function"])
     result = ("ok", fn(**spec["kwargs"]))

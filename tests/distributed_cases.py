@@ -26,10 +26,11 @@ def reference(step: int = 1) -> np.ndarray:
 
 def sharded(value: np.ndarray, spec=None, mesh_shape=None) -> jax.Array:
   mesh_shape = mesh_shape or (jax.device_count(),)
-  names = ("x", "y")[:len(mesh_shape)]
+  names = ("x", "y")[: len(mesh_shape)]
   mesh = jax.make_mesh(mesh_shape, names)
-  return jax.make_array_from_callback(value.shape, NamedSharding(mesh, spec or P("x")),
-                                      lambda idx: value[idx])
+  return jax.make_array_from_callback(
+    value.shape, NamedSharding(mesh, spec or P("x")), lambda idx: value[idx]
+  )
 
 
 def full(x: jax.Array) -> np.ndarray:
@@ -46,23 +47,25 @@ def bits_equal(a: np.ndarray, b: np.ndarray) -> bool:
 def _list(directory: str) -> list[str]:
   if directory.startswith("s3://"):
     from jaxckpt import _store
+
     return sorted(_store.KV.names(directory))
   return sorted(os.listdir(directory))
 
 
 def _state(step: int, spec=None, mesh_shape=None):
-  return {"w": sharded(reference(step), spec, mesh_shape),
-          "b": np.arange(3, dtype=np.int32) * step}
+  return {"w": sharded(reference(step), spec, mesh_shape), "b": np.arange(3, dtype=np.int32) * step}
 
 
-def save_and_restore(directory: str, enable_async: bool = True, saves: int = 3,
-                     keep_ops: int | None = None):
+def save_and_restore(
+  directory: str, enable_async: bool = True, saves: int = 3, keep_ops: int | None = None
+):
   """Every process saves globally sharded arrays through a manager."""
   if keep_ops is not None:
     _knobs.COORDINATION_KEEP_OPS = keep_ops
   calls = []
   opts = jaxckpt.CheckpointOptions(
-      enable_async=enable_async, experimental_write_callbacks=[calls.append], timeout_s=60)
+    enable_async=enable_async, experimental_write_callbacks=[calls.append], timeout_s=60
+  )
   ckpt = jaxckpt.Checkpoint(params=_state(0), step=0)
   manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=2)
   paths, seconds = [], []
@@ -77,27 +80,41 @@ def save_and_restore(directory: str, enable_async: bool = True, saves: int = 3,
   ckpt.step = 0
   ckpt.restore(manager.latest_checkpoint).assert_consumed()
   from jax._src.distributed import global_state
+
   ops = {k.split("/")[1] for k, _ in global_state.client.key_value_dir_get("jaxckpt/")}
-  return {"paths": [str(p) for p in paths], "committed": committed, "callbacks": calls,
-          "coordination_ops": sorted(int(op) for op in ops),
-          "latest": manager.latest_checkpoint, "checkpoints": manager.checkpoints,
-          "w_ok": bits_equal(full(ckpt.params["w"]), reference(saves)),
-          "b": ckpt.params["b"].tolist(), "step": int(ckpt.step),
-          "save_counter": ckpt.save_counter, "listing": _list(directory),
-          "blocked_s": seconds}
+  return {
+    "paths": [str(p) for p in paths],
+    "committed": committed,
+    "callbacks": calls,
+    "coordination_ops": sorted(int(op) for op in ops),
+    "latest": manager.latest_checkpoint,
+    "checkpoints": manager.checkpoints,
+    "w_ok": bits_equal(full(ckpt.params["w"]), reference(saves)),
+    "b": ckpt.params["b"].tolist(),
+    "step": int(ckpt.step),
+    "save_counter": ckpt.save_counter,
+    "listing": _list(directory),
+    "blocked_s": seconds,
+  }
 
 
 def restore_resharded(path: str, mesh_shape: list[int], spec: list, dtype: str = "float32"):
   """Restores a checkpoint onto another mesh / partition spec / dtype."""
   target = reference(0).astype(ml_dtypes.bfloat16 if dtype == "bfloat16" else dtype)
-  ckpt = jaxckpt.Checkpoint(params={"w": sharded(target, P(*spec), tuple(mesh_shape)),
-                                    "b": np.zeros(3, np.int32)}, step=0)
+  ckpt = jaxckpt.Checkpoint(
+    params={"w": sharded(target, P(*spec), tuple(mesh_shape)), "b": np.zeros(3, np.int32)}, step=0
+  )
   ckpt.restore(path).assert_consumed()
   w = ckpt.params["w"]
   expected = reference(3).astype(w.dtype)
-  return {"w_ok": bits_equal(full(w), expected), "dtype": str(w.dtype),
-          "spec": str(w.sharding.spec), "devices": len(w.sharding.device_set),
-          "b": ckpt.params["b"].tolist(), "step": int(ckpt.step)}
+  return {
+    "w_ok": bits_equal(full(w), expected),
+    "dtype": str(w.dtype),
+    "spec": str(w.sharding.spec),
+    "devices": len(w.sharding.device_set),
+    "b": ckpt.params["b"].tolist(),
+    "step": int(ckpt.step),
+  }
 
 
 def _listing(root: str) -> list[str]:
@@ -113,8 +130,11 @@ def io_device_save_restore(directory: str, io_task: int = 0, enable_async: bool 
   del directory  # Each process runs in its own cwd (its "host-local disk").
   calls = []
   opts = jaxckpt.CheckpointOptions(
-      experimental_io_device=f"/job:worker/task:{io_task}", enable_async=enable_async,
-      experimental_write_callbacks=[calls.append], timeout_s=60)
+    experimental_io_device=f"/job:worker/task:{io_task}",
+    enable_async=enable_async,
+    experimental_write_callbacks=[calls.append],
+    timeout_s=60,
+  )
   ckpt = jaxckpt.Checkpoint(params=_state(3), step=7)
   first = ckpt.save("ckpts/ckpt", options=opts)
   ckpt.params = _state(5)
@@ -126,11 +146,16 @@ def io_device_save_restore(directory: str, io_task: int = 0, enable_async: bool 
   ckpt.restore(latest, options=opts).assert_consumed()
   w_after_latest = bits_equal(full(ckpt.params["w"]), reference(5))
   ckpt.restore(str(first), options=opts).assert_consumed()
-  return {"callbacks": calls, "latest": latest, "files": _listing("."),
-          "w_latest_ok": w_after_latest,
-          "w_first_ok": bits_equal(full(ckpt.params["w"]), reference(3)),
-          "w_spec": str(ckpt.params["w"].sharding.spec),
-          "b": ckpt.params["b"].tolist(), "save_counter": ckpt.save_counter}
+  return {
+    "callbacks": calls,
+    "latest": latest,
+    "files": _listing("."),
+    "w_latest_ok": w_after_latest,
+    "w_first_ok": bits_equal(full(ckpt.params["w"]), reference(3)),
+    "w_spec": str(ckpt.params["w"].sharding.spec),
+    "b": ckpt.params["b"].tolist(),
+    "save_counter": ckpt.save_counter,
+  }
 
 
 def io_device_missing(directory: str, io_task: int = 1):
@@ -158,6 +183,7 @@ def die_during_save(directory: str, victim: int = 1, when: str = "before"):
     os._exit(17)
   if jax.process_index() == victim and when == "writing":
     from jaxckpt import _commit
+
     _commit.checksum = lambda *args: os._exit(17)  # Runs while TensorStore writes.
   start = time.perf_counter()
   path = manager.save(options=opts)
@@ -167,9 +193,13 @@ def die_during_save(directory: str, victim: int = 1, when: str = "before"):
     path.future.result(timeout=120)
   except jaxckpt.SaveError as e:
     time.sleep(0.5)  # Let a (wrongly) still-running commit show up in the listing.
-    return {"error": str(e), "cause": type(e.__cause__).__name__,
-            "seconds": time.perf_counter() - start,
-            "listing": sorted(os.listdir(directory)), "latest": manager.latest_checkpoint}
+    return {
+      "error": str(e),
+      "cause": type(e.__cause__).__name__,
+      "seconds": time.perf_counter() - start,
+      "listing": sorted(os.listdir(directory)),
+      "latest": manager.latest_checkpoint,
+    }
   return {"error": None, "listing": sorted(os.listdir(directory))}
 
 
@@ -178,8 +208,11 @@ def resume_latest(directory: str):
   ckpt = jaxckpt.Checkpoint(params=_state(0))
   manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=3)
   restored = manager.restore_or_initialize()
-  return {"restored": restored, "w_ok": bits_equal(full(ckpt.params["w"]), reference(1)),
-          "listing": sorted(os.listdir(directory))}
+  return {
+    "restored": restored,
+    "w_ok": bits_equal(full(ckpt.params["w"]), reference(1)),
+    "listing": sorted(os.listdir(directory)),
+  }
 
 
 def train_while_saving(directory: str, steps: int = 24, every: int = 2):
@@ -206,9 +239,12 @@ def train_while_saving(directory: str, steps: int = 24, every: int = 2):
   manager.sync()
   ckpt.w = jax.device_put(jax.numpy.zeros(SHAPE), sharding)
   ckpt.restore(manager.latest_checkpoint).assert_consumed()
-  return {"latest": manager.latest_checkpoint, "step": int(ckpt.step),
-          "ok": bits_equal(full(ckpt.w), expected[steps]),
-          "kept": [os.path.basename(p) for p in manager.checkpoints]}
+  return {
+    "latest": manager.latest_checkpoint,
+    "step": int(ckpt.step),
+    "ok": bits_equal(full(ckpt.w), expected[steps]),
+    "kept": [os.path.basename(p) for p in manager.checkpoints],
+  }
 
 
 def donate_after_async_save(directory: str, saves: int = 4):
@@ -246,8 +282,9 @@ def callback_fails_once(directory: str, saves: int = 4):
       failed.append(path)
       raise RuntimeError("callback failed on process 1 only")
 
-  opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[flaky],
-                                   timeout_s=8)
+  opts = jaxckpt.CheckpointOptions(
+    enable_async=True, experimental_write_callbacks=[flaky], timeout_s=8
+  )
   ckpt = jaxckpt.Checkpoint(w=sharded(reference(1)))
   outcomes = []
   for step in range(1, saves + 1):
@@ -270,8 +307,12 @@ def callback_fails_once(directory: str, saves: int = 4):
       ckpt.read(os.path.join(directory, name)).assert_consumed()
       got = full(ckpt.w)
       contents[name] = [s for s in range(1, saves + 1) if bits_equal(got, reference(s))]
-  return {"outcomes": outcomes, "contents": contents, "counter": ckpt.save_counter,
-          "sync_error": sync_error}
+  return {
+    "outcomes": outcomes,
+    "contents": contents,
+    "counter": ckpt.save_counter,
+    "sync_error": sync_error,
+  }
 
 
 def disagreeing_calls(directory: str):

@@ -13,8 +13,7 @@ TIMEOUT = 120
 
 
 def _async(*callbacks):
-  return jaxckpt.CheckpointOptions(enable_async=True,
-                                   experimental_write_callbacks=list(callbacks))
+  return jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=list(callbacks))
 
 
 def test_async_save_returns_before_commit_and_future_resolves_to_path(tmp_path):
@@ -50,27 +49,38 @@ def test_sync_save_has_a_resolved_future_too(tmp_path):
 
 def test_callbacks_run_in_order_on_background_thread_after_commit(tmp_path):
   events = []
+
   def first(save_path):
     # The callback sees the complete checkpoint at its final path...
     reader = jaxckpt.load_checkpoint(save_path)
-    events.append(("first", save_path, threading.current_thread() is threading.main_thread(),
-                   reader.get_tensor("x").tolist()))
+    events.append(
+      (
+        "first",
+        save_path,
+        threading.current_thread() is threading.main_thread(),
+        reader.get_tensor("x").tolist(),
+      )
+    )
     # ...while the state file still names the previous save (TF's order).
     events.append(("latest", jaxckpt.latest_checkpoint(tmp_path)))
+
   def second():
     events.append(("second",))
+
   ckpt = jaxckpt.Checkpoint(x=jnp.arange(3.0))
   first_path = ckpt.save(tmp_path / "m")
   path = ckpt.save(tmp_path / "m", options=_async(first, second))
   path.future.result(timeout=TIMEOUT)
-  assert events == [("first", path, False, [0.0, 1.0, 2.0]),
-                    ("latest", first_path), ("second",)]
+  assert events == [("first", path, False, [0.0, 1.0, 2.0]), ("latest", first_path), ("second",)]
 
 
 def test_sync_save_runs_callbacks_before_returning(tmp_path):
   events = []
-  opts = jaxckpt.CheckpointOptions(experimental_write_callbacks=[
-      lambda p: events.append((p, threading.current_thread() is threading.main_thread()))])
+  opts = jaxckpt.CheckpointOptions(
+    experimental_write_callbacks=[
+      lambda p: events.append((p, threading.current_thread() is threading.main_thread()))
+    ]
+  )
   path = jaxckpt.Checkpoint(x=1).save(tmp_path / "m", options=opts)
   assert events == [(path, True)]
 
@@ -104,6 +114,7 @@ def test_donating_step_right_after_async_save_does_not_corrupt_saved_values(tmp_
     for _ in range(3):
       x = jnp.tanh(x @ x.T) @ x
     return x
+
   step = jax.jit(lambda x: x * 0.0 - 1.0, donate_argnums=0)
   x = produce(jax.random.normal(jax.random.key(0), (512, 512)))
   expected = np.asarray(produce(jax.random.normal(jax.random.key(0), (512, 512))))
@@ -162,8 +173,9 @@ def test_io_device_routing_saves_same_values(tmp_path, async_):
   mesh = jax.make_mesh((4,), ("d",))
   sharding = jax.NamedSharding(mesh, jax.P("d"))
   x = jax.device_put(jnp.arange(16.0), sharding)
-  opts = jaxckpt.CheckpointOptions("/job:localhost/replica:0/task:0/device:CPU:1",
-                                   enable_async=async_)
+  opts = jaxckpt.CheckpointOptions(
+    "/job:localhost/replica:0/task:0/device:CPU:1", enable_async=async_
+  )
   ckpt = jaxckpt.Checkpoint(x=x)
   path = ckpt.save(tmp_path / "m", options=opts)
   ckpt.sync()
@@ -175,11 +187,14 @@ def test_io_device_routing_saves_same_values(tmp_path, async_):
 
 def test_info_logs_say_what_was_saved_and_how_long_it_took(tmp_path, caplog):
   import logging
+
   with caplog.at_level(logging.INFO, logger="jaxckpt"):
     ckpt = jaxckpt.Checkpoint(x=jnp.ones(1024))
     path = ckpt.save(tmp_path / "m", options=_async())
     ckpt.sync()
   messages = [r.getMessage() for r in caplog.records]
-  assert any(m.startswith(f"Saving {path} in the background: 1 arrays, 0.0 MiB") and
-             "blocked" in m for m in messages)
+  assert any(
+    m.startswith(f"Saving {path} in the background: 1 arrays, 0.0 MiB") and "blocked" in m
+    for m in messages
+  )
   assert any(m.startswith(f"Committed checkpoint {path}") and " in " in m for m in messages)

@@ -34,10 +34,34 @@ def test_tpu_idle_tiny(tmp_path, capsys):
   bench = _load("tpu_idle")
   json_path = tmp_path / "out" / "idle.json"
   workdir = tmp_path / "work"
-  results = bench.main([
-      "--layers", "2", "--d-model", "32", "--heads", "4", "--vocab", "64", "--seq", "8",
-      "--batch", "2", "--steps", "4", "--save-every", "2", "--warmup", "1", "--repeats", "1",
-      "--dir", str(workdir), "--json", str(json_path)])
+  results = bench.main(
+    [
+      "--layers",
+      "2",
+      "--d-model",
+      "32",
+      "--heads",
+      "4",
+      "--vocab",
+      "64",
+      "--seq",
+      "8",
+      "--batch",
+      "2",
+      "--steps",
+      "4",
+      "--save-every",
+      "2",
+      "--warmup",
+      "1",
+      "--repeats",
+      "1",
+      "--dir",
+      str(workdir),
+      "--json",
+      str(json_path),
+    ]
+  )
 
   assert list(results["modes"]) == list(bench.MODES)
   assert results["config"]["saves_per_mode"] == 2
@@ -84,12 +108,26 @@ def test_throughput_tiny(tmp_path, capsys):
   json_path = tmp_path / "throughput.json"
   workdir = tmp_path / "work"
   # --evict fadvise: never drop the whole machine's page cache from a test.
-  results = bench.main(["--sizes", "1", "2", "--repeats", "1", "--evict", "fadvise",
-                        "--dir", str(workdir), "--json", str(json_path)])
+  results = bench.main(
+    [
+      "--sizes",
+      "1",
+      "2",
+      "--repeats",
+      "1",
+      "--evict",
+      "fadvise",
+      "--dir",
+      str(workdir),
+      "--json",
+      str(json_path),
+    ]
+  )
 
   runs = results["runs"]
   assert {(r["size_mib"], r["layout"]) for r in runs} == {
-      (s, layout) for s in (1.0, 2.0) for layout in ("few", "many")}
+    (s, layout) for s in (1.0, 2.0) for layout in ("few", "many")
+  }
   for r in runs:
     assert r["bytes"] == r["size_mib"] * 2**20 and r["leaves"] == bench.LAYOUTS[r["layout"]]
     for op in bench.TIMED:

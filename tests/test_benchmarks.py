@@ -29,17 +29,41 @@ def _positive(x) -> bool:
 def test_tiny_run_reports_every_mode(bench, tmp_path, capsys):
   workdir = tmp_path / "work"
   json_path = tmp_path / "out" / "result.json"
-  results = bench.main(["--size-mib", "2", "--leaves", "4", "--repeats", "1",
-                        "--step-seconds", "0.2", "--dir", str(workdir),
-                        "--json", str(json_path)])
+  results = bench.main(
+    [
+      "--size-mib",
+      "2",
+      "--leaves",
+      "4",
+      "--repeats",
+      "1",
+      "--step-seconds",
+      "0.2",
+      "--dir",
+      str(workdir),
+      "--json",
+      str(json_path),
+    ]
+  )
 
   assert set(results["modes"]) == set(bench.MODES)
-  assert {"jaxckpt-async", "orbax-async", "jaxckpt-async-step-running",
-          "orbax-async-step-running", "jaxckpt-sync", "orbax-sync"} <= set(results["modes"])
+  assert {
+    "jaxckpt-async",
+    "orbax-async",
+    "jaxckpt-async-step-running",
+    "orbax-async-step-running",
+    "jaxckpt-sync",
+    "orbax-sync",
+  } <= set(results["modes"])
   for mode, r in results["modes"].items():
     assert len(r["blocked_ms"]) == len(r["commit_s"]) == 1, mode
-    for key in ("p50_blocked_ms", "min_blocked_ms", "max_blocked_ms", "p50_commit_s",
-                "blocked_vs_orbax_async"):
+    for key in (
+      "p50_blocked_ms",
+      "min_blocked_ms",
+      "max_blocked_ms",
+      "p50_commit_s",
+      "blocked_vs_orbax_async",
+    ):
       assert _positive(r[key]), (mode, key, r[key])
     assert all(_positive(b) for b in r["blocked_ms"]), mode
     assert r["min_blocked_ms"] <= r["p50_blocked_ms"] <= r["max_blocked_ms"], mode
@@ -67,8 +91,13 @@ def test_tiny_run_reports_every_mode(bench, tmp_path, capsys):
 
 
 def test_table_formats_results(bench):
-  row = {"p50_blocked_ms": 2.0, "min_blocked_ms": 1.0, "max_blocked_ms": 3.0,
-         "p50_commit_s": 0.5, "blocked_vs_orbax_async": 0.25}
+  row = {
+    "p50_blocked_ms": 2.0,
+    "min_blocked_ms": 1.0,
+    "max_blocked_ms": 3.0,
+    "p50_commit_s": 0.5,
+    "blocked_vs_orbax_async": 0.25,
+  }
   table = bench.format_table({"modes": {m: row for m in bench.MODES}})
   assert len(table.splitlines()) == len(bench.MODES) + 3
   assert "0.250x" in table
@@ -76,24 +105,40 @@ def test_table_formats_results(bench):
 
 def test_incremental_benchmark_runs_tiny(tmp_path):
   import importlib.util
+
   spec = importlib.util.spec_from_file_location(
-      "incremental_bench", Path(__file__).parent.parent / "benchmarks" / "incremental.py")
+    "incremental_bench", Path(__file__).parent.parent / "benchmarks" / "incremental.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
   out = tmp_path / "incr.json"
-  result = module.main(["--size-mib", "4", "--repeats", "1", "--dir", str(tmp_path / "d"),
-                        "--json", str(out)])
+  result = module.main(
+    ["--size-mib", "4", "--repeats", "1", "--dir", str(tmp_path / "d"), "--json", str(out)]
+  )
   assert out.exists() and result["incremental_bytes"] < result["full_bytes"]
   assert result["full_second_save_s"] > 0 and result["incremental_second_save_s"] > 0
 
 
 def test_multiprocess_benchmark_runs_tiny(tmp_path, capsys):
   spec = importlib.util.spec_from_file_location(
-      "multiprocess_benchmark", BENCHMARK.parent / "multiprocess.py")
+    "multiprocess_benchmark", BENCHMARK.parent / "multiprocess.py"
+  )
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  results = module.main(["--size-mib", "1", "--leaves", "2", "--repeats", "1",
-                         "--dir", str(tmp_path), "--json", str(tmp_path / "mp.json")])
+  results = module.main(
+    [
+      "--size-mib",
+      "1",
+      "--leaves",
+      "2",
+      "--repeats",
+      "1",
+      "--dir",
+      str(tmp_path),
+      "--json",
+      str(tmp_path / "mp.json"),
+    ]
+  )
   assert set(results["configs"]) == {"1x4", "2x2", "2x2-io-task0"}
   for r in results["configs"].values():
     assert all(_positive(x) for k in ("save_s", "blocked_ms", "restore_s") for x in r[k])

@@ -9,8 +9,11 @@ import jaxckpt
 
 
 def _tree():
-  return {"w": jnp.arange(12.0).reshape(3, 4), "b": np.arange(3, dtype=np.float32),
-          "layers": [jnp.ones(2, jnp.bfloat16), 7]}
+  return {
+    "w": jnp.arange(12.0).reshape(3, 4),
+    "b": np.arange(3, dtype=np.float32),
+    "layers": [jnp.ones(2, jnp.bfloat16), 7],
+  }
 
 
 def _zeros_like(tree):
@@ -32,7 +35,8 @@ def test_save_numbers_paths_and_writes_tf_state_file(tmp_path):
   assert ckpt.save(tmp_path / "m") == str(tmp_path / "m-2")
   assert ckpt.save_counter == 2
   assert (tmp_path / "checkpoint").read_text() == (
-      'model_checkpoint_path: "m-2"\nall_model_checkpoint_paths: "m-2"\n')
+    'model_checkpoint_path: "m-2"\nall_model_checkpoint_paths: "m-2"\n'
+  )
   assert jaxckpt.latest_checkpoint(tmp_path) == str(tmp_path / "m-2")
 
 
@@ -72,8 +76,9 @@ def test_roundtrip_restores_values_types_and_counter(tmp_path):
   ckpt = jaxckpt.Checkpoint(model=_tree(), step=5, lr=0.5, flag=True, g=np.float32(2))
   ckpt.save(tmp_path / "m")
   path = ckpt.save(tmp_path / "m")
-  fresh = jaxckpt.Checkpoint(model=_zeros_like(_tree()), step=0, lr=0.0, flag=False,
-                             g=np.float32(0))
+  fresh = jaxckpt.Checkpoint(
+    model=_zeros_like(_tree()), step=0, lr=0.0, flag=False, g=np.float32(0)
+  )
   fresh.restore(path).assert_consumed()
   assert fresh.save_counter == 2
   np.testing.assert_array_equal(fresh.model["w"], _tree()["w"])

@@ -16,8 +16,9 @@ from jaxckpt._cli import main
 
 def _three_managed_saves(directory, *, size: int) -> None:
   """ckpt-1..3 of a sharded model in ``directory``; the manager keeps ckpt-2 and ckpt-3."""
-  sharded = jax.device_put(jnp.arange(float(size)),
-                           jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d")))
+  sharded = jax.device_put(
+    jnp.arange(float(size)), jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d"))
+  )
   ckpt = jaxckpt.Checkpoint(model={"w": sharded, "b": np.ones(3, np.float32)}, step=4)
   manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=2)
   for _ in range(3):
@@ -40,7 +41,9 @@ def test_ls(directory, capsys):
   code, out = _json(capsys, ["ls", str(directory)])
   assert code == 0
   assert [(Path(r["path"]).name, r["number"], r["latest"]) for r in out["checkpoints"]] == [
-      ("ckpt-2", 2, False), ("ckpt-3", 3, True)]
+    ("ckpt-2", 2, False),
+    ("ckpt-3", 3, True),
+  ]
   assert all(r["bytes"] > 0 and r["arrays"] == 3 for r in out["checkpoints"])
   assert out["incomplete"] == [".ckpt-9.jaxckpt-tmp-abc"]
   assert main(["ls", str(directory)]) == 0
@@ -85,8 +88,10 @@ def test_errors_are_clear_and_exit_2(tmp_path, capsys):
 
 
 def test_console_entry_points():
-  for cmd in ([sys.executable, "-m", "jaxckpt", "--help"],
-              [str(Path(sys.executable).parent / "jaxckpt"), "verify", "--help"]):
+  for cmd in (
+    [sys.executable, "-m", "jaxckpt", "--help"],
+    [str(Path(sys.executable).parent / "jaxckpt"), "verify", "--help"],
+  ):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: jaxckpt" in proc.stdout
 
@@ -106,8 +111,10 @@ def store(request):
   else:
     client, bucket = request.getfixturevalue("s3")
     root = f"s3://{bucket}/run"
+
     def put(url, data):  # Through S3 itself, behind jaxckpt's back.
       client.put_object(Bucket=bucket, Key=url.removeprefix(f"s3://{bucket}/"), Body=data)
+
   _three_managed_saves(root, size=16)
   _store.KV.replace_file(f"{root}/ckpt-9/data-0123456789ab/model/w/zarr.json", b"{}")
   return root, put
@@ -117,11 +124,13 @@ def test_ls_on_a_store(store, capsys):
   root, _ = store
   code, out = _json(capsys, ["ls", root])
   assert code == 0 and out["directory"] == root and out["latest"] == f"{root}/ckpt-3"
-  assert [(r["path"], r["number"], r["latest"], r["in_state_file"])
-          for r in out["checkpoints"]] == [(f"{root}/ckpt-2", 2, False, True),
-                                           (f"{root}/ckpt-3", 3, True, True)]
-  assert all(r["arrays"] == 3 and r["save_counter"] == r["number"] and r["bytes"] is None
-             for r in out["checkpoints"])  # Object sizes are not listed: unknown.
+  assert [
+    (r["path"], r["number"], r["latest"], r["in_state_file"]) for r in out["checkpoints"]
+  ] == [(f"{root}/ckpt-2", 2, False, True), (f"{root}/ckpt-3", 3, True, True)]
+  assert all(
+    r["arrays"] == 3 and r["save_counter"] == r["number"] and r["bytes"] is None
+    for r in out["checkpoints"]
+  )  # Object sizes are not listed: unknown.
   assert out["incomplete"] == ["ckpt-9"]
   assert main(["ls", root]) == 0
   table = capsys.readouterr().out

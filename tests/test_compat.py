@@ -36,8 +36,11 @@ def _clear_caches():
 
 
 def _unavailable(caplog):
-  return [r for r in caplog.records if r.name == "jaxckpt" and r.levelno == logging.WARNING
-          and "is unavailable" in r.getMessage()]
+  return [
+    r
+    for r in caplog.records
+    if r.name == "jaxckpt" and r.levelno == logging.WARNING and "is unavailable" in r.getMessage()
+  ]
 
 
 @pytest.fixture
@@ -66,14 +69,17 @@ def _without(name, monkeypatch, caplog, find=lambda: None):
 
 def _sharded(n=1024):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("d",))
-  return jax.device_put(jnp.arange(n, dtype=jnp.float32),
-                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")))
+  return jax.device_put(
+    jnp.arange(n, dtype=jnp.float32),
+    jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("d")),
+  )
 
 
 def _replicated(n=1024):
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:4]), ("d",))
-  return jax.device_put(jnp.arange(n, dtype=jnp.float32),
-                        jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+  return jax.device_put(
+    jnp.arange(n, dtype=jnp.float32), jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  )
 
 
 def _save_and_restore(tmp_path, options=None, **items):
@@ -95,22 +101,36 @@ def _save_and_restore(tmp_path, options=None, **items):
 def test_every_private_fast_path_is_there_and_stays_taken(tmp_path, caplog, fresh):
   caplog.set_level(logging.WARNING, logger="jaxckpt")
   assert _compat.fast_paths() == {name: True for name in _compat._FEATURES}, _compat.fast_paths()
-  assert sorted(_compat.fast_paths()) == sorted([
-      "shard_args", "batched_copy", "hlo_sharding", "device_assignment", "uncommit",
-      "distributed_client", "early_atexit", "replica_slices", "subchunking",
-      "numpy_on_process", "metrics_fix", "ocdbt_dump"])
+  assert sorted(_compat.fast_paths()) == sorted(
+    [
+      "shard_args",
+      "batched_copy",
+      "hlo_sharding",
+      "device_assignment",
+      "uncommit",
+      "distributed_client",
+      "early_atexit",
+      "replica_slices",
+      "subchunking",
+      "numpy_on_process",
+      "metrics_fix",
+      "ocdbt_dump",
+    ]
+  )
   # Each path once, as saves and restores use them: none fails at call time.
   async_opts = jaxckpt.CheckpointOptions(enable_async=True, chunk_byte_size=1024)
   _save_and_restore(tmp_path / "a", async_opts, s=_sharded(), r=_replicated(), x=jnp.ones(8))
-  _save_and_restore(tmp_path / "z", jaxckpt.CheckpointOptions(compression=True), s=_sharded(),
-                    u=jnp.ones(2 << 20))  # Uncommitted, read by Orbax as a jax.Array.
+  _save_and_restore(
+    tmp_path / "z", jaxckpt.CheckpointOptions(compression=True), s=_sharded(), u=jnp.ones(2 << 20)
+  )  # Uncommitted, read by Orbax as a jax.Array.
   _compat.copy_arrays([jnp.ones(4)], [jax.sharding.SingleDeviceSharding(jax.devices()[1])])
   pool = _staging.StagingPool(min_bytes=0)
   pool.copy([_sharded()])
   assert _compat.sharding_layout(_sharded().sharding, 1) is not None
   assert _compat.distributed_client() is None  # Not initialized in this process.
-  assert isinstance(_compat.registry_writing_on(1).get(np.ndarray),
-                    _compat._FEATURES["numpy_on_process"].get())
+  assert isinstance(
+    _compat.registry_writing_on(1).get(np.ndarray), _compat._FEATURES["numpy_on_process"].get()
+  )
   assert not _unavailable(caplog)
   assert all(_compat.fast_paths().values()), _compat.fast_paths()
 
@@ -155,8 +175,9 @@ def test_an_api_change_at_call_time_loses_the_path_for_good(monkeypatch, caplog,
   always_copy = _compat._find_batched_copy()[1]
   with _without("batched_copy", monkeypatch, caplog, find=lambda: (changed, always_copy)):
     for _ in range(2):
-      (copy,) = _compat.copy_in_place([jnp.arange(3.0)],
-                                      [jax.sharding.SingleDeviceSharding(jax.devices()[0])])
+      (copy,) = _compat.copy_in_place(
+        [jnp.arange(3.0)], [jax.sharding.SingleDeviceSharding(jax.devices()[0])]
+      )
       np.testing.assert_array_equal(np.asarray(copy), np.arange(3.0))
     assert "TypeError" in _unavailable(caplog)[0].getMessage()
 
@@ -172,8 +193,9 @@ def test_a_runtime_error_falls_back_for_that_call_only(monkeypatch, caplog, fres
   always_copy = _compat._find_batched_copy()[1]
   monkeypatch.setattr(_compat._FEATURES["batched_copy"], "find", lambda: (flaky, always_copy))
   for _ in range(2):
-    (copy,) = _compat.copy_in_place([jnp.arange(3.0)],
-                                    [jax.sharding.SingleDeviceSharding(jax.devices()[0])])
+    (copy,) = _compat.copy_in_place(
+      [jnp.arange(3.0)], [jax.sharding.SingleDeviceSharding(jax.devices()[0])]
+    )
     np.testing.assert_array_equal(np.asarray(copy), np.arange(3.0))
   assert len(calls) == 2 and len(_unavailable(caplog)) == 1
   assert _compat.fast_paths()["batched_copy"]
@@ -203,8 +225,7 @@ def test_without_hlo_shardings_staging_matches_exact_shardings(monkeypatch, capl
     assert pool.reused == 1
 
 
-def test_without_device_assignments_named_and_single_device_shardings_stage(monkeypatch,
-                                                                             caplog):
+def test_without_device_assignments_named_and_single_device_shardings_stage(monkeypatch, caplog):
   shardings = [_sharded().sharding, jax.sharding.SingleDeviceSharding(jax.devices()[3])]
   private = [_compat.device_assignment(s) for s in shardings]
   with _without("device_assignment", monkeypatch, caplog):
@@ -225,8 +246,7 @@ def test_without_array_impl_uncommit_copies(tmp_path, monkeypatch, caplog):
       np.testing.assert_array_equal(np.asarray(ckpt.x), np.arange(2 << 20, dtype=np.float32))
 
 
-def test_without_the_distributed_handle_an_uninitialized_client_reads_the_same(monkeypatch,
-                                                                              caplog):
+def test_without_the_distributed_handle_an_uninitialized_client_reads_the_same(monkeypatch, caplog):
   with _without("distributed_client", monkeypatch, caplog):
     for _ in range(2):
       assert _compat.distributed_client() is None
@@ -258,8 +278,12 @@ def test_without_replica_slices_the_fast_writer_chunks_by_shard(tmp_path, monkey
 
 def test_without_subchunking_chunk_byte_size_is_not_applied(tmp_path, monkeypatch, caplog):
   with _without("subchunking", monkeypatch, caplog):
-    path = _save_and_restore(tmp_path, jaxckpt.CheckpointOptions(chunk_byte_size=1024),
-                             x=jnp.arange(4096.0), y=jnp.ones(4096))
+    path = _save_and_restore(
+      tmp_path,
+      jaxckpt.CheckpointOptions(chunk_byte_size=1024),
+      x=jnp.arange(4096.0),
+      y=jnp.ones(4096),
+    )
     entries = _compat.ocdbt_chunk_entries(os.path.join(path, "state"))
     assert json.loads(entries[b"x/.zarray"])["chunks"] == [4096]
 
@@ -280,8 +304,9 @@ def test_the_numpy_override_writes_on_the_chosen_process(fresh):
 def test_without_the_metrics_fix_orbax_saves_still_work(tmp_path, monkeypatch, caplog):
   with _without("metrics_fix", monkeypatch, caplog):
     for i in range(2):
-      _save_and_restore(tmp_path / str(i), jaxckpt.CheckpointOptions(compression=True),
-                        x=jnp.arange(64.0))
+      _save_and_restore(
+        tmp_path / str(i), jaxckpt.CheckpointOptions(compression=True), x=jnp.arange(64.0)
+      )
     assert ts_utils.get_tensorstore_raw_bytes is ORBAX_RAW_BYTES
 
 
@@ -303,8 +328,9 @@ def test_an_unknown_dump_format_turns_the_fast_read_off(tmp_path, monkeypatch, c
 
   def dump(base, location=None):  # A manifest as before, a node in another layout.
     if location is None:
-      return Done({"versions": [{"generation_number": 1, "root_height": 0,
-                                 "root": {"location": "x"}}]})
+      return Done(
+        {"versions": [{"generation_number": 1, "root_height": 0, "root": {"location": "x"}}]}
+      )
     return Done({"leaves": []})
 
   path = jaxckpt.Checkpoint(x=jnp.arange(64.0)).save(tmp_path / "c")
@@ -374,8 +400,9 @@ def test_orbax_sees_its_own_count_after_jaxckpt_s_orbax_calls(tmp_path, monkeypa
   assert saves >= 1
   ckpt.restore(path)  # zstd: Orbax reads it.
   assert ts_utils.get_tensorstore_raw_bytes is ORBAX_RAW_BYTES and len(diverted) > saves
-  ckpt.save(tmp_path / "c", options=jaxckpt.CheckpointOptions(compression=True,
-                                                               enable_async=True)).future.result()
+  ckpt.save(
+    tmp_path / "c", options=jaxckpt.CheckpointOptions(compression=True, enable_async=True)
+  ).future.result()
   assert ts_utils.get_tensorstore_raw_bytes is ORBAX_RAW_BYTES
   ckpt.sync()
   assert ts_utils.get_tensorstore_raw_bytes is ORBAX_RAW_BYTES

@@ -26,8 +26,9 @@ def test_sigkill_at_random_moments_never_leaves_a_bad_latest(tmp_path):
   assert any(s is not None for s in steps)
   resumed = [s for s in steps if s is not None]
   assert resumed == sorted(resumed)  # Each run resumed from where the last one stopped.
-  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(**crash_harness.state_at(0)),
-                                      tmp_path, max_to_keep=3)
+  manager = jaxckpt.CheckpointManager(
+    jaxckpt.Checkpoint(**crash_harness.state_at(0)), tmp_path, max_to_keep=3
+  )
   assert not [n for n in os.listdir(tmp_path) if ".jaxckpt-" in n]  # Leftovers cleaned.
   assert len(manager.checkpoints) <= 3
 
@@ -59,8 +60,12 @@ print("after", ok.future.result(timeout=120).rsplit("/", 1)[1],
 
 
 def test_file_too_large_surfaces_lists_nothing_and_recovers(tmp_path):
-  proc = subprocess.run([sys.executable, "-c", FSIZE_CHILD, str(tmp_path)],
-                        capture_output=True, text=True, timeout=TIMEOUT)
+  proc = subprocess.run(
+    [sys.executable, "-c", FSIZE_CHILD, str(tmp_path)],
+    capture_output=True,
+    text=True,
+    timeout=TIMEOUT,
+  )
   lines = dict(line.split(" ", 1) for line in proc.stdout.splitlines())
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert lines["big-error"] == "SaveError"
@@ -93,12 +98,18 @@ def test_failed_staging_removal_outlasts_late_writes(tmp_path, monkeypatch):
 def test_vanished_directory_is_recreated(tmp_path):
   release = threading.Event()
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(3))
-  ckpt.save(tmp_path / "a" / "m", options=jaxckpt.CheckpointOptions(
-      enable_async=True, max_in_flight=2,
-      experimental_write_callbacks=[lambda: release.wait(TIMEOUT)]))
+  ckpt.save(
+    tmp_path / "a" / "m",
+    options=jaxckpt.CheckpointOptions(
+      enable_async=True,
+      max_in_flight=2,
+      experimental_write_callbacks=[lambda: release.wait(TIMEOUT)],
+    ),
+  )
   (tmp_path / "b").mkdir()
-  path = ckpt.save(tmp_path / "b" / "m", options=jaxckpt.CheckpointOptions(
-      enable_async=True, max_in_flight=2))
+  path = ckpt.save(
+    tmp_path / "b" / "m", options=jaxckpt.CheckpointOptions(enable_async=True, max_in_flight=2)
+  )
   os.rmdir(tmp_path / "b")  # Vanishes while the save is queued.
   release.set()
   assert path.future.result(timeout=TIMEOUT) == path
@@ -131,8 +142,12 @@ while True:
 
 
 def test_sigterm_saves_and_exits_cleanly(tmp_path):
-  child = subprocess.Popen([sys.executable, "-c", PREEMPT_CHILD, str(tmp_path)],
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  child = subprocess.Popen(
+    [sys.executable, "-c", PREEMPT_CHILD, str(tmp_path)],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   for line in child.stdout:  # Ends at EOF if the child dies early.
     if line.strip() == "training":
       break
@@ -150,8 +165,7 @@ def test_sigterm_saves_and_exits_cleanly(tmp_path):
 def test_soak_200_async_saves_keep_order_threads_and_memory_flat(tmp_path):
   ckpt = jaxckpt.Checkpoint(w=jnp.zeros((512, 512)), step=0)  # 1 MiB: a leak would show.
   calls = []
-  opts = jaxckpt.CheckpointOptions(enable_async=True,
-                                   experimental_write_callbacks=[calls.append])
+  opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[calls.append])
   manager = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=3)
   threads, rss = [], []
   for step in range(1, 201):
@@ -203,14 +217,19 @@ print("committed", path.future.result(), flush=True)
 
 
 def _start_held_save(directory):
-  child = subprocess.Popen([sys.executable, "-c", HELD_SAVE_CHILD, str(directory)],
-                           stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                           stderr=subprocess.PIPE, text=True)
+  child = subprocess.Popen(
+    [sys.executable, "-c", HELD_SAVE_CHILD, str(directory)],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   line = child.stdout.readline()  # Empty at EOF if the child dies early.
   if line.strip() != "writing":
     child.kill()
-    raise AssertionError(f"child did not start its save: {line!r}: "
-                         f"{child.communicate(timeout=TIMEOUT)[1][-3000:]}")
+    raise AssertionError(
+      f"child did not start its save: {line!r}: {child.communicate(timeout=TIMEOUT)[1][-3000:]}"
+    )
   return child
 
 
@@ -244,8 +263,9 @@ def test_a_killed_saves_leftovers_and_lock_are_swept(tmp_path):
 
 
 @pytest.mark.parametrize("tmpfile", [True, False])
-def test_staging_lock_is_never_seen_unlocked_and_stale_temp_files_go(tmp_path, monkeypatch,
-                                                                     tmpfile):
+def test_staging_lock_is_never_seen_unlocked_and_stale_temp_files_go(
+  tmp_path, monkeypatch, tmpfile
+):
   # O_TMPFILE: the lock file gets its name already locked. Without it (other
   # systems) a temporary name is renamed, and a kill in between leaves that
   # name, which a sweep deletes once it is stale.
@@ -258,7 +278,8 @@ def test_staging_lock_is_never_seen_unlocked_and_stale_temp_files_go(tmp_path, m
   monkeypatch.undo()
   os.makedirs(os.path.join(staging, "state"))
   assert sorted(os.listdir(tmp_path)) == sorted(
-      [os.path.basename(staging), os.path.basename(staging) + ".lock"])
+    [os.path.basename(staging), os.path.basename(staging) + ".lock"]
+  )
   assert _store.LOCAL.remove_leftovers(str(tmp_path), data_of) == []  # Held: nothing swept.
   _store.LOCAL.release(staging, fd)
   assert os.listdir(tmp_path) == [os.path.basename(staging)]

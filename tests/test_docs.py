@@ -48,8 +48,12 @@ def test_readme_commands_are_what_ci_runs():
 def test_import_is_quiet_and_does_not_pull_flax():
   import subprocess
   import sys
+
   proc = subprocess.run(
-      [sys.executable, "-c", "import sys, jaxckpt; print('flax' in sys.modules)"],
-      capture_output=True, text=True, timeout=120)
+    [sys.executable, "-c", "import sys, jaxckpt; print('flax' in sys.modules)"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert proc.stdout == "False\n"
   assert proc.stderr == ""

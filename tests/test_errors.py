@@ -14,8 +14,7 @@ TIMEOUT = 120
 
 
 def _async(*callbacks):
-  return jaxckpt.CheckpointOptions(enable_async=True,
-                                   experimental_write_callbacks=list(callbacks))
+  return jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=list(callbacks))
 
 
 def _boom():
@@ -36,9 +35,14 @@ def test_background_write_failure_fails_future_and_surfaces_once_at_next_save(tm
   release = threading.Event()
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(3))
   opts = jaxckpt.CheckpointOptions(enable_async=True, max_in_flight=2)
-  first = ckpt.save(tmp_path / "a" / "m", options=jaxckpt.CheckpointOptions(
-      enable_async=True, max_in_flight=2,
-      experimental_write_callbacks=[lambda: release.wait(TIMEOUT)]))
+  first = ckpt.save(
+    tmp_path / "a" / "m",
+    options=jaxckpt.CheckpointOptions(
+      enable_async=True,
+      max_in_flight=2,
+      experimental_write_callbacks=[lambda: release.wait(TIMEOUT)],
+    ),
+  )
   (tmp_path / "b").mkdir()
   second = ckpt.save(tmp_path / "b" / "m", options=opts)  # Queued behind the first.
   (tmp_path / "b").rmdir()
@@ -65,8 +69,12 @@ def test_raising_callback_fails_future_and_surfaces_at(tmp_path, surface):
     bad.future.result(timeout=TIMEOUT)
   assert later == []  # Later callbacks do not run.
   assert jaxckpt.latest_checkpoint(tmp_path) == good  # A failed save never becomes latest.
-  call = {"save": lambda: ckpt.save(tmp_path / "m"), "write": lambda: ckpt.write(tmp_path / "w"),
-          "sync": ckpt.sync, "restore": lambda: ckpt.restore(good)}[surface]
+  call = {
+    "save": lambda: ckpt.save(tmp_path / "m"),
+    "write": lambda: ckpt.write(tmp_path / "w"),
+    "sync": ckpt.sync,
+    "restore": lambda: ckpt.restore(good),
+  }[surface]
   with pytest.raises(jaxckpt.WriteCallbackError):
     call()
   call()  # Raised once; the next call works.
@@ -86,8 +94,10 @@ def test_sync_save_failure_raises_immediately_and_keeps_latest(tmp_path):
 def test_failed_overwrite_never_damages_the_earlier_checkpoint(tmp_path, monkeypatch):
   ckpt = jaxckpt.Checkpoint(x=jnp.full(3, 1.0))
   ckpt.write(tmp_path / "w")
+
   def failing_fsync(root):
     raise OSError(5, "simulated I/O error during fsync")
+
   monkeypatch.setattr(_store, "fsync_tree", failing_fsync)
   ckpt.x = jnp.full(3, 2.0)
   with pytest.raises(jaxckpt.SaveError, match="simulated I/O error"):
@@ -99,8 +109,9 @@ def test_failed_overwrite_never_damages_the_earlier_checkpoint(tmp_path, monkeyp
 def test_failed_async_save_leaves_no_staging_and_is_not_latest(tmp_path, monkeypatch):
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(3))
   good = ckpt.save(tmp_path / "m")
-  monkeypatch.setattr(_store, "fsync_tree", lambda root: (_ for _ in ()).throw(
-      OSError(28, "No space left on device")))
+  monkeypatch.setattr(
+    _store, "fsync_tree", lambda root: (_ for _ in ()).throw(OSError(28, "No space left on device"))
+  )
   bad = ckpt.save(tmp_path / "m", options=_async())
   assert isinstance(bad.future.exception(timeout=TIMEOUT), jaxckpt.SaveError)
   assert sorted(os.listdir(tmp_path)) == ["checkpoint", "m-1"]
@@ -115,12 +126,14 @@ def _run_script(body: str, tmp_path) -> subprocess.CompletedProcess:
       from jaxckpt import _knobs
       d = sys.argv[1]
       """) + textwrap.dedent(body)
-  return subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True,
-                        text=True, timeout=TIMEOUT)
+  return subprocess.run(
+    [sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=TIMEOUT
+  )
 
 
 def test_pending_async_save_is_joined_at_exit(tmp_path):
-  proc = _run_script("""
+  proc = _run_script(
+    """
       def slow(path):
         time.sleep(1.0)
         open(d + "/callback-ran", "w").write(path)
@@ -128,29 +141,37 @@ def test_pending_async_save_is_joined_at_exit(tmp_path):
       ckpt.save(d + "/m", options=jaxckpt.CheckpointOptions(
           enable_async=True, experimental_write_callbacks=[slow]))
       # Exit without sync().
-      """, tmp_path)
+      """,
+    tmp_path,
+  )
   assert proc.returncode == 0, proc.stderr
   assert (tmp_path / "callback-ran").read_text() == str(tmp_path / "m-1")
   assert jaxckpt.latest_checkpoint(tmp_path) == str(tmp_path / "m-1")
 
 
 def test_save_that_cannot_finish_by_exit_is_reported(tmp_path):
-  proc = _run_script("""
+  proc = _run_script(
+    """
       _knobs.EXIT_TIMEOUT_S = 0.5
       ckpt = jaxckpt.Checkpoint(x=jnp.arange(4.0))
       ckpt.save(d + "/m", options=jaxckpt.CheckpointOptions(
           enable_async=True, experimental_write_callbacks=[lambda: time.sleep(60)]))
-      """, tmp_path)
+      """,
+    tmp_path,
+  )
   assert "did not finish within" in proc.stderr and "NOT committed" in proc.stderr
   assert jaxckpt.latest_checkpoint(tmp_path) is None
 
 
 def test_unreported_background_failure_is_reported_at_exit(tmp_path):
-  proc = _run_script("""
+  proc = _run_script(
+    """
       def boom():
         raise RuntimeError("disk on fire")
       ckpt = jaxckpt.Checkpoint(x=jnp.arange(4.0))
       ckpt.save(d + "/m", options=jaxckpt.CheckpointOptions(
           enable_async=True, experimental_write_callbacks=[boom]))
-      """, tmp_path)
+      """,
+    tmp_path,
+  )
   assert "never reported" in proc.stderr and "disk on fire" in proc.stderr

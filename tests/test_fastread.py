@@ -18,20 +18,28 @@ from jaxckpt import _layout
 def _tree():
   rng = np.random.default_rng(0)
   return {
-      "rows": jnp.asarray(rng.standard_normal((1000, 8), np.float32)),  # Row chunks, short last.
-      "grid": jnp.asarray(rng.standard_normal((37, 300), np.float32)),  # Chunks in both dims.
-      "bf16": jnp.asarray(rng.standard_normal((513,)), jnp.bfloat16),
-      "mask": jnp.asarray(rng.random(17) > 0.5),
-      "count": np.arange(12, dtype=np.int64).reshape(3, 4),
-      "scalar": jnp.float32(-0.0),
-      "step": 7,
-      "rng": jax.random.key(3),
+    "rows": jnp.asarray(rng.standard_normal((1000, 8), np.float32)),  # Row chunks, short last.
+    "grid": jnp.asarray(rng.standard_normal((37, 300), np.float32)),  # Chunks in both dims.
+    "bf16": jnp.asarray(rng.standard_normal((513,)), jnp.bfloat16),
+    "mask": jnp.asarray(rng.random(17) > 0.5),
+    "count": np.arange(12, dtype=np.int64).reshape(3, 4),
+    "scalar": jnp.float32(-0.0),
+    "step": 7,
+    "rng": jax.random.key(3),
   }
 
 
 def _zeros_like(tree):
-  return jax.tree.map(lambda x: jnp.zeros_like(x) if isinstance(x, jax.Array)
-                      else np.zeros_like(x) if isinstance(x, np.ndarray) else 0, tree)
+  return jax.tree.map(
+    lambda x: (
+      jnp.zeros_like(x)
+      if isinstance(x, jax.Array)
+      else np.zeros_like(x)
+      if isinstance(x, np.ndarray)
+      else 0
+    ),
+    tree,
+  )
 
 
 def _same(a, b):
@@ -44,7 +52,8 @@ def _same(a, b):
 def test_restore_reads_uncompressed_checkpoints_without_orbax(tmp_path, no_orbax_reads):
   tree = _tree()
   path = jaxckpt.Checkpoint(t=tree).save(
-      tmp_path / "c", jaxckpt.CheckpointOptions(chunk_byte_size=4096))
+    tmp_path / "c", jaxckpt.CheckpointOptions(chunk_byte_size=4096)
+  )
   target = jaxckpt.Checkpoint(t=_zeros_like(tree))
   target.restore(path).assert_consumed()
   for name in tree:
@@ -56,10 +65,15 @@ def test_restore_reads_uncompressed_checkpoints_without_orbax(tmp_path, no_orbax
 def test_chunk_grids_both_layouts_are_exercised(tmp_path):
   tree = _tree()
   path = jaxckpt.Checkpoint(t=tree).save(
-      tmp_path / "c", jaxckpt.CheckpointOptions(chunk_byte_size=4096))
+    tmp_path / "c", jaxckpt.CheckpointOptions(chunk_byte_size=4096)
+  )
   entries = _compat.ocdbt_chunk_entries(os.path.join(path, "state"))
-  chunks = {name: sum(1 for k in entries if k.startswith(f"t.{name}/".encode())
-                      and not k.endswith(b".zarray")) for name in ("rows", "grid")}
+  chunks = {
+    name: sum(
+      1 for k in entries if k.startswith(f"t.{name}/".encode()) and not k.endswith(b".zarray")
+    )
+    for name in ("rows", "grid")
+  }
   assert chunks["rows"] > 1 and chunks["grid"] > 1, chunks
   grid_chunks = json.loads(entries[b"t.grid/.zarray"])["chunks"]
   assert grid_chunks[1] < 300 and 300 % grid_chunks[1] == 0, grid_chunks  # Split along dim 1.
@@ -68,9 +82,12 @@ def test_chunk_grids_both_layouts_are_exercised(tmp_path):
 def test_arrays_are_64_byte_aligned_and_exact(tmp_path):
   tree = _tree()
   path = jaxckpt.Checkpoint(t=tree).save(
-      tmp_path / "c", jaxckpt.CheckpointOptions(chunk_byte_size=4096))
-  wanted = [(f"t/{n}", np.shape(tree[n]), np.dtype(tree[n].dtype))
-            for n in ("rows", "grid", "bf16", "mask", "count")]
+    tmp_path / "c", jaxckpt.CheckpointOptions(chunk_byte_size=4096)
+  )
+  wanted = [
+    (f"t/{n}", np.shape(tree[n]), np.dtype(tree[n].dtype))
+    for n in ("rows", "grid", "bf16", "mask", "count")
+  ]
   out, crcs = _fastread.read(os.path.join(path, "state"), wanted)
   assert sorted(out) == sorted(crcs) == sorted(name for name, _, _ in wanted)
   manifest = jaxckpt.load_checkpoint(path).manifest
@@ -83,7 +100,8 @@ def test_arrays_are_64_byte_aligned_and_exact(tmp_path):
 def test_compressed_arrays_are_left_to_orbax(tmp_path):
   tree = {"w": jnp.arange(4096, dtype=jnp.float32)}
   path = jaxckpt.Checkpoint(t=tree).save(
-      tmp_path / "c", jaxckpt.CheckpointOptions(compression=True))
+    tmp_path / "c", jaxckpt.CheckpointOptions(compression=True)
+  )
   state = os.path.join(path, "state")
   assert _fastread.read(state, [("t/w", (4096,), np.dtype(np.float32))]) == ({}, {})
   target = jaxckpt.Checkpoint(t={"w": jnp.zeros(4096, jnp.float32)})
@@ -103,9 +121,13 @@ def test_truncated_data_file_falls_back_and_names_the_array(tmp_path):
   big = jnp.arange(1 << 16, dtype=jnp.float32)
   path = jaxckpt.Checkpoint(t={"w": big}).save(tmp_path / "c")
   state = os.path.join(path, "state")
-  data = [os.path.join(r, f) for r, _, fs in os.walk(state) for f in fs
-          if os.sep + "d" + os.sep in os.path.join(r, f) and os.path.getsize(os.path.join(r, f))
-          >= big.nbytes]
+  data = [
+    os.path.join(r, f)
+    for r, _, fs in os.walk(state)
+    for f in fs
+    if os.sep + "d" + os.sep in os.path.join(r, f)
+    and os.path.getsize(os.path.join(r, f)) >= big.nbytes
+  ]
   assert len(data) == 1
   with open(data[0], "r+b") as f:
     f.truncate(big.nbytes // 2)
@@ -130,11 +152,22 @@ def test_padded_edge_chunks(tmp_path, shape, chunks):
   # Orbax picks chunk shapes that divide the array; zarr v2 written by others
   # may pad the edge chunks, which are then stored full-size.
   import tensorstore as ts
+
   data = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
-  store = ts.open({"driver": "zarr", "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path}/"},
-                   "path": "t.x", "metadata": {"shape": list(shape), "chunks": list(chunks),
-                                               "dtype": "<f4", "compressor": None}},
-                  create=True).result()
+  store = ts.open(
+    {
+      "driver": "zarr",
+      "kvstore": {"driver": "ocdbt", "base": f"file://{tmp_path}/"},
+      "path": "t.x",
+      "metadata": {
+        "shape": list(shape),
+        "chunks": list(chunks),
+        "dtype": "<f4",
+        "compressor": None,
+      },
+    },
+    create=True,
+  ).result()
   store.write(data).result()
   out, _ = _fastread.read(str(tmp_path), [("t/x", shape, np.dtype(np.float32))])
   assert list(out) == ["t/x"]
@@ -153,8 +186,9 @@ def test_a_misread_is_read_again_by_orbax_not_reported_as_corruption(tmp_path, m
   monkeypatch.setattr(_fastread, "_pread_into", misread)
   orbax_reads = []
   orbax_read = _layout._orbax_read
-  monkeypatch.setattr(_layout, "_orbax_read",
-                      lambda *a, **k: orbax_reads.append(1) or orbax_read(*a, **k))
+  monkeypatch.setattr(
+    _layout, "_orbax_read", lambda *a, **k: orbax_reads.append(1) or orbax_read(*a, **k)
+  )
   target = jaxckpt.Checkpoint(t={"w": jnp.zeros_like(value)})
   target.restore(path).assert_consumed()
   assert _same(target.t["w"], value) and orbax_reads == [1]
@@ -162,6 +196,7 @@ def test_a_misread_is_read_again_by_orbax_not_reported_as_corruption(tmp_path, m
 
 def test_without_checksums_no_crcs_are_computed(tmp_path):
   path = jaxckpt.Checkpoint(t={"w": jnp.ones(64)}).save(tmp_path / "c")
-  out, crcs = _fastread.read(os.path.join(path, "state"), [("t/w", (64,), np.dtype(np.float32))],
-                             checksums=False)
+  out, crcs = _fastread.read(
+    os.path.join(path, "state"), [("t/w", (64,), np.dtype(np.float32))], checksums=False
+  )
   assert list(out) == ["t/w"] and crcs == {}

@@ -21,14 +21,18 @@ def _snapshot():
   mesh = jax.make_mesh((4,), ("x",))
   grid = jax.make_mesh((2, 2), ("a", "b"))
   return {
-      "t/a": jnp.arange(8.0).reshape(4, 2),
-      "t/sharded": jax.device_put(jnp.arange(64.0).reshape(16, 4),
-                                  jax.NamedSharding(mesh, jax.P("x"))),
-      "t/replicated": jax.device_put(jnp.arange(8, dtype=jnp.int32),
-                                     jax.NamedSharding(grid, jax.P("a"))),
-      "t/bf16": jnp.ones((5,), jnp.bfloat16),
-      "t/numpy": np.arange(6, dtype=np.int64).reshape(2, 3),
-      "t/int": 5, "t/float": 2.5, "t/bool": True,
+    "t/a": jnp.arange(8.0).reshape(4, 2),
+    "t/sharded": jax.device_put(
+      jnp.arange(64.0).reshape(16, 4), jax.NamedSharding(mesh, jax.P("x"))
+    ),
+    "t/replicated": jax.device_put(
+      jnp.arange(8, dtype=jnp.int32), jax.NamedSharding(grid, jax.P("a"))
+    ),
+    "t/bf16": jnp.ones((5,), jnp.bfloat16),
+    "t/numpy": np.arange(6, dtype=np.int64).reshape(2, 3),
+    "t/int": 5,
+    "t/float": 2.5,
+    "t/bool": True,
   }
 
 
@@ -66,26 +70,36 @@ def _writes_all(values: dict) -> bool:
   return _fastwrite.writes_all([Leaf(name, value) for name, value in values.items()])
 
 
-@pytest.mark.parametrize("chunk_byte_size, commit_bytes, packed",
-                         [(None, None, False), (64, None, False), (None, 1, False),
-                          (None, None, True)])
+@pytest.mark.parametrize(
+  "chunk_byte_size, commit_bytes, packed",
+  [(None, None, False), (64, None, False), (None, 1, False), (None, None, True)],
+)
 def test_writes_what_orbax_writes(tmp_path, monkeypatch, chunk_byte_size, commit_bytes, packed):
   if commit_bytes is not None:  # One OCDBT commit per array: the same final database.
     monkeypatch.setattr(_fastwrite, "COMMIT_BYTES", commit_bytes)
   snapshot = _snapshot()
   written = _packed(snapshot) if packed else snapshot
   assert _writes_all(written)
-  _fastwrite.start(str(tmp_path / "fast" / "state"), written,
-                   chunk_byte_size=chunk_byte_size).wait()
-  save_args = None if chunk_byte_size is None else jax.tree.map(
-      lambda _: ocp.SaveArgs(chunk_byte_size=chunk_byte_size), nest(snapshot))
-  handler = ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(
-      use_compression=False))
+  _fastwrite.start(
+    str(tmp_path / "fast" / "state"), written, chunk_byte_size=chunk_byte_size
+  ).wait()
+  save_args = (
+    None
+    if chunk_byte_size is None
+    else jax.tree.map(lambda _: ocp.SaveArgs(chunk_byte_size=chunk_byte_size), nest(snapshot))
+  )
+  handler = ocp.CompositeCheckpointHandler(state=ocp.PyTreeCheckpointHandler(use_compression=False))
   with ocp.Checkpointer(handler) as orbax:
-    orbax.save(tmp_path / "orbax", args=ocp.args.Composite(
-        state=ocp.args.PyTreeSave(nest(snapshot), save_args=save_args)))
-  for name in ("_CHECKPOINT_METADATA", "state/_METADATA", "state/_sharding",
-               "state/array_metadatas/process_0"):
+    orbax.save(
+      tmp_path / "orbax",
+      args=ocp.args.Composite(state=ocp.args.PyTreeSave(nest(snapshot), save_args=save_args)),
+    )
+  for name in (
+    "_CHECKPOINT_METADATA",
+    "state/_METADATA",
+    "state/_sharding",
+    "state/array_metadatas/process_0",
+  ):
     assert _json(tmp_path / "fast" / name) == _json(tmp_path / "orbax" / name), name
   fast, fast_config = _entries(tmp_path / "fast" / "state")
   orbax, orbax_config = _entries(tmp_path / "orbax" / "state")
@@ -100,7 +114,8 @@ def test_writes_what_orbax_writes(tmp_path, monkeypatch, chunk_byte_size, commit
 def test_orbax_restores_it_without_a_target(tmp_path, enable_async):
   snapshot = _snapshot()
   path = jaxckpt.Checkpoint(**nest(snapshot)).save(
-      tmp_path / "c", options=jaxckpt.CheckpointOptions(enable_async=enable_async))
+    tmp_path / "c", options=jaxckpt.CheckpointOptions(enable_async=enable_async)
+  )
   path.future.result(timeout=60)
   assert not os.path.exists(os.path.join(path, "state", "ocdbt.process_0"))  # Fast path.
   restored = ocp.StandardCheckpointer().restore(f"{path}/state")["t"]
@@ -113,10 +128,13 @@ def test_orbax_restores_it_without_a_target(tmp_path, enable_async):
       assert type(got) is type(value) or isinstance(got, np.ndarray)
 
 
-@pytest.mark.parametrize("options, why", [
+@pytest.mark.parametrize(
+  "options, why",
+  [
     (jaxckpt.CheckpointOptions(compression=True), "compression"),
     (jaxckpt.CheckpointOptions(incremental=True), "incremental"),
-])
+  ],
+)
 def test_other_saves_go_through_orbax(tmp_path, options, why):
   del why
   value = jnp.arange(16.0)
@@ -132,26 +150,29 @@ def test_numpy_scalars_and_keys(tmp_path):
   assert not _writes_all({"a": np.float32(1.5)})
   ckpt = jaxckpt.Checkpoint(t=tree)
   path = ckpt.save(tmp_path / "c")
-  target = jaxckpt.Checkpoint(t={"scalar": np.float32(0), "key": jax.random.key(0),
-                                 "x": jnp.zeros(3)})
+  target = jaxckpt.Checkpoint(
+    t={"scalar": np.float32(0), "key": jax.random.key(0), "x": jnp.zeros(3)}
+  )
   target.restore(path).assert_consumed()
   assert target.t["scalar"] == np.float32(1.5)
-  np.testing.assert_array_equal(jax.random.key_data(target.t["key"]),
-                                jax.random.key_data(tree["key"]))
+  np.testing.assert_array_equal(
+    jax.random.key_data(target.t["key"]), jax.random.key_data(tree["key"])
+  )
 
 
 def test_empty_arrays_and_other_dtypes_go_through_orbax(tmp_path):
   import ml_dtypes
+
   for value in (jnp.zeros((0, 3)), np.zeros((2, 0)), jnp.ones(4, ml_dtypes.float8_e4m3fn)):
     assert not _writes_all({"v": value})
   tree = {"f8": jnp.arange(4.0).astype(ml_dtypes.float8_e4m3fn), "x": jnp.arange(3.0)}
   for enable_async in (False, True):  # The plan sends the whole save to Orbax: none packed.
     path = jaxckpt.Checkpoint(t=tree).save(
-        tmp_path / f"c{enable_async}", options=jaxckpt.CheckpointOptions(enable_async=enable_async))
+      tmp_path / f"c{enable_async}", options=jaxckpt.CheckpointOptions(enable_async=enable_async)
+    )
     path.future.result(timeout=60)
     assert os.path.isdir(os.path.join(path, "state", "ocdbt.process_0"))  # Orbax wrote it.
-    target = jaxckpt.Checkpoint(t={"f8": jnp.zeros(4, ml_dtypes.float8_e4m3fn),
-                                   "x": jnp.zeros(3)})
+    target = jaxckpt.Checkpoint(t={"f8": jnp.zeros(4, ml_dtypes.float8_e4m3fn), "x": jnp.zeros(3)})
     target.restore(path).assert_consumed()
     np.testing.assert_array_equal(np.asarray(target.t["f8"], np.float32), np.arange(4.0))
     np.testing.assert_array_equal(target.t["x"], np.arange(3.0))

@@ -32,6 +32,7 @@ def _data(i):
 def _nnx_step(model, optimizer, x, y):
   def loss_fn(m):
     return jnp.mean((m(x) - y) ** 2)
+
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   optimizer.update(model, grads)
   return loss
@@ -96,6 +97,7 @@ class LinenMLP(linen.Module):
 def _linen_step(state, x, y):
   def loss_fn(params):
     return jnp.mean((state.apply_fn({"params": params}, x) - y) ** 2)
+
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   return state.apply_gradients(grads=grads), loss
 
@@ -103,8 +105,7 @@ def _linen_step(state, x, y):
 def _train_state(seed):
   module = LinenMLP()
   params = module.init(jax.random.key(seed), jnp.ones((1, 8)))["params"]
-  return train_state.TrainState.create(apply_fn=module.apply, params=params,
-                                       tx=optax.adamw(1e-2))
+  return train_state.TrainState.create(apply_fn=module.apply, params=params, tx=optax.adamw(1e-2))
 
 
 def test_linen_train_state_resumes_exactly(tmp_path):

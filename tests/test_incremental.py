@@ -38,8 +38,9 @@ def test_same_objects_are_referenced_not_rewritten_and_restore_is_exact(tmp_path
   assert _state_bytes(second) < 0.2 * _state_bytes(first)
   sources = _sources(second)
   assert sources["head/head"] is None and sources["frozen/f3"] == "../c-1"
-  fresh = jaxckpt.Checkpoint(frozen=jax.tree.map(jnp.zeros_like, frozen),
-                             head={"head": jnp.zeros((256, 256))})
+  fresh = jaxckpt.Checkpoint(
+    frozen=jax.tree.map(jnp.zeros_like, frozen), head={"head": jnp.zeros((256, 256))}
+  )
   fresh.restore(second).assert_consumed()
   for k, v in frozen.items():
     np.testing.assert_array_equal(fresh.frozen[k], v)
@@ -77,8 +78,7 @@ def test_manager_sweep_never_breaks_newer_checkpoints(tmp_path):
   # ckpt-1 holds the frozen data: retired (hidden from listing), not deleted.
   assert jaxckpt.latest_checkpoint(tmp_path).endswith("ckpt-5")
   assert not (tmp_path / "ckpt-2").exists() and (tmp_path / "ckpt-1" / "state").is_dir()
-  assert [Path(p).name for p in _checkpoints_in(str(tmp_path))] == [
-      "ckpt-4", "ckpt-5"]
+  assert [Path(p).name for p in _checkpoints_in(str(tmp_path))] == ["ckpt-4", "ckpt-5"]
   with pytest.raises(jaxckpt.NotACheckpointError):
     jaxckpt.Checkpoint(head=head).restore(tmp_path / "ckpt-1")
   fresh = jaxckpt.Checkpoint(frozen=jax.tree.map(jnp.zeros_like, frozen), head=head)
@@ -100,6 +100,7 @@ def test_incremental_never_overwrites(tmp_path):
 
 def test_deleted_holder_is_a_clear_error(tmp_path):
   import shutil
+
   frozen, head = _frozen_state()
   ckpt = jaxckpt.Checkpoint(frozen=frozen, head=head)
   first = ckpt.save(tmp_path / "c", options=INC)
@@ -111,6 +112,7 @@ def test_deleted_holder_is_a_clear_error(tmp_path):
 
 def test_inspect_shows_reused_arrays(tmp_path, capsys):
   from jaxckpt._cli import main
+
   frozen, head = _frozen_state()
   ckpt = jaxckpt.Checkpoint(frozen=frozen, head=head)
   ckpt.save(tmp_path / "c", options=INC)

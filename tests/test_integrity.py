@@ -30,6 +30,7 @@ def test_checksums_are_recorded_per_array(tmp_path):
   path, w = _save(tmp_path)
   manifest = json.loads(Path(path, "jaxckpt", "metadata").read_text())
   import zlib
+
   assert manifest["leaves"]["model/w"]["crc32"] == zlib.crc32(w.tobytes())
 
 
@@ -54,8 +55,10 @@ def test_flipped_byte_is_reported_with_checkpoint_and_tree_path(tmp_path):
 def test_truncated_data_file_is_reported_with_tree_path(tmp_path, compression):
   path, w = _save(tmp_path, compression=compression)
   # The largest data file holds model/w's chunk (16 KiB of the 16.06 KiB).
-  f = max((p for p in Path(path, "state").rglob("*") if p.is_file() and "/d/" in str(p)),
-          key=lambda p: p.stat().st_size)
+  f = max(
+    (p for p in Path(path, "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+    key=lambda p: p.stat().st_size,
+  )
   os.truncate(f, f.stat().st_size // 2)
   with pytest.raises(jaxckpt.CorruptCheckpointError, match=rf"{path}.*'model/w'"):
     jaxckpt.Checkpoint(model={"w": jnp.zeros(4096)}).restore(path).expect_partial()
@@ -75,7 +78,11 @@ def test_dtype_kind_changes_are_refused(tmp_path):
 def test_checksum_is_zlibs_crc32():
   # Manifests written with zlib.crc32 (before ISA-L was used) must still verify.
   rng = np.random.default_rng(0)
-  for value in [rng.standard_normal((257, 33)).astype(np.float32),
-                jnp.arange(1 << 20, dtype=jnp.bfloat16), np.int64(7), 2.5]:
+  for value in [
+    rng.standard_normal((257, 33)).astype(np.float32),
+    jnp.arange(1 << 20, dtype=jnp.bfloat16),
+    np.int64(7),
+    2.5,
+  ]:
     expected = zlib.crc32(np.ascontiguousarray(np.asarray(value)).tobytes())
     assert _integrity.checksum(value) == expected

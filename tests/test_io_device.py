@@ -7,10 +7,20 @@ import jaxckpt
 from jaxckpt._io_device import resolve_io_device
 
 
-@pytest.mark.parametrize("spec, index", [
-    ("/job:localhost", 0), ("/job:worker/task:0", 0), ("/task:0", 0),
-    ("/job:localhost/replica:0/task:0/device:CPU:0", 0), ("cpu:0", 0), ("CPU:2", 2),
-    ("/cpu:3", 3), ("/device:CPU:1", 1), ("/job:localhost/device:CPU:*", 0)])
+@pytest.mark.parametrize(
+  "spec, index",
+  [
+    ("/job:localhost", 0),
+    ("/job:worker/task:0", 0),
+    ("/task:0", 0),
+    ("/job:localhost/replica:0/task:0/device:CPU:0", 0),
+    ("cpu:0", 0),
+    ("CPU:2", 2),
+    ("/cpu:3", 3),
+    ("/device:CPU:1", 1),
+    ("/job:localhost/device:CPU:*", 0),
+  ],
+)
 def test_tf_device_strings_resolve_to_local_cpu_devices(spec, index):
   assert resolve_io_device(spec) == jax.local_devices(backend="cpu")[index]
 
@@ -21,10 +31,17 @@ def test_none_and_jax_device():
   assert resolve_io_device(device) is device
 
 
-@pytest.mark.parametrize("spec, why", [
-    ("gpu:0", "no GPU:0 device"), ("cpu:9", "no CPU:9 device"),
-    ("/job:worker/task:3", "names task 3"), ("/job:localhost/replica:1", "replica 1"),
-    ("not a device", "not a device string"), (3, "got int")])
+@pytest.mark.parametrize(
+  "spec, why",
+  [
+    ("gpu:0", "no GPU:0 device"),
+    ("cpu:9", "no CPU:9 device"),
+    ("/job:worker/task:3", "names task 3"),
+    ("/job:localhost/replica:1", "replica 1"),
+    ("not a device", "not a device string"),
+    (3, "got int"),
+  ],
+)
 def test_unknown_devices_list_what_is_available(spec, why):
   with pytest.raises(ValueError, match=why) as info:
     resolve_io_device(spec)
@@ -39,11 +56,13 @@ def test_unknown_device_fails_save_before_touching_disk(tmp_path):
 
 
 def test_io_device_changes_where_io_happens_not_what_is_saved(tmp_path):
-  sharded = jax.device_put(jnp.arange(16.0),
-                           jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d")))
+  sharded = jax.device_put(
+    jnp.arange(16.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d"))
+  )
   direct = jaxckpt.Checkpoint(x=sharded).save(tmp_path / "direct")
   routed = jaxckpt.Checkpoint(x=sharded).save(
-      tmp_path / "routed", options=jaxckpt.CheckpointOptions("/device:CPU:1"))
+    tmp_path / "routed", options=jaxckpt.CheckpointOptions("/device:CPU:1")
+  )
   # Routed: the whole array went through CPU:1 before Orbax wrote it.
   meta = ocp.PyTreeCheckpointer().metadata(f"{routed}/state").item_metadata.tree["x"]
   assert meta.sharding.device_str == "cpu:1"

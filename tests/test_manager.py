@@ -21,11 +21,16 @@ def _on_disk(directory):
   return sorted(n for n in os.listdir(directory) if not n.startswith("checkpoint"))
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    ({"max_to_keep": 0}, "max_to_keep"), ({"max_to_keep": -1}, "max_to_keep"),
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
+    ({"max_to_keep": 0}, "max_to_keep"),
+    ({"max_to_keep": -1}, "max_to_keep"),
     ({"max_to_keep": 2, "checkpoint_interval": 5}, "step_counter"),
     ({"max_to_keep": 2, "keep_checkpoint_every_n_hours": 0}, "keep_checkpoint_every_n_hours"),
-    ({"max_to_keep": 2, "checkpoint_name": "a/b"}, "checkpoint_name")])
+    ({"max_to_keep": 2, "checkpoint_name": "a/b"}, "checkpoint_name"),
+  ],
+)
 def test_validation_errors(tmp_path, kwargs, match):
   with pytest.raises(ValueError, match=match):
     jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=1), tmp_path, **kwargs)
@@ -54,7 +59,10 @@ def test_max_to_keep_none_keeps_all_and_checkpoint_number_names(tmp_path):
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(2))
   manager = jaxckpt.CheckpointManager(ckpt, tmp_path, None, checkpoint_name="model")
   assert _names([manager.save(checkpoint_number=n) for n in (10, 20, 30)]) == [
-      "model-10", "model-20", "model-30"]
+    "model-10",
+    "model-20",
+    "model-30",
+  ]
   assert ckpt.save_counter == 3  # Always incremented.
   assert _on_disk(tmp_path) == ["model-10", "model-20", "model-30"]
 
@@ -62,8 +70,12 @@ def test_max_to_keep_none_keeps_all_and_checkpoint_number_names(tmp_path):
 def test_checkpoint_interval(tmp_path):
   step = {"value": 0}
   manager = jaxckpt.CheckpointManager(
-      jaxckpt.Checkpoint(x=jnp.ones(2)), tmp_path, None,
-      step_counter=lambda: jnp.asarray(step["value"]), checkpoint_interval=5)
+    jaxckpt.Checkpoint(x=jnp.ones(2)),
+    tmp_path,
+    None,
+    step_counter=lambda: jnp.asarray(step["value"]),
+    checkpoint_interval=5,
+  )
   saved = []
   for s in (0, 3, 5, 7, 10):
     step["value"] = s
@@ -77,8 +89,9 @@ def test_checkpoint_interval(tmp_path):
 def test_keep_checkpoint_every_n_hours(tmp_path, monkeypatch):
   clock = {"now": 1_000_000.0}
   monkeypatch.setattr(_manager.time, "time", lambda: clock["now"])
-  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=jnp.ones(2)), tmp_path, 2,
-                                      keep_checkpoint_every_n_hours=1)
+  manager = jaxckpt.CheckpointManager(
+    jaxckpt.Checkpoint(x=jnp.ones(2)), tmp_path, 2, keep_checkpoint_every_n_hours=1
+  )
   for _ in range(6):
     clock["now"] += 1800  # Half an hour between saves.
     manager.save()
@@ -104,8 +117,9 @@ def test_state_is_recovered_when_reopening(tmp_path):
 
 def test_restore_or_initialize_calls_init_fn_on_empty_directory(tmp_path):
   calls = []
-  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=1), tmp_path / "new", 1,
-                                      init_fn=lambda: calls.append(1))
+  manager = jaxckpt.CheckpointManager(
+    jaxckpt.Checkpoint(x=1), tmp_path / "new", 1, init_fn=lambda: calls.append(1)
+  )
   assert manager.restore_or_initialize() is None
   assert calls == [1]
 
@@ -115,8 +129,9 @@ def test_async_sweep_and_state_update_chain_off_the_commit(tmp_path):
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(2))
   manager = jaxckpt.CheckpointManager(ckpt, tmp_path, 1)
   first = manager.save()
-  opts = jaxckpt.CheckpointOptions(enable_async=True,
-                                   experimental_write_callbacks=[lambda: release.wait(TIMEOUT)])
+  opts = jaxckpt.CheckpointOptions(
+    enable_async=True, experimental_write_callbacks=[lambda: release.wait(TIMEOUT)]
+  )
   second = manager.save(options=opts)
   # The save may still be writing (hidden staging) or committed with its
   # callback blocked; either way ckpt-1 is not swept and the state not updated.
@@ -131,8 +146,9 @@ def test_restore_or_initialize_waits_for_pending_save(tmp_path):
   release = threading.Event()
   ckpt = jaxckpt.Checkpoint(x=jnp.full(2, 3.0))
   manager = jaxckpt.CheckpointManager(ckpt, tmp_path, 2)
-  opts = jaxckpt.CheckpointOptions(enable_async=True,
-                                   experimental_write_callbacks=[lambda: release.wait(TIMEOUT)])
+  opts = jaxckpt.CheckpointOptions(
+    enable_async=True, experimental_write_callbacks=[lambda: release.wait(TIMEOUT)]
+  )
   path = manager.save(options=opts)
   got = []
   t = threading.Thread(target=lambda: got.append(manager.restore_or_initialize()))
@@ -147,8 +163,11 @@ def test_restore_or_initialize_waits_for_pending_save(tmp_path):
 def test_leftovers_of_interrupted_saves_are_removed_and_never_listed(tmp_path):
   manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=jnp.ones(2)), tmp_path, 3)
   manager.save()
-  for leftover in (".ckpt-2.jaxckpt-tmp-123", ".ckpt-2.jaxckpt-tmp-123.orbax-checkpoint-tmp-9",
-                   ".ckpt-1.jaxckpt-del-77"):
+  for leftover in (
+    ".ckpt-2.jaxckpt-tmp-123",
+    ".ckpt-2.jaxckpt-tmp-123.orbax-checkpoint-tmp-9",
+    ".ckpt-1.jaxckpt-del-77",
+  ):
     (tmp_path / leftover / "state").mkdir(parents=True)
   (tmp_path / "unrelated.txt").write_text("keep me")
   reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=jnp.ones(2)), tmp_path, 3)
@@ -157,25 +176,30 @@ def test_leftovers_of_interrupted_saves_are_removed_and_never_listed(tmp_path):
 
 
 @pytest.mark.parametrize("where", ["local", "memory"])
-def test_a_new_manager_waits_for_saves_in_flight_into_its_directory(tmp_path, monkeypatch,
-                                                                    where):
+def test_a_new_manager_waits_for_saves_in_flight_into_its_directory(tmp_path, monkeypatch, where):
   # A new manager sweeps interrupted saves' data, which an in-flight save's data
   # looks like; sweeping it would fail that save (or worse).
   directory = str(tmp_path) if where == "local" else f"memory://{uuid.uuid4().hex}/run"
   reached, release = threading.Event(), threading.Event()
   original = _commit._take_checksums
+
   def held(*args):  # The arrays are written (or being written), not committed.
     reached.set()
     release.wait(TIMEOUT)
     return original(*args)
+
   monkeypatch.setattr(_commit, "_take_checksums", held)
   value = jnp.arange(4096.0)
   path = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=value), directory, 3).save(
-      options=jaxckpt.CheckpointOptions(enable_async=True))
+    options=jaxckpt.CheckpointOptions(enable_async=True)
+  )
   assert reached.wait(TIMEOUT)
   made = []
-  t = threading.Thread(target=lambda: made.append(jaxckpt.CheckpointManager(
-      jaxckpt.Checkpoint(x=jnp.zeros(4096)), directory, 3)))
+  t = threading.Thread(
+    target=lambda: made.append(
+      jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=jnp.zeros(4096)), directory, 3)
+    )
+  )
   t.start()
   t.join(timeout=0.5)
   assert t.is_alive() and not made  # Waiting for the save, not sweeping its data.
@@ -189,9 +213,14 @@ def test_a_new_manager_waits_for_saves_in_flight_into_its_directory(tmp_path, mo
 
 def test_a_manager_made_in_a_write_callback_does_not_wait_for_its_own_save(tmp_path):
   made = []
-  opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[
-      lambda: made.append(jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), tmp_path, 3))])
+  opts = jaxckpt.CheckpointOptions(
+    enable_async=True,
+    experimental_write_callbacks=[
+      lambda: made.append(jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), tmp_path, 3))
+    ],
+  )
   path = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=jnp.ones(2)), tmp_path, 3).save(
-      options=opts)
+    options=opts
+  )
   assert path.future.result(timeout=TIMEOUT) == path  # No deadlock.
   assert len(made) == 1

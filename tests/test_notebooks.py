@@ -32,19 +32,24 @@ def _execute(name, jupyter_path, monkeypatch, tmp_path):
   monkeypatch.setenv("TMPDIR", str(tmp_path))  # The kernel's mkdtemp()s land here.
   monkeypatch.setenv("JAXCKPT_NOTEBOOK_SMALL", "1")
   nb = nbformat.read(NOTEBOOKS / name, as_version=4)
-  client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                                   resources={"metadata": {"path": str(NOTEBOOKS)}})
+  client = nbclient.NotebookClient(
+    nb, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+  )
   client.execute()  # Raises CellExecutionError on the first failing cell.
-  errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs
-            if o.output_type == "error"]
+  errors = [
+    o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"
+  ]
   assert not errors, errors
   return nb
 
 
 def _text(nb) -> str:
-  return "".join(o.get("text", "") if o.output_type == "stream"
-                 else o.get("data", {}).get("text/plain", "")
-                 for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+  return "".join(
+    o.get("text", "") if o.output_type == "stream" else o.get("data", {}).get("text/plain", "")
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+  )
 
 
 @pytest.mark.parametrize("name", ["quickstart.ipynb", "benchmark.ipynb"])
@@ -77,7 +82,12 @@ def test_benchmark_notebook_plots(jupyter_path, monkeypatch, tmp_path):
   text = _text(nb)
   assert list(tmp_path.rglob("tpu_idle.json"))  # Written under tmp_path, not left in /tmp.
   assert "small configuration" in text and "jaxckpt_async" in text
-  images = [o["data"]["image/png"] for c in nb.cells if c.cell_type == "code"
-            for o in c.outputs if "image/png" in o.get("data", {})]
+  images = [
+    o["data"]["image/png"]
+    for c in nb.cells
+    if c.cell_type == "code"
+    for o in c.outputs
+    if "image/png" in o.get("data", {})
+  ]
   assert len(images) == 1
   assert base64.b64decode(images[0]).startswith(b"\x89PNG")

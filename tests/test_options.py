@@ -10,8 +10,12 @@ from jaxckpt._options import call_write_callback
 
 def test_signature_is_tfs_in_tfs_order():
   params = list(inspect.signature(jaxckpt.CheckpointOptions).parameters)
-  assert params[:4] == ["experimental_io_device", "experimental_enable_async_checkpoint",
-                        "experimental_write_callbacks", "enable_async"]
+  assert params[:4] == [
+    "experimental_io_device",
+    "experimental_enable_async_checkpoint",
+    "experimental_write_callbacks",
+    "enable_async",
+  ]
   positional = jaxckpt.CheckpointOptions("cpu:0", False, None, True)
   assert positional.experimental_io_device == "cpu:0"
   assert positional.enable_async
@@ -25,13 +29,14 @@ def test_defaults():
   assert opts.experimental_write_callbacks is None
 
 
-@pytest.mark.parametrize("alias, flag, expected", [
-    (False, False, False), (True, False, True), (False, True, True), (True, True, True)])
+@pytest.mark.parametrize(
+  "alias, flag, expected",
+  [(False, False, False), (True, False, True), (False, True, True), (True, True, True)],
+)
 def test_async_flags_are_or_merged(alias, flag, expected):
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
-    opts = jaxckpt.CheckpointOptions(experimental_enable_async_checkpoint=alias,
-                                     enable_async=flag)
+    opts = jaxckpt.CheckpointOptions(experimental_enable_async_checkpoint=alias, enable_async=flag)
   assert opts.enable_async is expected
   assert opts.experimental_enable_async_checkpoint is expected
 
@@ -60,9 +65,13 @@ def test_setting_either_flag_after_construction_keeps_both_in_sync():
 
 def test_setting_enable_async_after_construction_takes_effect(tmp_path):
   import jax.numpy as jnp
+
   seen = []
-  opts = jaxckpt.CheckpointOptions(experimental_write_callbacks=[
-      lambda: seen.append(__import__("threading").current_thread().name)])
+  opts = jaxckpt.CheckpointOptions(
+    experimental_write_callbacks=[
+      lambda: seen.append(__import__("threading").current_thread().name)
+    ]
+  )
   opts.enable_async = True
   path = jaxckpt.Checkpoint(x=jnp.ones(2)).save(tmp_path / "c", options=opts)
   path.future.result(timeout=60)
@@ -77,6 +86,7 @@ def test_callback_not_callable_is_named():
 def test_callback_with_two_required_params_is_rejected():
   def two(a, b):
     pass
+
   with pytest.raises(ValueError, match=r"\[0\].*two.*at most one positional"):
     jaxckpt.CheckpointOptions(experimental_write_callbacks=[two])
 
@@ -84,6 +94,7 @@ def test_callback_with_two_required_params_is_rejected():
 def test_callback_with_required_keyword_only_is_rejected():
   def kw(*, must):
     pass
+
   with pytest.raises(TypeError, match="must"):
     jaxckpt.CheckpointOptions(experimental_write_callbacks=[kw])
 
@@ -95,16 +106,20 @@ def test_single_callable_instead_of_list_is_rejected():
 
 def test_accepted_callback_shapes_and_how_they_are_called():
   calls = []
+
   def no_arg():
     calls.append("none")
+
   def one_arg(path):
     calls.append(("one", path))
+
   def defaulted(path, extra=1):
     calls.append(("defaulted", path, extra))
+
   def star(*args):
     calls.append(("star", args))
-  opts = jaxckpt.CheckpointOptions(
-      experimental_write_callbacks=[no_arg, one_arg, defaulted, star])
+
+  opts = jaxckpt.CheckpointOptions(experimental_write_callbacks=[no_arg, one_arg, defaulted, star])
   for cb in opts.experimental_write_callbacks:
     call_write_callback(cb, "/p-1")
   assert calls == ["none", ("one", "/p-1"), ("defaulted", "/p-1", 1), ("star", ("/p-1",))]
@@ -125,5 +140,7 @@ def test_equality_and_repr():
   assert a == b
   b.enable_async = False
   assert a != b
-  assert repr(a) == ("CheckpointOptions(experimental_io_device='cpu:0', enable_async=True, "
-                     "experimental_write_callbacks=None)")
+  assert repr(a) == (
+    "CheckpointOptions(experimental_io_device='cpu:0', enable_async=True, "
+    "experimental_write_callbacks=None)"
+  )

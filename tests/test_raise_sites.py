@@ -38,10 +38,13 @@ from jaxckpt._errors import JaxckptError
 
 PACKAGE = pathlib.Path(jaxckpt.__file__).parent
 ERROR_CLASSES = frozenset(
-    c for c in vars(_errors).values()
-    if isinstance(c, type) and issubclass(c, JaxckptError) and c.__module__ == _errors.__name__)
-PUBLIC_CLASSES = sorted((c for c in ERROR_CLASSES if not c.__name__.startswith("_")),
-                        key=lambda c: c.__name__)
+  c
+  for c in vars(_errors).values()
+  if isinstance(c, type) and issubclass(c, JaxckptError) and c.__module__ == _errors.__name__
+)
+PUBLIC_CLASSES = sorted(
+  (c for c in ERROR_CLASSES if not c.__name__.startswith("_")), key=lambda c: c.__name__
+)
 INC = jaxckpt.CheckpointOptions(incremental=True)
 
 
@@ -59,9 +62,11 @@ _SITES = []
 
 def _site(cls: type, builtin_bases: tuple[type, ...], match: str):
   """Registers ``trigger(tmp_path, monkeypatch)``, whose last call must raise ``cls``."""
+
   def register(trigger):
     _SITES.append(pytest.param(trigger, cls, builtin_bases, match, id=trigger.__name__))
     return trigger
+
   return register
 
 
@@ -77,6 +82,7 @@ def _edit_manifest(path: str, edit) -> None:
 
 
 # Checkpoint (_checkpoint.py)
+
 
 @_site(jaxckpt.InvalidOptionsError, (TypeError, ValueError), "options must be")
 def save_with_options_that_are_not_options(tmp_path, monkeypatch):
@@ -125,6 +131,7 @@ def incremental_write_over_a_checkpoint(tmp_path, monkeypatch):
 
 # Save targets (_store.LocalStore.check_target)
 
+
 @_site(jaxckpt.InvalidPathError, (ValueError,), "is a file, not a directory")
 def save_under_a_file(tmp_path, monkeypatch):
   (tmp_path / "f").write_text("x")
@@ -138,6 +145,7 @@ def write_onto_a_file(tmp_path, monkeypatch):
 
 
 # Trees (_tree.py)
+
 
 @_site(jaxckpt.TreeError, (ValueError,), "deleted jax.Array")
 def save_a_donated_array(tmp_path, monkeypatch):
@@ -169,10 +177,12 @@ def save_two_keys_with_one_name(tmp_path, monkeypatch):
 
 # Writing (_commit.py, _background.py)
 
+
 @_site(jaxckpt.SaveError, (RuntimeError,), "simulated I/O error.*was not committed")
 def sync_save_that_fails(tmp_path, monkeypatch):
   def failing_fsync(root):
     raise OSError(5, "simulated I/O error")
+
   monkeypatch.setattr(_store, "fsync_tree", failing_fsync)
   jaxckpt.Checkpoint(x=jnp.ones(2)).save(tmp_path / "m")
 
@@ -181,6 +191,7 @@ def sync_save_that_fails(tmp_path, monkeypatch):
 def next_save_after_an_async_save_that_failed(tmp_path, monkeypatch):
   def failing_fsync(root):
     raise OSError(5, "simulated I/O error")
+
   monkeypatch.setattr(_store, "fsync_tree", failing_fsync)
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(2))
   failed = ckpt.save(tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True))
@@ -193,6 +204,7 @@ def next_save_after_an_async_save_that_failed(tmp_path, monkeypatch):
 def save_to_a_store_that_fails(tmp_path, monkeypatch):
   def failing_write(*args, **kwargs):
     raise OSError("store unreachable")
+
   monkeypatch.setattr(_zarr3, "write_arrays", failing_write)
   jaxckpt.Checkpoint(x=jnp.ones(2)).save(f"memory://{uuid.uuid4().hex}/c")
 
@@ -201,11 +213,13 @@ def save_to_a_store_that_fails(tmp_path, monkeypatch):
 def write_callback_that_raises(tmp_path, monkeypatch):
   def boom(path):
     raise RuntimeError("callback exploded")
+
   options = jaxckpt.CheckpointOptions(experimental_write_callbacks=[boom])
   jaxckpt.Checkpoint(x=jnp.ones(2)).save(tmp_path / "m", options=options)
 
 
 # Reading checkpoints (_manifest.py, _reader.py)
+
 
 @_site(jaxckpt.CheckpointNotFoundError, (FileNotFoundError,), "No checkpoint found")
 def restore_a_missing_path(tmp_path, monkeypatch):
@@ -294,6 +308,7 @@ def get_tensor_of_an_unknown_name(tmp_path, monkeypatch):
 
 # Restoring values (_restore.py, _integrity.py)
 
+
 @_site(jaxckpt.ShapeMismatchError, (ValueError,), r"shape \(3,\).*shape \(4,\)")
 def restore_into_another_shape(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x=jnp.zeros(4)).restore(_committed(tmp_path))
@@ -331,9 +346,12 @@ def restore_an_incremental_checkpoint_whose_holder_is_gone(tmp_path, monkeypatch
 def restore_a_truncated_compressed_array(tmp_path, monkeypatch):
   w = jnp.arange(4096, dtype=jnp.float32)
   path = jaxckpt.Checkpoint(w=w).write(
-      tmp_path / "c", options=jaxckpt.CheckpointOptions(compression=True))
-  data = max((p for p in pathlib.Path(path, "state").rglob("*") if p.is_file() and "/d/" in str(p)),
-             key=lambda p: p.stat().st_size)
+    tmp_path / "c", options=jaxckpt.CheckpointOptions(compression=True)
+  )
+  data = max(
+    (p for p in pathlib.Path(path, "state").rglob("*") if p.is_file() and "/d/" in str(p)),
+    key=lambda p: p.stat().st_size,
+  )
   os.truncate(data, data.stat().st_size // 2)
   jaxckpt.Checkpoint(w=jnp.zeros(4096)).restore(path)
 
@@ -341,10 +359,12 @@ def restore_a_truncated_compressed_array(tmp_path, monkeypatch):
 @_site(jaxckpt.CorruptCheckpointError, (ValueError,), "could not be read")
 def restore_where_only_the_batch_read_fails(tmp_path, monkeypatch):
   real = _layout._orbax_read
+
   def batch_fails(path, manifest, wanted, *args):
     if len(wanted) > 1:
       raise OSError("batch read failed")
     return real(path, manifest, wanted, *args)
+
   monkeypatch.setattr(_layout, "_orbax_read", batch_fails)
   options = jaxckpt.CheckpointOptions(compression=True)  # Not for the fast path: Orbax reads.
   path = jaxckpt.Checkpoint(a=jnp.ones(2), b=jnp.ones(2)).write(tmp_path / "c", options=options)
@@ -360,6 +380,7 @@ def restore_an_unreadable_array_from_a_store(tmp_path, monkeypatch):
 
 
 # Load status (_load_status.py)
+
 
 @_site(jaxckpt.LoadStatusError, (AssertionError,), "not tracked")
 def assert_consumed_with_an_unused_value(tmp_path, monkeypatch):
@@ -386,6 +407,7 @@ def assert_consumed_after_restore_of_none(tmp_path, monkeypatch):
 
 # CheckpointManager (_manager.py; bucket-less URLs from _store.KvStore.join)
 
+
 @_site(jaxckpt.InvalidOptionsError, (TypeError, ValueError), "must be a jaxckpt.Checkpoint")
 def manager_of_something_else(tmp_path, monkeypatch):
   jaxckpt.CheckpointManager({"x": 1}, tmp_path, max_to_keep=1)
@@ -409,6 +431,7 @@ def latest_checkpoint_of_a_url_without_a_bucket(tmp_path, monkeypatch):
 
 # install_preemption_handler (_preemption.py)
 
+
 @_site(jaxckpt.InvalidOptionsError, (TypeError, ValueError), "file_prefix is required")
 def preemption_handler_for_a_checkpoint_without_prefix(tmp_path, monkeypatch):
   jaxckpt.install_preemption_handler(jaxckpt.Checkpoint(x=1), signals=(signal.SIGUSR1,))
@@ -426,7 +449,9 @@ def test_public_raise_site(tmp_path, monkeypatch, trigger, cls, builtin_bases, m
   _check(info.value, cls, builtin_bases)
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"compression": "yes"}, "compression must be a bool"),
     ({"chunk_byte_size": 0}, "chunk_byte_size must be a positive int"),
     ({"max_in_flight": 0}, "max_in_flight must be a positive int"),
@@ -439,7 +464,8 @@ def test_public_raise_site(tmp_path, monkeypatch, trigger, cls, builtin_bases, m
     ({"experimental_write_callbacks": [1]}, r"\[0\] must be callable"),
     ({"experimental_write_callbacks": [lambda a, b: None]}, "at most one positional"),
     ({"experimental_write_callbacks": [lambda *, k: None]}, "at most one positional"),
-])
+  ],
+)
 def test_checkpoint_options_raise_invalid_options_error(kwargs, match):
   with pytest.raises(JaxckptError, match=match) as info:
     jaxckpt.CheckpointOptions(**kwargs)
@@ -453,25 +479,31 @@ def test_enable_async_setter_raises_invalid_options_error():
   _check(info.value, jaxckpt.InvalidOptionsError, (TypeError, ValueError))
 
 
-@pytest.mark.parametrize("kwargs, match", [
+@pytest.mark.parametrize(
+  "kwargs, match",
+  [
     ({"max_to_keep": 0}, "max_to_keep"),
     ({"max_to_keep": 1, "keep_checkpoint_every_n_hours": -1}, "keep_checkpoint_every_n_hours"),
     ({"max_to_keep": 1, "checkpoint_interval": 5}, "step_counter must be given"),
     ({"max_to_keep": 1, "checkpoint_name": "a/b"}, "checkpoint_name"),
-])
+  ],
+)
 def test_manager_arguments_raise_invalid_options_error(tmp_path, kwargs, match):
   with pytest.raises(JaxckptError, match=match) as info:
     jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=1), tmp_path, **kwargs)
   _check(info.value, jaxckpt.InvalidOptionsError, (TypeError, ValueError))
 
 
-@pytest.mark.parametrize("spec, match", [
+@pytest.mark.parametrize(
+  "spec, match",
+  [
     (123, "got int 123"),
     ("garbage!", "is not a device string"),
     ("/job:localhost/replica:1", "replica 1 does not exist"),
     ("/job:localhost/task:7", "names task 7"),
     ("/job:localhost/device:CPU:99", "no CPU:99 device"),
-])
+  ],
+)
 @pytest.mark.parametrize("call", ["save", "restore"])
 def test_unknown_io_device_raises_unknown_device_error(tmp_path, spec, match, call):
   options = jaxckpt.CheckpointOptions(experimental_io_device=spec)
@@ -533,6 +565,7 @@ def _coordination_error(call, match):
 
 def test_uninitialized_distributed_is_a_coordination_error(monkeypatch):
   from jax._src.distributed import global_state
+
   monkeypatch.setattr(global_state, "client", None)
   _coordination_error(_multihost._client, "jax.distributed is not initialized")
 
@@ -559,11 +592,15 @@ def test_coordination_error_keeps_its_old_import_path():
 # -- the CLI (_cli.py): errors become exit code 2; its commands raise JaxckptError ---
 
 
-@pytest.mark.parametrize("command, make_target, match", [
+@pytest.mark.parametrize(
+  "command, make_target, match",
+  [
     (_cli.cmd_ls, lambda tmp_path: f"memory://{uuid.uuid4().hex}", "Nothing is stored"),
     (_cli.cmd_ls, lambda tmp_path: str(tmp_path / "missing"), "is not a directory"),
     (_cli.cmd_verify, lambda tmp_path: str(tmp_path), "No committed checkpoints"),
-], ids=["ls-empty-url", "ls-missing-directory", "verify-empty-directory"])
+  ],
+  ids=["ls-empty-url", "ls-missing-directory", "verify-empty-directory"],
+)
 def test_cli_commands_raise_jaxckpt_error(tmp_path, capsys, command, make_target, match):
   target = make_target(tmp_path)
   args = argparse.Namespace(directory=target, path=target, json=True)
@@ -590,11 +627,15 @@ def test_every_public_error_class_is_exported():
     assert getattr(jaxckpt, cls.__name__) is cls and cls.__name__ in jaxckpt.__all__
 
 
-@pytest.mark.parametrize("cls", [c for c in PUBLIC_CLASSES if c is not JaxckptError],
-                         ids=lambda c: c.__name__)
+@pytest.mark.parametrize(
+  "cls", [c for c in PUBLIC_CLASSES if c is not JaxckptError], ids=lambda c: c.__name__
+)
 def test_every_error_class_is_also_a_builtin_users_catch(cls):
-  assert [b for b in cls.__mro__ if b.__module__ == "builtins" and b not in (
-      Exception, BaseException, object)], cls
+  assert [
+    b
+    for b in cls.__mro__
+    if b.__module__ == "builtins" and b not in (Exception, BaseException, object)
+  ], cls
 
 
 @pytest.mark.parametrize("cls", PUBLIC_CLASSES, ids=lambda c: c.__name__)
@@ -604,8 +645,10 @@ def test_io_process_errors_are_rebuilt_as_their_class(cls):
   assert "(on process 1, the experimental_io_device) boom" in str(error)
 
 
-@pytest.mark.parametrize("name", ["_ArrayReadError", "_FastReadUnsupported", "ValueError",
-                                  "PermissionError", "annotations", ""])
+@pytest.mark.parametrize(
+  "name",
+  ["_ArrayReadError", "_FastReadUnsupported", "ValueError", "PermissionError", "annotations", ""],
+)
 def test_other_io_process_errors_are_rebuilt_as_jaxckpt_error(name):
   error = _routed._rebuild_error({"error": name, "message": "boom"}, 1)
   assert type(error) is JaxckptError and "boom" in str(error)
@@ -683,8 +726,11 @@ def _raise_problems(source: str, namespace: dict, package: str = "jaxckpt") -> t
   def visit(node, scopes):
     nonlocal count
     for child in ast.iter_child_nodes(node):
-      inner = scopes + [child] if isinstance(
-          child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)) else scopes
+      inner = (
+        scopes + [child]
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+        else scopes
+      )
       where = getattr(inner[-1], "name", "<lambda>") if inner else "<module>"
       if isinstance(child, ast.Assert):
         problems.append((where, "assert", "an assert statement raises AssertionError"))
@@ -716,8 +762,9 @@ def _raise_problems(source: str, namespace: dict, package: str = "jaxckpt") -> t
 def test_every_raise_is_a_jaxckpt_error():
   unexplained, used, total = [], set(), 0
   for file in sorted(PACKAGE.glob("*.py")):
-    module = importlib.import_module(f"jaxckpt.{file.stem}" if file.stem != "__init__"
-                                     else "jaxckpt")
+    module = importlib.import_module(
+      f"jaxckpt.{file.stem}" if file.stem != "__init__" else "jaxckpt"
+    )
     count, problems = _raise_problems(file.read_text(), vars(module))
     total += count
     for where, label, problem in problems:
@@ -761,7 +808,9 @@ def f(x):
 """
 
 
-@pytest.mark.parametrize("bad", [
+@pytest.mark.parametrize(
+  "bad",
+  [
     "raise ValueError('x')",
     "raise KeyError",
     "raise RuntimeError('x') from None",
@@ -770,13 +819,16 @@ def f(x):
     "raise unknown_name('x')",
     "e = OSError('x')\n  raise e",
     "assert x, 'x'",
-])
+  ],
+)
 def test_the_raise_check_flags_what_it_should(bad):
   def check(source):
     namespace = {}
     exec(compile(source, "<test>", "exec"), namespace)
     return _raise_problems(source, namespace)
+
   assert check(_GOOD) == (7, [])
   count, problems = check(
-      _GOOD + "\ndef bad_factory() -> ValueError:\n  ...\n\ndef g(x):\n  " + bad + "\n")
+    _GOOD + "\ndef bad_factory() -> ValueError:\n  ...\n\ndef g(x):\n  " + bad + "\n"
+  )
   assert [where for where, _, _ in problems] == ["g"]

@@ -93,8 +93,11 @@ def test_nothing_matched_fails_nontrivial(tmp_path):
 def test_restore_none_restores_nothing_and_assertions_say_so():
   ckpt = jaxckpt.Checkpoint(a=jnp.zeros(2))
   status = ckpt.restore(None)
-  for check in (status.assert_consumed, status.assert_existing_objects_matched,
-                status.assert_nontrivial_match):
+  for check in (
+    status.assert_consumed,
+    status.assert_existing_objects_matched,
+    status.assert_nontrivial_match,
+  ):
     with pytest.raises(AssertionError, match="save_path=None"):
       check()
   assert status.expect_partial() is status
@@ -113,13 +116,12 @@ def test_unused_values_warn_unless_expect_partial(tmp_path, caplog):
 
 @pytest.mark.parametrize("target", ["single", "4-way", "2x2"])
 def test_restore_reshards_onto_the_tracked_sharding(tmp_path, target):
-  saved = jax.device_put(jnp.arange(32.0).reshape(4, 8),
-                         _mesh_sharding((2,), ("x",), ("x",)))
+  saved = jax.device_put(jnp.arange(32.0).reshape(4, 8), _mesh_sharding((2,), ("x",), ("x",)))
   path = jaxckpt.Checkpoint(w=saved).save(tmp_path / "m")
   sharding = {
-      "single": jax.sharding.SingleDeviceSharding(jax.devices()[3]),
-      "4-way": _mesh_sharding((4,), ("x",), (None, "x")),
-      "2x2": _mesh_sharding((2, 2), ("a", "b"), ("a", "b")),
+    "single": jax.sharding.SingleDeviceSharding(jax.devices()[3]),
+    "4-way": _mesh_sharding((4,), ("x",), (None, "x")),
+    "2x2": _mesh_sharding((2, 2), ("a", "b"), ("a", "b")),
   }[target]
   dst = jaxckpt.Checkpoint(w=jax.device_put(jnp.zeros((4, 8), jnp.bfloat16), sharding))
   dst.restore(path).assert_consumed()
@@ -139,8 +141,11 @@ def test_checkpoint_is_restorable_by_plain_orbax(tmp_path):
 
 
 def test_list_variables_and_reader(tmp_path):
-  tree = {"w": jnp.ones((2, 3)), "b": np.zeros(3, np.float64),
-          "layers": [jnp.ones(2, jnp.bfloat16)]}
+  tree = {
+    "w": jnp.ones((2, 3)),
+    "b": np.zeros(3, np.float64),
+    "layers": [jnp.ones(2, jnp.bfloat16)],
+  }
   ckpt = jaxckpt.Checkpoint(model=tree, step=3)
   path = ckpt.save(tmp_path / "m")
   expected = [("model/b", [3]), ("model/layers/0", [2]), ("model/w", [2, 3]), ("step", [])]
@@ -165,15 +170,18 @@ def test_load_checkpoint_on_empty_directory_is_clear(tmp_path):
 
 def test_structure_mismatch_is_explained_with_tree_paths(tmp_path):
   path = jaxckpt.Checkpoint(model={"layers": [jnp.ones(2), jnp.ones(2)], "w": jnp.ones(3)}).save(
-      tmp_path / "m")
+    tmp_path / "m"
+  )
   status = jaxckpt.Checkpoint(model={"layers": jnp.zeros(2), "w": {"k": jnp.zeros(3)}}).restore(
-      path)
+    path
+  )
   with pytest.raises(AssertionError) as info:
     status.assert_existing_objects_matched()
   message = str(info.value)
   assert "at 'model/layers' the checkpoint has a subtree ('model/layers/0', " in message
   assert "at 'model/w' the checkpoint has a single value but a subtree (incl. 'model/w/k')" in (
-      message)
+    message
+  )
   status.expect_partial()
 
 
@@ -191,6 +199,7 @@ def test_restore_keeps_uncommitted_arrays_uncommitted_so_jit_does_not_recompile(
 
 def test_uncommit_shares_the_buffer_instead_of_copying():
   from jaxckpt import _compat
+
   x = jax.device_put(jnp.arange(1024.0), jax.devices()[0])
   y = _compat.uncommitted(x)
   assert x.committed and not y.committed

@@ -21,8 +21,7 @@ def _rss_bytes() -> int:
 
 
 def test_every_async_save_in_a_donating_loop_is_bit_exact(tmp_path):
-  step = jax.jit(lambda s: {"w": jnp.sin(s["w"]) * 1.5 + 0.1, "n": s["n"] + 1},
-                 donate_argnums=0)
+  step = jax.jit(lambda s: {"w": jnp.sin(s["w"]) * 1.5 + 0.1, "n": s["n"] + 1}, donate_argnums=0)
   state = {"w": jax.random.normal(jax.random.key(1), (256, 256)), "n": jnp.array(0)}
   ckpt = jaxckpt.Checkpoint(state=state)
   opts = jaxckpt.CheckpointOptions(enable_async=True, max_in_flight=2)
@@ -40,8 +39,9 @@ def test_every_async_save_in_a_donating_loop_is_bit_exact(tmp_path):
 def test_max_in_flight_allows_overlap_then_waits(tmp_path):
   release = threading.Event()
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(1024))
-  opts = jaxckpt.CheckpointOptions(enable_async=True, max_in_flight=2,
-                                   experimental_write_callbacks=[lambda: release.wait(TIMEOUT)])
+  opts = jaxckpt.CheckpointOptions(
+    enable_async=True, max_in_flight=2, experimental_write_callbacks=[lambda: release.wait(TIMEOUT)]
+  )
   first = ckpt.save(tmp_path / "m", options=opts)
   second = ckpt.save(tmp_path / "m", options=opts)  # Room for two: returns at once.
   assert not first.future.done() and not second.future.done()
@@ -54,7 +54,8 @@ def test_max_in_flight_allows_overlap_then_waits(tmp_path):
   t.join(timeout=TIMEOUT)
   ckpt.sync()
   assert [first.future.result(), second.future.result(), third[0].future.result()] == [
-      str(tmp_path / f"m-{i}") for i in (1, 2, 3)]
+    str(tmp_path / f"m-{i}") for i in (1, 2, 3)
+  ]
   assert jaxckpt.latest_checkpoint(tmp_path) == str(tmp_path / "m-3")
 
 
@@ -63,8 +64,11 @@ def test_memory_budget_is_respected_and_waits_are_logged(tmp_path, caplog):
   ckpt = jaxckpt.Checkpoint(x=x)
   gate = threading.Event()
   opts = jaxckpt.CheckpointOptions(
-      enable_async=True, max_in_flight=8, memory_budget_bytes=int(2.5 * x.nbytes),
-      experimental_write_callbacks=[lambda: gate.wait(0.3)])
+    enable_async=True,
+    max_in_flight=8,
+    memory_budget_bytes=int(2.5 * x.nbytes),
+    experimental_write_callbacks=[lambda: gate.wait(0.3)],
+  )
   with caplog.at_level(logging.INFO, logger="jaxckpt"):
     for _ in range(6):
       ckpt.save(tmp_path / "m", options=opts)
@@ -94,11 +98,14 @@ def test_snapshot_memory_is_reused_across_50_saves(tmp_path):
 
 def test_compression_is_off_by_default_and_selectable(tmp_path):
   zeros = {"z": jnp.zeros((1024, 1024))}  # 4 MiB, highly compressible.
+
   def size(path):
     return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs)
+
   plain = jaxckpt.Checkpoint(**zeros).write(tmp_path / "plain")
   packed = jaxckpt.Checkpoint(**zeros).write(
-      tmp_path / "packed", options=jaxckpt.CheckpointOptions(compression=True))
+    tmp_path / "packed", options=jaxckpt.CheckpointOptions(compression=True)
+  )
   assert size(plain) > 4 * 2**20 > 100 * size(packed)
   assert jaxckpt.load_checkpoint(packed).get_tensor("z").sum() == 0
 
@@ -106,7 +113,8 @@ def test_compression_is_off_by_default_and_selectable(tmp_path):
 def test_chunk_byte_size_subdivides_chunks(tmp_path):
   x = {"x": jnp.arange(1024 * 256, dtype=jnp.float32).reshape(1024, 256)}  # 1 MiB
   path = jaxckpt.Checkpoint(**x).write(
-      tmp_path / "c", options=jaxckpt.CheckpointOptions(chunk_byte_size=64 * 1024))
+    tmp_path / "c", options=jaxckpt.CheckpointOptions(chunk_byte_size=64 * 1024)
+  )
   meta = ocp.PyTreeCheckpointer().metadata(f"{path}/state").item_metadata.tree["x"]
   assert np.prod(meta.storage.chunk_shape) * 4 <= 64 * 1024
   np.testing.assert_array_equal(jaxckpt.load_checkpoint(path).get_tensor("x"), x["x"])
@@ -115,12 +123,15 @@ def test_chunk_byte_size_subdivides_chunks(tmp_path):
 def test_data_and_directories_are_fsynced_before_the_commit_rename(tmp_path, monkeypatch):
   events = []
   real_fsync, real_rename = os.fsync, os.rename
+
   def fsync(fd):
     events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
     real_fsync(fd)
+
   def rename(src, dst):
     events.append(("rename", os.fspath(src), os.fspath(dst)))
     real_rename(src, dst)
+
   monkeypatch.setattr(_store.os, "fsync", fsync)
   monkeypatch.setattr(_store.os, "rename", rename)
   final = str(tmp_path / "c")
@@ -133,18 +144,22 @@ def test_data_and_directories_are_fsynced_before_the_commit_rename(tmp_path, mon
     written.add(d.replace(final, staging, 1))
     written.update(os.path.join(d, f).replace(final, staging, 1) for f in files)
   assert written and written <= synced_before  # Every file and directory durable first.
-  assert ("fsync", str(tmp_path)) in events[commit_at + 1:]  # Then the rename itself.
+  assert ("fsync", str(tmp_path)) in events[commit_at + 1 :]  # Then the rename itself.
 
 
 def test_snapshot_fast_path_copies_like_device_put(monkeypatch):
   from jaxckpt import _compat
   from jaxckpt import _snapshot
   from jaxckpt._tree import Leaf
-  sharded = jax.device_put(jnp.arange(16.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)),
-                                                               jax.P("d")))
+
+  sharded = jax.device_put(
+    jnp.arange(16.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d"))
+  )
   leaves = [Leaf("a", sharded), Leaf("b", jnp.ones((3, 3), jnp.bfloat16))]
+
   def no_fallback(*args, **kwargs):
     raise AssertionError("fell back to shard_args or jax.device_put: the fast path broke")
+
   monkeypatch.setattr(jax, "device_put", no_fallback)
   monkeypatch.setattr(_compat, "copy_arrays", no_fallback)
   snap, _ = _snapshot.take_snapshot(leaves, copy=True, io_device=None)

@@ -26,20 +26,25 @@ def stage_small_arrays(monkeypatch):
 def _state():
   mesh = jax.make_mesh((4,), ("d",))
   return {
-      "sharded": jax.device_put(jnp.arange(64 * 1024, dtype=jnp.float32),
-                                jax.NamedSharding(mesh, jax.P("d"))),
-      "replicated": jax.device_put(jnp.ones((128, 32), jnp.bfloat16),
-                                   jax.NamedSharding(mesh, jax.P())),
-      "single": jnp.arange(1000, dtype=jnp.int32),
-      "key": jax.random.key(0),  # Not stageable: copied by device_put, saved all the same.
-      "step": 3,
+    "sharded": jax.device_put(
+      jnp.arange(64 * 1024, dtype=jnp.float32), jax.NamedSharding(mesh, jax.P("d"))
+    ),
+    "replicated": jax.device_put(
+      jnp.ones((128, 32), jnp.bfloat16), jax.NamedSharding(mesh, jax.P())
+    ),
+    "single": jnp.arange(1000, dtype=jnp.int32),
+    "key": jax.random.key(0),  # Not stageable: copied by device_put, saved all the same.
+    "step": 3,
   }
 
 
 def _pointers(pool: _staging.StagingPool) -> list[int]:
-  return sorted(shard.data.unsafe_buffer_pointer()
-                for buffers, _ in pool._idle.values() for c in buffers
-                for shard in c.addressable_shards)
+  return sorted(
+    shard.data.unsafe_buffer_pointer()
+    for buffers, _ in pool._idle.values()
+    for c in buffers
+    for shard in c.addressable_shards
+  )
 
 
 def _fifty_saves(tmp_path, state, step, names):
@@ -72,8 +77,9 @@ def _check_some_restores(expected):
 
 
 def test_fifty_async_saves_in_a_donating_loop_reuse_one_set_of_buffers(tmp_path):
-  step = jax.jit(lambda s: {**s, "sharded": s["sharded"] * 1.5 + 1,
-                            "single": s["single"] + 1}, donate_argnums=0)
+  step = jax.jit(
+    lambda s: {**s, "sharded": s["sharded"] * 1.5 + 1, "single": s["single"] + 1}, donate_argnums=0
+  )
   state = step(_state())  # The shardings a training loop saves: the step's outputs'.
   pool, expected, pointers = _fifty_saves(tmp_path, state, step, ("sharded", "single"))
   # The first save allocates; every later one copies into those same buffers.
@@ -99,8 +105,10 @@ def test_the_copy_is_not_too_cheap_to_run_in_the_background():
   values = [jnp.ones((512, 512))]
   ballast = _staging._ballast(_compat.device_assignment(values[0].sharding))
   flat = jnp.ones(2 * 512 * 512)
-  for staging, copied, packs in [((values, []), values, []),  # Copied one by one.
-                                 (([], [flat]), [], [values * 2])]:  # Packed.
+  for staging, copied, packs in [
+    ((values, []), values, []),  # Copied one by one.
+    (([], [flat]), [], [values * 2]),
+  ]:  # Packed.
     compiled = _staging._copy_into.lower(staging, copied, packs, ballast).compile()
     assert compiled.cost_analysis()["flops"] >= 1000
     aliases = compiled.as_text().split("\n", 1)[0]
@@ -135,7 +143,8 @@ def test_idle_staging_buffers_are_freed_and_the_worker_exits(tmp_path, monkeypat
   assert ckpt._saver.staging.idle_bytes > 0
   deadline = time.monotonic() + TIMEOUT
   while (ckpt._saver.staging.idle_bytes or threading.active_count() > before) and (
-      time.monotonic() < deadline):
+    time.monotonic() < deadline
+  ):
     time.sleep(0.05)
   assert ckpt._saver.staging.idle_bytes == 0
   assert threading.active_count() == before
@@ -144,6 +153,7 @@ def test_idle_staging_buffers_are_freed_and_the_worker_exits(tmp_path, monkeypat
 def test_a_failed_save_does_not_give_its_buffers_back(tmp_path):
   def fail():
     raise RuntimeError("callback failed")
+
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
   opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[fail])
   ckpt.save(tmp_path / "m", options=opts)
@@ -157,8 +167,9 @@ def test_only_arrays_of_min_bytes_and_more_are_staged():
   copies, sets = pool.copy([jnp.ones(256), jnp.ones(255)])  # 1024 and 1020 bytes.
   assert copies[0] is not None and copies[1] is None
   devices = _compat.device_assignment(copies[0].sharding)
-  assert [k for k, _ in sets] == [(devices, ((256,), jnp.ones(1).dtype,
-                                             _staging._layout(copies[0].sharding, 1)))]
+  assert [k for k, _ in sets] == [
+    (devices, ((256,), jnp.ones(1).dtype, _staging._layout(copies[0].sharding, 1)))
+  ]
 
 
 def test_pool_keeps_at_most_max_idle_sets():
@@ -193,15 +204,17 @@ def test_saves_written_by_orbax_reuse_staging_buffers_too(tmp_path, knob):
 
 def _small_state():
   return {
-      "f32": jnp.arange(300, dtype=jnp.float32).reshape(20, 15),
-      "bf16": jnp.ones((7, 3), jnp.bfloat16),
-      "i32": jnp.arange(10, dtype=jnp.int32),
-      "scalar": jnp.float32(2.5),  # 0-d
-      "flag": jnp.array([True, False, True]),
-      "big": jnp.arange(4096, dtype=jnp.float32),  # min_bytes and more: copied alone.
-      "sharded": jax.device_put(jnp.arange(64, dtype=jnp.float32),  # Never packed.
-                                jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d"))),
-      "key": jax.random.key(0),
+    "f32": jnp.arange(300, dtype=jnp.float32).reshape(20, 15),
+    "bf16": jnp.ones((7, 3), jnp.bfloat16),
+    "i32": jnp.arange(10, dtype=jnp.int32),
+    "scalar": jnp.float32(2.5),  # 0-d
+    "flag": jnp.array([True, False, True]),
+    "big": jnp.arange(4096, dtype=jnp.float32),  # min_bytes and more: copied alone.
+    "sharded": jax.device_put(
+      jnp.arange(64, dtype=jnp.float32),  # Never packed.
+      jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d")),
+    ),
+    "key": jax.random.key(0),
   }
 
 
@@ -209,9 +222,17 @@ def test_small_arrays_are_packed_into_reused_buffers_over_fifty_saves(tmp_path, 
   monkeypatch.setattr(_staging, "MIN_BYTES", 16 << 10)  # "big" (16 KiB) is copied alone.
   # One device's arrays (a jitted step's outputs over several devices are
   # replicated over them, and only arrays on one device are packed).
-  one_device = jax.jit(lambda s: {**s, "f32": s["f32"] * 1.5 + 1, "i32": s["i32"] + 1,
-                                  "scalar": s["scalar"] + 1, "flag": ~s["flag"],
-                                  "big": s["big"] - 1}, donate_argnums=0)
+  one_device = jax.jit(
+    lambda s: {
+      **s,
+      "f32": s["f32"] * 1.5 + 1,
+      "i32": s["i32"] + 1,
+      "scalar": s["scalar"] + 1,
+      "flag": ~s["flag"],
+      "big": s["big"] - 1,
+    },
+    donate_argnums=0,
+  )
 
   def step(s):
     s = dict(s)
@@ -255,8 +276,12 @@ def test_a_new_layout_gets_a_new_plan():
   # The last plan is reused when shapes, dtypes and sharding objects match; any
   # change must make a new one (same sharding object, other shapes or dtypes).
   pool = _staging.StagingPool(min_bytes=1 << 20)
-  for values in ([jnp.ones(4), jnp.ones(3)], [jnp.ones(5), jnp.ones(3)],
-                 [jnp.ones(5, jnp.int32), jnp.ones(3)], [jnp.ones(5, jnp.int32), jnp.ones(3)]):
+  for values in (
+    [jnp.ones(4), jnp.ones(3)],
+    [jnp.ones(5), jnp.ones(3)],
+    [jnp.ones(5, jnp.int32), jnp.ones(3)],
+    [jnp.ones(5, jnp.int32), jnp.ones(3)],
+  ):
     copies, sets = pool.copy(values, pack=True)
     for value, copy in zip(values, copies, strict=True):
       assert copy.shape == value.shape and copy.dtype == value.dtype

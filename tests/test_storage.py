@@ -31,8 +31,12 @@ def root(request):
 def _state(scale=1.0):
   mesh = jax.make_mesh((4,), ("x",))
   w = jax.device_put(jnp.arange(64.0).reshape(16, 4) * scale - 7.5, NamedSharding(mesh, P("x")))
-  return {"w": w, "h": jnp.full((3,), scale, dtype=jnp.bfloat16),
-          "b": np.arange(5, dtype=np.int64), "lr": 0.5 * scale}
+  return {
+    "w": w,
+    "h": jnp.full((3,), scale, dtype=jnp.bfloat16),
+    "b": np.arange(5, dtype=np.int64),
+    "lr": 0.5 * scale,
+  }
 
 
 def _keys(root):
@@ -43,8 +47,9 @@ def _keys(root):
 def test_save_and_restore_round_trip(root, enable_async):
   calls = []
   ckpt = jaxckpt.Checkpoint(params=_state(), step=3)
-  opts = jaxckpt.CheckpointOptions(enable_async=enable_async,
-                                   experimental_write_callbacks=[calls.append])
+  opts = jaxckpt.CheckpointOptions(
+    enable_async=enable_async, experimental_write_callbacks=[calls.append]
+  )
   first = ckpt.save(f"{root}/ckpt", options=opts)
   ckpt.params = _state(2.0)
   second = ckpt.save(f"{root}/ckpt", options=opts)
@@ -76,8 +81,9 @@ def test_s3_objects_follow_the_documented_layout(s3):
   ckpt.save(f"s3://{bucket}/run/ckpt")
   keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
   assert "run/checkpoint" in keys and "run/ckpt-1/jaxckpt/metadata" in keys
-  manifest = json.loads(client.get_object(Bucket=bucket, Key="run/ckpt-1/jaxckpt/metadata")
-                        ["Body"].read())
+  manifest = json.loads(
+    client.get_object(Bucket=bucket, Key="run/ckpt-1/jaxckpt/metadata")["Body"].read()
+  )
   data = manifest["data"]
   # One zarr v3 array per leaf under the data prefix, one chunk per device shard.
   w_chunks = [k for k in keys if k.startswith(f"run/ckpt-1/{data}/params/w/c/")]
@@ -105,10 +111,12 @@ def test_failure_before_the_manifest_leaves_no_checkpoint_and_is_collected(root,
   manager.save()
 
   real = _store.KV.replace_file
+
   def crash_on_commit(url, data):
     if url.endswith("jaxckpt/metadata"):
       raise OSError("simulated crash between the data and the commit")
     real(url, data)
+
   monkeypatch.setattr(_store.KV, "replace_file", crash_on_commit)
   ckpt.params = _state(5.0)
   with pytest.raises(jaxckpt.SaveError, match="was not committed"):
@@ -120,11 +128,11 @@ def test_failure_before_the_manifest_leaves_no_checkpoint_and_is_collected(root,
   assert jaxckpt.latest_checkpoint(root) == f"{root}/ckpt-1"
   with pytest.raises(jaxckpt.CheckpointNotFoundError):
     ckpt.restore(f"{root}/ckpt-2")
-  reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root,
-                                       max_to_keep=3)
+  reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root, max_to_keep=3)
   assert reopened.restore_or_initialize() == f"{root}/ckpt-1"
-  np.testing.assert_array_equal(np.asarray(reopened.checkpoint.params["w"]),
-                                np.asarray(_state()["w"]))
+  np.testing.assert_array_equal(
+    np.asarray(reopened.checkpoint.params["w"]), np.asarray(_state()["w"])
+  )
 
 
 def test_crashed_saves_data_is_swept_only_once_no_save_can_be_writing_it(root, monkeypatch):
@@ -139,13 +147,13 @@ def test_crashed_saves_data_is_swept_only_once_no_save_can_be_writing_it(root, m
   unnamed = "data-0123456789ab"  # Written before data names had a time.
   for name in (young, old, unnamed):
     _store.KV.replace_file(f"{path}/{name}/params.w/zarr.json", b"{}")
-  reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root,
-                                       max_to_keep=3)
+  reopened = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root, max_to_keep=3)
   data = {n for n in _store.KV.names(path) if n.startswith("data-")}
   assert young in data and not {old, unnamed} & data
   assert reopened.restore_or_initialize() == path  # The live data is untouched.
-  np.testing.assert_array_equal(np.asarray(reopened.checkpoint.params["w"]),
-                                np.asarray(_state()["w"]))
+  np.testing.assert_array_equal(
+    np.asarray(reopened.checkpoint.params["w"]), np.asarray(_state()["w"])
+  )
   monkeypatch.setattr(_knobs, "KV_LEFTOVER_AGE_S", 30.0)
   jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0)), root, max_to_keep=3)
   assert young not in _store.KV.names(path)
@@ -161,8 +169,9 @@ def test_manager_sweeps_and_recovers_on_a_store(root):
   manager.sync()
   assert manager.checkpoints == [f"{root}/ckpt-3", f"{root}/ckpt-4"]
   assert _keys(root) == ["checkpoint", "ckpt-3", "ckpt-4"]  # 1 and 2 fully deleted.
-  again = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(params=_state(0.0), step=0), root,
-                                    max_to_keep=2)
+  again = jaxckpt.CheckpointManager(
+    jaxckpt.Checkpoint(params=_state(0.0), step=0), root, max_to_keep=2
+  )
   assert again.checkpoints == manager.checkpoints
   assert again.restore_or_initialize() == f"{root}/ckpt-4"
   assert again.checkpoint.step == 4
@@ -172,8 +181,9 @@ def test_corrupt_object_is_detected_and_named(s3):
   client, bucket = s3
   ckpt = jaxckpt.Checkpoint(params=_state())
   path = ckpt.save(f"s3://{bucket}/run/ckpt")
-  data = json.loads(client.get_object(Bucket=bucket, Key="run/ckpt-1/jaxckpt/metadata")
-                    ["Body"].read())["data"]
+  data = json.loads(
+    client.get_object(Bucket=bucket, Key="run/ckpt-1/jaxckpt/metadata")["Body"].read()
+  )["data"]
   key = f"run/ckpt-1/{data}/params/w/c/1/0"
   body = bytearray(client.get_object(Bucket=bucket, Key=key)["Body"].read())
   body[3] ^= 0xFF
@@ -204,22 +214,32 @@ def test_memory_store_is_shared_within_the_process():
 
 def test_two_processes_save_their_shards_to_s3_and_restore(s3, s3_endpoint, tmp_path):
   import distributed  # The multi-process launcher (tests/distributed.py).
+
   client, bucket = s3
   root = f"s3://{bucket}/mp"
-  env = {k: os.environ[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION",
-                                    "AWS_EC2_METADATA_DISABLED", "AWS_ENDPOINT_URL")}
-  results = distributed.launch("distributed_cases", "save_and_restore", 2, devices=2,
-                               kwargs={"directory": root}, env=env)
+  env = {
+    k: os.environ[k]
+    for k in (
+      "AWS_ACCESS_KEY_ID",
+      "AWS_SECRET_ACCESS_KEY",
+      "AWS_REGION",
+      "AWS_EC2_METADATA_DISABLED",
+      "AWS_ENDPOINT_URL",
+    )
+  }
+  results = distributed.launch(
+    "distributed_cases", "save_and_restore", 2, devices=2, kwargs={"directory": root}, env=env
+  )
   expected = [f"{root}/ckpt-{i}" for i in (1, 2, 3)]
   for r in results:
     assert r["committed"] == expected and r["callbacks"] == expected
     assert r["w_ok"] and r["b"] == [0, 3, 6] and r["step"] == 3
     assert r["listing"] == ["checkpoint", "ckpt-2", "ckpt-3"]
   # Each process wrote its own 2 of the 4 shards of params/w; one manifest.
-  manifest = json.loads(client.get_object(Bucket=bucket, Key="mp/ckpt-3/jaxckpt/metadata")
-                        ["Body"].read())
-  keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="mp/ckpt-3/")
-          ["Contents"]]
+  manifest = json.loads(
+    client.get_object(Bucket=bucket, Key="mp/ckpt-3/jaxckpt/metadata")["Body"].read()
+  )
+  keys = [o["Key"] for o in client.list_objects_v2(Bucket=bucket, Prefix="mp/ckpt-3/")["Contents"]]
   assert len([k for k in keys if f"/{manifest['data']}/params/w/c/" in k]) == 4
   assert len(manifest["leaves"]["params/w"]["shard_crc32"]) == 4  # From both processes.
   # Restorable here too: 1 process x 4 devices.

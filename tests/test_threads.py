@@ -17,6 +17,7 @@ def _run_threads(target, count: int) -> list:
       results[i] = target(i)
     except BaseException as e:  # Collected and re-raised on the test's thread.
       errors.append(e)
+
   threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
   for t in threads:
     t.start()
@@ -59,6 +60,7 @@ def test_concurrent_manager_saves_and_restores(tmp_path):
     if i % 2:
       return [str(manager.save(options=opts)) for _ in range(3)]
     return [restore_latest() for _ in range(3)]
+
   results = _run_threads(work, 4)
   manager.sync()
   saved = results[1] + results[3]
@@ -75,6 +77,7 @@ def test_a_save_while_the_manager_lock_is_held_does_not_deadlock(tmp_path):
   def handler_like():
     with manager._lock:
       done.append(manager.save(check_interval=False))
+
   thread = threading.Thread(target=handler_like)
   thread.start()
   thread.join(timeout=60)
