@@ -239,7 +239,7 @@ class Checkpoint:
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
     path, manifest, restored = restore_leaves(plan, flat)
-    if path is None:
+    if path is None or manifest is None:
       return InitializationOnlyStatus({leaf.name for leaf in flat})
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
@@ -320,14 +320,15 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
         f"Incremental saves never overwrite: {plan.path!r} exists, and newer "
         "checkpoints may read data from it. Choose a new path."
       )
-    reused = reuse_by_identity(flat, history)
+    reused = reuse_by_identity(flat, checkpoint._history)
   to_copy = [leaf for leaf in flat if leaf.name not in reused]
   staged: list = []
-  if plan.routed:
+  coord, io_device = plan.coordination, plan.io_device
+  if plan.routed and coord is not None and io_device is not None:
     # The gather is an XLA collective, which has no timeout: enter it only once
     # every process is known to be here.
-    plan.coordination.barrier("gather")
-    snapshot = _gather_snapshot(to_copy, plan.io_device.process_index)
+    coord.barrier("gather")
+    snapshot = _gather_snapshot(to_copy, io_device.process_index)
     if plan.writer != FAST:  # Orbax writes them: numpy only (see _layout.new_checkpointer).
       snapshot = {name: np.asarray(value) for name, value in snapshot.items()}
   else:

@@ -70,8 +70,8 @@ def run_save(job: SaveJob) -> str:
   plan, coord = job.plan, job.plan.coordination
   try:
     _write_and_commit(job)
-    if job.history is not None:
-      _record_history(job)
+    if job.history is not None and job.manifest is not None:
+      _record_history(job, job.history, job.manifest)
     try:
       for i, callback in enumerate(plan.callbacks):
         try:
@@ -115,7 +115,8 @@ def _write_and_commit(job: SaveJob) -> None:
     return
   primary = coord is None or coord.is_primary
   store, target = plan.store, plan.target
-  staging = held = None
+  staging: str | None = None
+  held = None
   try:
     staging = (
       store.new_staging(target)
@@ -129,35 +130,35 @@ def _write_and_commit(job: SaveJob) -> None:
     previous = data_of(target) if primary else None  # write() over a URL checkpoint.
     if primary:  # Other processes' CheckpointManagers must not sweep it meanwhile.
       held = store.hold(staging)
-    _write(job, store.data_dir(staging, target), staging)
+    manifest = _write(job, store.data_dir(staging, target), staging)
     if coord is not None and coord.writers is None:
       coord.barrier("written")
-    if primary:
-      store.commit(staging, target, encode(job.manifest))  # Published by run_save.
+    if coord is None or coord.is_primary:
+      store.commit(staging, target, encode(manifest))  # Published by run_save.
     else:
       _await_commit(coord)
   except BaseException as e:
     _fail(job, e, staging if primary else None)
   finally:
-    if held is not None:  # After the commit, or after a failed save's cleanup.
+    if held is not None and staging is not None:  # After the commit or the cleanup.
       store.release(staging, held)
   if previous is not None and previous != staging:
     store.drop_data(target, previous)  # The data of the checkpoint write() replaced.
 
 
-def _write(job: SaveJob, data_dir: str, staging: str) -> None:
+def _write(job: SaveJob, data_dir: str, staging: str) -> Manifest:
   """The layout writes the snapshot while its CRC-32s are computed; builds the manifest."""
-  plan = job.plan
+  plan, leaves = job.plan, job.leaves or []
   digests: dict[str, str | None] = {}
   if job.history is not None:  # Must hash before deciding what to write.
-    _reuse_by_content(job, digests)
+    _reuse_by_content(job, job.history, digests)
   pending = plan.layout.write(job, data_dir)
   # Overlaps the TensorStore writes: reads the snapshot, which is ours alone.
   checksums, shard_sums = _take_checksums(job, plan.coordination)
   for name, w in job.reused.items():
     checksums[name], digests[name] = w.crc32, w.sha1
-  job.manifest = Manifest.build(
-    job.leaves,
+  manifest = job.manifest = Manifest.build(
+    leaves,
     save_counter=plan.save_counter,
     kind=plan.kind,
     checksums=checksums,
@@ -168,6 +169,7 @@ def _write(job: SaveJob, data_dir: str, staging: str) -> None:
   )
   job.leaves = None  # Holds the caller's arrays; not needed any more.
   pending.wait()
+  return manifest
 
 
 def _fail(job: SaveJob, error: BaseException, staging: str | None) -> None:
@@ -200,8 +202,9 @@ def _take_checksums(
 ) -> tuple[dict[str, int | None], dict[str, dict[str, int]]]:
   """CRC-32 of each snapshot value (None for arrays no process holds whole) and
   the per-shard CRCs of those; then frees the snapshot."""
-  checksums = {name: checksum(value) for name, value in job.snapshot.items()}
-  shard_sums = _shard_checksums(job.snapshot, checksums, coord)
+  snapshot = job.snapshot or {}
+  checksums = {name: checksum(value) for name, value in snapshot.items()}
+  shard_sums = _shard_checksums(snapshot, checksums, coord)
   job.snapshot = None
   return checksums, shard_sums
 
@@ -245,12 +248,13 @@ def _await_commit(coord: Coordination) -> None:
     raise CoordinationError(f"process {coord.primary} failed to commit: {outcome}")
 
 
-def _reuse_by_content(job: SaveJob, digests: dict[str, str | None]) -> None:
+def _reuse_by_content(job: SaveJob, history: History, digests: dict[str, str | None]) -> None:
   """Drops snapshot leaves whose bytes equal what the last commit wrote."""
-  for name in list(job.snapshot):
-    digests[name] = content_digest(job.snapshot[name])
-    w = job.history.last.get(name)
-    value = job.snapshot[name]
+  snapshot = job.snapshot or {}
+  for name in list(snapshot):
+    value = snapshot[name]
+    digests[name] = content_digest(value)
+    w = history.last.get(name)
     if (
       w is not None
       and digests[name] is not None
@@ -259,12 +263,12 @@ def _reuse_by_content(job: SaveJob, digests: dict[str, str | None]) -> None:
       and os.path.isdir(w.holder)
     ):
       job.reused[name] = w
-      del job.snapshot[name]
+      del snapshot[name]
 
 
-def _record_history(job: SaveJob) -> None:
+def _record_history(job: SaveJob, history: History, manifest: Manifest) -> None:
   last = {}
-  for name, info in job.manifest.leaves.items():
+  for name, info in manifest.leaves.items():
     if name in job.reused:
       last[name] = dataclasses.replace(job.reused[name], ref=job.refs.get(name))
     else:
@@ -272,8 +276,8 @@ def _record_history(job: SaveJob) -> None:
         holder=job.plan.target,
         shape=tuple(info.shape),
         dtype=info.dtype,
-        crc32=job.manifest.checksums.get(name),
-        sha1=job.manifest.digests.get(name),
+        crc32=manifest.checksums.get(name),
+        sha1=manifest.digests.get(name),
         ref=job.refs.get(name),
       )
-  job.history.last = last
+  history.last = last

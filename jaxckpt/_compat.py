@@ -436,7 +436,7 @@ def _find_numpy_on_process():
     return None
   process_index = ocp.multihost.process_index
 
-  class NumpyOnProcessHandler(base):
+  class NumpyOnProcessHandler(base):  # type: ignore[valid-type,misc]
     """Orbax's ``NumpyHandler``, writing on process ``writer`` instead of 0."""
 
     def __init__(self, writer: int):

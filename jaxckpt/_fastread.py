@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import threading
+from typing import Any
 
 import numpy as np
 
@@ -100,7 +101,7 @@ def _plan(
   contiguous = all(c >= s for c, s in zip(chunks[1:], shape[1:], strict=True))
   flat = out.reshape(-1).view(np.uint8)
   row_bytes = math.prod(shape[1:]) * dtype.itemsize
-  reads = []
+  reads: list[tuple[Any, Any, Any, Any]] = []
   for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks, strict=True))):
     entry = entries.get(f"{key}/{sep.join(map(str, index)) or '0'}".encode())
     if entry is None:  # E.g. equal to the fill value, or stored where this code does not read.

@@ -343,7 +343,8 @@ def _read_group(
 ) -> tuple[dict[str, Any], set[str]]:
   """Reads ``wanted`` from the checkpoint at ``path`` (its own, or an incremental
   holder's); returns the values and the names whose CRC-32 already matched."""
-  fast, verified = {}, set()
+  fast: dict[str, Any] = {}
+  verified: set[str] = set()
   if io_device is None and reader == ONE_PROCESS:  # One process, default devices.
     fast, crcs = _fastread.read(
       os.path.join(path, _knobs.STATE_ITEM),
@@ -423,12 +424,13 @@ class Zarr3Layout(Layout):
     reader: Reader,
     verify_checksums: bool,
   ) -> Read:
-    if not KV.is_data_name(manifest.data):
+    data = manifest.data
+    if data is None or not KV.is_data_name(data):
       raise CorruptCheckpointError(
-        f"Checkpoint {path!r} names {manifest.data!r} as its data; only a data-* prefix "
+        f"Checkpoint {path!r} names {data!r} as its data; only a data-* prefix "
         "inside the checkpoint can hold it."
       )
-    url = KV.join(path, manifest.data)
+    url = KV.join(path, data)
     # Arrays no single process will hold whole, without a CRC to check: each
     # process reads just its shards. The rest are read whole (and CRC-checked).
     partial = (

@@ -218,13 +218,13 @@ class CheckpointManager:
       doomed = self._sweep()
       if not owner:  # Every process tracks the list; one owns the files.
         return
-      self._record_state()
+      self._record_state(path)
     if doomed:  # After the state file stops naming them.
       retire_or_remove(doomed, self._directory)
       logger.info("Swept old checkpoints %s.", ", ".join(doomed))
 
   def _sweep(self) -> list[str]:
-    doomed = []
+    doomed: list[str] = []
     if self._max_to_keep is None:
       return doomed
     while len(self._maybe_delete) > self._max_to_keep:
@@ -238,11 +238,11 @@ class CheckpointManager:
       doomed.append(path)
     return doomed
 
-  def _record_state(self) -> None:
+  def _record_state(self, latest: str) -> None:
     write_state(
       self._directory,
       CheckpointState(
-        model_checkpoint_path=self._latest,
+        model_checkpoint_path=latest,
         all_model_checkpoint_paths=list(self._maybe_delete),
         all_model_checkpoint_timestamps=list(self._maybe_delete.values()),
         last_preserved_timestamp=self._last_preserved,

@@ -89,7 +89,7 @@ class Manifest:
     return out
 
   def _leaf_json(self, name: str, info: LeafInfo) -> dict[str, Any]:
-    out = {
+    out: dict[str, Any] = {
       "shape": list(info.shape),
       "dtype": info.dtype,
       "kind": info.kind,

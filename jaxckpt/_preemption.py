@@ -7,6 +7,7 @@ import signal
 import sys
 from collections.abc import Callable
 from collections.abc import Iterable
+from typing import cast
 
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._errors import InvalidOptionsError
@@ -63,8 +64,7 @@ def install_preemption_handler(
     if isinstance(target, CheckpointManager):
       path = target.save(check_interval=False, options=final)
     else:
-      assert file_prefix is not None  # Checked above.
-      path = target.save(file_prefix, options=final)
+      path = target.save(cast(str, file_prefix), options=final)  # Checked above.
     logger.warning("Saved %s after %s; exiting with status %d.", path, name, exit_code)
     sys.exit(exit_code)
 

@@ -146,7 +146,7 @@ def restore_leaves(
   """Executes a restore plan: returns (path, manifest, {name: value}); (None, None,
   {}) for a plan that restores nothing."""
   coord = plan.coordination
-  if plan.routed:
+  if plan.routed and coord is not None:
     from jaxckpt._routed import restore_through  # _routed builds on this module.
 
     return restore_through(coord, plan.path, leaves, verify_checksums=plan.verify_checksums)

@@ -65,8 +65,7 @@ def broadcast(
   Others pass ``None``; ``specs`` (shape, dtype) must be the same everywhere.
   """
   if jax.process_index() == source:
-    assert arrays is not None, "the source process passes the arrays"
-    words = [_to_words(a) for a in arrays]
+    words = [_to_words(a) for a in arrays or ()]
   else:
     words = [
       np.zeros((-(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 4),), np.uint32)

@@ -24,6 +24,7 @@ With an ``io_device`` every array goes to that device's host memory instead
 from __future__ import annotations
 
 import functools
+from typing import cast
 
 import jax
 import numpy as np
@@ -43,7 +44,9 @@ def _copy_global(values: list[jax.Array], targets: list[jax.sharding.Sharding]) 
   save() would free the snapshot ("Array has been deleted"). Copy its local
   shards instead and reassemble them into a global array.
   """
-  pieces, piece_targets, counts = [], [], []
+  pieces: list[jax.Array] = []
+  piece_targets: list[jax.sharding.Sharding] = []
+  counts: list[int] = []
   for value, target in zip(values, targets, strict=True):
     shards = value.addressable_shards
     counts.append(len(shards))
@@ -81,7 +84,7 @@ def _snapshot_arrays(
     remote, _copy_global([values[i] for i in remote], [targets[i] for i in remote]), strict=True
   ):
     out[i] = copy
-  return out
+  return cast(list[jax.Array], out)
 
 
 @functools.cache

@@ -160,7 +160,7 @@ def _stageable(value: jax.Array) -> bool:
   return (
     value.is_fully_addressable
     and not jax.dtypes.issubdtype(value.dtype, jax.dtypes.extended)
-    and all(d.platform == "cpu" for d in value.sharding.device_set)
+    and all(d.platform == "cpu" for d in value.sharding.device_set)  # type: ignore[attr-defined]
     and _compat.device_assignment(value.sharding) is not None
   )
 
@@ -189,8 +189,9 @@ def _plan(values: list[jax.Array], small: list[bool]) -> tuple[_Group, ...]:
   """``small[i]``: pack ``values[i]`` if it can be."""
   by_devices: dict[tuple[jax.Device, ...], tuple[list[int], dict]] = {}
   for i, v in enumerate(values):
-    if _stageable(v):
-      copied, packs = by_devices.setdefault(_compat.device_assignment(v.sharding), ([], {}))
+    devices = _compat.device_assignment(v.sharding) if _stageable(v) else None
+    if devices is not None:
+      copied, packs = by_devices.setdefault(devices, ([], {}))
       if small[i] and _packable(v):
         packs.setdefault(np.dtype(v.dtype), []).append(i)
       elif not small[i]:

@@ -146,6 +146,9 @@ class Store(abc.ABC):
   def drop_data(self, target: str, data: str) -> None:  # noqa: B027 - Renames replace it.
     """Deletes the data prefix ``data`` an overwritten checkpoint used."""
 
+  def retire(self, path: str, key: str, suffix: str) -> None:  # noqa: B027 - Not incremental.
+    """Renames ``path/key`` to ``path/key+suffix`` (see _incremental.py)."""
+
   @abc.abstractmethod
   def remove_checkpoint(self, path: str) -> None:
     """Deletes a committed checkpoint so that it is never half there."""

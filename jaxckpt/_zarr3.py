@@ -97,16 +97,16 @@ def write_arrays(stores: dict[str, Any], values: dict[str, Any], *, host_values:
 def read_arrays(url: str, names: list[str]) -> dict[str, np.ndarray]:
   """Reads the arrays ``names`` under ``url``, all reads in flight at once."""
   opened = {name: ts.open(_array_spec(url, name), open=True, context=KV.context) for name in names}
-  reads = {}
-  for name, future in opened.items():
+  reads: dict[str, Any] = {}
+  for name, opening in opened.items():
     try:
-      reads[name] = future.result().read()
+      reads[name] = opening.result().read()
     except Exception as e:
       raise ArrayReadError(name, e) from e
-  out = {}
-  for name, future in reads.items():
+  out: dict[str, np.ndarray] = {}
+  for name, reading in reads.items():
     try:
-      out[name] = future.result()
+      out[name] = reading.result()
     except Exception as e:
       raise ArrayReadError(name, e) from e
   return out
