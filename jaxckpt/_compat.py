@@ -409,13 +409,9 @@ def choose_chunk_shape(
 def _find_numpy_on_process():
   """Orbax's ``NumpyHandler`` writing on a chosen process instead of 0.
 
-  Orbax's ``NumpyHandler`` writes numpy arrays only on process 0: its
-  ``_background_serialize`` hard-codes ``if multihost.process_index() == 0``,
-  whatever ``primary_host`` says, and its ``ArrayHandler`` refuses arrays that
-  live on one process when there are several ("Cannot serialize host local
-  jax.Array"). So a save whose I/O runs on another process (TF's
-  ``experimental_io_device="/task:1"``) would silently write no data. This is
-  Orbax's method with the writer made a parameter.
+  Its ``_background_serialize`` hard-codes ``process_index() == 0`` whatever
+  ``primary_host`` says, so a save whose I/O runs on another process (TF's
+  ``experimental_io_device="/task:1"``) would silently write no data.
   """
   from orbax.checkpoint._src import asyncio_utils
   from orbax.checkpoint._src.serialization import ocdbt_utils
@@ -625,17 +621,20 @@ def _list_entries(dump: Callable[..., Any], state_dir: str) -> dict:
   if latest.get("root_height", 0) != 0 or "location" not in root:
     raise _FastReadUnsupported(f"B-tree height {latest.get('root_height')}")
   entries = {}
+  inside: dict[str, bool] = {}
   for entry in _dump(dump, base, root["location"])["entries"]:
     if "inline_value" in entry:
       entries[entry["key"]] = entry["inline_value"]
     else:
-      location = _location(entry["indirect_value"], state_dir)
+      location = _location(entry["indirect_value"], state_dir, inside)
       if location is not None:
         entries[entry["key"]] = location
   return entries
 
 
-def _location(ref: str, state_dir: str) -> tuple[str, int, int] | None:
+def _location(
+  ref: str, state_dir: str, inside: dict[str, bool] | None = None
+) -> tuple[str, int, int] | None:
   """``"value:ocdbt.process_0/:d/abc:0:64"`` → (file path, offset, length); None
   for other references and for paths leaving ``state_dir``."""
   kind, rest = ref.split(":", 1)
@@ -643,6 +642,11 @@ def _location(ref: str, state_dir: str) -> tuple[str, int, int] | None:
     return None
   head, offset, length = rest.rsplit(":", 2)
   prefix, relative = head.split(":", 1)
-  if ".." in prefix.split("/") or ".." in relative.split("/"):
+  path = os.path.join(state_dir, prefix, relative)
+  inside = {} if inside is None else inside  # Per listing: a database has few data files.
+  if path not in inside:  # Absolute, "..", symlinks out: never followed.
+    root = os.path.realpath(state_dir)
+    inside[path] = os.path.commonpath([root, os.path.realpath(path)]) == root
+  if not inside[path]:
     return None
-  return os.path.join(state_dir, prefix, relative), int(offset), int(length)
+  return path, int(offset), int(length)

@@ -30,6 +30,15 @@ class LeafInfo:
   kind: str  # "jax", "numpy", "bool", "int" or "float"
 
 
+def _timestamp(value: Any, where: str) -> float:
+  created = float(value)
+  if not 0 <= created < 1e11:  # NaN, inf and far-future times fail here, not in a caller.
+    raise NotACheckpointError(
+      f"{where} is a damaged jaxckpt manifest: created={value!r} is not a Unix time."
+    )
+  return created
+
+
 @dataclasses.dataclass(frozen=True)
 class Manifest:
   version: int
@@ -118,7 +127,7 @@ class Manifest:
         version=version,
         save_counter=int(data["save_counter"]),
         kind=data["kind"],
-        created=float(data["created"]),
+        created=_timestamp(data["created"], where),
         leaves={
           n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"]) for n, i in data["leaves"].items()
         },

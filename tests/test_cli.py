@@ -197,3 +197,13 @@ def test_s3_access_errors_exit_2(s3, capsys):
   assert main(["ls", "s3://no-such-bucket-here/run"]) == 2
   err = capsys.readouterr().err  # TensorStore's error, without a traceback.
   assert err.startswith("jaxckpt ls: ") and "NoSuchBucket" in err
+
+
+@pytest.mark.parametrize("created", ["1e300", "NaN", '"yesterday"'])
+def test_a_manifest_with_a_bad_time_is_an_error_not_a_traceback(tmp_path, capsys, created):
+  path = jaxckpt.Checkpoint(w=np.ones(2, np.float32)).save(tmp_path / "ckpt")
+  manifest = Path(path, "jaxckpt", "metadata")
+  text = manifest.read_text()
+  manifest.write_text(text.replace(json.dumps(json.loads(text)["created"]), created))
+  assert main(["ls", str(tmp_path)]) == 2
+  assert "damaged jaxckpt manifest" in capsys.readouterr().err

@@ -11,6 +11,7 @@ import pytest
 
 import jaxckpt
 from jaxckpt import _compat
+from jaxckpt import _errors
 from jaxckpt import _fastread
 from jaxckpt import _layout
 
@@ -200,3 +201,25 @@ def test_without_checksums_no_crcs_are_computed(tmp_path):
     os.path.join(path, "state"), [("t/w", (64,), np.dtype(np.float32))], checksums=False
   )
   assert list(out) == ["t/w"] and crcs == {}
+
+
+def test_data_files_that_are_not_regular_files_are_refused_without_blocking(tmp_path):
+  fifo = tmp_path / "d"
+  os.mkfifo(fifo)  # Opened blocking, a FIFO with no writer would hang the restore.
+  reading = _fastread._Reading({}, checksums=False)
+  with pytest.raises(_errors._FastReadUnsupported, match="not a regular file"):
+    reading.open(str(fifo))
+
+
+def test_chunk_references_leaving_the_checkpoint_are_not_followed(tmp_path):
+  (tmp_path / "outside").write_bytes(b"secret")
+  state = tmp_path / "ckpt" / "state"
+  state.mkdir(parents=True)
+  (state / "link").symlink_to(tmp_path / "outside")
+  for ref in (f"value:{tmp_path}:outside:0:6", "value:..:outside:0:6", "value:.:link:0:6"):
+    assert _compat._location(ref, str(state)) is None, ref
+  assert _compat._location("value:ocdbt.process_0/:d/abc:0:64", str(state)) == (
+    str(state / "ocdbt.process_0" / "d/abc"),
+    0,
+    64,
+  )
