@@ -107,30 +107,31 @@ def new_checkpointer(*, compression: bool, coordination: Any = None) -> ocp.Asyn
   (``active_processes`` set; Orbax's default barrier is an XLA collective, which
   from the save thread could interleave with the training step's collectives
   and deadlock), under the save's own key prefix and with its timeout.
+  Directories are made synchronously (on jaxckpt's save thread anyway): with
+  Orbax's asynchronous creation, a save that fails early (e.g. a zero-size
+  array) leaves a non-daemon thread waiting for the directory signal until its
+  timeout, which holds up interpreter exit.
   """
-  if coordination is None:
-    return ocp.AsyncCheckpointer(
-      ocp.CompositeCheckpointHandler(
-        **{_knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression)}
-      )
-    )
-  mp = coordination.orbax_options()  # Also for the handlers: they pick who writes metadata.
-  extra = {}
-  if coordination.writers is not None:  # One process writes whole numpy arrays.
-    extra["type_handler_registry"] = _compat.registry_writing_on(coordination.primary)
+  mp = coordination.orbax_options() if coordination is not None else None
+  timeout: dict[str, Any] = {}
+  if coordination is not None:
+    timeout["timeout_secs"] = max(1, int(coordination.timeout_s))
+  async_options = ocp.AsyncOptions(create_directories_asynchronously=False, **timeout)
+  extra: dict[str, Any] = {}
+  if coordination is not None:  # Also for the handlers: they pick who writes metadata.
+    extra["multiprocessing_options"] = mp
+    if coordination.writers is not None:  # One process writes whole numpy arrays.
+      extra["type_handler_registry"] = _compat.registry_writing_on(coordination.primary)
+  composite = ocp.CompositeOptions(async_options=async_options)
+  if mp is not None:
+    composite = ocp.CompositeOptions(async_options=async_options, multiprocessing_options=mp)
   handler = ocp.CompositeCheckpointHandler(
-    composite_options=ocp.CompositeOptions(multiprocessing_options=mp),
-    **{
-      _knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(
-        use_compression=compression, multiprocessing_options=mp, **extra
-      )
-    },
+    composite_options=composite,
+    **{_knobs.STATE_ITEM: ocp.PyTreeCheckpointHandler(use_compression=compression, **extra)},
   )
-  return ocp.AsyncCheckpointer(
-    handler,
-    multiprocessing_options=mp,
-    async_options=ocp.AsyncOptions(timeout_secs=max(1, int(coordination.timeout_s))),
-  )
+  if mp is None:
+    return ocp.AsyncCheckpointer(handler, async_options=async_options)
+  return ocp.AsyncCheckpointer(handler, multiprocessing_options=mp, async_options=async_options)
 
 
 class _OrbaxPending:

@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -181,6 +182,9 @@ def test_empty_arrays_and_other_dtypes_go_through_orbax(tmp_path):
   # Orbax refuses zero-size arrays; so does jaxckpt, naming the array.
   with pytest.raises(jaxckpt.SaveError, match="t.empty"):
     jaxckpt.Checkpoint(t={"empty": jnp.zeros((0, 3))}).save(tmp_path / "e")
+  # ...without leaving a non-daemon Orbax thread behind that would hold up exit.
+  lingering = [t.name for t in threading.enumerate() if not t.daemon and t.name != "MainThread"]
+  assert not lingering
 
 
 def test_data_split_over_several_files_reads_back(tmp_path, monkeypatch, no_orbax_reads):
