@@ -127,7 +127,9 @@ def _write_and_commit(job: SaveJob) -> None:
       # Everyone is here: from now on Orbax's barriers run, whose blocking part
       # uses Orbax's fixed 300 s timeout instead of ours.
       coord.barrier("start")
-    previous = data_of(target) if primary else None  # write() over a URL checkpoint.
+    # write() over a URL checkpoint: its old data prefix goes once the new one is in.
+    # (A rename replaces a local checkpoint whole: nothing to read there.)
+    previous = data_of(target) if primary and not store.renames else None
     if primary:  # Other processes' CheckpointManagers must not sweep it meanwhile.
       held = store.hold(staging)
     manifest = _write(job, store.data_dir(staging, target), staging)

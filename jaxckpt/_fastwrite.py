@@ -57,7 +57,8 @@ _CONTEXT = {
   "file_io_concurrency": {"limit": 128},
   "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
 }
-_HANDLER = "orbax.checkpoint._src.handlers.pytree_checkpoint_handler.PyTreeCheckpointHandler"
+# The handler name Orbax records in _CHECKPOINT_METADATA, from its public class.
+_HANDLER = f"{ocp.PyTreeCheckpointHandler.__module__}.{ocp.PyTreeCheckpointHandler.__qualname__}"
 
 
 @functools.lru_cache(maxsize=256)

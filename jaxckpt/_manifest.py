@@ -160,7 +160,7 @@ def is_committed(path: str | os.PathLike | None) -> bool:
   if path is None:
     return False
   path = os.fspath(path)
-  return store_for(path).read_bytes(manifest_file(path)) is not None
+  return store_for(path).is_file(manifest_file(path))
 
 
 def encode(manifest: Manifest) -> tuple[str, bytes]:

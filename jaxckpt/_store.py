@@ -107,6 +107,10 @@ class Store(abc.ABC):
   def read_bytes(self, path: str) -> bytes | None:
     """The file's bytes, or None if it does not exist."""
 
+  def is_file(self, path: str) -> bool:
+    """Whether a file is stored at ``path``."""
+    return self.read_bytes(path) is not None
+
   @abc.abstractmethod
   def replace_file(self, path: str, data: bytes) -> None:
     """Atomically replaces ``path`` with ``data`` (durable once it returns)."""
@@ -257,6 +261,9 @@ class LocalStore(Store):
 
   def exists(self, path: str) -> bool:
     return os.path.exists(path)
+
+  def is_file(self, path: str) -> bool:
+    return os.path.isfile(path)
 
   def read_bytes(self, path: str) -> bytes | None:
     try:
