@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-SOURCES := jaxckpt tests benchmarks demo.py
+SOURCES := src tests benchmarks demo.py
 
 # The interpreter for test-newest: the highest $(pyenv root)/versions/3.13.N, else python3.13 on
 # PATH (only if it runs: a pyenv shim without that version selected does not). Override with
@@ -41,7 +41,7 @@ ruff-check: $(STAMP)
 format-check: $(STAMP)  # `ruff format --diff` shows the changes, `ruff format` makes them.
 	$(BIN)/ruff format --check --output-format concise $(SOURCES)
 
-typecheck: $(STAMP)  # Over jaxckpt/, configured in pyproject.toml.
+typecheck: $(STAMP)  # Over src/jaxckpt/, configured in pyproject.toml.
 	$(BIN)/mypy
 
 versions: $(STAMP)
