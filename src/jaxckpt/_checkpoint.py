@@ -13,7 +13,9 @@ import jax
 import numpy as np
 
 from jaxckpt._background import Saver
+from jaxckpt._commit import PLAN_AGREEMENT
 from jaxckpt._commit import SaveJob
+from jaxckpt._commit import agree_on_plan
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import TreeError
@@ -277,11 +279,16 @@ def _save(
   counter = checkpoint._save_counter + (request.kind == "save")
   if coordination is not None:  # For the same reason the number is used up now.
     object.__setattr__(checkpoint, "_save_counter", counter)
-  flat = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
-  plan = plan_save(
-    request, options, flat, save_counter=counter, io_device=io_device, coordination=coordination
-  )
-  job = _snapshot(checkpoint, plan, flat, options)
+  try:
+    flat = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+    plan = plan_save(
+      request, options, flat, save_counter=counter, io_device=io_device, coordination=coordination
+    )
+    job = _snapshot(checkpoint, plan, flat, options)
+  except BaseException as e:
+    if coordination is not None:  # The others must not wait for this process.
+      coordination.abandon(PLAN_AGREEMENT, e)
+    raise
   object.__setattr__(checkpoint, "_save_counter", counter)
   if plan.background:
     logger.info(
@@ -326,8 +333,8 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
   coord, io_device = plan.coordination, plan.io_device
   if plan.routed and coord is not None and io_device is not None:
     # The gather is an XLA collective, which has no timeout: enter it only once
-    # every process is known to be here.
-    coord.barrier("gather")
+    # every process is known to be here, with the same plan.
+    agree_on_plan(plan, flat)
     snapshot = _gather_snapshot(to_copy, io_device.process_index)
     if plan.writer != FAST:  # Orbax writes them: numpy only (see _layout.new_checkpointer).
       snapshot = {name: np.asarray(value) for name, value in snapshot.items()}

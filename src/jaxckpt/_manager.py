@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import threading
@@ -19,8 +20,10 @@ from jaxckpt._checkpoint import save_checkpoint
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._future import SavePath
 from jaxckpt._incremental import retire_or_remove
+from jaxckpt._io_device import resolve_io_device
 from jaxckpt._manifest import data_of
 from jaxckpt._manifest import is_committed
+from jaxckpt._multihost import begin
 from jaxckpt._multihost import is_primary
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._plan import SaveRequest
@@ -114,10 +117,9 @@ class CheckpointManager:
     """Reads the directory's state file; drops leftovers of interrupted saves."""
     now = time.time()
     wait_for_saves_into(self._directory)  # Their staging data looks like leftovers.
+    self._swept_leftovers = False
     if is_primary():
-      removed = self._store.remove_leftovers(self._directory, data_of)
-      if removed:
-        logger.info("Deleted what interrupted saves left in %s: %s.", self._directory, removed)
+      self._sweep_leftovers()
     state = read_state(self._directory)
     self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
     self._latest: str | None = None
@@ -134,6 +136,14 @@ class CheckpointManager:
       self._last_preserved = state.last_preserved_timestamp
     if is_committed(state.model_checkpoint_path):
       self._latest = self._user_path(state.model_checkpoint_path)
+
+  def _sweep_leftovers(self) -> None:
+    """Deletes what interrupted saves left (by the process that writes the files:
+    process 0, or the first save's ``experimental_io_device`` task)."""
+    self._swept_leftovers = True
+    removed = self._store.remove_leftovers(self._directory, data_of)
+    if removed:
+      logger.info("Deleted what interrupted saves left in %s: %s.", self._directory, removed)
 
   def _owns(self, path: str) -> bool:
     """Whether ``path`` is one of this manager's own (deletable) checkpoints: a
@@ -219,6 +229,8 @@ class CheckpointManager:
       if not owner:  # Every process tracks the list; one owns the files.
         return
       self._record_state(path)
+      if not self._swept_leftovers:  # The I/O task's storage may be its own.
+        self._sweep_leftovers()
     if doomed:  # After the state file stops naming them.
       retire_or_remove(doomed, self._directory)
       logger.info("Swept old checkpoints %s.", ", ".join(doomed))
@@ -253,16 +265,39 @@ class CheckpointManager:
     """Waits for the pending async save (and its sweep); raises if it failed."""
     self._checkpoint.sync()
 
-  def restore_or_initialize(self) -> str | None:
+  def restore_or_initialize(self, options: CheckpointOptions | None = None) -> str | None:
     """Restores the latest checkpoint (returning its path), else calls ``init_fn``.
 
-    Waits for pending saves first (TF forgets to).
+    Waits for pending saves first (TF forgets to). With several processes, the
+    latest checkpoint is the one process 0's manager knows (the
+    ``experimental_io_device`` task's, if ``options`` name one), so that every
+    process takes the same branch.
+
+    Args:
+      options: passed to `Checkpoint.restore` (e.g. ``experimental_io_device``).
+
+    Returns:
+      The restored checkpoint's path, or None when there was none.
+
+    Raises:
+      As `Checkpoint.restore`; CoordinationError if the processes cannot agree.
     """
+    options = _check_options(options)
     self.sync()
-    latest = self.latest_checkpoint
+    latest = self._agreed_latest(options)
     if latest is not None:
-      self._checkpoint.restore(latest)
+      self._checkpoint.restore(latest, options=options)
       return latest
     if self._init_fn is not None:
       self._init_fn()
     return None
+
+  def _agreed_latest(self, options: CheckpointOptions) -> str | None:
+    coord = begin(
+      "choice of the checkpoint to restore",
+      options.timeout_s,
+      io_device=resolve_io_device(options.experimental_io_device),
+    )
+    if coord is None:
+      return self.latest_checkpoint
+    return json.loads(coord.share("latest", lambda: json.dumps(self.latest_checkpoint)))

@@ -79,6 +79,23 @@ def _check_leaves(leaves: list[Leaf]) -> None:
     )
 
 
+def _check_global(leaves: list[Leaf]) -> None:
+  """Orbax writes jax.Arrays only as global arrays when several processes write."""
+  local = [
+    leaf.name
+    for leaf in leaves
+    if isinstance(leaf.value, jax.Array) and leaf.value.is_fully_addressable
+  ]
+  if local:
+    raise TreeError(
+      f"Cannot save {local[:5]} with {jax.process_count()} processes: each is a "
+      "jax.Array on this process's devices only, and Orbax writes only global arrays "
+      "when several processes write. Make it global (jax.device_put onto a "
+      "NamedSharding over jax.devices()), or track np.asarray(value) to save this "
+      "process's value."
+    )
+
+
 def _check_store(
   store: Store, path: str, options: CheckpointOptions, coordination: Coordination | None
 ) -> None:
@@ -120,6 +137,8 @@ def plan_save(
   _check_store(store, path, options, coordination)
   routed = coordination is not None and coordination.writers is not None
   layout = layout_for_store(store)
+  if coordination is not None and not routed and layout.has_fast_writer:
+    _check_global(leaves)
   single_writer = coordination is None or routed
   fast = (
     layout.has_fast_writer
