@@ -173,7 +173,7 @@ def cmd_verify(args) -> tuple[Any, int]:
       entry: dict[str, Any] = {"path": path, "ok": True, "arrays": {}}
       try:
         reader = load_checkpoint(path)
-        names = sorted(reader.get_variable_to_shape_map())
+        names = sorted(reader.manifest.leaves)  # The arrays (not save_counter).
         task = progress.add_task(f"verify {store.basename(path)}", total=len(names))
         for name in names:
           try:

@@ -17,6 +17,10 @@ class InvalidOptionsError(JaxckptError, TypeError, ValueError):
   """A `CheckpointOptions` field has a bad value (wrong type or signature)."""
 
 
+class InvalidCallbackError(InvalidOptionsError, AssertionError):
+  """A write callback takes more than the save path (TF asserts this, hence AssertionError)."""
+
+
 class InvalidPathError(JaxckptError, ValueError):
   """A path cannot hold a checkpoint (a parent is a regular file, a URL names no bucket)."""
 
