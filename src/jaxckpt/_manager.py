@@ -59,9 +59,7 @@ def _checkpoint_number(value) -> int:
 
 def _check_step_counter(checkpoint: Checkpoint, step_counter) -> None:
   """A jax.Array or Python number is a value: read at every save it never changes."""
-  if callable(step_counter) or not isinstance(
-    step_counter, (jax.Array, int, float, np.generic)
-  ):
+  if callable(step_counter) or not isinstance(step_counter, (jax.Array, int, float, np.generic)):
     return
   items = [n for n, v in checkpoint._items.items() if v is step_counter]
   name = items[0] if items else "step"

@@ -132,9 +132,7 @@ def get_checkpoint_state(checkpoint_dir: str | os.PathLike) -> CheckpointState |
   state = read_state(fspath(checkpoint_dir))
   if state is None:
     return None
-  return dataclasses.replace(
-    state, last_preserved_timestamp=state.last_preserved_timestamp or 0.0
-  )
+  return dataclasses.replace(state, last_preserved_timestamp=state.last_preserved_timestamp or 0.0)
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
