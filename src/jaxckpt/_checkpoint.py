@@ -357,8 +357,8 @@ def _save(
   counter = checkpoint._save_counter + (request.kind == "save")
   if coordination is not None:  # For the same reason the number is used up now.
     object.__setattr__(checkpoint, "_save_counter", counter)
-  flat = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
-  flat = reshard_for_save(flat, options.experimental_sharding_callback)
+  tracked = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+  flat = reshard_for_save(tracked, options.experimental_sharding_callback)
   plan = plan_save(
     request,
     options,
@@ -370,7 +370,7 @@ def _save(
   )
   job = _snapshot(checkpoint, plan, flat, options)
   object.__setattr__(checkpoint, "_save_counter", counter)
-  checkpoint._stale.check(flat, plan.path)
+  checkpoint._stale.check(tracked, plan.path)
   if plan.background:
     logger.info(
       "Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",

@@ -22,7 +22,8 @@ logger = logging.getLogger("jaxckpt")
 
 
 def _is_array(value: Any) -> bool:
-  return isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) > 0
+  # jax.Arrays only: a numpy array may have been updated in place.
+  return isinstance(value, jax.Array) and value.ndim > 0
 
 
 def _ref(value: Any) -> Any:
@@ -51,7 +52,7 @@ class StaleSaves:
 
   def check(self, leaves: list[Leaf], path: str) -> None:
     arrays = {leaf.name: leaf.value for leaf in leaves if _is_array(leaf.value)}
-    scalars = {leaf.name: leaf.value for leaf in leaves if leaf.name not in arrays}
+    scalars = {leaf.name: leaf.value for leaf in leaves if np.ndim(leaf.value) == 0}
     previous, previous_scalars = self._arrays, self._scalars
     self._arrays = {name: _ref(value) for name, value in arrays.items()}
     self._scalars = {
