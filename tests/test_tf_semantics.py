@@ -77,6 +77,17 @@ def test_read_of_a_saved_checkpoint_defers_the_counter_until_it_exists(tmp_path)
   assert saved_once.save_counter == 2
 
 
+@pytest.mark.parametrize("create", ["read_attribute", "restore_none", "nothing"])
+def test_counter_exists_once_read_or_restored(tmp_path, create):
+  ckpt = jaxckpt.Checkpoint(a=jnp.ones(2))
+  if create == "read_attribute":
+    assert ckpt.save_counter == 0
+  elif create == "restore_none":
+    ckpt.restore(None)
+  names = [name for name, _ in jaxckpt.list_variables(ckpt.write(tmp_path / "w"))]
+  assert ("save_counter" in names) == (create != "nothing")
+
+
 # 3: save_counter is listed like TF's variable
 
 

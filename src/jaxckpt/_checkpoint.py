@@ -135,8 +135,11 @@ class Checkpoint:
       )
     if "/" in name or "." in name:
       raise TreeError(f"Item name {name!r} must not contain '/' or '.'.")
+    if name in self._items or name not in self._deferred:
+      self._items[name] = value  # No lock: a write callback may assign during a save.
+      return
     with self._lock:
-      deferred = None if name in self._items else self._deferred.pop(name, None)
+      deferred = self._deferred.pop(name, None)
       if deferred is not None:
         value = deferred.restore(name, value)
       self._items[name] = value
@@ -279,6 +282,8 @@ class Checkpoint:
       plan, reshard_for_restore(flat, options.experimental_sharding_callback)
     )
     if path is None or manifest is None:
+      if restore_counter:  # TF's restore(None) creates the counter too.
+        self._create_counter()
       return InitializationOnlyStatus({leaf.name for leaf in flat})
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):

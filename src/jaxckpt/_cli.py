@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from jaxckpt._errors import JaxckptError
+from jaxckpt._errors import _ClosedPipe
 from jaxckpt._layout import layout_of
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
@@ -61,7 +62,7 @@ def _console():
 
   class _Console(Console):
     def on_broken_pipe(self) -> None:  # rich exits with 1 (our "corrupt"); main() says 141.
-      raise BrokenPipeError
+      raise _ClosedPipe("stdout closed")
 
   console = _Console()
   if not console.is_terminal:

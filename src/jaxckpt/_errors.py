@@ -102,5 +102,9 @@ class _ArrayReadError(JaxckptError):
     self.name = name
 
 
+class _ClosedPipe(JaxckptError, BrokenPipeError):
+  """The CLI's reader (``head``, a pager) went away; `jaxckpt._cli.main` exits 141."""
+
+
 class _FastReadUnsupported(JaxckptError):
   """This array is not for the fast read path (see _fastread.py); Orbax reads it."""
