@@ -171,18 +171,8 @@ class CheckpointOptions:
     self._async = False
     self.enable_async = bool(experimental_enable_async_checkpoint or enable_async)
     self.experimental_write_callbacks = experimental_write_callbacks
-    if not isinstance(experimental_skip_slot_variables, bool):
-      raise InvalidOptionsError(
-        "experimental_skip_slot_variables must be a bool, got "
-        f"{experimental_skip_slot_variables!r}."
-      )
+    _check_restore_extras(experimental_skip_slot_variables, experimental_sharding_callback)
     self.experimental_skip_slot_variables = experimental_skip_slot_variables
-    if experimental_sharding_callback is not None and not callable(experimental_sharding_callback):
-      raise InvalidOptionsError(
-        "experimental_sharding_callback must be None or a callable "
-        "(name, shape, dtype) -> jax.sharding.Sharding | None, got "
-        f"{type(experimental_sharding_callback).__name__}."
-      )
     self.experimental_sharding_callback = experimental_sharding_callback
     if not isinstance(compression, bool):
       raise InvalidOptionsError(f"compression must be a bool, got {compression!r}.")
@@ -304,6 +294,19 @@ _KNOB_DEFAULTS = {
   "incremental": False,
   "timeout_s": 300.0,
 }
+
+
+def _check_restore_extras(skip_slot_variables: Any, sharding_callback: Any) -> None:
+  if not isinstance(skip_slot_variables, bool):
+    raise InvalidOptionsError(
+      f"experimental_skip_slot_variables must be a bool, got {skip_slot_variables!r}."
+    )
+  if sharding_callback is not None and not callable(sharding_callback):
+    raise InvalidOptionsError(
+      "experimental_sharding_callback must be None or a callable "
+      "(name, shape, dtype) -> jax.sharding.Sharding | None, got "
+      f"{type(sharding_callback).__name__}."
+    )
 
 
 def _check_positive(name: str, value: Any, *, allow_none: bool) -> None:
