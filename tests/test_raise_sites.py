@@ -385,7 +385,7 @@ def restore_an_unreadable_array_from_a_store(tmp_path, monkeypatch):
 
 @_site(jaxckpt.LoadStatusError, (AssertionError,), "not tracked")
 def assert_consumed_with_an_unused_value(tmp_path, monkeypatch):
-  path = jaxckpt.Checkpoint(a=1, b=2).write(tmp_path / "c")
+  path = jaxckpt.Checkpoint(a=1, b=2).save(tmp_path / "c")
   jaxckpt.Checkpoint(a=0).restore(path).assert_consumed()
 
 
@@ -463,14 +463,21 @@ def test_public_raise_site(tmp_path, monkeypatch, trigger, cls, builtin_bases, m
     ({"timeout_s": 0}, "timeout_s must be a positive number"),
     ({"experimental_write_callbacks": print}, "list of callables"),
     ({"experimental_write_callbacks": [1]}, r"\[0\] must be callable"),
-    ({"experimental_write_callbacks": [lambda a, b: None]}, "at most one positional"),
-    ({"experimental_write_callbacks": [lambda *, k: None]}, "at most one positional"),
+    ({"experimental_skip_slot_variables": 1}, "experimental_skip_slot_variables must be"),
+    ({"experimental_sharding_callback": 3}, "experimental_sharding_callback must be"),
   ],
 )
 def test_checkpoint_options_raise_invalid_options_error(kwargs, match):
   with pytest.raises(JaxckptError, match=match) as info:
     jaxckpt.CheckpointOptions(**kwargs)
   _check(info.value, jaxckpt.InvalidOptionsError, (TypeError, ValueError))
+
+
+@pytest.mark.parametrize("callback", [lambda a, b: None, lambda *, k: None])
+def test_bad_write_callback_raises_invalid_callback_error(callback):
+  with pytest.raises(JaxckptError, match="at most one positional") as info:
+    jaxckpt.CheckpointOptions(experimental_write_callbacks=[callback])
+  _check(info.value, jaxckpt.InvalidCallbackError, (TypeError, ValueError, AssertionError))
 
 
 def test_enable_async_setter_raises_invalid_options_error():
@@ -486,7 +493,8 @@ def test_enable_async_setter_raises_invalid_options_error():
     ({"max_to_keep": 0}, "max_to_keep"),
     ({"max_to_keep": 1, "keep_checkpoint_every_n_hours": -1}, "keep_checkpoint_every_n_hours"),
     ({"max_to_keep": 1, "checkpoint_interval": 5}, "step_counter must be given"),
-    ({"max_to_keep": 1, "checkpoint_name": "a/b"}, "checkpoint_name"),
+    ({"max_to_keep": 1, "checkpoint_name": "/elsewhere/b"}, "checkpoint_name"),
+    ({"max_to_keep": 1, "checkpoint_interval": 5, "step_counter": 3}, "never changes"),
   ],
 )
 def test_manager_arguments_raise_invalid_options_error(tmp_path, kwargs, match):

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from typing import Any
 
 import jax
@@ -35,9 +36,14 @@ from jaxckpt._plan import SavePlan
 from jaxckpt._plan import SaveRequest
 from jaxckpt._plan import plan_restore
 from jaxckpt._plan import plan_save
+from jaxckpt._reshard import is_slot
+from jaxckpt._reshard import reshard_for_restore
+from jaxckpt._reshard import reshard_for_save
+from jaxckpt._restore import read_leaves
 from jaxckpt._restore import restore_leaves
 from jaxckpt._routed import gather
 from jaxckpt._snapshot import take_snapshot
+from jaxckpt._stale import StaleSaves
 from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import write_state
 from jaxckpt._store import fspath
@@ -76,7 +82,13 @@ class Checkpoint:
   Items are pytrees of ``jax.Array``, numpy arrays and Python scalars, passed as
   keyword arguments or assigned as attributes later. Restoring replaces each
   item with a tree of the same structure holding the checkpoint's values (JAX
-  arrays are immutable), in the dtype and sharding of the current values.
+  arrays are immutable), in the dtype and sharding of the current values. As
+  in TF, an item assigned after a restore under a name the checkpoint holds but
+  nothing tracked then is restored on assignment (deferred restoration).
+
+  Because JAX arrays are values, not variables, re-assign items after each
+  update (``ckpt.params = params``) before saving; a save whose every array is
+  the very object of the previous save while other values moved logs a warning.
 
   Example:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
@@ -95,6 +107,12 @@ class Checkpoint:
     object.__setattr__(self, "_save_counter", 0)
     object.__setattr__(self, "_saver", Saver())
     object.__setattr__(self, "_history", History())
+    # TF creates save_counter on the first save/restore (or read of the
+    # attribute); until then a write() stores no counter.
+    object.__setattr__(self, "_counter_exists", False)
+    object.__setattr__(self, "_deferred_counter", None)  # From a read() before that.
+    object.__setattr__(self, "_deferred", {})  # item name -> _Deferred, see restore().
+    object.__setattr__(self, "_stale", StaleSaves())
     # Serialises save/write/restore calls from several threads (reentrant: a
     # write callback or signal handler on the calling thread may save again).
     object.__setattr__(self, "_lock", threading.RLock())
@@ -119,7 +137,14 @@ class Checkpoint:
       )
     if "/" in name or "." in name:
       raise TreeError(f"Item name {name!r} must not contain '/' or '.'.")
-    self._items[name] = value
+    if name in self._items or name not in self._deferred:
+      self._items[name] = value  # No lock: a write callback may assign during a save.
+      return
+    with self._lock:
+      deferred = self._deferred.pop(name, None)
+      if deferred is not None:
+        value = deferred.restore(name, value)
+      self._items[name] = value
 
   def __delattr__(self, name: str) -> None:
     if name in self._items:
@@ -140,7 +165,15 @@ class Checkpoint:
   @property
   def save_counter(self) -> int:
     """Number of `save` calls so far (restored by `restore`); `write` leaves it."""
+    self._create_counter()
     return self._save_counter
+
+  def _create_counter(self) -> None:
+    if not self._counter_exists:
+      object.__setattr__(self, "_counter_exists", True)
+      if self._deferred_counter is not None:
+        object.__setattr__(self, "_save_counter", self._deferred_counter)
+        object.__setattr__(self, "_deferred_counter", None)
 
   # -- saving --------------------------------------------------------------
 
@@ -222,7 +255,12 @@ class Checkpoint:
   def read(
     self, save_path: str | os.PathLike, options: CheckpointOptions | None = None
   ) -> LoadStatus:
-    """Like `restore`, for checkpoints made by `write`: leaves `save_counter` alone."""
+    """Like `restore`, for checkpoints made by `write`.
+
+    As in TF, `save_counter` is restored only if it exists already (this
+    Checkpoint saved or restored before); otherwise a stored counter is kept
+    for its first save, and the status reports it unused.
+    """
     with self._lock:
       return self._restore(save_path, _check_options(options), restore_counter=False)
 
@@ -240,15 +278,60 @@ class Checkpoint:
     self._saver.wait()
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
-    path, manifest, restored = restore_leaves(plan, flat)
+    if options.experimental_skip_slot_variables:
+      flat = [leaf for leaf in flat if not is_slot(leaf.name)]
+    path, manifest, restored = restore_leaves(
+      plan, reshard_for_restore(flat, options.experimental_sharding_callback)
+    )
     if path is None or manifest is None:
+      if restore_counter:  # TF's restore(None) creates the counter too.
+        self._create_counter()
       return InitializationOnlyStatus({leaf.name for leaf in flat})
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
         self._items[item.name] = item.rebuild(restored)
+    counter_tracked = restore_counter or self._counter_exists
     if restore_counter:
-      object.__setattr__(self, "_save_counter", manifest.save_counter)
-    return LoadStatus(path, {leaf.name for leaf in flat}, set(manifest.leaves))
+      self._create_counter()
+    if manifest.counter_saved:
+      target = "_save_counter" if counter_tracked else "_deferred_counter"
+      object.__setattr__(self, target, manifest.save_counter)
+    stored = set(manifest.leaves)
+    if options.experimental_skip_slot_variables:
+      stored = {name for name in stored if not is_slot(name)}
+    status = LoadStatus(
+      path, {leaf.name for leaf in flat}, stored, counter=(counter_tracked, manifest.counter_saved)
+    )
+    self._defer(status, manifest, plan)
+    return status
+
+  def _defer(self, status: LoadStatus, manifest, plan) -> None:
+    """Keeps what nothing tracks for items assigned later (not with several processes)."""
+    later = {name.split("/")[0] for name in status.unused} - set(self._items)
+    if plan.coordination is not None:
+      later = set()
+    deferred = _Deferred(status.path, manifest, weakref.ref(status), plan.verify_checksums)
+    object.__setattr__(self, "_deferred", dict.fromkeys(later, deferred))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+  """A restore's values for an item not tracked yet (TF's deferred restoration)."""
+
+  path: str
+  manifest: Any
+  status: Any  # weakref to the LoadStatus, updated when the item is restored.
+  verify_checksums: bool
+
+  def restore(self, name: str, value: Any) -> Any:
+    item = flatten_items({name: value})[0]
+    restored = read_leaves(
+      self.path, self.manifest, item.leaves, verify_checksums=self.verify_checksums
+    )
+    status = self.status()
+    if status is not None:
+      status._restored_later(set(restored))
+    return item.rebuild(restored) if restored else value
 
 
 def save_checkpoint(
@@ -276,13 +359,22 @@ def _save(
   # that save at a barrier instead of pairing their later saves with its next
   # one (which would commit shards from different steps).
   coordination = begin("save", options.timeout_s, io_device=io_device)
+  if request.kind == "save":
+    checkpoint._create_counter()
   counter = checkpoint._save_counter + (request.kind == "save")
   if coordination is not None:  # For the same reason the number is used up now.
     object.__setattr__(checkpoint, "_save_counter", counter)
   try:
-    flat = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+    tracked = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+    flat = reshard_for_save(tracked, options.experimental_sharding_callback)
     plan = plan_save(
-      request, options, flat, save_counter=counter, io_device=io_device, coordination=coordination
+      request,
+      options,
+      flat,
+      save_counter=counter,
+      io_device=io_device,
+      coordination=coordination,
+      counter_saved=checkpoint._counter_exists,
     )
     job = _snapshot(checkpoint, plan, flat, options)
   except BaseException as e:
@@ -290,6 +382,7 @@ def _save(
       coordination.abandon(PLAN_AGREEMENT, e)
     raise
   object.__setattr__(checkpoint, "_save_counter", counter)
+  checkpoint._stale.check(tracked, plan.path)
   if plan.background:
     logger.info(
       "Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",

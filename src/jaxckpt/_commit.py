@@ -222,6 +222,7 @@ def _write(job: SaveJob, data_dir: str, staging: str) -> Manifest:
     digests=digests,
     shard_checksums=shard_sums,
     data=None if plan.store.renames else staging,
+    counter_saved=plan.counter_saved,
   )
   job.leaves = None  # Holds the caller's arrays; not needed any more.
   pending.wait()

@@ -17,6 +17,10 @@ class InvalidOptionsError(JaxckptError, TypeError, ValueError):
   """A `CheckpointOptions` field has a bad value (wrong type or signature)."""
 
 
+class InvalidCallbackError(InvalidOptionsError, AssertionError):
+  """A write callback takes more than the save path (TF asserts this, hence AssertionError)."""
+
+
 class InvalidPathError(JaxckptError, ValueError):
   """A path cannot hold a checkpoint (a parent is a regular file, a URL names no bucket)."""
 
@@ -96,6 +100,10 @@ class _ArrayReadError(JaxckptError):
   def __init__(self, name: str, error: BaseException):
     super().__init__(f"array '{name}' failed to load ({type(error).__name__}: {error})")
     self.name = name
+
+
+class _ClosedPipe(JaxckptError, BrokenPipeError):
+  """The CLI's reader (``head``, a pager) went away; `jaxckpt._cli.main` exits 141."""
 
 
 class _FastReadUnsupported(JaxckptError):

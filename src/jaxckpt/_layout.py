@@ -243,7 +243,8 @@ def _describe_sharding(sharding) -> str:
     return f"single device {sharding.device_str}"
   spec = getattr(sharding, "partition_spec", None)
   if spec is not None:
-    mesh = dict(zip(sharding.axis_names, sharding.shape, strict=False))
+    # Plain ints: Orbax's metadata holds numpy ints, whose repr is np.int64(2).
+    mesh = {name: int(n) for name, n in zip(sharding.axis_names, sharding.shape, strict=False)}
     return f"mesh {mesh} spec {tuple(spec)}"
   return type(sharding).__name__
 

@@ -68,6 +68,7 @@ class SavePlan:
   callbacks: tuple[Callable[..., Any], ...]
   on_commit: Callable[[str, bool], None] | None
   nbytes: int
+  counter_saved: bool = True  # Whether the manifest records save_counter (see _manifest.py).
 
 
 def _check_leaves(leaves: list[Leaf]) -> None:
@@ -124,6 +125,7 @@ def plan_save(
   save_counter: int,
   io_device: jax.Device | None,
   coordination: Coordination | None,
+  counter_saved: bool = True,
 ) -> SavePlan:
   """Decides everything about one save (see the module docstring).
 
@@ -166,6 +168,7 @@ def plan_save(
     callbacks=tuple(options.experimental_write_callbacks or ()),
     on_commit=request.on_commit,
     nbytes=sum(leaf.nbytes for leaf in leaves),
+    counter_saved=counter_saved,
   )
 
 
