@@ -72,7 +72,8 @@ def start(
       os.environ,
       JAXCKPT_TEST_SPEC=json.dumps(spec),
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+      # This checkout's src/ first: the children must import the package under test.
+      PYTHONPATH=os.pathsep.join([HERE, os.path.join(os.path.dirname(HERE), "src")]),
       **(env or {}),
     )
     with (

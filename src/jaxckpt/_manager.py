@@ -12,6 +12,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxckpt import _tiers
 from jaxckpt._background import wait_for_saves_into
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._checkpoint import _check_options
@@ -76,6 +77,10 @@ class CheckpointManager:
     step_counter: Any = None,
     checkpoint_interval: int | None = None,
     init_fn: Callable[[], Any] | None = None,
+    *,
+    local_directory: str | os.PathLike | None = None,
+    local_interval: int = 1,
+    local_max_to_keep: int = 2,
   ):
     if not isinstance(checkpoint, Checkpoint):
       raise InvalidOptionsError(
@@ -104,6 +109,8 @@ class CheckpointManager:
     self._checkpoint_interval = checkpoint_interval
     self._init_fn = init_fn
     self._last_checkpoint_step: int | None = None
+    self._local = _tiers.local_tier(local_directory, local_interval, local_max_to_keep)
+    self.restored_tier: str | None = None  # "local" or "persistent" after restore_or_initialize.
     # Guards the recorded state (also used by the save thread). Reentrant: a
     # SIGTERM handler's save may run while the main thread holds it.
     self._lock = threading.RLock()
@@ -186,7 +193,14 @@ class CheckpointManager:
     """
     options = _check_options(options)
     with self._save_lock:
-      return self._save(checkpoint_number, check_interval, options)
+      if self._local is None:
+        return self._save(checkpoint_number, check_interval, options)
+      step = None if self._step_counter is None else _read_step(self._step_counter)
+      number = _tiers.numbered(checkpoint_number, step)
+      path = self._save(number, check_interval, options)
+      if self._local.due(_read_step(number)):
+        self._local.save(self._checkpoint, _read_step(number), options.timeout_s)
+      return path
 
   def _save(
     self, checkpoint_number, check_interval: bool, options: CheckpointOptions
@@ -252,6 +266,8 @@ class CheckpointManager:
   def sync(self) -> None:
     """Waits for the pending async save (and its sweep); raises if it failed."""
     self._checkpoint.sync()
+    if self._local is not None:
+      self._local.wait()
 
   def restore_or_initialize(self) -> str | None:
     """Restores the latest checkpoint (returning its path), else calls ``init_fn``.
@@ -260,7 +276,16 @@ class CheckpointManager:
     """
     self.sync()
     latest = self.latest_checkpoint
+    if self._local is not None:
+      latest, self.restored_tier = _tiers.restore_newest(
+        self._local, self._checkpoint, latest, CheckpointOptions().timeout_s
+      )
+      if latest is None and self._init_fn is not None:
+        self._init_fn()
+      return latest
     if latest is not None:
+      self.restored_tier = "persistent"
+
       self._checkpoint.restore(latest)
       return latest
     if self._init_fn is not None:

@@ -1,0 +1,141 @@
+"""One process's shards of a state as one self-describing byte string (the local tier's unit).
+
+``encode`` packs, for every leaf, the distinct shards this process holds (a
+replicated array once) with each shard's index into the global array, plus
+numpy values and Python scalars whole; ``values_for`` rebuilds the leaves from
+it onto the tracked values' shardings. The same bytes are written to the local
+directory and sent to the peer (`_replica.exchange`), so a peer's copy restores
+exactly like the process's own.
+
+Layout: 8-byte little-endian header length, the JSON header, the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import struct
+from typing import Any
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import _LocalTierMismatch
+from jaxckpt._restore import as_tracked_type
+from jaxckpt._tree import Leaf
+
+FORMAT = 1
+_LENGTH = struct.Struct("<Q")
+
+
+def _dtype(name: str) -> np.dtype:
+  return np.dtype(getattr(ml_dtypes, name, name))
+
+
+def _bounds(index: tuple[slice, ...], shape: tuple[int, ...]) -> list[list[int]]:
+  return [list(s.indices(n)[:2]) for s, n in zip(index, shape, strict=True)]
+
+
+def _host_parts(leaf: Leaf) -> tuple[dict[str, Any], list[tuple[list[list[int]], np.ndarray]]]:
+  value = leaf.value
+  if isinstance(value, jax.Array):
+    parts, seen = [], set()
+    for shard in value.addressable_shards:
+      bounds = _bounds(shard.index, value.shape)
+      key = json.dumps(bounds)
+      if key not in seen:
+        seen.add(key)
+        parts.append((bounds, shard.data))
+    for _, data in parts:
+      data.copy_to_host_async()  # All transfers in flight before the first wait.
+    return {"kind": "jax"}, [(b, np.asarray(d)) for b, d in parts]
+  array = np.asarray(value)
+  return {"kind": leaf.kind}, [([[0, n] for n in array.shape], array)]
+
+
+def encode(leaves: list[Leaf], meta: dict[str, Any]) -> bytes:
+  """This process's shards of ``leaves`` (concrete values), with ``meta`` in the header."""
+  entries: dict[str, Any] = {}
+  chunks: list[bytes] = []
+  offset = 0
+  for leaf in leaves:
+    info, parts = _host_parts(leaf)
+    shards = []
+    for bounds, array in parts:
+      data = np.ascontiguousarray(array).tobytes()
+      shards.append({"index": bounds, "offset": offset, "nbytes": len(data)})
+      chunks.append(data)
+      offset += len(data)
+    entries[leaf.name] = {
+      **info,
+      "dtype": leaf.dtype.name,
+      "shape": list(leaf.shape),
+      "shards": shards,
+    }
+  header = json.dumps({"format": FORMAT, **meta, "leaves": entries}).encode()
+  return b"".join([_LENGTH.pack(len(header)), header, *chunks])
+
+
+@dataclasses.dataclass(frozen=True)
+class Shards:
+  """A decoded byte string: its header and a view of its data."""
+
+  header: dict[str, Any]
+  data: memoryview
+
+  def array(self, name: str, bounds: list[list[int]]) -> np.ndarray | None:
+    entry = self.header["leaves"][name]
+    for shard in entry["shards"]:
+      if shard["index"] == bounds:
+        shape = [stop - start for start, stop in bounds]
+        raw = self.data[shard["offset"] : shard["offset"] + shard["nbytes"]]
+        return np.frombuffer(raw, _dtype(entry["dtype"])).reshape(shape).copy()
+    return None
+
+
+def decode(data: bytes, where: str) -> Shards:
+  """Raises CorruptCheckpointError if ``data`` is not an `encode` result."""
+  view = memoryview(data)
+  try:
+    (length,) = _LENGTH.unpack_from(view)
+    header = json.loads(bytes(view[_LENGTH.size : _LENGTH.size + length]))
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+      raise ValueError(f"format {header.get('format') if isinstance(header, dict) else None}")
+    if not isinstance(header.get("leaves"), dict):
+      raise ValueError("no leaves")
+  except (struct.error, ValueError, UnicodeDecodeError) as e:
+    raise CorruptCheckpointError(f"Local-tier shards {where!r} are unreadable: {e}.") from e
+  return Shards(header, view[_LENGTH.size + length :])
+
+
+def _restore_leaf(shards: Shards, leaf: Leaf) -> Any:
+  entry = shards.header["leaves"].get(leaf.name)
+  if entry is None or tuple(entry["shape"]) != leaf.shape or entry["dtype"] != leaf.dtype.name:
+    raise _LocalTierMismatch(f"'{leaf.name}' differs from the local tier's (shape or dtype)")
+  target = leaf.value
+  sharding = getattr(target, "sharding", None)
+  if isinstance(target, (jax.Array, jax.ShapeDtypeStruct)) and sharding is not None:
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(leaf.shape).items():
+      part = shards.array(leaf.name, _bounds(index, leaf.shape))
+      if part is None:
+        raise _LocalTierMismatch(f"'{leaf.name}' is sharded differently than when saved")
+      arrays.append(jax.device_put(part, device))
+    return jax.make_array_from_single_device_arrays(leaf.shape, sharding, arrays)
+  whole = shards.array(leaf.name, [[0, n] for n in leaf.shape])
+  if whole is None:
+    raise _LocalTierMismatch(f"'{leaf.name}' was saved sharded; it is tracked unsharded")
+  return whole
+
+
+def values_for(shards: Shards, leaves: list[Leaf]) -> dict[str, Any]:
+  """The restored value of every leaf in ``leaves``, on its tracked sharding.
+
+  Raises:
+    _LocalTierMismatch: a leaf is missing, has another shape/dtype, or its
+      sharding asks for shards this process did not save (the caller falls
+      back to the persistent tier).
+  """
+  return {leaf.name: as_tracked_type(leaf, _restore_leaf(shards, leaf)) for leaf in leaves}

@@ -1,0 +1,354 @@
+"""The local tier of a `CheckpointManager`: frequent per-process saves with peer replicas.
+
+Every ``local_interval`` steps each process writes the shards it holds
+(`_shards.encode`) to its own directory, ``{local_directory}/process-{i}``
+(a RAM disk such as ``/dev/shm`` or a local SSD), together with a replica of
+process ``(i + 1) % n``'s shards, which it receives by a JAX collective
+(`_replica.exchange`, on the caller's thread). The write runs on a background
+thread and commits through the store's protocol: a hidden staging directory,
+``manifest.json`` written last, one rename; a save killed half-way leaves only
+a hidden directory, never chosen and swept by the next manager.
+
+Restore: the processes share which steps each holds (own shards and replica),
+pick the newest step whose every process's shards are somewhere, and restore it
+if it is at least as new as the persistent tier's latest; a process whose
+directory came back empty receives its shards from the process that keeps its
+replica. Local steps newer than what was restored belong to an abandoned run
+and are deleted.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import json
+import logging
+import os
+import time
+import zlib
+from typing import Any
+
+import jax
+
+from jaxckpt import _replica
+from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import InvalidOptionsError
+from jaxckpt._errors import JaxckptError
+from jaxckpt._errors import SaveError
+from jaxckpt._errors import _LocalTierMismatch
+from jaxckpt._multihost import Coordination
+from jaxckpt._multihost import begin
+from jaxckpt._shards import Shards
+from jaxckpt._shards import decode
+from jaxckpt._shards import encode
+from jaxckpt._shards import values_for
+from jaxckpt._store import LocalStore
+from jaxckpt._tree import flatten_items
+
+logger = logging.getLogger("jaxckpt")
+
+MANIFEST = "manifest.json"  # Written last: its presence commits a local step.
+OWN = "own.bin"
+PEER = "peer.bin"
+_STEP = "step-"
+
+
+@dataclasses.dataclass(frozen=True)
+class Holdings:
+  """The committed local steps of one process: its own shards and its peer's replica."""
+
+  own: frozenset[int]
+  peer: frozenset[int]
+
+  def to_json(self) -> str:
+    return json.dumps({"own": sorted(self.own), "peer": sorted(self.peer)})
+
+  @classmethod
+  def from_json(cls, text: str) -> Holdings:
+    data = json.loads(text)
+    return cls(frozenset(data["own"]), frozenset(data["peer"]))
+
+
+def newest_complete(holdings: list[Holdings]) -> int | None:
+  """The newest step every process's shards are present for: at the process
+  itself or at the one keeping its replica (process ``i - 1``)."""
+  count = len(holdings)
+  steps = set().union(*(h.own for h in holdings))
+  complete = [
+    s
+    for s in steps
+    if all(s in holdings[i].own or (count > 1 and s in holdings[i - 1].peer) for i in range(count))
+  ]
+  return max(complete, default=None)
+
+
+def _gather(coordination: Coordination | None, name: str, value: str) -> list[str]:
+  """Every process's ``value``, by process index (small metadata, not shards)."""
+  if coordination is None:
+    return [value]
+  me = jax.process_index()
+  coordination.publish(f"{name}/{me}", value)
+  return [
+    value if p == me else coordination.receive(f"{name}/{p}", sender=p)
+    for p in range(jax.process_count())
+  ]
+
+
+class LocalTier:
+  """A manager's local tier (see the module docstring)."""
+
+  def __init__(self, directory: str, interval: int, max_to_keep: int):
+    self.directory = os.path.join(os.path.abspath(directory), f"process-{jax.process_index()}")
+    self.interval = interval
+    self.max_to_keep = max_to_keep
+    self._store = LocalStore()
+    self._last_step: int | None = None
+    self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxckpt-local")
+    self._pending: concurrent.futures.Future | None = None
+    self._error: BaseException | None = None
+    os.makedirs(self.directory, exist_ok=True)
+    removed = self._store.remove_leftovers(self.directory, lambda path: None)
+    if removed:
+      logger.info("Deleted what interrupted local saves left in %s: %s.", self.directory, removed)
+
+  def path(self, step: int) -> str:
+    return os.path.join(self.directory, f"{_STEP}{step}")
+
+  # -- saving ----------------------------------------------------------------
+
+  def due(self, step: int) -> bool:
+    last = self._last_step
+    return last is None or step >= last + self.interval or step < last
+
+  def save(self, checkpoint: Any, step: int, timeout_s: float) -> None:
+    """Snapshots this process's shards, swaps replicas, writes in the background.
+
+    A collective when several processes run: every process must call it for
+    the same steps. Raises the previous local save's error, if it failed.
+    """
+    start = time.perf_counter()
+    self.wait()
+    coordination = begin(f"local save of step {step}", timeout_s)
+    leaves = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+    meta = {
+      "step": step,
+      "process": jax.process_index(),
+      "count": jax.process_count(),
+      "save_counter": checkpoint.save_counter,
+    }
+    own = encode(leaves, meta)
+    peer = None
+    if coordination is not None:
+      coordination.barrier("exchange")  # A collective has no timeout: all are here first.
+      peer = _replica.exchange(own, 1)
+    self._last_step = step
+    self._pending = self._pool.submit(self._write, step, own, peer)
+    logger.debug(  # Every step, typically.
+      "Local save of step %d: %.1f MiB; save() blocked %.1f ms.",
+      step,
+      len(own) / 2**20,
+      1e3 * (time.perf_counter() - start),
+    )
+
+  def _write(self, step: int, own: bytes, peer: bytes | None) -> None:
+    target = self.path(step)
+    staging = self._store.new_staging(target)
+    held = self._store.hold(staging)
+    try:
+      os.makedirs(staging)
+      files = {OWN: own} if peer is None else {OWN: own, PEER: peer}
+      for name, data in files.items():
+        with open(os.path.join(staging, name), "wb") as f:
+          f.write(data)
+      marker = {
+        "step": step,
+        "process": jax.process_index(),
+        "count": jax.process_count(),
+        "crc32": {name: zlib.crc32(data) for name, data in files.items()},
+        "created": time.time(),
+      }
+      self._store.commit(staging, target, (MANIFEST, json.dumps(marker).encode()))
+    except BaseException:
+      self._store.abort(staging, target)
+      raise
+    finally:
+      self._store.release(staging, held)
+    for old in self.steps()[: -self.max_to_keep]:
+      self._store.remove_checkpoint(self.path(old))
+
+  def wait(self) -> None:
+    """Waits for the pending local write; raises `SaveError` if one failed."""
+    pending, self._pending = self._pending, None
+    if pending is not None:
+      try:
+        pending.result()
+      except Exception as e:
+        self._error = e
+    error, self._error = self._error, None
+    if error is not None:
+      raise SaveError(f"A local-tier save to {self.directory!r} failed: {error}") from error
+
+  # -- what is here ----------------------------------------------------------
+
+  def _marker(self, step: int) -> dict[str, Any] | None:
+    try:
+      with open(os.path.join(self.path(step), MANIFEST), "rb") as f:
+        marker = json.loads(f.read())
+    except (OSError, ValueError):
+      return None
+    if not isinstance(marker, dict) or marker.get("count") != jax.process_count():
+      return None  # Another job's, or another process layout's: never restored.
+    if marker.get("process") != jax.process_index() or marker.get("step") != step:
+      return None
+    return marker
+
+  def steps(self) -> list[int]:
+    """Committed local steps, oldest first."""
+    found = []
+    for name in self._store.names(self.directory):
+      number = name[len(_STEP) :]
+      if name.startswith(_STEP) and number.isdigit() and self._marker(int(number)) is not None:
+        found.append(int(number))
+    return sorted(found)
+
+  def holdings(self) -> Holdings:
+    own, peer = set(), set()
+    for step in self.steps():
+      marker = self._marker(step) or {}
+      own |= {step} if OWN in marker.get("crc32", {}) else set()
+      peer |= {step} if PEER in marker.get("crc32", {}) else set()
+    return Holdings(frozenset(own), frozenset(peer))
+
+  def read(self, step: int, name: str) -> bytes:
+    """The committed file ``name`` of ``step``, checked against its CRC-32."""
+    where = os.path.join(self.path(step), name)
+    marker = self._marker(step) or {}
+    with open(where, "rb") as f:
+      data = f.read()
+    if zlib.crc32(data) != marker.get("crc32", {}).get(name):
+      raise CorruptCheckpointError(f"Local-tier file {where!r} does not match its CRC-32.")
+    return data
+
+  def drop_newer(self, step: int | None) -> None:
+    """Deletes local steps newer than ``step`` (the one restored)."""
+    for old in self.steps():
+      if step is None or old > step:
+        self._store.remove_checkpoint(self.path(old))
+
+  def close(self) -> None:
+    self._pool.shutdown(wait=True)
+
+  # -- restoring -------------------------------------------------------------
+
+  def choose(self, timeout_s: float) -> tuple[Coordination | None, list[Holdings], int | None]:
+    """Agrees with the other processes on the newest complete local step."""
+    coordination = begin("local-tier restore", timeout_s)
+    said = _gather(coordination, "holdings", self.holdings().to_json())
+    holdings = [Holdings.from_json(text) for text in said]
+    return coordination, holdings, newest_complete(holdings)
+
+  def fetch(self, coordination: Coordination | None, holdings: list[Holdings], step: int) -> Shards:
+    """This process's shards of ``step``: its own, or its replica from its keeper."""
+    count = jax.process_count()
+    me = jax.process_index()
+    missing = [i for i, h in enumerate(holdings) if step not in h.own]
+    mine = None
+    if step in holdings[me].own:
+      mine = self.read(step, OWN)
+    if missing and coordination is not None:
+      coordination.barrier("return replicas")
+      owner = _replica.ring_peer(me, count)
+      sending = self.read(step, PEER) if owner in missing else b""
+      received = _replica.exchange(sending, -1)
+      if mine is None:
+        mine = received
+        logger.info("Received this process's shards of step %d from process %d.", step, me - 1)
+    if mine is None:
+      raise _LocalTierMismatch(f"no shards of step {step} on process {me}")
+    return decode(mine, self.path(step))
+
+  def restore(self, checkpoint: Any, timeout_s: float, persistent: int | None) -> int | None:
+    """Restores the newest complete local step if it is at least ``persistent``.
+
+    Returns the step restored, or None (then nothing changed and the caller
+    reads the persistent tier). Every process returns the same.
+    """
+    coordination, holdings, step = self.choose(timeout_s)
+    if step is None or (persistent is not None and step < persistent):
+      return None
+    items = flatten_items(checkpoint._items)
+    leaves = [leaf for item in items for leaf in item.leaves]
+    try:
+      shards = self.fetch(coordination, holdings, step)
+      values = values_for(shards, leaves)
+      problem = ""
+    except (_LocalTierMismatch, JaxckptError, OSError) as e:
+      values, problem = {}, f"{type(e).__name__}: {e}"
+    problems = [p for p in _gather(coordination, "fit", problem) if p]
+    if problems:
+      logger.warning("Local step %d not restored (%s); reading the persistent tier.", step, problems)
+      return None
+    for item in items:
+      checkpoint._items[item.name] = item.rebuild(values)
+    object.__setattr__(checkpoint, "_save_counter", int(shards.header["save_counter"]))
+    self._last_step = step
+    return step
+
+
+def step_of(path: str | None) -> int | None:
+  """The number of a persistent checkpoint ``{prefix}-{N}`` (None if it has none)."""
+  number = None if path is None else os.path.basename(path).rpartition("-")[2]
+  return int(number) if number and number.isdigit() else None
+
+
+def numbered(checkpoint_number: Any, step: int | None) -> int:
+  """The step a tiered save is numbered by: ``checkpoint_number``, else the step counter.
+
+  Raises:
+    InvalidOptionsError: neither is given.
+  """
+  if checkpoint_number is not None:
+    return checkpoint_number
+  if step is None:
+    raise InvalidOptionsError(
+      "With a local tier (local_directory=...) every save needs a step number: pass "
+      "save(checkpoint_number=step) or give the CheckpointManager a step_counter."
+    )
+  return step
+
+
+def restore_newest(
+  tier: LocalTier, checkpoint: Any, latest: str | None, timeout_s: float
+) -> tuple[str | None, str | None]:
+  """Restores the newer of the local tier's newest complete step and ``latest``.
+
+  Returns:
+    (path restored, "local" or "persistent"), or (None, None) if neither tier
+    has a checkpoint.
+  """
+  persistent = step_of(latest)
+  step = tier.restore(checkpoint, timeout_s, persistent)
+  if step is not None:
+    tier.drop_newer(step)
+    logger.info("Restored step %d from the local tier (%s).", step, tier.path(step))
+    return tier.path(step), "local"
+  tier.drop_newer(persistent)
+  if latest is None:
+    return None, None
+  checkpoint.restore(latest)
+  logger.info("Restored %s from the persistent tier (no newer complete local step).", latest)
+  return latest, "persistent"
+
+
+def local_tier(directory: Any, interval: Any, max_to_keep: Any) -> LocalTier | None:
+  """The manager's local tier, None if ``directory`` is None.
+
+  Raises:
+    InvalidOptionsError: ``interval`` or ``max_to_keep`` is not a positive int.
+  """
+  for name, value in (("local_interval", interval), ("local_max_to_keep", max_to_keep)):
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+      raise InvalidOptionsError(f"{name} must be a positive int, got {value!r}.")
+  if directory is None:
+    return None
+  return LocalTier(os.fspath(directory), interval, max_to_keep)
