@@ -286,7 +286,9 @@ class LocalTier:
       values, problem = {}, f"{type(e).__name__}: {e}"
     problems = [p for p in _gather(coordination, "fit", problem) if p]
     if problems:
-      logger.warning("Local step %d not restored (%s); reading the persistent tier.", step, problems)
+      logger.warning(
+        "Local step %d not restored (%s); reading the persistent tier.", step, problems
+      )
       return None
     for item in items:
       checkpoint._items[item.name] = item.rebuild(values)
