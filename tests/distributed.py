@@ -72,8 +72,10 @@ def start(
       os.environ,
       JAXCKPT_TEST_SPEC=json.dumps(spec),
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      # This checkout's src/ first: the children must import the package under test.
-      PYTHONPATH=os.pathsep.join([HERE, os.path.join(os.path.dirname(HERE), "src")]),
+      # This checkout's src/: the children must import the package under test.
+      PYTHONPATH=os.pathsep.join(
+        [HERE, os.path.join(os.path.dirname(HERE), "src"), os.path.dirname(HERE)]
+      ),
       **(env or {}),
     )
     with (

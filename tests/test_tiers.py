@@ -5,8 +5,11 @@ multi-process ones run real ``jax.distributed`` processes on 127.0.0.1 (code in
 tier_cases.py), SIGKILL one, wipe local directories and restart them all.
 """
 
+import importlib.util
+import json
 import os
 import shutil
+from pathlib import Path
 
 import distributed
 import jax
@@ -120,6 +123,7 @@ def test_local_tier_arguments(tmp_path):
   assert os.listdir(tmp_path / "l" / "process-0") == ["step-7"]
 
 
+@pytest.mark.slow
 def test_one_process_killed_in_a_local_commit_resumes_from_the_step_before(tmp_path):
   """SIGKILL inside the local save of step 3: that save is never chosen, its
   staging directory is swept, and step 2 comes back from the local tier."""
@@ -217,3 +221,30 @@ def test_four_processes_lose_at_most_one_step_to_a_killed_and_wiped_process(tmp_
   assert [(r["tier"], r["step"], r["w_ok"]) for r in resumed] == [("persistent", 21, True)] * 4
   assert resumed[0]["restored"] == str(directory / "ckpt-21")
   assert resumed[0]["local"] == []  # Local steps newer than the restored one are deleted.
+
+
+@pytest.mark.slow
+def test_tiers_benchmark_runs_tiny(tmp_path, capsys):
+  spec = importlib.util.spec_from_file_location(
+    "tiers_benchmark", Path(__file__).resolve().parents[1] / "benchmarks" / "tiers.py"
+  )
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  out = tmp_path / "tiers.json"
+  argv = ["--size-mib", "1", "--leaves", "2", "--repeats", "1", "--horizon", "40"]
+  results = module.main(
+    [*argv, "--dir", str(tmp_path), "--local-dir", str(tmp_path), "--json", str(out)]
+  )
+  assert set(results["configs"]) == {"1x4", "2x2"}
+  for name, r in results["configs"].items():
+    assert all(
+      len(r[f"{t}_{k}"]) == 1 for t in ("local", "persistent") for k in ("commit_s", "restore_s")
+    )
+    assert len(r["local_restore_via_peer_s"]) == (1 if name == "2x2" else 0)
+  lost = {
+    (row["persistent_every"], row["local_every"], row["failure"]): row
+    for row in results["steps_lost"]
+  }
+  assert lost[(20, None, "any")]["max"] == 19 and lost[(20, 1, "one process")]["max"] == 0
+  assert json.loads(out.read_text()) == results and "restore time" in capsys.readouterr().out
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["tiers.json"]  # Scratch dirs removed.

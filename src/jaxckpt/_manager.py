@@ -56,6 +56,15 @@ class CheckpointManager:
   thread. ``step_counter`` may be an int-like value or a zero-argument callable
   returning one (JAX arrays are immutable, so a callable is usually right).
 
+  A local tier (keyword-only ``local_directory``, ``local_interval``,
+  ``local_max_to_keep``) adds frequent per-process saves to a host-local
+  directory such as ``/dev/shm/run``: every ``local_interval`` steps each
+  process writes the shards it holds plus a replica of its ring neighbour's
+  (moved by a JAX collective), keeping ``local_max_to_keep`` steps. Saves are
+  then numbered by step (``checkpoint_number``, else ``step_counter``), and
+  `restore_or_initialize` restores the newest step that is complete in some
+  tier, preferring the local one; ``restored_tier`` says which was used.
+
   Example:
     >>> import jaxckpt, jax.numpy as jnp, tempfile, os
     >>> d = tempfile.mkdtemp()

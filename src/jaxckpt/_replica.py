@@ -45,7 +45,7 @@ def _permute(devices: tuple[jax.Device, ...], shift: int):
   return NamedSharding(mesh, P("p")), jax.jit(mapped)
 
 
-def exchange(data: bytes, shift: int = 1) -> bytes:
+def exchange(data: bytes | bytearray, shift: int = 1) -> bytes:
   """Sends ``data`` to process ``me - shift`` and returns what ``me + shift`` sent.
 
   ``shift=1`` moves every process's bytes to the process that keeps its

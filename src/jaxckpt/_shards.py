@@ -55,19 +55,21 @@ def _host_parts(leaf: Leaf) -> tuple[dict[str, Any], list[tuple[list[list[int]],
   return {"kind": leaf.kind}, [([[0, n] for n in array.shape], array)]
 
 
-def encode(leaves: list[Leaf], meta: dict[str, Any]) -> bytes:
-  """This process's shards of ``leaves`` (concrete values), with ``meta`` in the header."""
+def encode(leaves: list[Leaf], meta: dict[str, Any]) -> bytearray:
+  """This process's shards of ``leaves`` (concrete values), with ``meta`` in the header.
+
+  The data is copied once, into one buffer that is both written and sent.
+  """
   entries: dict[str, Any] = {}
-  chunks: list[bytes] = []
+  arrays: list[np.ndarray] = []
   offset = 0
   for leaf in leaves:
     info, parts = _host_parts(leaf)
     shards = []
     for bounds, array in parts:
-      data = np.ascontiguousarray(array).tobytes()
-      shards.append({"index": bounds, "offset": offset, "nbytes": len(data)})
-      chunks.append(data)
-      offset += len(data)
+      shards.append({"index": bounds, "offset": offset, "nbytes": array.nbytes})
+      arrays.append(array)
+      offset += array.nbytes
     entries[leaf.name] = {
       **info,
       "dtype": leaf.dtype.name,
@@ -75,7 +77,15 @@ def encode(leaves: list[Leaf], meta: dict[str, Any]) -> bytes:
       "shards": shards,
     }
   header = json.dumps({"format": FORMAT, **meta, "leaves": entries}).encode()
-  return b"".join([_LENGTH.pack(len(header)), header, *chunks])
+  start = _LENGTH.size + len(header)
+  out = bytearray(start + offset)
+  _LENGTH.pack_into(out, 0, len(header))
+  out[_LENGTH.size : start] = header
+  flat = np.frombuffer(out, np.uint8)
+  for array, shard in zip(arrays, (s for e in entries.values() for s in e["shards"]), strict=True):
+    at = start + shard["offset"]
+    flat[at : at + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +101,11 @@ class Shards:
       if shard["index"] == bounds:
         shape = [stop - start for start, stop in bounds]
         raw = self.data[shard["offset"] : shard["offset"] + shard["nbytes"]]
-        return np.frombuffer(raw, _dtype(entry["dtype"])).reshape(shape).copy()
+        return np.frombuffer(raw, _dtype(entry["dtype"])).reshape(shape)
     return None
 
 
-def decode(data: bytes, where: str) -> Shards:
+def decode(data: bytes | bytearray, where: str) -> Shards:
   """Raises CorruptCheckpointError if ``data`` is not an `encode` result."""
   view = memoryview(data)
   try:
@@ -127,7 +137,7 @@ def _restore_leaf(shards: Shards, leaf: Leaf) -> Any:
   whole = shards.array(leaf.name, [[0, n] for n in leaf.shape])
   if whole is None:
     raise _LocalTierMismatch(f"'{leaf.name}' was saved sharded; it is tracked unsharded")
-  return whole
+  return whole.copy()  # A view of the read-only file bytes; numpy values are the user's to modify.
 
 
 def values_for(shards: Shards, leaves: list[Leaf]) -> dict[str, Any]:

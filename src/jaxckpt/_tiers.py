@@ -25,10 +25,10 @@ import json
 import logging
 import os
 import time
-import zlib
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxckpt import _replica
 from jaxckpt._errors import CorruptCheckpointError
@@ -36,6 +36,7 @@ from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import SaveError
 from jaxckpt._errors import _LocalTierMismatch
+from jaxckpt._integrity import checksum
 from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import begin
 from jaxckpt._shards import Shards
@@ -43,6 +44,7 @@ from jaxckpt._shards import decode
 from jaxckpt._shards import encode
 from jaxckpt._shards import values_for
 from jaxckpt._store import LocalStore
+from jaxckpt._store import is_url
 from jaxckpt._tree import flatten_items
 
 logger = logging.getLogger("jaxckpt")
@@ -67,6 +69,10 @@ class Holdings:
   def from_json(cls, text: str) -> Holdings:
     data = json.loads(text)
     return cls(frozenset(data["own"]), frozenset(data["peer"]))
+
+
+def _crc32(data: bytes | bytearray) -> int:
+  return checksum(np.frombuffer(data, np.uint8))
 
 
 def newest_complete(holdings: list[Holdings]) -> int | None:
@@ -127,8 +133,10 @@ class LocalTier:
     the same steps. Raises the previous local save's error, if it failed.
     """
     start = time.perf_counter()
-    self.wait()
+    # Numbered first, then any earlier failure: raised on one process only, it
+    # would drop this save there and leave the others waiting (see _checkpoint._save).
     coordination = begin(f"local save of step {step}", timeout_s)
+    self.wait(raise_errors=coordination is None)
     leaves = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
     meta = {
       "step": step,
@@ -150,13 +158,15 @@ class LocalTier:
       1e3 * (time.perf_counter() - start),
     )
 
-  def _write(self, step: int, own: bytes, peer: bytes | None) -> None:
+  def _write(self, step: int, own: bytearray, peer: bytes | None) -> None:
     target = self.path(step)
     staging = self._store.new_staging(target)
     held = self._store.hold(staging)
     try:
       os.makedirs(staging)
-      files = {OWN: own} if peer is None else {OWN: own, PEER: peer}
+      files: dict[str, bytes | bytearray] = {OWN: own}
+      if peer is not None:
+        files[PEER] = peer
       for name, data in files.items():
         with open(os.path.join(staging, name), "wb") as f:
           f.write(data)
@@ -164,7 +174,7 @@ class LocalTier:
         "step": step,
         "process": jax.process_index(),
         "count": jax.process_count(),
-        "crc32": {name: zlib.crc32(data) for name, data in files.items()},
+        "crc32": {name: _crc32(data) for name, data in files.items()},
         "created": time.time(),
       }
       self._store.commit(staging, target, (MANIFEST, json.dumps(marker).encode()))
@@ -176,14 +186,17 @@ class LocalTier:
     for old in self.steps()[: -self.max_to_keep]:
       self._store.remove_checkpoint(self.path(old))
 
-  def wait(self) -> None:
+  def wait(self, raise_errors: bool = True) -> None:
     """Waits for the pending local write; raises `SaveError` if one failed."""
     pending, self._pending = self._pending, None
     if pending is not None:
       try:
         pending.result()
       except Exception as e:
-        self._error = e
+        logger.error("A local-tier save to %s failed: %s", self.directory, e)
+        self._error = self._error or e
+    if not raise_errors:
+      return
     error, self._error = self._error, None
     if error is not None:
       raise SaveError(f"A local-tier save to {self.directory!r} failed: {error}") from error
@@ -225,7 +238,7 @@ class LocalTier:
     marker = self._marker(step) or {}
     with open(where, "rb") as f:
       data = f.read()
-    if zlib.crc32(data) != marker.get("crc32", {}).get(name):
+    if _crc32(data) != marker.get("crc32", {}).get(name):
       raise CorruptCheckpointError(f"Local-tier file {where!r} does not match its CRC-32.")
     return data
 
@@ -247,24 +260,34 @@ class LocalTier:
     holdings = [Holdings.from_json(text) for text in said]
     return coordination, holdings, newest_complete(holdings)
 
+  def _read_or_none(self, step: int, name: str) -> bytes | None:
+    try:
+      return self.read(step, name)
+    except (OSError, CorruptCheckpointError) as e:
+      logger.warning("Local-tier file %s of step %d unusable: %s", name, step, e)
+      return None
+
   def fetch(self, coordination: Coordination | None, holdings: list[Holdings], step: int) -> Shards:
-    """This process's shards of ``step``: its own, or its replica from its keeper."""
+    """This process's shards of ``step``: its own, or its replica from its keeper.
+
+    Every process reaches the exchange (whatever it found locally), so one
+    unreadable file never leaves the others waiting in a collective.
+    """
     count = jax.process_count()
     me = jax.process_index()
     missing = [i for i, h in enumerate(holdings) if step not in h.own]
-    mine = None
-    if step in holdings[me].own:
-      mine = self.read(step, OWN)
+    mine = self._read_or_none(step, OWN) if step in holdings[me].own else None
     if missing and coordination is not None:
       coordination.barrier("return replicas")
       owner = _replica.ring_peer(me, count)
-      sending = self.read(step, PEER) if owner in missing else b""
-      received = _replica.exchange(sending, -1)
-      if mine is None:
+      sending = self._read_or_none(step, PEER) if owner in missing else None
+      received = _replica.exchange(sending or b"", -1)
+      if mine is None and received:
         mine = received
-        logger.info("Received this process's shards of step %d from process %d.", step, me - 1)
+        keeper = (me - 1) % count
+        logger.info("Received this process's shards of step %d from process %d.", step, keeper)
     if mine is None:
-      raise _LocalTierMismatch(f"no shards of step {step} on process {me}")
+      raise _LocalTierMismatch(f"no readable shards of step {step} on process {me}")
     return decode(mine, self.path(step))
 
   def restore(self, checkpoint: Any, timeout_s: float, persistent: int | None) -> int | None:
@@ -282,7 +305,7 @@ class LocalTier:
       shards = self.fetch(coordination, holdings, step)
       values = values_for(shards, leaves)
       problem = ""
-    except (_LocalTierMismatch, JaxckptError, OSError) as e:
+    except (JaxckptError, OSError) as e:
       values, problem = {}, f"{type(e).__name__}: {e}"
     problems = [p for p in _gather(coordination, "fit", problem) if p]
     if problems:
@@ -334,10 +357,11 @@ def restore_newest(
     tier.drop_newer(step)
     logger.info("Restored step %d from the local tier (%s).", step, tier.path(step))
     return tier.path(step), "local"
-  tier.drop_newer(persistent)
   if latest is None:
+    tier.drop_newer(None)
     return None, None
   checkpoint.restore(latest)
+  tier.drop_newer(persistent)
   logger.info("Restored %s from the persistent tier (no newer complete local step).", latest)
   return latest, "persistent"
 
@@ -353,4 +377,8 @@ def local_tier(directory: Any, interval: Any, max_to_keep: Any) -> LocalTier | N
       raise InvalidOptionsError(f"{name} must be a positive int, got {value!r}.")
   if directory is None:
     return None
+  if is_url(directory):
+    raise InvalidOptionsError(
+      f"local_directory must be a local path (e.g. /dev/shm/run), got {directory!r}."
+    )
   return LocalTier(os.fspath(directory), interval, max_to_keep)
