@@ -8,8 +8,9 @@ save also swaps replicas with the peer by ``ppermute``).
 
 Per configuration and repeat (the slowest process counts):
 
-* local save: time ``save()`` blocks (snapshot, replica exchange) and time to
-  commit (files in ``--local-dir``, default ``/dev/shm``);
+* local save: time ``save()`` blocks (split into the snapshot, i.e. copying
+  this process's shards into one host buffer, and the replica exchange) and
+  time to commit (files in ``--local-dir``, default ``/dev/shm``);
 * persistent save: an async ``Checkpoint.write`` to ``--dir`` (default: a temp
   dir on disk): blocked and commit time;
 * local restore (agreement, read, device put), and for 2 processes the same
@@ -79,6 +80,7 @@ def run_in_process(directory: str, local: str, size_mib: int, leaves: int, repea
   tier = LocalTier(local, interval=1, max_to_keep=2)
   async_ = jaxckpt.CheckpointOptions(enable_async=True, timeout_s=600)
   keys = ("local_blocked_ms", "local_commit_s", "persistent_blocked_ms", "persistent_commit_s")
+  keys += ("local_snapshot_ms", "local_exchange_ms")
   keys += ("local_restore_s", "local_restore_via_peer_s", "persistent_restore_s")
   out: dict = {k: [] for k in keys}
   tier.save(ckpt, 0, 600)  # Warm-up: compiles the exchange.
@@ -87,6 +89,8 @@ def run_in_process(directory: str, local: str, size_mib: int, leaves: int, repea
     start = time.perf_counter()
     tier.save(ckpt, r, 600)
     out["local_blocked_ms"].append(1e3 * (time.perf_counter() - start))
+    out["local_snapshot_ms"].append(1e3 * tier.last_save_s["snapshot"])
+    out["local_exchange_ms"].append(1e3 * tier.last_save_s["exchange"])
     tier.wait()
     out["local_commit_s"].append(time.perf_counter() - start)
     start = time.perf_counter()
@@ -250,7 +254,11 @@ def table(results: dict) -> str:
         f"{'-' if peer != peer else f'{peer:.3f}':>20}"
       )
     ratio = _p50(r["persistent_restore_s"]) / _p50(r["local_restore_s"])
-    lines.append(f"{name:<8}restore time persistent / local: {ratio:.1f}x")
+    lines.append(
+      f"{name:<8}local save blocked: snapshot {_p50(r['local_snapshot_ms']):.1f} ms, replica "
+      f"exchange {_p50(r['local_exchange_ms']):.1f} ms; restore time persistent / local: "
+      f"{ratio:.2f}x"
+    )
   lines.append(
     f"{'persistent every':<18}{'local every':<13}{'failure':<36}{'mean lost':>10}{'max':>6}"
   )

@@ -486,6 +486,8 @@ def test_enable_async_setter_raises_invalid_options_error():
     ({"max_to_keep": 1, "keep_checkpoint_every_n_hours": -1}, "keep_checkpoint_every_n_hours"),
     ({"max_to_keep": 1, "checkpoint_interval": 5}, "step_counter must be given"),
     ({"max_to_keep": 1, "checkpoint_name": "a/b"}, "checkpoint_name"),
+    ({"max_to_keep": 1, "local_interval": 0}, "local_interval"),
+    ({"max_to_keep": 1, "local_directory": "memory://x"}, "local_directory must be a local path"),
   ],
 )
 def test_manager_arguments_raise_invalid_options_error(tmp_path, kwargs, match):

@@ -95,6 +95,23 @@ def test_local_step_older_than_persistent_or_resharded_is_not_used(tmp_path):
   assert _bits(fresh.s) == _bits(_state(3))
 
 
+def test_corrupt_local_step_falls_back_to_persistent(tmp_path):
+  ckpt = jaxckpt.Checkpoint(s=_state(1), step=1)
+  manager = _manager(tmp_path, ckpt)
+  manager.save()
+  ckpt.s, ckpt.step = _state(2), 2
+  manager.save(check_interval=False)
+  manager.sync()
+  own = tmp_path / "local" / "process-0" / "step-2" / "own.bin"
+  data = bytearray(own.read_bytes())
+  data[-1] ^= 1  # One flipped bit in the last array's data.
+  own.write_bytes(bytes(data))
+  fresh = jaxckpt.Checkpoint(s=_state(0), step=0)
+  again = _manager(tmp_path, fresh)
+  assert again.restore_or_initialize().endswith("ckpt-2") and again.restored_tier == "persistent"
+  assert _bits(fresh.s) == _bits(_state(2))
+
+
 def test_newest_complete_needs_every_process_at_itself_or_its_keeper():
   def h(own, peer=()):
     return Holdings(frozenset(own), frozenset(peer))

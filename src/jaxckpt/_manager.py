@@ -294,7 +294,6 @@ class CheckpointManager:
       return latest
     if latest is not None:
       self.restored_tier = "persistent"
-
       self._checkpoint.restore(latest)
       return latest
     if self._init_fn is not None:

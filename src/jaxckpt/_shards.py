@@ -22,6 +22,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import TreeError
 from jaxckpt._errors import _LocalTierMismatch
 from jaxckpt._restore import as_tracked_type
 from jaxckpt._tree import Leaf
@@ -64,6 +65,10 @@ def encode(leaves: list[Leaf], meta: dict[str, Any]) -> bytearray:
   arrays: list[np.ndarray] = []
   offset = 0
   for leaf in leaves:
+    if leaf.abstract:
+      raise TreeError(
+        f"Leaf '{leaf.name}' is a jax.ShapeDtypeStruct (a restore target); a save needs values."
+      )
     info, parts = _host_parts(leaf)
     shards = []
     for bounds, array in parts:
@@ -108,15 +113,18 @@ class Shards:
 def decode(data: bytes | bytearray, where: str) -> Shards:
   """Raises CorruptCheckpointError if ``data`` is not an `encode` result."""
   view = memoryview(data)
+  header: Any = None
   try:
     (length,) = _LENGTH.unpack_from(view)
     header = json.loads(bytes(view[_LENGTH.size : _LENGTH.size + length]))
-    if not isinstance(header, dict) or header.get("format") != FORMAT:
-      raise ValueError(f"format {header.get('format') if isinstance(header, dict) else None}")
-    if not isinstance(header.get("leaves"), dict):
-      raise ValueError("no leaves")
-  except (struct.error, ValueError, UnicodeDecodeError) as e:
+  except (struct.error, ValueError) as e:  # JSONDecodeError and UnicodeDecodeError too.
     raise CorruptCheckpointError(f"Local-tier shards {where!r} are unreadable: {e}.") from e
+  if (
+    not isinstance(header, dict)
+    or header.get("format") != FORMAT
+    or not isinstance(header.get("leaves"), dict)
+  ):
+    raise CorruptCheckpointError(f"Local-tier shards {where!r} have no format-{FORMAT} header.")
   return Shards(header, view[_LENGTH.size + length :])
 
 

@@ -112,6 +112,7 @@ class LocalTier:
     self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="jaxckpt-local")
     self._pending: concurrent.futures.Future | None = None
     self._error: BaseException | None = None
+    self.last_save_s: dict[str, float] = {}  # Where the last save() blocked (benchmarks).
     os.makedirs(self.directory, exist_ok=True)
     removed = self._store.remove_leftovers(self.directory, lambda path: None)
     if removed:
@@ -137,18 +138,21 @@ class LocalTier:
     # would drop this save there and leave the others waiting (see _checkpoint._save).
     coordination = begin(f"local save of step {step}", timeout_s)
     self.wait(raise_errors=coordination is None)
-    leaves = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
-    meta = {
-      "step": step,
-      "process": jax.process_index(),
-      "count": jax.process_count(),
-      "save_counter": checkpoint.save_counter,
-    }
+    with checkpoint._lock:  # Items are replaced by restores on other threads.
+      leaves = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+      meta = {
+        "step": step,
+        "process": jax.process_index(),
+        "count": jax.process_count(),
+        "save_counter": checkpoint.save_counter,
+      }
     own = encode(leaves, meta)
+    encoded = time.perf_counter()
     peer = None
     if coordination is not None:
       coordination.barrier("exchange")  # A collective has no timeout: all are here first.
       peer = _replica.exchange(own, 1)
+    self.last_save_s = {"snapshot": encoded - start, "exchange": time.perf_counter() - encoded}
     self._last_step = step
     self._pending = self._pool.submit(self._write, step, own, peer)
     logger.debug(  # Every step, typically.
@@ -313,9 +317,10 @@ class LocalTier:
         "Local step %d not restored (%s); reading the persistent tier.", step, problems
       )
       return None
-    for item in items:
-      checkpoint._items[item.name] = item.rebuild(values)
-    object.__setattr__(checkpoint, "_save_counter", int(shards.header["save_counter"]))
+    with checkpoint._lock:
+      for item in items:
+        checkpoint._items[item.name] = item.rebuild(values)
+      object.__setattr__(checkpoint, "_save_counter", int(shards.header["save_counter"]))
     self._last_step = step
     return step
 
