@@ -68,6 +68,7 @@ def resume(directory: str, local: str, persistent_every: int, then_save: bool = 
   """After a restart: restore_or_initialize from the best tier, then one more step."""
   ckpt, manager = _manager(directory, local, persistent_every)
   restored = manager.restore_or_initialize()
+  manager.sync()  # Shards received from a peer are written back in the background.
   step = int(ckpt.step)
   out = {
     "restored": restored,

@@ -162,7 +162,7 @@ class LocalTier:
       1e3 * (time.perf_counter() - start),
     )
 
-  def _write(self, step: int, own: bytearray, peer: bytes | None) -> None:
+  def _write(self, step: int, own: bytes | bytearray, peer: bytes | None) -> None:
     target = self.path(step)
     staging = self._store.new_staging(target)
     held = self._store.hold(staging)
@@ -290,6 +290,8 @@ class LocalTier:
         mine = received
         keeper = (me - 1) % count
         logger.info("Received this process's shards of step %d from process %d.", step, keeper)
+        # Kept again locally (in the background), so the step survives another loss.
+        self._pending = self._pool.submit(self._write, step, received, None)
     if mine is None:
       raise _LocalTierMismatch(f"no readable shards of step {step} on process {me}")
     return decode(mine, self.path(step))
