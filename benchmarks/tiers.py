@@ -110,8 +110,8 @@ def run_in_process(directory: str, local: str, size_mib: int, leaves: int, repea
       if jax.process_index() == 1:  # A host that came back empty.
         os.rename(tier.path(r), aside)
       out["local_restore_via_peer_s"].append(_timed(local_restore))
-      if jax.process_index() == 1:
-        os.rename(aside, tier.path(r))
+      tier.wait()  # The received shards are written back; the moved copy is not needed.
+      shutil.rmtree(aside, ignore_errors=True)
 
     def persistent_restore(path=path):
       ckpt.read(str(path), options=jaxckpt.CheckpointOptions(timeout_s=600))

@@ -30,3 +30,7 @@ MANIFEST_ITEM: str = "jaxckpt"
 
 # Format version written into every manifest; readers refuse newer versions.
 FORMAT_VERSION: int = 1
+
+# Local-tier files carry one CRC-32 per block of this many bytes, so that
+# writing and checking them runs on all cores.
+LOCAL_CRC_BLOCK: int = 8 << 20

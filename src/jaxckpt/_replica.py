@@ -11,6 +11,7 @@ the coordination service. Like any collective, every process must call
 from __future__ import annotations
 
 import functools
+import mmap
 
 import jax
 import numpy as np
@@ -45,7 +46,7 @@ def _permute(devices: tuple[jax.Device, ...], shift: int):
   return NamedSharding(mesh, P("p")), jax.jit(mapped)
 
 
-def exchange(data: bytes | bytearray, shift: int = 1) -> bytes:
+def exchange(data: bytes | np.ndarray | mmap.mmap, shift: int = 1) -> bytes:
   """Sends ``data`` to process ``me - shift`` and returns what ``me + shift`` sent.
 
   ``shift=1`` moves every process's bytes to the process that keeps its

@@ -7,13 +7,15 @@ it onto the tracked values' shardings. The same bytes are written to the local
 directory and sent to the peer (`_replica.exchange`), so a peer's copy restores
 exactly like the process's own.
 
-Layout: 8-byte little-endian header length, the JSON header, the data.
+Layout: 8-byte little-endian header length, the JSON header (padded with
+spaces), the data.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import mmap
 import struct
 from typing import Any
 
@@ -29,6 +31,9 @@ from jaxckpt._tree import Leaf
 
 FORMAT = 1
 _LENGTH = struct.Struct("<Q")
+# Every shard starts 64-byte aligned in the file: JAX on CPU then uses a mapped
+# file's memory for the restored array instead of copying it.
+_ALIGN = 64
 
 
 def _dtype(name: str) -> np.dtype:
@@ -56,7 +61,7 @@ def _host_parts(leaf: Leaf) -> tuple[dict[str, Any], list[tuple[list[list[int]],
   return {"kind": leaf.kind}, [([[0, n] for n in array.shape], array)]
 
 
-def encode(leaves: list[Leaf], meta: dict[str, Any]) -> bytearray:
+def encode(leaves: list[Leaf], meta: dict[str, Any]) -> np.ndarray:
   """This process's shards of ``leaves`` (concrete values), with ``meta`` in the header.
 
   The data is copied once, into one buffer that is both written and sent.
@@ -72,6 +77,7 @@ def encode(leaves: list[Leaf], meta: dict[str, Any]) -> bytearray:
     info, parts = _host_parts(leaf)
     shards = []
     for bounds, array in parts:
+      offset += -offset % _ALIGN
       shards.append({"index": bounds, "offset": offset, "nbytes": array.nbytes})
       arrays.append(array)
       offset += array.nbytes
@@ -82,14 +88,17 @@ def encode(leaves: list[Leaf], meta: dict[str, Any]) -> bytearray:
       "shards": shards,
     }
   header = json.dumps({"format": FORMAT, **meta, "leaves": entries}).encode()
+  header += b" " * (-(_LENGTH.size + len(header)) % _ALIGN)
   start = _LENGTH.size + len(header)
-  out = bytearray(start + offset)
-  _LENGTH.pack_into(out, 0, len(header))
-  out[_LENGTH.size : start] = header
-  flat = np.frombuffer(out, np.uint8)
+  out = np.empty(start + offset, np.uint8)  # Not zeroed: every byte is written below.
+  out[: _LENGTH.size] = np.frombuffer(_LENGTH.pack(len(header)), np.uint8)
+  out[_LENGTH.size : start] = np.frombuffer(header, np.uint8)
+  end = start
   for array, shard in zip(arrays, (s for e in entries.values() for s in e["shards"]), strict=True):
     at = start + shard["offset"]
-    flat[at : at + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    out[end:at] = 0  # Alignment padding.
+    out[at : at + array.nbytes] = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
+    end = at + array.nbytes
   return out
 
 
@@ -110,9 +119,9 @@ class Shards:
     return None
 
 
-def decode(data: bytes | bytearray, where: str) -> Shards:
+def decode(data: bytes | np.ndarray | mmap.mmap, where: str) -> Shards:
   """Raises CorruptCheckpointError if ``data`` is not an `encode` result."""
-  view = memoryview(data)
+  view = np.frombuffer(data, np.uint8).data  # A flat byte view of any buffer.
   header: Any = None
   try:
     (length,) = _LENGTH.unpack_from(view)
