@@ -116,6 +116,21 @@ def test_corrupt_local_step_falls_back_to_persistent(tmp_path):
   assert _bits(fresh.s) == _bits(_state(2))
 
 
+def test_local_save_owns_its_snapshot_when_the_next_step_donates(tmp_path):
+  ckpt = jaxckpt.Checkpoint(s=_state(3), step=3)
+  manager = _manager(tmp_path, ckpt)
+  manager.save()
+  ckpt.s = {**ckpt.s, "w": jax.jit(lambda w: w * 0, donate_argnums=0)(ckpt.s["w"])}
+  manager.sync()
+  fresh = jaxckpt.Checkpoint(s=_state(0), step=0)
+  again = _manager(tmp_path, fresh)
+  assert again.restore_or_initialize().endswith("step-3") and _bits(fresh.s) == _bits(_state(3))
+  ckpt.s = {**ckpt.s, "w": jax.ShapeDtypeStruct((16, 4), jnp.float32)}
+  ckpt.step = 4
+  with pytest.raises(jaxckpt.TreeError, match="ShapeDtypeStruct"):
+    manager._local.save(ckpt, 4, 10)
+
+
 def test_newest_complete_needs_every_process_at_itself_or_its_keeper():
   def h(own, peer=()):
     return Holdings(frozenset(own), frozenset(peer))

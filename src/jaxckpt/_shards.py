@@ -61,6 +61,15 @@ def _host_parts(leaf: Leaf) -> tuple[dict[str, Any], list[tuple[list[list[int]],
   return {"kind": leaf.kind}, [([[0, n] for n in array.shape], array)]
 
 
+def check_concrete(leaves: list[Leaf]) -> None:
+  """Raises TreeError if a leaf is a ``jax.ShapeDtypeStruct``: nothing to save."""
+  for leaf in leaves:
+    if leaf.abstract:
+      raise TreeError(
+        f"Leaf '{leaf.name}' is a jax.ShapeDtypeStruct (a restore target); a save needs values."
+      )
+
+
 def encode(leaves: list[Leaf], meta: dict[str, Any]) -> np.ndarray:
   """This process's shards of ``leaves`` (concrete values), with ``meta`` in the header.
 
@@ -69,11 +78,8 @@ def encode(leaves: list[Leaf], meta: dict[str, Any]) -> np.ndarray:
   entries: dict[str, Any] = {}
   arrays: list[np.ndarray] = []
   offset = 0
+  check_concrete(leaves)
   for leaf in leaves:
-    if leaf.abstract:
-      raise TreeError(
-        f"Leaf '{leaf.name}' is a jax.ShapeDtypeStruct (a restore target); a save needs values."
-      )
     info, parts = _host_parts(leaf)
     shards = []
     for bounds, array in parts:
