@@ -4,8 +4,10 @@ Every ``local_interval`` steps each process writes the shards it holds
 (`_shards.encode`) to its own directory, ``{local_directory}/process-{i}``
 (a RAM disk such as ``/dev/shm`` or a local SSD), together with a replica of
 process ``(i + 1) % n``'s shards, which it receives by a JAX collective
-(`_replica.exchange`, on the caller's thread). The write runs on a background
-thread and commits through the store's protocol: a hidden staging directory,
+(`_replica.exchange`, on the caller's thread, so its bytes are made there
+too; a single process only takes an async save's snapshot and makes the bytes
+later). The write runs on a background thread and commits through the store's
+protocol: a hidden staging directory,
 ``manifest.json`` written last, one rename; a save killed half-way leaves only
 a hidden directory, never chosen and swept by the next manager.
 
