@@ -495,6 +495,8 @@ def test_enable_async_setter_raises_invalid_options_error():
     ({"max_to_keep": 1, "checkpoint_interval": 5}, "step_counter must be given"),
     ({"max_to_keep": 1, "checkpoint_name": "/elsewhere/b"}, "checkpoint_name"),
     ({"max_to_keep": 1, "checkpoint_interval": 5, "step_counter": 3}, "never changes"),
+    ({"max_to_keep": 1, "local_interval": 0}, "local_interval"),
+    ({"max_to_keep": 1, "local_directory": "memory://x"}, "local_directory must be a local path"),
   ],
 )
 def test_manager_arguments_raise_invalid_options_error(tmp_path, kwargs, match):

@@ -108,3 +108,8 @@ class _ClosedPipe(JaxckptError, BrokenPipeError):
 
 class _FastReadUnsupported(JaxckptError):
   """This array is not for the fast read path (see _fastread.py); Orbax reads it."""
+
+
+class _LocalTierMismatch(JaxckptError):
+  """The local tier's shards do not fit the tracked values (see _shards.py); the
+  manager restores from the persistent tier instead."""
