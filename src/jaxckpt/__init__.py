@@ -4,6 +4,7 @@ from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import CoordinationError
 from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import DtypeMismatchError
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import JaxckptError
@@ -39,6 +40,7 @@ __all__ = (
   "CorruptCheckpointError",
   "CommitFuture",
   "CoordinationError",
+  "DtypeMismatchError",
   "InvalidOptionsError",
   "InvalidPathError",
   "JaxckptError",

@@ -13,6 +13,7 @@ import jax
 import numpy as np
 
 from jaxckpt._background import Saver
+from jaxckpt._background import wait_for_saves_into
 from jaxckpt._commit import SaveJob
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
@@ -129,6 +130,10 @@ class Checkpoint:
         f"Checkpoint tracks no item {name!r}; it tracks {sorted(self._items)}."
       )
 
+  def _tracked(self) -> dict[str, Any]:
+    """Its items: what a Checkpoint tracking this one saves under its name (_tree.py)."""
+    return self._items
+
   def __dir__(self):
     return sorted(set(super().__dir__()) | set(self._items))
 
@@ -236,17 +241,19 @@ class Checkpoint:
       restore_counter=restore_counter,
     )
     self._saver.wait()
+    if plan.path is not None:  # Another Checkpoint of this process may be writing it.
+      wait_for_saves_into(plan.path)
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
     path, manifest, restored = restore_leaves(plan, flat)
     if path is None or manifest is None:
       return InitializationOnlyStatus({leaf.name for leaf in flat})
     for item in items:
-      if any(leaf.name in restored for leaf in item.leaves):
-        self._items[item.name] = item.rebuild(restored)
+      if item.owner is not None and any(leaf.name in restored for leaf in item.leaves):
+        item.owner[item.attr] = item.rebuild(restored)
     if restore_counter:
       object.__setattr__(self, "_save_counter", manifest.save_counter)
-    return LoadStatus(path, {leaf.name for leaf in flat}, set(manifest.leaves))
+    return LoadStatus(path, {leaf.name for leaf in flat}, manifest.names)
 
 
 def save_checkpoint(
@@ -321,7 +328,8 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
         "checkpoints may read data from it. Choose a new path."
       )
     reused = reuse_by_identity(flat, checkpoint._history)
-  to_copy = [leaf for leaf in flat if leaf.name not in reused]
+  # Values go into the manifest; zero-size arrays have no bytes (the manifest rebuilds them).
+  to_copy = [leaf for leaf in flat if leaf.has_data and leaf.name not in reused]
   staged: list = []
   coord, io_device = plan.coordination, plan.io_device
   if plan.routed and coord is not None and io_device is not None:

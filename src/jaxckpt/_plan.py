@@ -120,13 +120,14 @@ def plan_save(
   _check_store(store, path, options, coordination)
   routed = coordination is not None and coordination.writers is not None
   layout = layout_for_store(store)
+  data = [leaf for leaf in leaves if leaf.has_data]  # What the layout writes.
   single_writer = coordination is None or routed
   fast = (
     layout.has_fast_writer
     and single_writer
     and not options.compression
     and not options.incremental
-    and _fastwrite.writes_all(leaves)
+    and _fastwrite.writes_all(data)
   )
   return SavePlan(
     path=path,
