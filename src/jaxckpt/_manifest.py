@@ -72,7 +72,7 @@ class Manifest:
   # Arrays no process held whole: CRC-32 per stored shard, keyed by its slice.
   shard_checksums: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
   values: dict[str, ValueInfo] = dataclasses.field(default_factory=dict)
-  # The original key path of each name that escapes a key's '/' or '.' (see _tree.py).
+  # The full original key path of each name that escapes a key's '/' or '.' (_tree.py).
   key_paths: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
 
   @property

@@ -163,15 +163,9 @@ def read_leaves(
       message names the checkpoint and the array.
   """
   check_compatible(path, manifest, leaves)
-  values = {l.name: manifest.values[l.name].value() for l in leaves if l.name in manifest.values}
-  wanted = [l for l in leaves if l.name in manifest.leaves and not l.is_value]
-  empty = [l for l in wanted if math.prod(manifest.leaves[l.name].shape) == 0]
-  wanted = [l for l in wanted if l not in empty]
-  zeros = {l.name: np.zeros(l.shape, stored_dtype(manifest, l.name)) for l in empty}
+  wanted = stored_arrays(manifest, leaves)
   if not wanted:
-    if reader.host_only:
-      return zeros
-    return {**values, **{l.name: as_tracked_type(l, zeros[l.name]) for l in empty}}
+    return {} if reader.host_only else without_data(manifest, leaves)
   read = layout_of(manifest).read(
     path, manifest, wanted, io_device=io_device, reader=reader, verify_checksums=verify_checksums
   )
@@ -195,14 +189,32 @@ def read_leaves(
       sums = manifest.shard_checksums.get(name)
       if sums and value.dtype == stored_dtype(manifest, name):
         verify_shards(path, name, value, sums)
-  raw.update(zeros)
   if reader.host_only:
     return raw
   return {
-    **values,
+    **without_data(manifest, leaves),
     **placed,
-    **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in [*wanted, *empty]},
+    **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted},
   }
+
+
+def stored_arrays(manifest: Manifest, leaves: list[Leaf]) -> list[Leaf]:
+  """The tracked leaves whose bytes the checkpoint's layout holds."""
+  return [
+    l
+    for l in leaves
+    if l.name in manifest.leaves and not l.is_value and math.prod(manifest.leaves[l.name].shape)
+  ]
+
+
+def without_data(manifest: Manifest, leaves: list[Leaf]) -> dict[str, Any]:
+  """What the manifest alone restores: values, and zero-size arrays (no data files)."""
+  out = {l.name: manifest.values[l.name].value() for l in leaves if l.name in manifest.values}
+  for leaf in leaves:
+    info = manifest.leaves.get(leaf.name)
+    if info is not None and not leaf.is_value and math.prod(info.shape) == 0:
+      out[leaf.name] = as_tracked_type(leaf, np.zeros(info.shape, stored_dtype(manifest, leaf.name)))
+  return out
 
 
 def restore_leaves(

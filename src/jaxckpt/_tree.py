@@ -55,7 +55,8 @@ class Leaf:
   key_impl: str | None = None  # Set for typed PRNG keys (value is their key data).
   value_kind: str | None = None  # Set for value leaves: _values.VALUE / STATE / GENERATOR.
   value_shape: tuple[int, ...] = ()  # A value leaf's shape as list_variables shows it.
-  keys: tuple[str, ...] | None = None  # The original key path, where the name escapes it.
+  # Where the name escapes a key: its full original path (item names, then keys).
+  keys: tuple[str, ...] | None = None
 
   @property
   def abstract(self) -> bool:
@@ -275,7 +276,8 @@ def _leaf_names(
       )
     seen[name] = raw
     names.append(name)
-    originals.append(raw if any(p != escape_key(p) for p in raw) else None)
+    escaped = any(p != escape_key(p) for p in raw)
+    originals.append((*item_name.split("/"), *raw) if escaped else None)
   return names, originals
 
 
@@ -343,6 +345,18 @@ def nest(named: Mapping[str, Any]) -> dict[str, Any]:
   for name, value in named.items():
     node = root
     *parents, last = name.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = value
+  return root
+
+
+def nest_keys(named: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  """``{("a", "b.c"): x}`` → ``{"a": {"b.c": x}}``: a tree from key paths."""
+  root: dict[str, Any] = {}
+  for keys, value in named.items():
+    node = root
+    *parents, last = keys
     for part in parents:
       node = node.setdefault(part, {})
     node[last] = value
