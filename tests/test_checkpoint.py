@@ -135,7 +135,9 @@ def test_bad_leaf_names_its_path_and_writes_nothing(tmp_path):
 def test_ambiguous_keys_are_rejected(tmp_path):
   # 'a.b' is stored as 'a%2Eb': a real key 'a%2Eb' beside it would name the same entry.
   ckpt = jaxckpt.Checkpoint(m={"a.b": 1, "a%2Eb": 2})
-  with pytest.raises(jaxckpt.TreeError, match=r"same name 'm/a%2Eb': key paths \['a%2Eb'\] and \['a.b'\]"):
+  with pytest.raises(
+    jaxckpt.TreeError, match=r"same name 'm/a%2Eb': key paths \['a%2Eb'\] and \['a.b'\]"
+  ):
     ckpt.save(tmp_path / "m")
   assert os.listdir(tmp_path) == []
 

@@ -76,6 +76,11 @@ class Checkpoint:
   keyword arguments or assigned as attributes later. Restoring replaces each
   item with a tree of the same structure holding the checkpoint's values (JAX
   arrays are immutable), in the dtype and sharding of the current values.
+  Leaves may also be ``str``, ``bytes``, numpy string arrays, ``complex`` and
+  ints of any size (restored exactly, with their saved Python types), or
+  objects with ``get_state()``/``set_state()`` and numpy ``Generator``s
+  (restored in place). An item that is a `Checkpoint` saves its items under
+  its name (``model/net/w``), as in TF.
 
   Example:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
@@ -214,10 +219,18 @@ class Checkpoint:
     `latest_checkpoint` on a fresh directory) restores nothing and returns a
     status whose assertions fail, as in TF.
 
+    A save of ``save_path`` still in flight in this process (by any
+    Checkpoint) is waited for.
+
     Raises:
       CheckpointNotFoundError: nothing at ``save_path`` (a FileNotFoundError).
-      ShapeMismatchError: a tracked value's shape differs (a ValueError);
-        nothing is restored.
+      ShapeMismatchError: tracked values' shapes differ (a ValueError; the
+        message lists every mismatch); nothing is restored.
+      DtypeMismatchError: tracked values' dtypes cannot take the saved ones
+        without changing values (float to int, complex to real), or a kind
+        differs (a string where an array is tracked); a TreeError and a
+        ValueError. Nothing is restored.
+      NotACheckpointError, CorruptCheckpointError: the checkpoint is damaged.
     """
     with self._lock:
       return self._restore(save_path, _check_options(options), restore_counter=True)
@@ -225,7 +238,11 @@ class Checkpoint:
   def read(
     self, save_path: str | os.PathLike, options: CheckpointOptions | None = None
   ) -> LoadStatus:
-    """Like `restore`, for checkpoints made by `write`: leaves `save_counter` alone."""
+    """Like `restore`, for checkpoints made by `write`: leaves `save_counter` alone.
+
+    Raises:
+      As `restore`.
+    """
     with self._lock:
       return self._restore(save_path, _check_options(options), restore_counter=False)
 

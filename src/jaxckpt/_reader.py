@@ -109,7 +109,8 @@ class CheckpointReader:
 
     Example:
       >>> import jaxckpt, jax.numpy as jnp, tempfile
-      >>> path = jaxckpt.Checkpoint(model={"w": jnp.ones(2)}, step=3).write(tempfile.mkdtemp() + "/c")
+      >>> ckpt = jaxckpt.Checkpoint(model={"w": jnp.ones(2)}, step=3)
+      >>> path = ckpt.write(tempfile.mkdtemp() + "/c")
       >>> jaxckpt.load_checkpoint(path).to_tree()
       {'model': {'w': array([1., 1.], dtype=float32)}, 'step': array(3)}
     """

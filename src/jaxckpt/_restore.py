@@ -203,7 +203,7 @@ def stored_arrays(manifest: Manifest, leaves: list[Leaf]) -> list[Leaf]:
   return [
     l
     for l in leaves
-    if l.name in manifest.leaves and not l.is_value and math.prod(manifest.leaves[l.name].shape)
+    if l.name in manifest.leaves and not l.is_value and math.prod(manifest.leaves[l.name].shape) > 0
   ]
 
 
@@ -213,7 +213,9 @@ def without_data(manifest: Manifest, leaves: list[Leaf]) -> dict[str, Any]:
   for leaf in leaves:
     info = manifest.leaves.get(leaf.name)
     if info is not None and not leaf.is_value and math.prod(info.shape) == 0:
-      out[leaf.name] = as_tracked_type(leaf, np.zeros(info.shape, stored_dtype(manifest, leaf.name)))
+      out[leaf.name] = as_tracked_type(
+        leaf, np.zeros(info.shape, stored_dtype(manifest, leaf.name))
+      )
   return out
 
 
