@@ -1,6 +1,7 @@
 """State beyond arrays: values, stateful objects, nested Checkpoints, zero-size arrays,
 escaped keys, restores without a template, and restores of in-flight saves."""
 
+import json
 import math
 import threading
 
@@ -267,3 +268,19 @@ def test_restore_of_a_path_another_checkpoint_is_saving_waits_for_it(tmp_path, m
   assert "error" not in outcome, outcome
   assert np.asarray(outcome["w"]).tolist() == [2.0, 2.0, 2.0]
   writer.sync()
+
+
+def test_cli_inspect_lists_values_and_verify_reads_them(tmp_path, capsys):
+  from jaxckpt._cli import main
+
+  path = jaxckpt.Checkpoint(
+    w=jnp.ones(2), empty=jnp.zeros((0, 2)), name="run", rng=np.random.default_rng(0)
+  ).write(tmp_path / "c")
+  assert main(["verify", path]) == 0
+  capsys.readouterr()
+  assert main(["inspect", path, "--values", "--json"]) == 0
+  out = json.loads(capsys.readouterr().out)
+  assert [a["name"] for a in out["arrays"]] == ["empty", "w"]
+  values = {v["name"]: (v["kind"], v["value"]) for v in out["values"]}
+  assert values["name"] == ("value", "'run'")
+  assert values["rng"][0] == "numpy_generator" and "PCG64" in values["rng"][1]
