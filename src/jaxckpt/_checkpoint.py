@@ -219,7 +219,7 @@ class Checkpoint:
     `latest_checkpoint` on a fresh directory) restores nothing and returns a
     status whose assertions fail, as in TF.
 
-    A save of ``save_path`` still in flight in this process (by any
+    An async save of ``save_path`` still in flight in this process (by any
     Checkpoint) is waited for.
 
     Raises:
