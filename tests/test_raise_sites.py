@@ -348,6 +348,29 @@ def restore_an_array_into_a_string(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x="text").restore(_committed(tmp_path))
 
 
+@_site(jaxckpt.DtypeMismatchError, (ValueError,), "has a PCG64 Generator but the tracked one")
+def restore_a_generator_into_another_bit_generator(tmp_path, monkeypatch):
+  path = jaxckpt.Checkpoint(rng=np.random.default_rng(0)).write(tmp_path / "c")
+  jaxckpt.Checkpoint(rng=np.random.Generator(np.random.Philox(0))).restore(path)
+
+
+@_site(
+  jaxckpt.TreeError,
+  (ValueError,),
+  r"Restoring 'it': .*Refusing refused the checkpoint's state \(ValueError: not my",
+)
+def restore_a_state_the_object_refuses(tmp_path, monkeypatch):
+  class Refusing:
+    def get_state(self):
+      return b"state"
+
+    def set_state(self, state):
+      raise ValueError("not my pipeline")
+
+  path = jaxckpt.Checkpoint(it=Refusing()).write(tmp_path / "c")
+  jaxckpt.Checkpoint(it=Refusing()).restore(path)
+
+
 @_site(jaxckpt.NotACheckpointError, (ValueError,), "damaged jaxckpt manifest")
 def restore_a_damaged_value(tmp_path, monkeypatch):
   path = jaxckpt.Checkpoint(x="text").write(tmp_path / "c")

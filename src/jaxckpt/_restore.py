@@ -53,7 +53,15 @@ def _value_problem(manifest: Manifest, leaf: Leaf) -> str | None:
   """Why ``leaf`` cannot take the checkpoint's value or array of its name, or None."""
   saved = manifest.values.get(leaf.name)
   if saved is not None:
-    if leaf.is_value and (leaf.kind == saved.kind or _values.VALUE == leaf.kind == saved.kind):
+    if leaf.kind == saved.kind == _values.GENERATOR:
+      ours, theirs = _values.decode(leaf.value), saved.value()
+      if ours.get("bit_generator") != theirs.get("bit_generator"):
+        return (
+          f"the checkpoint has a {theirs.get('bit_generator')} Generator but the tracked "
+          f"one uses {ours.get('bit_generator')}"
+        )
+      return None
+    if leaf.is_value and leaf.kind == saved.kind:
       return None
     if saved.kind == _values.VALUE and isinstance(leaf.value, SCALAR_TYPES) and not leaf.is_value:
       return None  # A Python scalar takes the saved value (e.g. an int beyond int64).

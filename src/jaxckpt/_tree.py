@@ -29,6 +29,7 @@ import sys
 from collections.abc import Mapping
 from collections.abc import MutableMapping
 from typing import Any
+from typing import cast
 
 import jax
 import numpy as np
@@ -223,7 +224,7 @@ class Item:
       if leaf.name not in restored:
         values.append(original)
       elif leaf.value_kind in (_values.STATE, _values.GENERATOR):
-        _values.set_state(original, leaf.value_kind, restored[leaf.name])
+        _set_state(leaf, original, restored[leaf.name])
         values.append(original)
       elif leaf.key_impl is not None:
         values.append(jax.random.wrap_key_data(restored[leaf.name], impl=leaf.key_impl))
@@ -234,6 +235,16 @@ class Item:
       _nnx().update(self.obj, tree)
       return self.obj
     return tree
+
+
+def _set_state(leaf: Leaf, obj: Any, state: Any) -> None:
+  try:
+    _values.set_state(obj, cast(str, leaf.value_kind), state)
+  except Exception as e:  # The object's own check, e.g. a Grain state of another pipeline.
+    raise TreeError(
+      f"Restoring '{leaf.name}': {type(obj).__qualname__} refused the checkpoint's "
+      f"state ({type(e).__name__}: {e}). Track the same kind of object that was saved."
+    ) from e
 
 
 # (item name, treedef) -> leaf names and, per leaf, its original key path if escaped.
