@@ -1,5 +1,6 @@
 # Each target sets up what it needs: a venv ($(VENV)) with jaxckpt and its extras.
-#   make test          lint + the test suite in .venv (python3)
+#   make test          lint + the test suite + the docs build in .venv (python3)
+#   make docs          the docs site into site/ (mkdocs build --strict: broken links fail it)
 #   make test-newest   the test suite in .venv-newest: Python $(NEWEST_VERSION), newest JAX the ranges admit
 # Both are parameterised on PYTHON and VENV, e.g. `make pytest PYTHON=python3.12 VENV=.venv312`.
 PYTHON ?= python3
@@ -19,7 +20,7 @@ NEWEST_PYTHON  ?= $(shell \
     "$$p" -c 'import sys; print(sys.executable)' 2>/dev/null && break; \
   done)
 
-.PHONY: demo test lint ruff-check format-check typecheck pytest versions test-newest bench clean
+.PHONY: demo test docs lint ruff-check format-check typecheck pytest versions test-newest bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -30,7 +31,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python demo.py
 
-test: lint pytest
+test: lint pytest docs
 
 # Three targets, so that `make --keep-going lint` reports all three.
 lint: ruff-check format-check typecheck
@@ -58,8 +59,13 @@ test-newest:
 	  exit 1; fi
 	$(MAKE) pytest PYTHON="$(NEWEST_PYTHON)" VENV=$(NEWEST_VENV)
 
+# Also regenerates docs/performance.md from docs/benchmarks/*.json (docs/hooks.py) and fails on a
+# name in jaxckpt.__all__ without an entry in docs/api.md.
+docs: $(STAMP)
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
+
 bench: $(STAMP)
 	$(BIN)/python benchmarks/async_save.py
 
 clean:
-	rm -rf $(VENV) $(NEWEST_VENV) *.egg-info
+	rm -rf $(VENV) $(NEWEST_VENV) *.egg-info site

@@ -113,7 +113,17 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
   ``tf.train.latest_checkpoint``. A path the state file names but that is not a
   committed checkpoint (deleted, or an interrupted save) gives None.
 
-  Example:
+  Args:
+    checkpoint_dir: the directory (local or a kvstore URL).
+
+  Returns:
+    The newest checkpoint's path, or None if there is none (e.g. a fresh
+    directory; `Checkpoint.restore` accepts None).
+
+  Raises:
+    InvalidPathError: ``checkpoint_dir`` is a URL that names no bucket.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> d = tempfile.mkdtemp()
     >>> path = jaxckpt.Checkpoint(step=jnp.array(0)).save(d + "/ckpt")
