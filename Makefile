@@ -7,7 +7,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-SOURCES := src tests benchmarks demo.py
+SOURCES := src tests benchmarks demo.py docs/hooks.py docs/gen_performance.py docs/benchmarks/run.py
 
 # The interpreter for test-newest: the highest $(pyenv root)/versions/3.13.N, else python3.13 on
 # PATH (only if it runs: a pyenv shim without that version selected does not). Override with

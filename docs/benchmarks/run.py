@@ -27,9 +27,9 @@ OUT = ROOT / "docs" / "benchmarks"
 RUNS = {
   "async_save": ["--size-mib", "128", "--leaves", "16", "--repeats", "3", "--step-seconds", "0.5"],
   "throughput": ["--sizes", "64", "128", "--repeats", "2"],
-  "incremental": ["--size-mib", "64", "--repeats", "3"],
+  "incremental": ["--size-mib", "256", "--repeats", "3"],
   "multiprocess": ["--size-mib", "64", "--repeats", "2"],
-  "tpu_idle": ["--steps", "40", "--repeats", "1"],
+  "tpu_idle": ["--steps", "60", "--repeats", "2"],
 }
 
 
