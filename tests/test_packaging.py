@@ -70,6 +70,7 @@ def dist(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.mark.slow
+@pytest.mark.packaging
 def test_sdist_and_wheel_hold_the_package(dist):
   (sdist,) = dist.glob("jaxckpt-*.tar.gz")
   (wheel,) = dist.glob("jaxckpt-*-py3-none-any.whl")
@@ -87,6 +88,7 @@ def test_sdist_and_wheel_hold_the_package(dist):
 
 
 @pytest.mark.slow
+@pytest.mark.packaging
 def test_wheel_installs_beside_the_newest_jax_without_downgrades(dist, tmp_path):
   venv = tmp_path / "venv"
   _run(_newest_python(), "-m", "venv", str(venv))
