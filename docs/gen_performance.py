@@ -232,11 +232,16 @@ def plot(results: dict[str, dict]) -> bool:
     else:
       runs = result["runs"]
       labels = [f"{r['size_mib']:g} MiB/{r['leaves']}" for r in runs]
-      keys = ("jaxckpt_save", "orbax_save_fsync", "jaxckpt_restore", "orbax_restore")
+      keys = {
+        "jaxckpt_save": "jaxckpt save",
+        "orbax_save_fsync": "Orbax save + fsync",
+        "jaxckpt_restore": "jaxckpt restore",
+        "orbax_restore": "Orbax restore",
+      }
       width = 0.2
-      for i, key in enumerate(keys):
+      for i, (key, label) in enumerate(keys.items()):
         xs = [j + (i - 1.5) * width for j in range(len(runs))]
-        ax.bar(xs, [r["gbps"][key]["median"] for r in runs], width, label=key)
+        ax.bar(xs, [r["gbps"][key]["median"] for r in runs], width, label=label)
       ax.set_xticks(range(len(runs)), labels)
       ax.set_ylabel("GB/s")
       ax.legend(fontsize="small")

@@ -52,10 +52,7 @@ class SavePath(str):
   """The ``str`` path TF's ``save``/``write`` return, with its commit future.
 
   A plain ``str`` everywhere a path is expected; pickles and copies as one.
-
-  Args:
-    path: the checkpoint path.
-    future: its `CommitFuture`.
+  Made by jaxckpt's saves (``SavePath(path, future)``), not by users.
 
   Attributes:
     future: the `CommitFuture` that resolves once the save is committed.
