@@ -21,20 +21,20 @@ VERSION = re.search(
 ).group(1)
 
 
+# --no-compile: skips byte-compiling JAX and SciPy, which nothing here needs.
+PIP_INSTALL = ("-m", "pip", "install", "--quiet", "--no-compile", "--disable-pip-version-check")
+
+
 def _newest_python() -> str:
   """Python 3.13, found as the Makefile's test-newest finds it; else this interpreter.
 
   Either way the venv gets the newest JAX that interpreter can install.
   """
   candidates = [os.environ.get("NEWEST_PYTHON", "")]
-  root = (
-    subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
-    if (shutil.which("pyenv"))
-    else ""
-  )
-  candidates += (
-    sorted(glob.glob(f"{root}/versions/3.13.*/bin/python"), reverse=True) if root else []
-  )
+  if shutil.which("pyenv"):
+    root = subprocess.run(["pyenv", "root"], capture_output=True, text=True).stdout.strip()
+    found = glob.glob(f"{root}/versions/3.13.*/bin/python")
+    candidates += sorted(found, key=lambda p: Version(p.split("/")[-3]), reverse=True)
   candidates += [shutil.which("python3.13") or ""]
   for candidate in filter(None, candidates):
     probe = subprocess.run([candidate, "-c", "import sys"], capture_output=True)
@@ -93,10 +93,10 @@ def test_wheel_installs_beside_the_newest_jax_without_downgrades(dist, tmp_path)
   venv = tmp_path / "venv"
   _run(_newest_python(), "-m", "venv", str(venv))
   python = str(venv / "bin" / "python")
-  _run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "jax")
+  _run(python, *PIP_INSTALL, "jax")
   before = _installed(python)
   (wheel,) = dist.glob("jaxckpt-*.whl")
-  _run(python, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", str(wheel))
+  _run(python, *PIP_INSTALL, str(wheel))
   after = _installed(python)
 
   downgraded = {
