@@ -90,6 +90,15 @@ def test_readme_quick_start_runs(capsys, tmp_path, monkeypatch):
   assert "committed" in capsys.readouterr().out
 
 
+def test_readme_is_a_user_document():
+  """No lab notebook: no dates, no first person; measurements live on the docs' Performance page."""
+  readme = (ROOT / "README.md").read_text()
+  assert len(readme.splitlines()) <= 220
+  assert not re.findall(r"\b20\d\d-\d\d-\d\d\b", readme)
+  assert not re.findall(r"\b(I|my|we|our)\b(?! ?/ ?O)", readme)
+  assert "## Install" in readme and "## Quick start" in readme and "## License" in readme
+
+
 def test_readme_commands_are_what_ci_runs():
   readme = (ROOT / "README.md").read_text()
   assert "make test" in readme and "make demo" in readme
