@@ -50,9 +50,12 @@ def _provenance(result: dict) -> str:
   machine = f"{run.get('cpus', '?')} × {run.get('cpu', '?')}" + (
     f", {memory:.0f} GiB" if memory else ""
   )
+  load = run.get("load_average")
+  busy = f"; 1-minute load average {load[0]} before, {load[1]} after" if load else ""
   return (
     f"Command: `{run.get('command', '?')}`  \n"
-    f"Run: {run.get('date', '?')} on {machine}; Python {run.get('python', '?')}; {versions}."
+    f"Run: {run.get('date', '?')} on {machine}{busy}; Python {run.get('python', '?')}; "
+    f"{versions}."
   )
 
 

@@ -65,6 +65,7 @@ def run(name: str) -> None:
   json_path = OUT / f"{name}.json"
   argv = [f"benchmarks/{name}.py", *RUNS[name], "--json", str(json_path.relative_to(ROOT))]
   started = datetime.datetime.now(datetime.UTC)
+  load_before = os.getloadavg()[0]  # Other work on the machine moves every number.
   subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
   result = json.loads(json_path.read_text())
   result["run"] = {
@@ -76,6 +77,7 @@ def run(name: str) -> None:
     "platform": platform.platform(),
     "python": platform.python_version(),
     "versions": _versions(),
+    "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
   }
   json_path.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
 
