@@ -121,7 +121,17 @@ def get_checkpoint_state(checkpoint_dir: str | os.PathLike) -> CheckpointState |
   directory, and ``last_preserved_timestamp`` is 0.0 where the file has none
   (the proto default).
 
-  Example:
+  Args:
+    checkpoint_dir: the directory (local or a kvstore URL).
+
+  Returns:
+    A `CheckpointState` (``model_checkpoint_path``, ``all_model_checkpoint_paths``,
+    ``all_model_checkpoint_timestamps``, ``last_preserved_timestamp``), or None.
+
+  Raises:
+    NotACheckpointError: the state file is damaged.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> d = tempfile.mkdtemp()
     >>> path = jaxckpt.Checkpoint(step=jnp.array(0)).save(d + "/ckpt")
@@ -142,7 +152,17 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
   ``tf.train.latest_checkpoint``. A path the state file names but that is not a
   committed checkpoint (deleted, or an interrupted save) gives None.
 
-  Example:
+  Args:
+    checkpoint_dir: the directory (local or a kvstore URL).
+
+  Returns:
+    The newest checkpoint's path, or None if there is none (e.g. a fresh
+    directory; `Checkpoint.restore` accepts None).
+
+  Raises:
+    InvalidPathError: ``checkpoint_dir`` is a URL that names no bucket.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> d = tempfile.mkdtemp()
     >>> path = jaxckpt.Checkpoint(step=jnp.array(0)).save(d + "/ckpt")
