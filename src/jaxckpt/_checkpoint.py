@@ -81,9 +81,10 @@ class Checkpoint:
   """Groups pytrees of arrays to save and restore together, like ``tf.train.Checkpoint``.
 
   Items are pytrees of ``jax.Array``, numpy arrays and Python scalars (and
-  Flax NNX modules and optimizers), passed as keyword arguments or assigned as attributes later. Restoring replaces each
-  item with a tree of the same structure holding the checkpoint's values (JAX
-  arrays are immutable), in the dtype and sharding of the current values. As
+  Flax NNX modules and optimizers), passed as keyword arguments or assigned as
+  attributes later. Restoring replaces each item with a tree of the same
+  structure holding the checkpoint's values (JAX arrays are immutable), in the
+  dtype and sharding of the current values. As
   in TF, an item assigned after a restore under a name the checkpoint holds but
   nothing tracked then is restored on assignment (deferred restoration).
   Leaves may also be ``str``, ``bytes``, numpy string arrays, ``complex`` and
