@@ -161,6 +161,7 @@ def test_leaves_benchmark_quick(tmp_path):
     + ["8", "--first-save-leaves", "16", "--dir", str(tmp_path / "d"), "--json", str(json_path)]
   )
   on_disk = json.loads(json_path.read_text())
+  assert results.pop("json_path") == str(json_path) and on_disk == results
   assert on_disk["config"]["quick"] and on_disk["env"]["command"]
   assert [p["leaves"] for p in on_disk["leaf_sweep"]] == [4, 64]
   assert [p["total_bytes"] for p in on_disk["size_sweep"]] == [2**20]

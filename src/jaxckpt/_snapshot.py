@@ -12,7 +12,9 @@ save own its data, without waiting for anything:
   reads. On GPU/TPU this is the DMA into host RAM that Orbax does synchronously
   inside ``save``; on CPU it is a memcpy. Arrays spread over several processes
   are copied shard by shard (`_copy_global`). On CPU, async saves of a
-  `Checkpoint` copy into reused staging buffers instead (see _staging.py).
+  `Checkpoint` copy arrays of 32 MiB and more into staging buffers instead
+  (see _staging.py), which ``keep_staging_bytes`` may keep for the next save.
+  Nothing on this path compiles.
 * numpy leaves are mutable host memory: copied now (the only blocking copy).
 * Python scalars are immutable: kept as they are.
 
@@ -108,11 +110,11 @@ def take_snapshot(
   copy: bool,
   io_device: jax.Device | None,
   pool: StagingPool | None = None,
-  pack: bool = False,
+  keep_bytes: int = 0,
 ) -> tuple[dict[str, object], list]:
   """Returns ``{name: value}`` safe to write after the caller moves on, and the
-  staging sets to give back to ``pool`` once the save is done (may be empty).
-  ``pack``: small arrays may come back as `_staging.Packed` (see there)."""
+  staging sets to give back to ``pool`` once the save is done (may be empty;
+  ``keep_bytes``: see `StagingPool.copy`)."""
   out: dict[str, object] = {}
   staged: list = []
   jax_leaves = []
@@ -132,7 +134,8 @@ def take_snapshot(
     else:
       copies: list = [None] * len(jax_values)
       if pool is not None:
-        copies, staged = pool.copy(jax_values, [leaf.nbytes for leaf in jax_leaves], pack=pack)
+        nbytes = [leaf.nbytes for leaf in jax_leaves]
+        copies, staged = pool.copy(jax_values, nbytes, keep_bytes=keep_bytes)
       rest = [i for i, c in enumerate(copies) if c is None]
       if rest:
         others = [jax_values[i] for i in rest]
