@@ -137,7 +137,36 @@ def read_leaves(
         verify_shards(path, name, value, sums)
   if reader.host_only:
     return raw
-  return {**placed, **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}}
+  out = {**placed, **_placed_together(wanted, raw)}  # Takes those out of raw.
+  out.update(
+    (leaf.name, as_tracked_type(leaf, raw[leaf.name])) for leaf in wanted if leaf.name in raw
+  )
+  return out
+
+
+def _placed_together(wanted: list[Leaf], raw: dict[str, Any]) -> dict[str, Any]:
+  """`as_tracked_type` in one batched ``jax.device_put`` for the numpy arrays
+  that only need placing, as committed or uncommitted jax.Arrays (one call per
+  array costs ~50 µs: most of a restore of thousands of small arrays). Takes
+  them out of ``raw``."""
+  committed, uncommitted = [], []
+  for leaf in wanted:
+    value = raw[leaf.name]
+    if not isinstance(value, np.ndarray) or value.dtype != leaf.dtype:
+      continue
+    if is_uncommitted(leaf):
+      uncommitted.append(leaf)
+    elif isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)):
+      committed.append(leaf)
+  out: dict[str, Any] = {}
+  if uncommitted:
+    arrays = jax.device_put([raw.pop(leaf.name) for leaf in uncommitted])
+    out.update((leaf.name, a) for leaf, a in zip(uncommitted, arrays, strict=True))
+  if committed:
+    targets = [target_sharding(leaf) for leaf in committed]
+    arrays = jax.device_put([raw.pop(leaf.name) for leaf in committed], targets)
+    out.update((leaf.name, a) for leaf, a in zip(committed, arrays, strict=True))
+  return out
 
 
 def restore_leaves(
