@@ -26,8 +26,8 @@ allocates new memory, so reuse can only be lost, never corrupt data.
 
 Arrays under `MIN_BYTES` keep `_snapshot`'s batched copy: glibc serves them
 from its heap, so fresh memory costs them little. GPU/TPU keep `_snapshot`'s
-copy into pinned host memory: that is a DMA. benchmarks/leaves.py and
-benchmarks/tpu_idle.py measure both policies.
+copy into pinned host memory: that is a DMA. benchmarks/leaves.py measures
+both policies (``jaxckpt`` and ``jaxckpt-keep``).
 """
 
 from __future__ import annotations
