@@ -1,6 +1,7 @@
 """Staging buffers reused across async saves (_staging.py)."""
 
 import gc
+import os
 import threading
 import time
 import weakref
@@ -232,12 +233,17 @@ def test_staging_buffers_are_kept_only_within_keep_staging_bytes(tmp_path, keep)
   )
 
 
-def test_the_default_keeps_nothing_between_saves(tmp_path):
-  assert jaxckpt.CheckpointOptions().keep_staging_bytes == 0
+def test_the_default_keeps_what_fits_in_an_eighth_of_physical_memory(tmp_path, monkeypatch):
+  assert jaxckpt.CheckpointOptions().keep_staging_bytes is None
+  eighth = _staging.default_keep_bytes()
+  assert eighth * 8 <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < (eighth + 1) * 8
+  opts = jaxckpt.CheckpointOptions(enable_async=True)
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
-  ckpt.save(tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True))
-  ckpt.sync()
-  assert ckpt._saver.staging.idle_bytes == 0 and not ckpt._saver.staging._idle
+  ckpt.save(tmp_path / "m", options=opts).future.result(timeout=TIMEOUT)
+  assert ckpt._saver.staging.idle_bytes == 4 << 16  # Fits: kept.
+  monkeypatch.setattr(_staging, "default_keep_bytes", lambda: (4 << 16) - 1)
+  ckpt.save(tmp_path / "m", options=opts).future.result(timeout=TIMEOUT)
+  assert ckpt._saver.staging.idle_bytes == 0  # Over the budget: freed at commit.
 
 
 @pytest.mark.parametrize("keep", [0, KEEP])

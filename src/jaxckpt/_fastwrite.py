@@ -62,10 +62,11 @@ TARGET_DATA_FILE_SIZE = 16 << 20
 # commit, committed as soon as its arrays are opened: the disk starts on the
 # first batch while Python still opens the rest (benchmarks/throughput.py).
 COMMIT_BYTES = 16 << 20
-# One-chunk arrays up to this size are written as OCDBT keys (see above); the
-# copy into the key's value costs less than the zarr driver's open up to here,
-# and larger arrays keep the driver's zero-copy write.
-DIRECT_BYTES = 4 << 20
+# One-chunk arrays up to this size are written as OCDBT keys (see above): up to
+# here their two copies (into the key's value, and TensorStore's) cost less than
+# the zarr driver's open; larger arrays keep the driver's zero-copy write (at
+# 4 MiB the copies made 64-array saves slower, benchmarks/leaves.py).
+DIRECT_BYTES = 256 << 10
 _CONTEXT = {
   "file_io_concurrency": {"limit": 128},
   "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},

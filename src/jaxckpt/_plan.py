@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from jaxckpt import _fastwrite
+from jaxckpt import _staging
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import TreeError
 from jaxckpt._layout import Layout
@@ -136,7 +137,11 @@ def plan_save(
     store=store,
     layout=layout,
     writer=FAST if fast or not layout.has_fast_writer else ORBAX,
-    keep_staging_bytes=options.keep_staging_bytes,
+    keep_staging_bytes=(
+      _staging.default_keep_bytes()
+      if options.keep_staging_bytes is None
+      else options.keep_staging_bytes
+    ),
     background=options.enable_async,
     io_device=io_device,
     routed=routed,

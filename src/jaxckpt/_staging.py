@@ -1,6 +1,7 @@
 """Staging buffers: host memory an async save's snapshot is copied into, on
 the CPU backend; kept for the next save of the same arrays only as far as
-``CheckpointOptions.keep_staging_bytes`` allows.
+``CheckpointOptions.keep_staging_bytes`` allows (by default an eighth of the
+machine's physical memory).
 
 On CPU the snapshot is a memcpy, and what it costs is fresh memory: glibc
 ``mmap``s every block over 32 MiB and unmaps it when freed, so each save's
@@ -35,6 +36,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import os
 import threading
 import time
 from typing import Any
@@ -51,6 +53,14 @@ _BALLAST_ELEMENTS = 4096
 
 # Smaller arrays keep `_snapshot`'s batched copy (see above).
 MIN_BYTES = 32 << 20
+
+
+def default_keep_bytes() -> int:
+  """``CheckpointOptions.keep_staging_bytes=None``: an eighth of physical memory."""
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+  except (ValueError, OSError, AttributeError):  # Not POSIX: as if 8 GiB.
+    return 1 << 30
 
 
 def _copies(staging: list[jax.Array], values: list[jax.Array], ballast: jax.Array):
