@@ -265,7 +265,8 @@ def _new_spec(value: Any, kind: str, chunk_byte_size: int | None) -> _Spec:
     serialized = _serialized_sharding(value.sharding)
     whole = len(value.sharding.device_set) == 1  # Skips building Shard objects.
   nbytes = array_nbytes(value) if kind == "jax.Array" else value.nbytes
-  direct = whole and chunks == shape and nbytes <= DIRECT_BYTES
+  # (Native byte order: the zarr driver would store other orders as native.)
+  direct = whole and chunks == shape and nbytes <= DIRECT_BYTES and dtype.isnative
   return _Spec(
     json.dumps(meta),
     dtype,

@@ -4,9 +4,9 @@ An async save must not read the caller's arrays after ``save`` returns: the next
 training step may donate (free) or overwrite them. So the snapshot makes the
 save own its data, without waiting for anything:
 
-* ``jax.Array`` leaves: one batched copy to the same sharding in the
-  ``pinned_host`` memory kind (``jax.device_put(..., may_alias=False)``, or the
-  batched C++ copy underneath it, see _compat.py). It enqueues the device→host
+* ``jax.Array`` leaves: one batched copy to the same sharding, in the
+  ``pinned_host`` memory kind on GPU/TPU (``jax.device_put(..., may_alias=False)``,
+  or the batched C++ copy underneath it, see _compat.py). It enqueues the device→host
   copies and returns: it waits neither for the step that produces the arrays
   nor for the copies, and the runtime orders a later donation after the copies'
   reads. On GPU/TPU this is the DMA into host RAM that Orbax does synchronously
@@ -99,9 +99,12 @@ def _has_host_memory(device: jax.Device) -> bool:
 
 @functools.lru_cache(maxsize=1024)  # Shardings are hashable; a model has few distinct ones.
 def _host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-  if all(_has_host_memory(d) for d in sharding.device_set):
-    return sharding.with_memory_kind(_HOST)
-  return sharding
+  devices = sharding.device_set
+  # On CPU the device memory is host memory, and a copy into it is issued without
+  # waiting, where XLA:CPU copies into pinned_host on the calling thread.
+  if all(d.platform == "cpu" for d in devices) or not all(_has_host_memory(d) for d in devices):
+    return sharding
+  return sharding.with_memory_kind(_HOST)
 
 
 def take_snapshot(
