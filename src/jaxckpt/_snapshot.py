@@ -102,7 +102,8 @@ def _host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
   devices = sharding.device_set
   # On CPU the device memory is host memory, and a copy into it is issued without
   # waiting, where XLA:CPU copies into pinned_host on the calling thread.
-  if all(d.platform == "cpu" for d in devices) or not all(_has_host_memory(d) for d in devices):
+  on_cpu = all(d.platform == "cpu" for d in devices)  # type: ignore[attr-defined]
+  if on_cpu or not all(_has_host_memory(d) for d in devices):
     return sharding
   return sharding.with_memory_kind(_HOST)
 
