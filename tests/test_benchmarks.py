@@ -151,6 +151,7 @@ def test_multiprocess_benchmark_runs_tiny(tmp_path, capsys):
   assert [p.name for p in tmp_path.iterdir()] == ["mp.json"]  # Scratch dirs removed.
 
 
+@pytest.mark.slow  # ~30-50 s: five peers, cold restores, two fresh processes.
 def test_leaves_benchmark_quick(tmp_path):
   spec = importlib.util.spec_from_file_location("leaves_benchmark", BENCHMARK.parent / "leaves.py")
   module = importlib.util.module_from_spec(spec)
