@@ -35,9 +35,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -45,6 +43,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _results
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -276,24 +275,11 @@ def main(argv: list[str] | None = None) -> dict:
       "step_iters": iters,
       "measured_step_s": step_s,
     },
-    "env": {
-      "jax": jax.__version__,
-      "orbax": ocp.__version__,
-      "jaxckpt": jaxckpt.__version__,
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "cpus": os.cpu_count(),
-      "device": str(jax.devices()[0]),
-    },
+    "env": _results.environment(),
     "modes": modes,
   }
   print(format_table(results))
-  json_path = Path(args.json)
-  json_path.parent.mkdir(parents=True, exist_ok=True)
-  json_path.write_text(json.dumps(results, indent=2) + "\n")
-  print(f"wrote {json_path}")
-  results["json_path"] = str(json_path)
-  return results
+  return _results.write(results, args.json)
 
 
 if __name__ == "__main__":

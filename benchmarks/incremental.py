@@ -10,7 +10,6 @@ Usage: python benchmarks/incremental.py [--size-mib 256] [--repeats 3]
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -18,6 +17,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _results
 import jax
 
 import jaxckpt
@@ -33,7 +33,7 @@ def main(argv=None) -> dict:
   parser.add_argument("--leaves", type=int, default=20)
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--dir", default=None)
-  parser.add_argument("--json", default=str(Path(__file__).parent / "results" / "incremental.json"))
+  parser.add_argument("--json", default=str(_results.RESULTS / "incremental.json"))
   args = parser.parse_args(argv)
   n = int(args.size_mib * 2**20 / 4 / args.leaves)
   frozen_count = int(round(args.leaves * 0.9))
@@ -77,11 +77,9 @@ def main(argv=None) -> dict:
   print(f"{'full':<14}{full_s:>10.3f}{full_b / 2**20:>14.1f}")
   print(f"{'incremental':<14}{inc_s:>10.3f}{inc_b / 2**20:>14.1f}")
   print(f"incremental / full: bytes {result['bytes_ratio']:.3f}x, time {result['time_ratio']:.3f}x")
-  os.makedirs(os.path.dirname(args.json), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(result, f, indent=2)
   shutil.rmtree(root, ignore_errors=True) if args.dir is None else None
-  return result
+  result["env"] = _results.environment()
+  return _results.write(result, args.json)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,6 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -130,10 +129,10 @@ def main(argv=None) -> dict:
     }
     results["configs"][name] = {**slowest, "bytes": per_process[0]["bytes"]}
   print(table(results))
-  os.makedirs(os.path.dirname(args.json), exist_ok=True)
-  with open(args.json, "w") as f:
-    json.dump(results, f, indent=1)
-  return results
+  import _results  # Here: the launched processes import this module as benchmarks.multiprocess.
+
+  results["env"] = _results.environment()
+  return _results.write(results, args.json)
 
 
 def table(results: dict) -> str:

@@ -42,9 +42,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -53,6 +51,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import _results
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -531,27 +530,13 @@ def main(argv: list[str] | None = None) -> dict:
       "chunk_bytes": CHUNK,
       "unit": "GB/s = 1e9 bytes of state per second",
     },
-    "env": {
-      "jax": jax.__version__,
-      "orbax": ocp.__version__,
-      "jaxckpt": jaxckpt.__version__,
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "cpus": os.cpu_count(),
-      "backend": jax.default_backend(),
-      "device": str(jax.devices()[0]),
-    },
+    "env": _results.environment(),
     "page_cache": _page_cache_note(runs, args.evict),
     "runs": runs,
     "fits": fit_costs(runs),
   }
   print(format_table(results))
-  json_path = Path(args.json)
-  json_path.parent.mkdir(parents=True, exist_ok=True)
-  json_path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-  print(f"wrote {json_path}")
-  results["json_path"] = str(json_path)
-  return results
+  return _results.write(results, args.json)
 
 
 if __name__ == "__main__":

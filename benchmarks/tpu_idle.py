@@ -89,9 +89,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
-import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -102,6 +100,7 @@ from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
+import _results
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -639,16 +638,7 @@ def main(argv: list[str] | None = None) -> dict:
       "rss_period_s": RSS_PERIOD_S,
       "malloc_trim": trim_heap(),
     },
-    "env": {
-      "jax": jax.__version__,
-      "orbax": ocp.__version__,
-      "jaxckpt": jaxckpt.__version__,
-      "python": platform.python_version(),
-      "platform": platform.platform(),
-      "cpus": os.cpu_count(),
-      "backend": jax.default_backend(),
-      "device": str(jax.devices()[0]),
-    },
+    "env": _results.environment(),
     "notes": [
       "blocked: time inside the save call, after jax.block_until_ready(state).",
       "commit: save call start -> committed (jaxckpt: path.future done callback; orbax_async:"
@@ -662,12 +652,7 @@ def main(argv: list[str] | None = None) -> dict:
     "modes": modes,
   }
   print(format_table(results))
-  json_path = Path(args.json)
-  json_path.parent.mkdir(parents=True, exist_ok=True)
-  json_path.write_text(json.dumps(results, indent=2, allow_nan=False) + "\n")
-  print(f"wrote {json_path}")
-  results["json_path"] = str(json_path)
-  return results
+  return _results.write(results, args.json)
 
 
 if __name__ == "__main__":

@@ -7,11 +7,13 @@ written); no timing comparisons.
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))  # The scripts import their shared _results.py.
 
 
 def _load(name: str):

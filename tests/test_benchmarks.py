@@ -3,11 +3,13 @@
 import importlib.util
 import json
 import math
+import sys
 from pathlib import Path
 
 import pytest
 
 BENCHMARK = Path(__file__).resolve().parents[1] / "benchmarks" / "async_save.py"
+sys.path.insert(0, str(BENCHMARK.parent))  # The scripts import their shared _results.py.
 
 
 def _load_benchmark():
@@ -143,6 +145,40 @@ def test_multiprocess_benchmark_runs_tiny(tmp_path, capsys):
   for r in results["configs"].values():
     assert all(_positive(x) for k in ("save_s", "blocked_ms", "restore_s") for x in r[k])
     assert r["bytes"] == results["configs"]["1x4"]["bytes"] > 0
+  assert results.pop("json_path") == str(tmp_path / "mp.json")
   assert json.loads((tmp_path / "mp.json").read_text()) == results
   assert "2x2-io-task0" in capsys.readouterr().out
   assert [p.name for p in tmp_path.iterdir()] == ["mp.json"]  # Scratch dirs removed.
+
+
+@pytest.mark.slow  # ~30-50 s: five peers, cold restores, two fresh processes.
+def test_leaves_benchmark_quick(tmp_path):
+  spec = importlib.util.spec_from_file_location("leaves_benchmark", BENCHMARK.parent / "leaves.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  json_path = tmp_path / "leaves.json"
+  results = module.main(
+    ["--quick", "--total-mib", "2", "--leaves", "4", "64", "--sizes-mib", "1", "--size-leaves"]
+    + ["8", "--first-save-leaves", "16", "--dir", str(tmp_path / "d"), "--json", str(json_path)]
+  )
+  on_disk = json.loads(json_path.read_text())
+  assert results.pop("json_path") == str(json_path) and on_disk == results
+  assert on_disk["config"]["quick"] and on_disk["env"]["command"]
+  assert [p["leaves"] for p in on_disk["leaf_sweep"]] == [4, 64]
+  assert [p["total_bytes"] for p in on_disk["size_sweep"]] == [2**20]
+  for point in on_disk["leaf_sweep"] + on_disk["size_sweep"]:
+    assert set(point["peers"]) == set(module.PEERS)
+    for peer, r in point["peers"].items():
+      assert r["restore"]["verified"] is True, peer
+      assert len(r["save"]["runs"]) == len(r["restore"]["runs"]) == 1
+      for key in ("blocked_s", "durable_s", "cpu_s"):
+        assert _positive(r["save"][key]), (peer, key)
+      assert r["save"]["blocked_s"] <= r["save"]["durable_s"]
+      assert _positive(r["restore"]["s"])
+    assert _positive(point["ratios"]["commit_vs_safetensors"])
+  firsts = {r["peer"]: r for r in on_disk["first_save"]}
+  assert set(firsts) == {"jaxckpt", "orbax"}
+  for r in firsts.values():
+    assert r["leaves"] == 16 and _positive(r["first"]["blocked_s"]), r
+    assert r["second"]["compiles"] == 0, r  # Nothing compiles again on a second save.
+  assert not any((tmp_path / "d").iterdir())  # Scratch cleaned up; --dir itself stays.

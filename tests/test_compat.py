@@ -126,7 +126,7 @@ def test_every_private_fast_path_is_there_and_stays_taken(tmp_path, caplog, fres
   )  # Uncommitted, read by Orbax as a jax.Array.
   _compat.copy_arrays([jnp.ones(4)], [jax.sharding.SingleDeviceSharding(jax.devices()[1])])
   pool = _staging.StagingPool(min_bytes=0)
-  pool.copy([_sharded()])
+  pool.copy([_sharded()], keep_bytes=1 << 20)
   assert _compat.sharding_layout(_sharded().sharding, 1) is not None
   assert _compat.distributed_client() is None  # Not initialized in this process.
   assert isinstance(
@@ -220,7 +220,7 @@ def test_without_hlo_shardings_staging_matches_exact_shardings(monkeypatch, capl
     assert _staging._layout(x.sharding, 1) == x.sharding
     pool = _staging.StagingPool(min_bytes=0)
     for _ in range(2):
-      copies, sets = pool.copy([x])
+      copies, sets = pool.copy([x], keep_bytes=1 << 20)
       np.testing.assert_array_equal(np.asarray(copies[0]), np.asarray(x))
       pool.give_back(sets)
     assert pool.reused == 1

@@ -144,3 +144,15 @@ def test_equality_and_repr():
     "CheckpointOptions(experimental_io_device='cpu:0', enable_async=True, "
     "experimental_write_callbacks=None)"
   )
+
+
+@pytest.mark.parametrize("bad", [-1, True, 1.5, "1"])
+def test_keep_staging_bytes_is_a_non_negative_int(bad):
+  with pytest.raises(jaxckpt.InvalidOptionsError, match=f"keep_staging_bytes.*got {bad!r}"):
+    jaxckpt.CheckpointOptions(keep_staging_bytes=bad)
+  opts = jaxckpt.CheckpointOptions(keep_staging_bytes=1 << 30)
+  assert opts.keep_staging_bytes == opts.copy().keep_staging_bytes == 1 << 30
+  assert "keep_staging_bytes=1073741824" in repr(opts)
+  assert opts != jaxckpt.CheckpointOptions() and "keep_staging" not in repr(
+    jaxckpt.CheckpointOptions()
+  )

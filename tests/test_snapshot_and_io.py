@@ -167,5 +167,9 @@ def test_snapshot_fast_path_copies_like_device_put(monkeypatch):
     copy = snap[leaf.name]
     assert copy is not leaf.value and copy.dtype == leaf.value.dtype
     assert copy.sharding == _snapshot._host_sharding(leaf.value.sharding)
-    assert copy.sharding.memory_kind == "pinned_host"
+    # On CPU the device memory is host memory: copied there, not into pinned_host.
+    assert copy.sharding.memory_kind == leaf.value.sharding.memory_kind
+    assert copy.addressable_shards[0].data.unsafe_buffer_pointer() != (
+      leaf.value.addressable_shards[0].data.unsafe_buffer_pointer()
+    )
     np.testing.assert_array_equal(np.asarray(copy), np.asarray(leaf.value))

@@ -1,6 +1,7 @@
 """Staging buffers reused across async saves (_staging.py)."""
 
 import gc
+import os
 import threading
 import time
 import weakref
@@ -16,6 +17,7 @@ from jaxckpt import _knobs
 from jaxckpt import _staging
 
 TIMEOUT = 60
+KEEP = 1 << 30  # keep_staging_bytes: everything these tests stage.
 
 
 @pytest.fixture(autouse=True)
@@ -52,7 +54,7 @@ def _fifty_saves(tmp_path, state, step, names):
   returns the pool, {path: saved values of ``names``} and the pool's buffer
   pointers after each save."""
   ckpt = jaxckpt.Checkpoint(state=state)
-  opts = jaxckpt.CheckpointOptions(enable_async=True)
+  opts = jaxckpt.CheckpointOptions(enable_async=True, keep_staging_bytes=KEEP)
   pool = ckpt._saver.staging
   expected, pointers = {}, []
   for _ in range(50):
@@ -91,10 +93,11 @@ def test_fifty_async_saves_in_a_donating_loop_reuse_one_set_of_buffers(tmp_path)
 
 def test_a_buffer_something_still_views_is_not_overwritten():
   pool = _staging.StagingPool()
-  first, sets = pool.copy([jnp.ones(4096)])
+  first, sets = pool.copy([jnp.ones(4096)], keep_bytes=KEEP)
   view = np.asarray(first[0])  # E.g. a writer that has not let go yet.
   pool.give_back(sets)
-  second, _ = pool.copy([jnp.zeros(4096)])
+  second, _ = pool.copy([jnp.zeros(4096)], keep_bytes=KEEP)
+  assert pool.reused == 1
   # XLA does not donate a buffer with an external reference: new memory instead.
   assert view.sum() == 4096 and np.asarray(second[0]).sum() == 0
 
@@ -102,23 +105,20 @@ def test_a_buffer_something_still_views_is_not_overwritten():
 def test_the_copy_is_not_too_cheap_to_run_in_the_background():
   # XLA:CPU runs computations under 1000 estimated flops inline on the calling
   # thread; the ballast keeps the copy above that (see _staging.py).
-  values = [jnp.ones((512, 512))]
+  values = [jnp.ones((512, 512)), jnp.ones(7, jnp.int32)]
   ballast = _staging._ballast(_compat.device_assignment(values[0].sharding))
-  flat = jnp.ones(2 * 512 * 512)
-  for staging, copied, packs in [
-    ((values, []), values, []),  # Copied one by one.
-    (([], [flat]), [], [values * 2]),
-  ]:  # Packed.
-    compiled = _staging._copy_into.lower(staging, copied, packs, ballast).compile()
-    assert compiled.cost_analysis()["flops"] >= 1000
-    aliases = compiled.as_text().split("\n", 1)[0]
-    assert "input_output_alias" in aliases  # The donated buffers are kept and reused.
+  compiled = _staging._copy_into.lower(values, values, ballast).compile()
+  assert compiled.cost_analysis()["flops"] >= 1000
+  aliases = compiled.as_text().split("\n", 1)[0]
+  assert "input_output_alias" in aliases  # The donated buffers are kept and reused.
 
 
 def test_a_dropped_checkpoint_frees_its_staging_buffers(tmp_path):
   before = set(threading.enumerate())
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
-  ckpt.save(tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True))
+  ckpt.save(
+    tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True, keep_staging_bytes=KEEP)
+  )
   ckpt.sync()
   pool = ckpt._saver.staging
   assert pool.idle_bytes == 4 << 16
@@ -138,7 +138,9 @@ def test_idle_staging_buffers_are_freed_and_the_worker_exits(tmp_path, monkeypat
   monkeypatch.setattr(_knobs, "STAGING_IDLE_S", 0.3)
   before = threading.active_count()
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
-  ckpt.save(tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True))
+  ckpt.save(
+    tmp_path / "m", options=jaxckpt.CheckpointOptions(enable_async=True, keep_staging_bytes=KEEP)
+  )
   ckpt.sync()
   assert ckpt._saver.staging.idle_bytes > 0
   deadline = time.monotonic() + TIMEOUT
@@ -155,7 +157,9 @@ def test_a_failed_save_does_not_give_its_buffers_back(tmp_path):
     raise RuntimeError("callback failed")
 
   ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
-  opts = jaxckpt.CheckpointOptions(enable_async=True, experimental_write_callbacks=[fail])
+  opts = jaxckpt.CheckpointOptions(
+    enable_async=True, experimental_write_callbacks=[fail], keep_staging_bytes=KEEP
+  )
   ckpt.save(tmp_path / "m", options=opts)
   with pytest.raises(jaxckpt.WriteCallbackError):
     ckpt.sync()
@@ -164,10 +168,10 @@ def test_a_failed_save_does_not_give_its_buffers_back(tmp_path):
 
 def test_only_arrays_of_min_bytes_and_more_are_staged():
   pool = _staging.StagingPool(min_bytes=1024)
-  copies, sets = pool.copy([jnp.ones(256), jnp.ones(255)])  # 1024 and 1020 bytes.
+  copies, sets = pool.copy([jnp.ones(256), jnp.ones(255)], keep_bytes=KEEP)  # 1024, 1020 bytes.
   assert copies[0] is not None and copies[1] is None
   devices = _compat.device_assignment(copies[0].sharding)
-  assert [k for k, _ in sets] == [
+  assert [group.key for group, _, _ in sets] == [
     (devices, ((256,), jnp.ones(1).dtype, _staging._layout(copies[0].sharding, 1)))
   ]
 
@@ -175,7 +179,7 @@ def test_only_arrays_of_min_bytes_and_more_are_staged():
 def test_pool_keeps_at_most_max_idle_sets():
   pool = _staging.StagingPool(max_idle=2)
   for n in (8, 16, 32):
-    _, sets = pool.copy([jnp.ones(n)])
+    _, sets = pool.copy([jnp.ones(n)], keep_bytes=KEEP)
     pool.give_back(sets)
   assert sorted(k[1][0] for k in pool._idle) == [(16,), (32,)]  # The oldest went.
 
@@ -187,7 +191,7 @@ def test_saves_written_by_orbax_reuse_staging_buffers_too(tmp_path, knob):
   step = jax.jit(lambda s: {"w": s["w"] + 1, "frozen": s["frozen"]}, donate_argnums=0)
   state = step({"w": jnp.zeros((64, 64)), "frozen": jnp.ones((32, 32))})
   ckpt = jaxckpt.Checkpoint(state=state)
-  opts = jaxckpt.CheckpointOptions(enable_async=True, **{knob: True})
+  opts = jaxckpt.CheckpointOptions(enable_async=True, keep_staging_bytes=KEEP, **{knob: True})
   expected = {}
   for _ in range(5):
     ckpt.state = state
@@ -202,89 +206,63 @@ def test_saves_written_by_orbax_reuse_staging_buffers_too(tmp_path, knob):
     np.testing.assert_array_equal(reader.get_tensor("state/frozen"), np.ones((32, 32)))
 
 
-def _small_state():
-  return {
-    "f32": jnp.arange(300, dtype=jnp.float32).reshape(20, 15),
-    "bf16": jnp.ones((7, 3), jnp.bfloat16),
-    "i32": jnp.arange(10, dtype=jnp.int32),
-    "scalar": jnp.float32(2.5),  # 0-d
-    "flag": jnp.array([True, False, True]),
-    "big": jnp.arange(4096, dtype=jnp.float32),  # min_bytes and more: copied alone.
-    "sharded": jax.device_put(
-      jnp.arange(64, dtype=jnp.float32),  # Never packed.
-      jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d")),
-    ),
-    "key": jax.random.key(0),
-  }
+def _compiles():
+  """A counter of XLA compilations from now on (``counter[0]``)."""
+  counter = [0]
+
+  def listener(event, _duration, **_kwargs):
+    if event == "/jax/core/compile/backend_compile_duration":
+      counter[0] += 1
+
+  jax.monitoring.register_event_duration_secs_listener(listener)
+  return counter
 
 
-def test_small_arrays_are_packed_into_reused_buffers_over_fifty_saves(tmp_path, monkeypatch):
-  monkeypatch.setattr(_staging, "MIN_BYTES", 16 << 10)  # "big" (16 KiB) is copied alone.
-  # One device's arrays (a jitted step's outputs over several devices are
-  # replicated over them, and only arrays on one device are packed).
-  one_device = jax.jit(
-    lambda s: {
-      **s,
-      "f32": s["f32"] * 1.5 + 1,
-      "i32": s["i32"] + 1,
-      "scalar": s["scalar"] + 1,
-      "flag": ~s["flag"],
-      "big": s["big"] - 1,
-    },
-    donate_argnums=0,
+@pytest.mark.parametrize("keep", [0, 1 << 20, 100])
+def test_staging_buffers_are_kept_only_within_keep_staging_bytes(tmp_path, keep):
+  state = {"a": jnp.ones(1 << 16), "b": jnp.arange(1 << 16, dtype=jnp.int32)}  # 512 KiB.
+  ckpt = jaxckpt.Checkpoint(state=state)
+  opts = jaxckpt.CheckpointOptions(enable_async=True, keep_staging_bytes=keep)
+  for i in range(3):
+    ckpt.write(tmp_path / f"w{i}", options=opts).future.result(timeout=TIMEOUT)
+    # 0 (the default): freed at commit; 100: the set does not fit, freed too.
+    assert ckpt._saver.staging.idle_bytes == (8 << 16 if keep == 1 << 20 else 0)
+  assert ckpt._saver.staging.reused == (2 if keep == 1 << 20 else 0)
+  np.testing.assert_array_equal(
+    jaxckpt.load_checkpoint(tmp_path / "w2").get_tensor("state/b"), state["b"]
   )
 
-  def step(s):
-    s = dict(s)
-    return {**one_device({k: s.pop(k) for k in names if k != "sharded"}), **s}
 
-  names = ("f32", "bf16", "i32", "scalar", "flag", "big", "sharded")
-  state = step(_small_state())
-  pool, expected, pointers = _fifty_saves(tmp_path, state, step, names)
-  assert pool.reused == 49  # One jitted copy per save (one device: packs and "big").
-  # "big" and a buffer per dtype (float32, bfloat16, int32, bool, and uint32 for
-  # the key's data), the same memory every time. "sharded" (small, on four
-  # devices) is not staged: not in the pool.
-  assert len(pointers[0]) == 6
-  assert all(p == pointers[0] for p in pointers)
-  _check_some_restores(expected)
+def test_the_default_keeps_what_fits_in_an_eighth_of_physical_memory(tmp_path, monkeypatch):
+  assert jaxckpt.CheckpointOptions().keep_staging_bytes is None
+  eighth = _staging.default_keep_bytes()
+  assert eighth * 8 <= os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") < (eighth + 1) * 8
+  opts = jaxckpt.CheckpointOptions(enable_async=True)
+  ckpt = jaxckpt.Checkpoint(x=jnp.ones(1 << 16))
+  ckpt.save(tmp_path / "m", options=opts).future.result(timeout=TIMEOUT)
+  assert ckpt._saver.staging.idle_bytes == 4 << 16  # Fits: kept.
+  monkeypatch.setattr(_staging, "default_keep_bytes", lambda: (4 << 16) - 1)
+  ckpt.save(tmp_path / "m", options=opts).future.result(timeout=TIMEOUT)
+  assert ckpt._saver.staging.idle_bytes == 0  # Over the budget: freed at commit.
 
 
-def test_packed_values_read_as_the_arrays_they_copied():
-  values = list(_small_state().values())[:5]
-  copies, sets = _staging.StagingPool(min_bytes=1 << 20).copy(values, pack=True)
-  assert all(isinstance(c, _staging.Packed) for c in copies)
-  assert len(sets) == 1 and len(sets[0][1]) == 4  # One buffer per dtype.
-  for value, copy in zip(values, copies, strict=True):
-    assert (copy.shape, copy.dtype, copy.sharding) == (value.shape, value.dtype, value.sharding)
-    np.testing.assert_array_equal(np.asarray(copy), np.asarray(value))
-  np.testing.assert_array_equal(np.asarray(copies[0], np.float64), np.asarray(values[0]))
-  # Not packed without pack=True: left for the caller's batched copy.
-  assert _staging.StagingPool(min_bytes=1 << 20).copy(values) == ([None] * 5, [])
-
-
-def test_a_packed_buffer_something_still_views_is_not_overwritten():
-  pool = _staging.StagingPool(min_bytes=1 << 20)
-  first, sets = pool.copy([jnp.ones(64), jnp.ones(32)], pack=True)
-  view = np.asarray(first[1])  # E.g. a writer that has not let go yet.
-  pool.give_back(sets)
-  second, _ = pool.copy([jnp.zeros(64), jnp.zeros(32)], pack=True)
-  assert view.sum() == 32 and np.asarray(second[1]).sum() == 0
-
-
-def test_a_new_layout_gets_a_new_plan():
-  # The last plan is reused when shapes, dtypes and sharding objects match; any
-  # change must make a new one (same sharding object, other shapes or dtypes).
-  pool = _staging.StagingPool(min_bytes=1 << 20)
-  for values in (
-    [jnp.ones(4), jnp.ones(3)],
-    [jnp.ones(5), jnp.ones(3)],
-    [jnp.ones(5, jnp.int32), jnp.ones(3)],
-    [jnp.ones(5, jnp.int32), jnp.ones(3)],
-  ):
-    copies, sets = pool.copy(values, pack=True)
-    for value, copy in zip(values, copies, strict=True):
-      assert copy.shape == value.shape and copy.dtype == value.dtype
-      np.testing.assert_array_equal(np.asarray(copy), np.asarray(value))
-    pool.give_back(sets)
-  assert len(pool._plans) == 3 and pool.reused == 1  # Only the last matched its previous.
+@pytest.mark.parametrize("keep", [0, KEEP])
+def test_no_save_after_the_first_compiles(tmp_path, keep, monkeypatch):
+  # Neither policy compiles on save()'s path; kept buffers' donated copy is
+  # compiled once, when the first save gives them back.
+  monkeypatch.setattr(_staging, "MIN_BYTES", 1 << 12)  # "big" staged, "small" not.
+  state = {
+    "big": jnp.ones((64, 64)),
+    "small": [jnp.full((3, i + 1), i, jnp.float32) for i in range(20)],
+    "step": jnp.int32(0),
+  }
+  ckpt = jaxckpt.Checkpoint(state=state)
+  opts = jaxckpt.CheckpointOptions(enable_async=True, keep_staging_bytes=keep)
+  ckpt.write(tmp_path / "w0", options=opts).future.result(timeout=TIMEOUT)
+  compiles = _compiles()
+  for i in (1, 2):
+    ckpt.write(tmp_path / f"w{i}", options=opts).future.result(timeout=TIMEOUT)
+  assert compiles[0] == 0
+  assert ckpt._saver.staging.reused == (2 if keep else 0)
+  reader = jaxckpt.load_checkpoint(tmp_path / "w2")
+  np.testing.assert_array_equal(reader.get_tensor("state/small/7"), np.full((3, 8), 7))

@@ -544,7 +544,11 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
       snapshot = {name: np.asarray(value) for name, value in snapshot.items()}
   else:
     snapshot, staged = take_snapshot(
-      to_copy, copy=plan.background, io_device=plan.io_device, pool=saver.staging, pack=plan.pack
+      to_copy,
+      copy=plan.background,
+      io_device=plan.io_device,
+      pool=saver.staging,
+      keep_bytes=plan.keep_staging_bytes,
     )
   coordination = plan.coordination
   if coordination is not None:

@@ -210,7 +210,9 @@ def _write(job: SaveJob, data_dir: str, staging: str) -> Manifest:
     _reuse_by_content(job, job.history, digests)
   pending = plan.layout.write(job, data_dir)
   # Overlaps the TensorStore writes: reads the snapshot, which is ours alone.
-  checksums, shard_sums = _take_checksums(job, plan.coordination)
+  # The fast writer computes some from the bytes it writes.
+  known = getattr(pending, "checksums", None) or {}
+  checksums, shard_sums = _take_checksums(job, plan.coordination, known)
   for name, w in job.reused.items():
     checksums[name], digests[name] = w.crc32, w.sha1
   manifest = job.manifest = Manifest.build(
@@ -255,12 +257,15 @@ def _fail(job: SaveJob, error: BaseException, staging: str | None) -> None:
 
 
 def _take_checksums(
-  job: SaveJob, coord: Coordination | None
+  job: SaveJob, coord: Coordination | None, known: dict[str, int]
 ) -> tuple[dict[str, int | None], dict[str, dict[str, int]]]:
-  """CRC-32 of each snapshot value (None for arrays no process holds whole) and
-  the per-shard CRCs of those; then frees the snapshot."""
+  """CRC-32 of each snapshot value (None for arrays no process holds whole;
+  ``known`` ones taken as they are) and the per-shard CRCs of those; then frees
+  the snapshot."""
   snapshot = job.snapshot or {}
-  checksums = {name: checksum(value) for name, value in snapshot.items()}
+  checksums: dict[str, int | None] = {
+    name: known[name] if name in known else checksum(value) for name, value in snapshot.items()
+  }
   shard_sums = _shard_checksums(snapshot, checksums, coord)
   job.snapshot = None
   return checksums, shard_sums

@@ -12,6 +12,13 @@ Orbax's ``_METADATA``, ``_sharding``, ``array_metadatas`` and
 ``_CHECKPOINT_METADATA`` files. tests/test_fastwrite.py compares them with
 Orbax's own output.
 
+Arrays stored as one chunk of at most `DIRECT_BYTES` skip TensorStore's zarr
+driver: their ``.zarray`` and chunk are written as the two OCDBT keys the
+driver would write (the same bytes: an uncompressed zarr v2 chunk is the
+array's C-order bytes), in the batch's transaction. Opening a zarr array costs
+~100 µs of Python and TensorStore per array; for thousands of small arrays that
+was most of a save.
+
 Only for the common case, as the save plan decides (`writes_all`): one writing
 process, no compression, no incremental save, and leaves that are jax.Arrays,
 numpy arrays or Python bool/int/float of plain dtypes. Everything else goes
@@ -23,9 +30,11 @@ from __future__ import annotations
 import base64
 import dataclasses
 import functools
+import json
 import os
 import time
 from typing import Any
+from typing import cast
 
 import jax
 import numpy as np
@@ -33,7 +42,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from jaxckpt import _compat
-from jaxckpt._staging import Packed
+from jaxckpt._integrity import crc32
 from jaxckpt._store import write_json
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import array_nbytes
@@ -53,6 +62,11 @@ TARGET_DATA_FILE_SIZE = 16 << 20
 # commit, committed as soon as its arrays are opened: the disk starts on the
 # first batch while Python still opens the rest (benchmarks/throughput.py).
 COMMIT_BYTES = 16 << 20
+# One-chunk arrays up to this size are written as OCDBT keys (see above): up to
+# here their two copies (into the key's value, and TensorStore's) cost less than
+# the zarr driver's open; larger arrays keep the driver's zero-copy write (at
+# 4 MiB the copies made 64-array saves slower, benchmarks/leaves.py).
+DIRECT_BYTES = 256 << 10
 _CONTEXT = {
   "file_io_concurrency": {"limit": 128},
   "cache_pool#ocdbt": {"total_bytes_limit": 100_000_000},
@@ -69,8 +83,6 @@ def _plain(dtype) -> bool:
 
 
 def _kind(value: Any) -> str | None:
-  if isinstance(value, Packed):  # A jax.Array's snapshot (see _staging.py).
-    return "jax.Array"
   if isinstance(value, jax.Array):
     return None if 0 in value.shape or not _plain(value.dtype) else "jax.Array"
   if isinstance(value, np.ndarray) and is_numeric_dtype(value.dtype) and 0 not in value.shape:
@@ -92,15 +104,13 @@ def writes_all(leaves: list[Leaf]) -> bool:
 _WRITE_SHAPES: dict[tuple[Any, ...], tuple[int, ...]] = {}
 
 
-def _write_shape(value: jax.Array | Packed) -> tuple[int, ...]:
+def _write_shape(value: jax.Array) -> tuple[int, ...]:
   """Orbax's chunk grid: the shard shape, split among replicas where Orbax's
   replica-parallel saving would split it (its own function decides).
 
   Cached by (shape, dtype, sharding), all it depends on in one process: Orbax's
   function costs ~0.12 ms per array (30 ms of a 256-array save).
   """
-  if isinstance(value, Packed):  # One device, one replica: the whole array.
-    return tuple(value.shape)
   key = (value.shape, value.dtype, value.sharding)
   shape = _WRITE_SHAPES.get(key)
   if shape is None:
@@ -133,29 +143,28 @@ class Pending:
   state_dir: str
   futures: list[Any]
   commits: list[Any]  # The transactions' commit futures.
-  tree_metadata: dict[str, Any]
+  tree_metadata: list[str]  # JSON "key": value members (see `_Metadata`).
   shardings: dict[str, str]
-  array_metadatas: list[dict[str, Any]]
+  array_metadatas: list[str]  # JSON objects.
   started_ns: int
+  # CRC-32s of the arrays written as OCDBT keys, from the bytes written: the
+  # save's checksums need not convert those arrays again.
+  checksums: dict[str, int] = dataclasses.field(default_factory=dict)
 
   def wait(self) -> None:
     # The metadata files first, while the data is still being written.
-    write_json(
+    _write_text(
       os.path.join(self.state_dir, "_METADATA"),
-      {
-        "tree_metadata": self.tree_metadata,
-        "use_ocdbt": True,
-        "use_zarr3": False,
-        "store_array_data_equal_to_fill_value": True,
-        "custom_metadata": None,
-      },
+      '{"tree_metadata": {' + ", ".join(self.tree_metadata) + '}, "use_ocdbt": true, '
+      '"use_zarr3": false, "store_array_data_equal_to_fill_value": true, '
+      '"custom_metadata": null}',
     )
     if self.shardings:
       write_json(os.path.join(self.state_dir, "_sharding"), self.shardings)
     if self.array_metadatas:
-      write_json(
+      _write_text(
         os.path.join(self.state_dir, "array_metadatas", "process_0"),
-        {"array_metadatas": self.array_metadatas},
+        '{"array_metadatas": [' + ", ".join(self.array_metadatas) + "]}",
       )
     for future in self.futures + self.commits:
       future.result()
@@ -187,45 +196,135 @@ def _open_database(state_dir: str, context: ts.Context) -> ts.KvStore:
   ).result()
 
 
+def _write_text(path: str, text: str) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "w") as f:  # fsynced by the commit.
+    f.write(text)
+
+
 @dataclasses.dataclass
 class _Metadata:
-  """Orbax's metadata files of one item, filled array by array."""
+  """Orbax's metadata files of one item, filled array by array: the per-array
+  parts of ``_METADATA`` and ``array_metadatas`` as JSON text, from fragments
+  encoded once per signature (`_Spec`); encoding them as one object per array
+  cost a tenth of a save of thousands of small arrays."""
 
-  tree: dict[str, Any] = dataclasses.field(default_factory=dict)
+  tree: list[str] = dataclasses.field(default_factory=list)
   shardings: dict[str, str] = dataclasses.field(default_factory=dict)
-  arrays: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+  arrays: list[str] = dataclasses.field(default_factory=list)
 
 
-def _array(
-  key: str, value: Any, meta: dict[str, Any], metadata: _Metadata, chunk_byte_size: int | None
-) -> tuple[np.dtype, tuple, tuple, list, int]:
-  """(dtype, shape, chunks, pieces, nbytes) of one value; records its metadata."""
-  if meta["value_type"] != "jax.Array":
-    array = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
-    return array.dtype, array.shape, array.shape, [((), array)], array.nbytes
-  write_shape = _write_shape(value)
-  chunks = write_shape
-  if chunk_byte_size is not None:
-    chunks = _compat.choose_chunk_shape(value.shape, write_shape, value.dtype, chunk_byte_size)
-  meta["write_shape"] = list(write_shape)
-  serialized = _serialized_sharding(value.sharding)
-  if serialized is not None:
-    metadata.shardings[base64.b64encode(key.encode()).decode()] = serialized
-  metadata.arrays.append(
-    {
-      "array_metadata": {
-        "param_name": key,
-        "write_shape": list(write_shape),
-        "chunk_shape": list(chunks),
-        "ext_metadata": None,
-      }
-    }
+@dataclasses.dataclass(frozen=True)
+class _Spec:
+  """What an array's signature (kind, shape, dtype, sharding) decides: all of its
+  metadata but its name, built once per signature (a model's thousands of
+  leaves have a few dozen)."""
+
+  meta: str  # Orbax's value_metadata, JSON.
+  dtype: np.dtype
+  shape: tuple[int, ...]
+  chunks: tuple[int, ...]
+  nbytes: int
+  whole: bool  # One piece: the whole array (one device, or host data).
+  array_metadata: str | None  # Orbax's array_metadata after param_name, JSON.
+  sharding: str | None  # Orbax's _sharding entry.
+  zarray: bytes | None  # Written as OCDBT keys with this .zarray (see the module docstring).
+  chunk_key: str
+
+
+_SPECS: dict[tuple, _Spec] = {}
+_json_str = json.encoder.encode_basestring_ascii  # A str as JSON, in C (json.dumps: 3x slower).
+
+
+def _spec(value: Any, kind: str, chunk_byte_size: int | None) -> _Spec:
+  """``value``'s `_Spec` (a jax.Array, or a C-ordered numpy array)."""
+  sharding = value.sharding if kind == "jax.Array" else None
+  key = (kind, value.shape, value.dtype, sharding, chunk_byte_size)
+  spec = _SPECS.get(key)
+  if spec is None:
+    if len(_SPECS) > 4096:
+      _SPECS.clear()
+    spec = _SPECS[key] = _new_spec(value, kind, chunk_byte_size)
+  return spec
+
+
+def _new_spec(value: Any, kind: str, chunk_byte_size: int | None) -> _Spec:
+  dtype, shape = np.dtype(value.dtype), tuple(value.shape)
+  meta: dict[str, Any] = {"value_type": kind, "skip_deserialize": False}
+  chunks, whole, array_metadata, serialized = shape, True, None, None
+  if kind == "jax.Array":
+    write_shape = _write_shape(value)
+    chunks = write_shape
+    if chunk_byte_size is not None:
+      chunks = _compat.choose_chunk_shape(value.shape, write_shape, value.dtype, chunk_byte_size)
+    chunks = tuple(chunks)
+    meta["write_shape"] = list(write_shape)
+    array_metadata = json.dumps(
+      {"write_shape": list(write_shape), "chunk_shape": list(chunks), "ext_metadata": None}
+    )[1:]
+    serialized = _serialized_sharding(value.sharding)
+    whole = len(value.sharding.device_set) == 1  # Skips building Shard objects.
+  nbytes = array_nbytes(value) if kind == "jax.Array" else value.nbytes
+  # (Native byte order: the zarr driver would store other orders as native.)
+  direct = whole and chunks == shape and nbytes <= DIRECT_BYTES and dtype.isnative
+  return _Spec(
+    json.dumps(meta),
+    dtype,
+    shape,
+    chunks,
+    nbytes,
+    whole,
+    array_metadata,
+    serialized,
+    _zarray(dtype, shape) if direct else None,
+    ".".join("0" * len(shape)) or "0",
   )
-  if len(value.sharding.device_set) == 1:  # Whole: skips building Shard objects.
-    pieces = [((), value)]
-  else:
-    pieces = [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
-  return np.dtype(value.dtype), tuple(value.shape), tuple(chunks), pieces, array_nbytes(value)
+
+
+def _zarray(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
+  """The ``.zarray`` TensorStore's zarr driver writes for a one-chunk array."""
+  zarr_dtype = "bfloat16" if dtype.name == "bfloat16" else dtype.str
+  return (
+    f'{{"chunks":{list(shape)},"compressor":null,"dimension_separator":".",'
+    f'"dtype":"{zarr_dtype}","fill_value":null,"filters":null,"order":"C",'
+    f'"shape":{list(shape)},"zarr_format":2}}'
+  ).encode()
+
+
+def _record(key: str, parts: list[str], spec: _Spec, metadata: _Metadata) -> None:
+  keys = ", ".join(f'{{"key": {_json_str(p)}, "key_type": 2}}' for p in parts)
+  metadata.tree.append(
+    f'{_json_str(str(tuple(parts)))}: {{"key_metadata": [{keys}], "value_metadata": {spec.meta}}}'
+  )
+  if spec.sharding is not None:
+    metadata.shardings[base64.b64encode(key.encode()).decode()] = spec.sharding
+  if spec.array_metadata is not None:
+    metadata.arrays.append(
+      f'{{"array_metadata": {{"param_name": {_json_str(key)}, {spec.array_metadata}}}'
+    )
+
+
+def _pieces(value: Any, spec: _Spec) -> list[tuple[Any, Any]]:
+  if spec.whole:
+    return [((), value)]
+  return [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
+
+
+def _open_array(kvstore: ts.KvStore, spec: _Spec, context: ts.Context, txn: ts.Transaction):
+  """Opens (creates) a zarr v2 array in ``txn`` through TensorStore's driver."""
+  metadata = {
+    "shape": list(spec.shape),
+    "chunks": list(spec.chunks),
+    "compressor": None,
+    "dimension_separator": ".",
+  }
+  return ts.open(
+    {"driver": "zarr", "dtype": spec.dtype.name, "metadata": metadata},
+    kvstore=kvstore,
+    create=True,
+    context=context,
+    transaction=txn,
+  )
 
 
 def start(
@@ -236,54 +335,62 @@ def start(
   os.makedirs(state_dir)
   context = ts.Context(_CONTEXT)  # One context: one OCDBT writer for all arrays.
   kvstore = _open_database(state_dir, context)
-  batch = _Batch()
+  batch = _Batch(kvstore)
   futures: list[Any] = []
   commits: list[Any] = []
   metadata = _Metadata()
+  checksums: dict[str, int] = {}
   for name, value in snapshot.items():
     parts = name.split("/")
     key = ".".join(parts)
-    meta: dict[str, Any] = {"value_type": _kind(value), "skip_deserialize": False}
-    dtype, shape, chunks, pieces, nbytes = _array(key, value, meta, metadata, chunk_byte_size)
-    metadata.tree[str(tuple(parts))] = {
-      "key_metadata": [{"key": p, "key_type": 2} for p in parts],
-      "value_metadata": meta,
-    }
-    spec = {
-      "driver": "zarr",
-      "dtype": dtype.name,
-      "metadata": {
-        "shape": list(shape),
-        "chunks": list(chunks),
-        "compressor": None,
-        "dimension_separator": ".",
-      },
-    }
-    opening = ts.open(
-      spec, kvstore=kvstore / f"{key}/", create=True, context=context, transaction=batch.txn
-    )
-    batch.add(opening, pieces, nbytes)
+    kind = cast(str, _kind(value))
+    if kind != "jax.Array":
+      value = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
+    spec = _spec(value, kind, chunk_byte_size)
+    _record(key, parts, spec, metadata)
+    if spec.zarray is not None:
+      checksums[name] = batch.put(f"{key}/", spec, np.asarray(value))
+    else:
+      batch.add(_open_array(kvstore / f"{key}/", spec, context, batch.txn), _pieces(value, spec))
     if batch.nbytes >= COMMIT_BYTES:
       batch.commit(futures, commits)
-      batch = _Batch()
-  if batch.opens:
+      batch = _Batch(kvstore)
+  if batch.nbytes or batch.opens:
     batch.commit(futures, commits)
   return Pending(
-    state_dir, futures, commits, metadata.tree, metadata.shardings, metadata.arrays, started_ns
+    state_dir,
+    futures,
+    commits,
+    metadata.tree,
+    metadata.shardings,
+    metadata.arrays,
+    started_ns,
+    checksums,
   )
 
 
 class _Batch:
   """Arrays written in one TensorStore transaction: one OCDBT commit."""
 
-  def __init__(self):
+  def __init__(self, kvstore: ts.KvStore):
     self.txn = ts.Transaction()
+    self.kv = kvstore.with_transaction(self.txn)
     self.opens: list[tuple[Any, list]] = []
     self.nbytes = 0
 
-  def add(self, opening, pieces, nbytes: int) -> None:
+  def put(self, prefix: str, spec: _Spec, array: np.ndarray) -> int:
+    """Writes a one-chunk array as the keys the zarr driver writes; returns the
+    CRC-32 of its bytes. The writes' futures resolve with the commit, whose own
+    future reports any failure."""
+    data = array.tobytes()
+    self.kv.write(prefix + ".zarray", cast(bytes, spec.zarray))
+    self.kv.write(prefix + spec.chunk_key, data)
+    self.nbytes += spec.nbytes
+    return crc32(data)
+
+  def add(self, opening, pieces: list[tuple[Any, Any]]) -> None:
     self.opens.append((opening, pieces))
-    self.nbytes += nbytes
+    self.nbytes += sum(array_nbytes(data) for _, data in pieces)
 
   def commit(self, futures: list, commits: list) -> None:
     for opening, pieces in self.opens:

@@ -27,9 +27,9 @@ import numpy as np
 from jaxckpt._errors import CorruptCheckpointError
 
 try:
-  from isal.isal_zlib import crc32 as _crc32
+  from isal.isal_zlib import crc32
 except ImportError:  # A platform without isal wheels: the same CRC, slower.
-  from zlib import crc32 as _crc32
+  from zlib import crc32
 
 
 def host_bytes(value: Any, dtype: np.dtype | None = None) -> memoryview | None:
@@ -49,7 +49,7 @@ def checksum(value: Any, dtype: np.dtype | None = None) -> int | None: ...
 def checksum(value: Any, dtype: np.dtype | None = None) -> int | None:
   """CRC-32 of `host_bytes`; None only for arrays this process cannot see all of."""
   data = host_bytes(value, dtype)
-  return None if data is None else _crc32(data)
+  return None if data is None else crc32(data)
 
 
 def verify_all(path: str, entries: list[tuple[str, Any, np.dtype, int | None]]) -> None:

@@ -3,8 +3,8 @@
 A plan is built on the caller's thread from the tracked leaves, the options and
 the path, before anything is copied or written: where the checkpoint goes (the
 `Store`), how its arrays are laid out (the `Layout`), who writes them (the fast
-TensorStore writer or Orbax), whether small arrays are packed into staging
-buffers, whether leaves may be reused (incremental), whether one process does
+TensorStore writer or Orbax), how many bytes of staging buffers the snapshot
+may keep for the next save, whether leaves may be reused (incremental), whether one process does
 all file I/O (``experimental_io_device`` under ``jax.distributed``) and how the
 processes coordinate. Later stages execute the plan and never decide again.
 """
@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from jaxckpt import _fastwrite
+from jaxckpt import _staging
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import TreeError
 from jaxckpt._layout import Layout
@@ -57,7 +58,7 @@ class SavePlan:
   store: Store
   layout: Layout
   writer: str  # FAST or ORBAX (the Orbax PyTree layout); FAST for zarr3.
-  pack: bool  # Small arrays packed into shared staging buffers (_staging.py).
+  keep_staging_bytes: int  # Staging buffers kept for the next save (_staging.py).
   background: bool
   io_device: jax.Device | None
   routed: bool  # One process gathers everything and does all file I/O (_routed.py).
@@ -158,7 +159,11 @@ def plan_save(
     store=store,
     layout=layout,
     writer=FAST if fast or not layout.has_fast_writer else ORBAX,
-    pack=fast and not routed,
+    keep_staging_bytes=(
+      _staging.default_keep_bytes()
+      if options.keep_staging_bytes is None
+      else options.keep_staging_bytes
+    ),
     background=options.enable_async,
     io_device=io_device,
     routed=routed,

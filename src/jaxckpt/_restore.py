@@ -204,11 +204,11 @@ def read_leaves(
         verify_shards(path, name, value, sums)
   if reader.host_only:
     return raw
-  return {
-    **without_data(manifest, leaves),
-    **placed,
-    **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted},
-  }
+  out = {**without_data(manifest, leaves), **placed, **_placed_together(wanted, raw)}
+  out.update(
+    (leaf.name, as_tracked_type(leaf, raw[leaf.name])) for leaf in wanted if leaf.name in raw
+  )
+  return out
 
 
 def stored_arrays(manifest: Manifest, leaves: list[Leaf]) -> list[Leaf]:
@@ -229,6 +229,31 @@ def without_data(manifest: Manifest, leaves: list[Leaf]) -> dict[str, Any]:
       out[leaf.name] = as_tracked_type(
         leaf, np.zeros(info.shape, stored_dtype(manifest, leaf.name))
       )
+  return out
+
+
+def _placed_together(wanted: list[Leaf], raw: dict[str, Any]) -> dict[str, Any]:
+  """`as_tracked_type` in one batched ``jax.device_put`` for the numpy arrays
+  that only need placing, as committed or uncommitted jax.Arrays (one call per
+  array costs ~50 µs: most of a restore of thousands of small arrays). Takes
+  them out of ``raw``."""
+  committed, uncommitted = [], []
+  for leaf in wanted:
+    value = raw[leaf.name]
+    if not isinstance(value, np.ndarray) or value.dtype != leaf.dtype:
+      continue
+    if is_uncommitted(leaf):
+      uncommitted.append(leaf)
+    elif isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)):
+      committed.append(leaf)
+  out: dict[str, Any] = {}
+  if uncommitted:
+    arrays = jax.device_put([raw.pop(leaf.name) for leaf in uncommitted])
+    out.update((leaf.name, a) for leaf, a in zip(uncommitted, arrays, strict=True))
+  if committed:
+    targets = [target_sharding(leaf) for leaf in committed]
+    arrays = jax.device_put([raw.pop(leaf.name) for leaf in committed], targets)
+    out.update((leaf.name, a) for leaf, a in zip(committed, arrays, strict=True))
   return out
 
 

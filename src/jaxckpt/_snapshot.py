@@ -4,15 +4,17 @@ An async save must not read the caller's arrays after ``save`` returns: the next
 training step may donate (free) or overwrite them. So the snapshot makes the
 save own its data, without waiting for anything:
 
-* ``jax.Array`` leaves: one batched copy to the same sharding in the
-  ``pinned_host`` memory kind (``jax.device_put(..., may_alias=False)``, or the
-  batched C++ copy underneath it, see _compat.py). It enqueues the device→host
+* ``jax.Array`` leaves: one batched copy to the same sharding, in the
+  ``pinned_host`` memory kind on GPU/TPU (``jax.device_put(..., may_alias=False)``,
+  or the batched C++ copy underneath it, see _compat.py). It enqueues the device→host
   copies and returns: it waits neither for the step that produces the arrays
   nor for the copies, and the runtime orders a later donation after the copies'
   reads. On GPU/TPU this is the DMA into host RAM that Orbax does synchronously
   inside ``save``; on CPU it is a memcpy. Arrays spread over several processes
   are copied shard by shard (`_copy_global`). On CPU, async saves of a
-  `Checkpoint` copy into reused staging buffers instead (see _staging.py).
+  `Checkpoint` copy arrays of 32 MiB and more into staging buffers instead
+  (see _staging.py), which ``keep_staging_bytes`` may keep for the next save.
+  Nothing on this path compiles.
 * numpy leaves are mutable host memory: copied now (the only blocking copy).
 * Python scalars are immutable: kept as they are.
 
@@ -97,9 +99,13 @@ def _has_host_memory(device: jax.Device) -> bool:
 
 @functools.lru_cache(maxsize=1024)  # Shardings are hashable; a model has few distinct ones.
 def _host_sharding(sharding: jax.sharding.Sharding) -> jax.sharding.Sharding:
-  if all(_has_host_memory(d) for d in sharding.device_set):
-    return sharding.with_memory_kind(_HOST)
-  return sharding
+  devices = sharding.device_set
+  # On CPU the device memory is host memory, and a copy into it is issued without
+  # waiting, where XLA:CPU copies into pinned_host on the calling thread.
+  on_cpu = all(d.platform == "cpu" for d in devices)  # type: ignore[attr-defined]
+  if on_cpu or not all(_has_host_memory(d) for d in devices):
+    return sharding
+  return sharding.with_memory_kind(_HOST)
 
 
 def take_snapshot(
@@ -108,11 +114,11 @@ def take_snapshot(
   copy: bool,
   io_device: jax.Device | None,
   pool: StagingPool | None = None,
-  pack: bool = False,
+  keep_bytes: int = 0,
 ) -> tuple[dict[str, object], list]:
   """Returns ``{name: value}`` safe to write after the caller moves on, and the
-  staging sets to give back to ``pool`` once the save is done (may be empty).
-  ``pack``: small arrays may come back as `_staging.Packed` (see there)."""
+  staging sets to give back to ``pool`` once the save is done (may be empty;
+  ``keep_bytes``: see `StagingPool.copy`)."""
   out: dict[str, object] = {}
   staged: list = []
   jax_leaves = []
@@ -132,7 +138,8 @@ def take_snapshot(
     else:
       copies: list = [None] * len(jax_values)
       if pool is not None:
-        copies, staged = pool.copy(jax_values, [leaf.nbytes for leaf in jax_leaves], pack=pack)
+        nbytes = [leaf.nbytes for leaf in jax_leaves]
+        copies, staged = pool.copy(jax_values, nbytes, keep_bytes=keep_bytes)
       rest = [i for i, c in enumerate(copies) if c is None]
       if rest:
         others = [jax_values[i] for i in rest]

@@ -1,11 +1,18 @@
-"""Staging buffers: host memory an async save's snapshot is copied into, reused
-by the next save of the same arrays instead of freshly allocated (CPU backend).
+"""Staging buffers: host memory an async save's snapshot is copied into, on
+the CPU backend; kept for the next save of the same arrays only as far as
+``CheckpointOptions.keep_staging_bytes`` allows (by default an eighth of the
+machine's physical memory).
 
 On CPU the snapshot is a memcpy, and what it costs is fresh memory: glibc
 ``mmap``s every block over 32 MiB and unmaps it when freed, so each save's
-copies would page-fault their whole size in again, on XLA's threads, while the
-training step wants the cores. Here one jitted copy writes into the previous
-save's donated buffers. Two XLA details make it work, and each alone defeats it:
+copies page-fault their whole size in again, on XLA's threads, while the
+training step wants the cores. Kept buffers avoid that, at the price of holding
+them between saves. A first copy is JAX's batched copy to the same sharding
+(issued, not waited for; nothing to compile). A copy into kept buffers is a
+jitted copy that takes them donated, compiled when the buffers are kept (on the
+save thread, before the save's future resolves), so no save compiles on its
+blocking path. Two XLA details make the donated copy work, and each alone
+defeats it:
 
 * ``keep_unused=True``: the copy never reads the donated buffers, and without
   it JAX drops unused arguments, donation included.
@@ -18,14 +25,10 @@ arrays, and a later step that donates them is ordered after the copy's reads. A
 buffer still referenced elsewhere when it is donated again is not donated: XLA
 allocates new memory, so reuse can only be lost, never corrupt data.
 
-Small arrays (under `MIN_BYTES`, one device, numeric; when the plan sends the
-save to the fast writer) are *packed*: the same jitted call concatenates them,
-per dtype, into one staging buffer, and each becomes a `Packed` slice of it,
-since issuing a copy costs per output buffer, not per byte. Packed slices stay
-numpy views; the fast writer records them as the jax.Arrays they were.
-benchmarks/async_save.py and benchmarks/tpu_idle.py measure both.
-
-GPU/TPU keep `_snapshot`'s copy into pinned host memory: that is a DMA.
+Arrays under `MIN_BYTES` keep `_snapshot`'s batched copy: glibc serves them
+from its heap, so fresh memory costs them little. GPU/TPU keep `_snapshot`'s
+copy into pinned host memory: that is a DMA. benchmarks/leaves.py measures
+both policies (``jaxckpt`` and ``jaxckpt-keep``).
 """
 
 from __future__ import annotations
@@ -33,9 +36,10 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
-import math
+import os
 import threading
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -43,93 +47,28 @@ import numpy as np
 
 from jaxckpt import _compat
 from jaxckpt._tree import array_nbytes
-from jaxckpt._tree import is_numeric_dtype
 
 # Over XLA:CPU's 1000-flop "cheap" threshold (see above), at 16 KiB per device.
 _BALLAST_ELEMENTS = 4096
 
-# Smaller arrays are packed (`copy(..., pack=True)`) or else keep `_snapshot`'s
-# batched copy: glibc serves blocks under 32 MiB from its heap, which keeps much
-# of that memory mapped, and per array the jitted copy's dispatch costs more.
+# Smaller arrays keep `_snapshot`'s batched copy (see above).
 MIN_BYTES = 32 << 20
 
 
-def _copies(values: list[jax.Array], packs: list[list[jax.Array]], ballast: jax.Array):
-  """Copies of ``values``, and each pack of small arrays concatenated, flat."""
-  return (
-    [jnp.copy(v) for v in values],
-    [jnp.concatenate([v.ravel() for v in pack]) for pack in packs],
-    jnp.sum(ballast * ballast),
-  )
+def default_keep_bytes() -> int:
+  """``CheckpointOptions.keep_staging_bytes=None``: an eighth of physical memory."""
+  try:
+    return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 8
+  except (ValueError, OSError, AttributeError):  # Not POSIX: as if 8 GiB.
+    return 1 << 30
 
 
-_copy_fresh = jax.jit(_copies)
-_copy_into = jax.jit(
-  lambda staging, values, packs, ballast: _copies(values, packs, ballast),
-  donate_argnums=0,
-  keep_unused=True,
-)
+def _copies(staging: list[jax.Array], values: list[jax.Array], ballast: jax.Array):
+  """Copies of ``values`` (into the donated ``staging``, same shapes)."""
+  return [jnp.copy(v) for v in values], jnp.sum(ballast * ballast)
 
 
-class _Buffer:
-  """A pack's staging buffer, read on the host once (by the save's writer)."""
-
-  def __init__(self, array: jax.Array):
-    self.array = array
-    self._host: np.ndarray | None = None
-    self._lock = threading.Lock()
-
-  def host(self) -> np.ndarray:
-    with self._lock:  # The writer and the checksums may ask at once.
-      if self._host is None:
-        self._host = np.asarray(self.array)  # Waits for the copy; no copy itself.
-      return self._host
-
-
-class Packed:
-  """A small array's snapshot: a slice of the staging buffer it shares with the
-  other small arrays of its dtype (see above).
-
-  Reads as a numpy array (``np.asarray`` waits until the copy is done); keeps
-  the saved array's ``shape``, ``dtype`` and ``sharding`` so that the writer
-  records it as the jax.Array it was.
-  """
-
-  __slots__ = ("_buffer", "_start", "shape", "dtype", "sharding")
-  is_fully_addressable = True
-
-  def __init__(
-    self,
-    buffer: _Buffer,
-    start: int,
-    shape: tuple[int, ...],
-    dtype: np.dtype,
-    sharding: jax.sharding.Sharding,
-  ):
-    self._buffer, self._start = buffer, start
-    self.shape, self.dtype, self.sharding = shape, dtype, sharding
-
-  @property
-  def size(self) -> int:
-    return math.prod(self.shape)
-
-  @property
-  def ndim(self) -> int:
-    return len(self.shape)
-
-  @property
-  def nbytes(self) -> int:
-    return self.size * self.dtype.itemsize
-
-  def __array__(self, dtype=None, copy=None):
-    array = self._buffer.host()[self._start : self._start + self.size].reshape(self.shape)
-    if dtype is not None and np.dtype(dtype) != array.dtype:
-      return array.astype(dtype)
-    return array.copy() if copy else array
-
-  def __repr__(self) -> str:
-    return f"Packed(shape={self.shape}, dtype={self.dtype})"
-
+_copy_into = jax.jit(_copies, donate_argnums=0, keep_unused=True)
 
 _BALLASTS: dict[tuple[jax.Device, ...], jax.Array] = {}
 
@@ -165,65 +104,33 @@ def _stageable(value: jax.Array) -> bool:
   )
 
 
-def _packable(value: jax.Array) -> bool:
-  """One device (a concatenation of sharded arrays would gather them), numeric
-  (what the fast writer takes), not empty."""
-  return (
-    len(value.sharding.device_set) == 1 and is_numeric_dtype(value.dtype) and 0 not in value.shape
-  )
-
-
 @dataclasses.dataclass(frozen=True)
 class _Group:
   """Arrays one jitted copy takes: jit wants a single device assignment."""
 
-  indices: tuple[int, ...]  # Copied one by one.
-  packs: tuple[tuple[int, ...], ...]  # Concatenated: one tuple per dtype.
-  # Per pack, per array: (start in the buffer, shape, dtype, sharding).
-  slices: tuple[tuple[tuple[int, tuple[int, ...], np.dtype, jax.sharding.Sharding], ...], ...]
+  indices: tuple[int, ...]
   key: tuple  # Shapes, dtypes and layouts: which idle buffers fit.
   ballast: jax.Array
 
 
-def _plan(values: list[jax.Array], small: list[bool]) -> tuple[_Group, ...]:
-  """``small[i]``: pack ``values[i]`` if it can be."""
-  by_devices: dict[tuple[jax.Device, ...], tuple[list[int], dict]] = {}
+def _plan(values: list[jax.Array]) -> tuple[_Group, ...]:
+  by_devices: dict[tuple[jax.Device, ...], list[int]] = {}
   for i, v in enumerate(values):
     devices = _compat.device_assignment(v.sharding) if _stageable(v) else None
     if devices is not None:
-      copied, packs = by_devices.setdefault(devices, ([], {}))
-      if small[i] and _packable(v):
-        packs.setdefault(np.dtype(v.dtype), []).append(i)
-      elif not small[i]:
-        copied.append(i)
-  groups = []
-  for devices, (copied, packs) in by_devices.items():
-    if not copied and not packs:
-      continue
-    key = (devices,) + tuple(
-      (values[i].shape, values[i].dtype, _layout(values[i].sharding, values[i].ndim))
-      for i in copied
+      by_devices.setdefault(devices, []).append(i)
+  return tuple(
+    _Group(
+      tuple(copied),
+      (devices,)
+      + tuple(
+        (values[i].shape, values[i].dtype, _layout(values[i].sharding, values[i].ndim))
+        for i in copied
+      ),
+      _ballast(devices),
     )
-    key += tuple((tuple(values[i].shape for i in pack), dtype) for dtype, pack in packs.items())
-    slices = []
-    for pack in packs.values():
-      starts = np.cumsum([0] + [math.prod(values[i].shape) for i in pack]).tolist()
-      slices.append(
-        tuple(
-          (start, values[i].shape, np.dtype(values[i].dtype), values[i].sharding)
-          for start, i in zip(starts, pack, strict=False)
-        )
-      )
-    groups.append(
-      _Group(
-        tuple(copied),
-        tuple(tuple(p) for p in packs.values()),
-        tuple(slices),
-        key,
-        _ballast(devices),
-      )
-    )
-  return tuple(groups)
+    for devices, copied in by_devices.items()
+  )
 
 
 class StagingPool:
@@ -231,15 +138,17 @@ class StagingPool:
 
   `copy` copies arrays into an idle set of buffers of the same shapes, dtypes
   and layouts (donated to the copy) or, without one, into new memory;
-  `give_back` returns a set once its save has committed. At most ``max_idle``
-  sets are kept (least recently returned dropped first), and none longer than
-  ``idle_s`` without use (`drop_stale`).
+  `give_back` returns a set once its save has committed, and keeps it only
+  within the ``keep_bytes`` given to `copy` (the save's
+  ``CheckpointOptions.keep_staging_bytes``): at most ``max_idle`` sets (least
+  recently returned dropped first), none longer than ``idle_s`` without use
+  (`drop_stale`).
 
   Examples:
     >>> import jax.numpy as jnp
     >>> from jaxckpt._staging import StagingPool
     >>> pool = StagingPool(min_bytes=0)  # Default: arrays of 32 MiB and more.
-    >>> first, sets = pool.copy([jnp.ones(4)])
+    >>> first, sets = pool.copy([jnp.ones(4)], keep_bytes=1 << 20)
     >>> pool.give_back(sets)
     >>> second, _ = pool.copy([jnp.zeros(4)])  # Written into first's buffers.
     >>> second[0].tolist(), first[0].is_deleted()
@@ -255,72 +164,80 @@ class StagingPool:
     self._idle: collections.OrderedDict[tuple, tuple[list[jax.Array], float]] = (
       collections.OrderedDict()
     )
-    # Plans by (shape, dtype, sharding, small) of the values: on save()'s blocking
-    # path a lookup costs a fraction of the checks and grouping.
+    # Plans by (shape, dtype, sharding) of the values: on save()'s blocking path
+    # a lookup costs a fraction of the checks and grouping.
     self._plans: dict[tuple, tuple[_Group, ...]] = {}
+    # The donated copy per group key, compiled by `give_back` (off save()'s path).
+    self._compiled: dict[tuple, Any] = {}
     self.reused = 0  # Copies that went into staging buffers (for tests, benchmarks).
 
   def copy(
-    self, values: list[jax.Array], nbytes: list[int] | None = None, *, pack: bool = False
-  ) -> tuple[list[jax.Array | Packed | None], list[tuple]]:
+    self, values: list[jax.Array], nbytes: list[int] | None = None, *, keep_bytes: int = 0
+  ) -> tuple[list[jax.Array | None], list[tuple]]:
     """Copies of ``values`` (of ``nbytes`` each, if the caller knows), issued, not
-    waited for, and the sets of buffers they are in, for `give_back`. None for
-    values it does not take (not on CPU, not fully addressable, PRNG keys; and
-    those under ``min_bytes``, unless ``pack``): copy those another way.
-
-    With ``pack``, arrays under ``min_bytes`` on one device come back as `Packed`
-    slices of shared buffers: only for the fast writer, which reads them."""
-    out: list[jax.Array | Packed | None] = [None] * len(values)
+    waited for, and the sets of buffers they are in, for `give_back` (none with
+    ``keep_bytes=0``: nothing will be kept). None for values it does not take
+    (not on CPU, not fully addressable, PRNG keys, under ``min_bytes``): copy
+    those another way."""
+    out: list[jax.Array | None] = [None] * len(values)
     if nbytes is None:
       nbytes = [array_nbytes(v) for v in values]
-    small = [n < self._min_bytes for n in nbytes]
-    if pack:
-      taken = list(range(len(values)))
-    else:
-      # Size first: most arrays of most states are small.
-      taken = [i for i, s in enumerate(small) if not s]
-      if not taken:
-        return out, []
-      values, small = [values[i] for i in taken], [small[i] for i in taken]
-    signature = tuple((v.shape, v.dtype, v.sharding, s) for v, s in zip(values, small, strict=True))
+    taken = [i for i, n in enumerate(nbytes) if n >= self._min_bytes]  # Most arrays are small.
+    if not taken:
+      return out, []
+    values = [values[i] for i in taken]
+    signature = tuple((v.shape, v.dtype, v.sharding) for v in values)
     plan = self._plans.get(signature)
     if plan is None:
       if len(self._plans) > 64:
         self._plans.clear()
-      plan = self._plans[signature] = _plan(values, small)
+      plan = self._plans[signature] = _plan(values)
     sets = []
     for group in plan:
       arrays = [values[i] for i in group.indices]
-      packs = [[values[i] for i in p] for p in group.packs]
       with self._lock:
         entry = self._idle.pop(group.key, None)
-      if entry is not None:
-        n = len(group.indices)
-        copies, flats, _ = _copy_into((entry[0][:n], entry[0][n:]), arrays, packs, group.ballast)
-        self.reused += 1
-      else:
-        copies, flats, _ = _copy_fresh(arrays, packs, group.ballast)
+        compiled = self._compiled.get(group.key)
+      copies = None
+      if entry is not None and compiled is not None:
+        try:
+          copies, _ = compiled(entry[0], arrays, group.ballast)
+          self.reused += 1
+        except (TypeError, ValueError):  # Shardings it refuses (before running): not reused.
+          with self._lock:
+            self._compiled.pop(group.key, None)
+      if copies is None:  # JAX's batched copy: nothing to compile.
+        copies = _compat.copy_in_place(arrays, [a.sharding for a in arrays])
       for i, c in zip(group.indices, copies, strict=True):
         out[taken[i]] = c
-      for indices, slices, flat in zip(group.packs, group.slices, flats, strict=True):
-        buffer = _Buffer(flat)
-        for i, (start, shape, dtype, sharding) in zip(indices, slices, strict=True):
-          out[taken[i]] = Packed(buffer, start, shape, dtype, sharding)
-      sets.append((group.key, copies + flats))
+      if keep_bytes > 0:
+        sets.append((group, copies, keep_bytes))
     return out, sets
 
   def give_back(self, sets: list[tuple]) -> None:
     """Takes back the sets `copy` returned, once their save has finished;
-    nothing may read those copies afterwards."""
+    nothing may read those copies afterwards. Keeps them (newest first) within
+    their ``keep_bytes`` and compiles their donated copy; frees the rest."""
     now = time.monotonic()
-    with self._lock:
-      for key, group in sets:
-        if any(c.is_deleted() for c in group):
-          continue
-        self._idle.pop(key, None)
-        self._idle[key] = (group, now)
-        while len(self._idle) > self._max_idle:
+    for group, buffers, keep_bytes in sets:
+      if any(c.is_deleted() for c in buffers):
+        continue
+      size = sum(c.nbytes for c in buffers)
+      if size > keep_bytes:
+        continue
+      with self._lock:
+        self._idle.pop(group.key, None)
+        self._idle[group.key] = (buffers, now)
+        while len(self._idle) > self._max_idle or self._held() > keep_bytes:
           self._idle.popitem(last=False)
+        known = group.key in self._compiled
+      if not known:
+        avals = [jax.ShapeDtypeStruct(c.shape, c.dtype, sharding=c.sharding) for c in buffers]
+        compiled = _copy_into.lower(avals, avals, group.ballast).compile()
+        with self._lock:
+          if len(self._compiled) > 64:
+            self._compiled.clear()
+          self._compiled[group.key] = compiled
 
   def drop_stale(self) -> float | None:
     """Frees sets idle for ``idle_s``; returns seconds until the next would be, or None."""
@@ -332,7 +249,10 @@ class StagingPool:
         return None
       return min(self._idle_s - (now - t) for _, t in self._idle.values())
 
+  def _held(self) -> int:
+    return sum(c.nbytes for buffers, _ in self._idle.values() for c in buffers)
+
   @property
   def idle_bytes(self) -> int:
     with self._lock:
-      return sum(c.nbytes for buffers, _ in self._idle.values() for c in buffers)
+      return self._held()
