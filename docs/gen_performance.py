@@ -202,12 +202,64 @@ def multiprocess(result: dict) -> str:
   )
 
 
+def leaves(result: dict) -> str:
+  peers = [p for p in ("jaxckpt", "safetensors", "raw", "orbax") if p in result["config"]["peers"]]
+
+  def cell(entry: dict, peer: str, op: str, key: str) -> str:
+    value = entry["peers"].get(peer, {}).get(op, {}).get(key)
+    return "–" if value is None else f"{value:.3f}"
+
+  rows = []
+  for entry in result["leaf_sweep"]:
+    st = entry["peers"].get("safetensors", {}).get("save", {}).get("durable_s")
+    ours = entry["peers"]["jaxckpt"]["save"]["durable_s"]
+    raw = entry["peers"].get("raw", {}).get("restore", {}).get("s")
+    restore = entry["peers"]["jaxckpt"]["restore"]["s"]
+    rows.append(
+      [f"{entry['leaves']}", f"{entry['leaf_bytes'] / 2**10:.0f} KiB"]
+      + [cell(entry, p, "save", "durable_s") for p in peers]
+      + [f"{ours / st:.2f}×" if st else "–"]
+      + [cell(entry, p, "restore", "s") for p in peers]
+      + [f"{restore / raw:.2f}×" if raw else "–"]
+    )
+  headers = (
+    ["leaves", "each"]
+    + [f"{p} save (s)" for p in peers]
+    + ["jaxckpt / safetensors"]
+    + [f"{p} restore (s)" for p in peers]
+    + ["jaxckpt / raw read"]
+  )
+  first = [
+    [
+      f"`{f['peer']}`",
+      f"{f['leaves']}",
+      f"{f['first']['blocked_s']:.3f}",
+      f"{f['second']['blocked_s']:.3f}",
+      f"{f['first'].get('compiles', '–')}",
+    ]
+    for f in result.get("first_save", [])
+  ]
+  return (
+    "## Many leaves\n\n"
+    f"{result['config']['total_mib']} MiB of {result['config']['dtype']} split into more and "
+    "more arrays, one process; saves are durable (fsynced) commits, restores read from a cold "
+    "page cache and are checked bit for bit. `safetensors` is a synchronous `save_file` plus "
+    "fsync, `raw` one file written and fsynced (and read back).\n\n"
+    f"{_table(headers, rows)}\n\n"
+    "First and second save in a fresh process (seconds the caller is blocked; XLA compiles during "
+    "the first):\n\n"
+    f"{_table(['peer', 'leaves', 'first save blocked (s)', 'second (s)', 'compiles'], first)}"
+    f"\n\n{_provenance(result)}\n"
+  )
+
+
 SECTIONS: dict[str, Callable[[dict], str]] = {
   "async_save": async_save,
   "tpu_idle": tpu_idle,
   "throughput": throughput,
   "incremental": incremental,
   "multiprocess": multiprocess,
+  "leaves": leaves,
 }
 
 

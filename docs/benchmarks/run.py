@@ -30,6 +30,20 @@ RUNS = {
   "incremental": ["--size-mib", "256", "--repeats", "3"],
   "multiprocess": ["--size-mib", "64", "--repeats", "2"],
   "tpu_idle": ["--steps", "60", "--repeats", "2"],
+  "leaves": [
+    "--total-mib",
+    "256",
+    "--leaves",
+    "4",
+    "64",
+    "1024",
+    "8192",
+    "--sizes-mib",
+    "--first-save-leaves",
+    "8192",
+    "--repeats",
+    "2",
+  ],
 }
 
 
