@@ -63,6 +63,11 @@ class CorruptCheckpointError(JaxckptError, ValueError):
   """Array data failed its checksum or could not be decoded; names the array."""
 
 
+class UnsupportedTensorError(JaxckptError, TypeError):
+  """A TF checkpoint holds a tensor jaxckpt cannot represent (a variant, resource
+  or quantized dtype), or was written big-endian."""
+
+
 class SaveError(JaxckptError, RuntimeError):
   """A save or write failed; for async saves, raised at the next call."""
 
