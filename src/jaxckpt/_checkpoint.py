@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -40,6 +41,8 @@ from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import write_state
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
+from jaxckpt._tfcheckpoint import find_tf_checkpoint
+from jaxckpt._tfcheckpoint import restore_tf
 from jaxckpt._tree import flatten_items
 
 logger = logging.getLogger("jaxckpt")
@@ -201,7 +204,11 @@ class Checkpoint:
   # -- restoring -----------------------------------------------------------
 
   def restore(
-    self, save_path: str | os.PathLike | None, options: CheckpointOptions | None = None
+    self,
+    save_path: str | os.PathLike | None,
+    options: CheckpointOptions | None = None,
+    *,
+    name_map: Callable[[str], str | None] | None = None,
   ) -> LoadStatus:
     """Restores tracked items and `save_counter` from a checkpoint.
 
@@ -209,22 +216,60 @@ class Checkpoint:
     `latest_checkpoint` on a fresh directory) restores nothing and returns a
     status whose assertions fail, as in TF.
 
+    ``save_path`` may also be a TensorFlow checkpoint (``ckpt-3`` with its
+    ``ckpt-3.index``, or a directory with TF's ``checkpoint`` state file):
+    TF's ``net/l1/kernel/.ATTRIBUTES/VARIABLE_VALUE`` restores the leaf
+    ``net/l1/kernel``, the slot ``net/l1/kernel/.OPTIMIZER_SLOT/optimizer/m/...``
+    restores ``optimizer/m/net/l1/kernel``, and ``save_counter`` the counter
+    (``jaxckpt.load_checkpoint(path).tracked_names()`` lists them all).
+
+    Args:
+      save_path: a checkpoint path, or None.
+      options: a `CheckpointOptions`, or None for the defaults.
+      name_map: TF checkpoints only: called with each default name, returns
+        the tracked leaf name to restore that value into, or None to leave it
+        out (it is then reported as unused). For a Keras 2 model's
+        ``save_weights`` in a tracked item ``model`` with a ``layers`` list::
+
+          name_map=lambda n: "model/" + n.replace("layer_with_weights-", "layers/")
+
+        restores ``layer_with_weights-1/kernel`` into ``model/layers/1/kernel``.
+
     Raises:
       CheckpointNotFoundError: nothing at ``save_path`` (a FileNotFoundError).
       ShapeMismatchError: a tracked value's shape differs (a ValueError);
         nothing is restored.
+      CorruptCheckpointError: a TF checkpoint's files are damaged.
+
+    Example:
+      >>> import jaxckpt, jax.numpy as jnp
+      >>> ckpt = jaxckpt.Checkpoint(net={"l1": {"kernel": jnp.zeros((1, 5)),
+      ...                                       "bias": jnp.zeros(5)}})
+      >>> status = ckpt.restore("tests/fixtures/tf/guide")  # doctest: +SKIP
+      >>> status.assert_existing_objects_matched()  # doctest: +SKIP
+      LoadStatus(...)
     """
     with self._lock:
-      return self._restore(save_path, _check_options(options), restore_counter=True)
+      return self._restore(
+        save_path, _check_options(options), restore_counter=True, name_map=name_map
+      )
 
   def read(
-    self, save_path: str | os.PathLike, options: CheckpointOptions | None = None
+    self,
+    save_path: str | os.PathLike,
+    options: CheckpointOptions | None = None,
+    *,
+    name_map: Callable[[str], str | None] | None = None,
   ) -> LoadStatus:
     """Like `restore`, for checkpoints made by `write`: leaves `save_counter` alone."""
     with self._lock:
-      return self._restore(save_path, _check_options(options), restore_counter=False)
+      return self._restore(
+        save_path, _check_options(options), restore_counter=False, name_map=name_map
+      )
 
-  def _restore(self, save_path, options: CheckpointOptions, *, restore_counter: bool) -> LoadStatus:
+  def _restore(
+    self, save_path, options: CheckpointOptions, *, restore_counter: bool, name_map=None
+  ) -> LoadStatus:
     io_device = resolve_io_device(options.experimental_io_device)
     # Numbered before anything that may fail on one process only (see save_checkpoint).
     coordination = begin("restore", options.timeout_s, io_device=io_device)
@@ -238,15 +283,27 @@ class Checkpoint:
     self._saver.wait()
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
-    path, manifest, restored = restore_leaves(plan, flat)
-    if path is None or manifest is None:
-      return InitializationOnlyStatus({leaf.name for leaf in flat})
+    tf_prefix = find_tf_checkpoint(plan.path)
+    if tf_prefix is not None:  # A TensorFlow checkpoint (_tfcheckpoint.py).
+      if coordination is not None:
+        coordination.agree("path", repr(plan.path))
+      restored, names, counter = restore_tf(tf_prefix, flat, name_map)
+      path: str | None = tf_prefix
+    else:
+      if name_map is not None:
+        raise InvalidOptionsError(
+          f"name_map applies to TensorFlow checkpoints; {plan.path!r} is not one."
+        )
+      path, manifest, restored = restore_leaves(plan, flat)
+      if path is None or manifest is None:
+        return InitializationOnlyStatus({leaf.name for leaf in flat})
+      names, counter = set(manifest.leaves), manifest.save_counter
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
         self._items[item.name] = item.rebuild(restored)
-    if restore_counter:
-      object.__setattr__(self, "_save_counter", manifest.save_counter)
-    return LoadStatus(path, {leaf.name for leaf in flat}, set(manifest.leaves))
+    if restore_counter and counter is not None:
+      object.__setattr__(self, "_save_counter", counter)
+    return LoadStatus(path, {leaf.name for leaf in flat}, names)
 
 
 def save_checkpoint(

@@ -17,6 +17,8 @@ from jaxckpt._restore import read_leaves
 from jaxckpt._state_file import latest_checkpoint
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
+from jaxckpt._tfcheckpoint import TFCheckpointReader
+from jaxckpt._tfcheckpoint import find_tf_checkpoint
 from jaxckpt._tree import Leaf
 
 
@@ -85,8 +87,16 @@ class CheckpointReader:
     return read_leaves(self.path, self._manifest, [template])[name]
 
 
-def load_checkpoint(dir_or_path) -> CheckpointReader:
-  """Returns a `CheckpointReader` for a checkpoint, or a directory's latest one."""
+def load_checkpoint(dir_or_path) -> CheckpointReader | TFCheckpointReader:
+  """Returns a `CheckpointReader` for a checkpoint, or a directory's latest one.
+
+  A TensorFlow checkpoint (a prefix with its ``.index`` file, or a directory
+  with TF's ``checkpoint`` state file) gives a `TFCheckpointReader`, with TF's
+  names and values; TensorFlow need not be installed.
+  """
+  tf_prefix = find_tf_checkpoint(dir_or_path)
+  if tf_prefix is not None:
+    return TFCheckpointReader(tf_prefix)
   return CheckpointReader(_resolve(dir_or_path))
 
 

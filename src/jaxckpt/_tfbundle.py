@@ -106,27 +106,6 @@ _MESSAGES = {
     ("crc32c", 6, _FIELD.TYPE_FIXED32, None, False, None),
     ("slices", 7, _FIELD.TYPE_MESSAGE, "TensorSliceProto", True, None),
   ],
-  # trackable_object_graph.proto (the _CHECKPOINTABLE_OBJECT_GRAPH tensor; see _tfcheckpoint.py).
-  "ObjectReference": [
-    ("node_id", 1, _FIELD.TYPE_INT32, None, False, None),
-    ("local_name", 2, _FIELD.TYPE_STRING, None, False, None),
-  ],
-  "SerializedTensor": [
-    ("name", 1, _FIELD.TYPE_STRING, None, False, None),
-    ("full_name", 2, _FIELD.TYPE_STRING, None, False, None),
-    ("checkpoint_key", 3, _FIELD.TYPE_STRING, None, False, None),
-  ],
-  "SlotVariableReference": [
-    ("original_variable_node_id", 1, _FIELD.TYPE_INT32, None, False, None),
-    ("slot_name", 2, _FIELD.TYPE_STRING, None, False, None),
-    ("slot_variable_node_id", 3, _FIELD.TYPE_INT32, None, False, None),
-  ],
-  "TrackableObject": [
-    ("children", 1, _FIELD.TYPE_MESSAGE, "ObjectReference", True, None),
-    ("attributes", 2, _FIELD.TYPE_MESSAGE, "SerializedTensor", True, None),
-    ("slot_variables", 3, _FIELD.TYPE_MESSAGE, "SlotVariableReference", True, None),
-  ],
-  "TrackableObjectGraph": [("nodes", 1, _FIELD.TYPE_MESSAGE, "TrackableObject", True, None)],
 }
 _PACKAGE = "jaxckpt.tf"
 
