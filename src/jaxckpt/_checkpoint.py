@@ -242,12 +242,17 @@ class Checkpoint:
       CorruptCheckpointError: a TF checkpoint's files are damaged.
 
     Example:
+      A JAX port of TF's "Training checkpoints" guide, restoring the guide's
+      checkpoint (one of jaxckpt's test fixtures)::
+
       >>> import jaxckpt, jax.numpy as jnp
-      >>> ckpt = jaxckpt.Checkpoint(net={"l1": {"kernel": jnp.zeros((1, 5)),
-      ...                                       "bias": jnp.zeros(5)}})
-      >>> status = ckpt.restore("tests/fixtures/tf/guide")  # doctest: +SKIP
-      >>> status.assert_existing_objects_matched()  # doctest: +SKIP
-      LoadStatus(...)
+      >>> net = {"l1": {"kernel": jnp.zeros((1, 5)), "bias": jnp.zeros(5)}}
+      >>> ckpt = jaxckpt.Checkpoint(step=jnp.array(0, jnp.int32), net=net)
+      >>> status = ckpt.restore("tests/fixtures/tf/guide")
+      >>> status.assert_existing_objects_matched().expect_partial()
+      LoadStatus('tests/fixtures/tf/guide/ckpt-3', matched=3, missing=0, unused=10)
+      >>> int(ckpt.step), ckpt.save_counter
+      (4, 3)
     """
     with self._lock:
       return self._restore(
@@ -288,7 +293,7 @@ class Checkpoint:
       if coordination is not None:
         coordination.agree("path", repr(plan.path))
       restored, names, counter = restore_tf(tf_prefix, flat, name_map)
-      path: str | None = tf_prefix
+      source = tf_prefix
     else:
       if name_map is not None:
         raise InvalidOptionsError(
@@ -297,13 +302,13 @@ class Checkpoint:
       path, manifest, restored = restore_leaves(plan, flat)
       if path is None or manifest is None:
         return InitializationOnlyStatus({leaf.name for leaf in flat})
-      names, counter = set(manifest.leaves), manifest.save_counter
+      source, names, counter = path, set(manifest.leaves), manifest.save_counter
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
         self._items[item.name] = item.rebuild(restored)
     if restore_counter and counter is not None:
       object.__setattr__(self, "_save_counter", counter)
-    return LoadStatus(path, {leaf.name for leaf in flat}, names)
+    return LoadStatus(source, {leaf.name for leaf in flat}, names)
 
 
 def save_checkpoint(

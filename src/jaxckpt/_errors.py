@@ -103,5 +103,10 @@ class _ArrayReadError(JaxckptError):
     self.name = name
 
 
+class _TableDamage(JaxckptError):
+  """A TF checkpoint's index table is damaged (see _tfbundle.py); `read_table`
+  turns it into a `CorruptCheckpointError` naming the file."""
+
+
 class _FastReadUnsupported(JaxckptError):
   """This array is not for the fast read path (see _fastread.py); Orbax reads it."""

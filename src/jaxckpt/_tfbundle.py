@@ -37,6 +37,7 @@ from google.protobuf import message_factory
 
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import UnsupportedTensorError
+from jaxckpt._errors import _TableDamage
 
 INDEX_SUFFIX = ".index"
 _TABLE_MAGIC = 0xDB4775248B80FB57
@@ -81,7 +82,7 @@ def numpy_dtype(dtype: int) -> np.dtype:
 # -- protobuf messages, built at run time (TF's .proto files are not shipped in a package) --
 
 _FIELD = descriptor_pb2.FieldDescriptorProto
-_MESSAGES = {
+_MESSAGES: dict[str, list[tuple[str, int, int, str | None, bool, int | None]]] = {
   # name: [(field, number, type, message type or None, repeated, oneof index or None)]
   "Dim": [("size", 1, _FIELD.TYPE_INT64, None, False, None)],
   "TensorShapeProto": [
@@ -146,11 +147,11 @@ def unmask(masked: int) -> int:
 
 
 def _varint(data: bytes, pos: int, limit: int) -> tuple[int, int]:
-  """A LevelDB/protobuf varint at ``pos``; (value, next position). IndexError if cut off."""
+  """A LevelDB/protobuf varint at ``pos``; (value, next position). _TableDamage if cut off."""
   value = shift = 0
   while True:
     if pos >= limit or shift > 63:
-      raise IndexError("varint runs past its block")
+      raise _TableDamage("a varint runs past its block")
     byte = data[pos]
     value |= (byte & 0x7F) << shift
     pos += 1
@@ -159,43 +160,36 @@ def _varint(data: bytes, pos: int, limit: int) -> tuple[int, int]:
     shift += 7
 
 
-class _IndexDamage(Exception):
-  """Raised inside table parsing; `read_table` turns it into a CorruptCheckpointError."""
-
-
 def _block(data: bytes, offset: int, size: int) -> bytes:
   if offset < 0 or size < 0 or offset + size + _TRAILER_SIZE > len(data):
-    raise _IndexDamage(f"a block at {offset} (+{size} bytes) lies past the end of the file")
+    raise _TableDamage(f"a block at {offset} (+{size} bytes) lies past the end of the file")
   contents = data[offset : offset + size + 1]
   (stored,) = struct.unpack_from("<I", data, offset + size + 1)
   if google_crc32c.value(contents) != unmask(stored):
-    raise _IndexDamage(f"the block at byte {offset} fails its CRC-32C")
+    raise _TableDamage(f"the block at byte {offset} fails its CRC-32C")
   if contents[-1] != 0:  # TF writes bundles uncompressed (tensor_bundle.cc).
-    raise _IndexDamage(f"the block at byte {offset} is compressed (type {contents[-1]})")
+    raise _TableDamage(f"the block at byte {offset} is compressed (type {contents[-1]})")
   return contents[:-1]
 
 
 def _block_entries(block: bytes) -> list[tuple[bytes, bytes]]:
   if len(block) < 4:
-    raise _IndexDamage("a block is shorter than its restart count")
+    raise _TableDamage("a block is shorter than its restart count")
   (restarts,) = struct.unpack_from("<I", block, len(block) - 4)
   limit = len(block) - 4 - 4 * restarts
   if limit < 0:
-    raise _IndexDamage("a block's restart array is longer than the block")
+    raise _TableDamage("a block's restart array is longer than the block")
   entries, key, pos = [], b"", 0
-  try:
-    while pos < limit:
-      shared, pos = _varint(block, pos, limit)
-      unshared, pos = _varint(block, pos, limit)
-      value_size, pos = _varint(block, pos, limit)
-      if shared > len(key) or pos + unshared + value_size > limit:
-        raise _IndexDamage("an entry runs past its block")
-      key = key[:shared] + block[pos : pos + unshared]
-      pos += unshared
-      entries.append((key, block[pos : pos + value_size]))
-      pos += value_size
-  except IndexError as e:
-    raise _IndexDamage(str(e))
+  while pos < limit:
+    shared, pos = _varint(block, pos, limit)
+    unshared, pos = _varint(block, pos, limit)
+    value_size, pos = _varint(block, pos, limit)
+    if shared > len(key) or pos + unshared + value_size > limit:
+      raise _TableDamage("an entry runs past its block")
+    key = key[:shared] + block[pos : pos + unshared]
+    pos += unshared
+    entries.append((key, block[pos : pos + value_size]))
+    pos += value_size
   return entries
 
 
@@ -205,29 +199,26 @@ def read_table(path: str) -> list[tuple[bytes, bytes]]:
   Raises:
     CorruptCheckpointError: the file is truncated, fails a block CRC or is no table.
   """
-  data = read_file(path)
+  try:
+    data = read_file(path)
+  except OSError as e:
+    raise CorruptCheckpointError(f"TF checkpoint index {path!r} cannot be read ({e}).")
   try:
     if len(data) < _FOOTER_SIZE:
-      raise _IndexDamage(f"{len(data)} bytes, shorter than a table footer ({_FOOTER_SIZE})")
+      raise _TableDamage(f"{len(data)} bytes, shorter than a table footer ({_FOOTER_SIZE})")
     footer = len(data) - _FOOTER_SIZE
     if struct.unpack_from("<Q", data, len(data) - 8)[0] != _TABLE_MAGIC:
-      raise _IndexDamage("no table magic number at its end (truncated, or not an index file)")
-    try:
-      _, pos = _varint(data, footer, footer + 40)  # The metaindex block: TF's is empty.
-      _, pos = _varint(data, pos, footer + 40)
-      index_offset, pos = _varint(data, pos, footer + 40)
-      index_size, _ = _varint(data, pos, footer + 40)
-    except IndexError:
-      raise _IndexDamage("its footer holds no valid block handles")
+      raise _TableDamage("no table magic number at its end (truncated, or not an index file)")
+    _, pos = _varint(data, footer, footer + 40)  # The metaindex block: TF's is empty.
+    _, pos = _varint(data, pos, footer + 40)
+    index_offset, pos = _varint(data, pos, footer + 40)
+    index_size, _ = _varint(data, pos, footer + 40)
     entries = []
     for _, handle in _block_entries(_block(data, index_offset, index_size)):
-      try:
-        offset, pos = _varint(handle, 0, len(handle))
-        size, _ = _varint(handle, pos, len(handle))
-      except IndexError:
-        raise _IndexDamage("its index block holds a bad block handle")
+      offset, pos = _varint(handle, 0, len(handle))
+      size, _ = _varint(handle, pos, len(handle))
       entries.extend(_block_entries(_block(data, offset, size)))
-  except _IndexDamage as e:
+  except _TableDamage as e:
     raise CorruptCheckpointError(f"TF checkpoint index {path!r} is damaged: {e}.")
   return entries
 
@@ -374,9 +365,6 @@ class Bundle:
       return self._assemble(entry)
     return self._read_entry(name, entry)
 
-  def _damaged(self, name: str, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(f"Tensor {name!r} of TF checkpoint {self.prefix!r}: {what}.")
-
   def _read_entry(self, name: str, entry: Entry) -> np.ndarray:
     if entry.dtype != DT_STRING and entry.dtype not in _DTYPES:
       raise UnsupportedTensorError(
@@ -384,21 +372,23 @@ class Bundle:
         "which jaxckpt cannot read (TF's own reader returns none either for variants)."
       )
     if not 0 <= entry.shard_id < self.num_shards:
-      raise self._damaged(name, f"shard {entry.shard_id} of {self.num_shards} does not exist")
+      raise _damaged(
+        self.prefix, name, f"shard {entry.shard_id} of {self.num_shards} does not exist"
+      )
     count = math.prod(entry.shape)
     if entry.dtype != DT_STRING and entry.size != count * _DTYPES[entry.dtype].itemsize:
-      raise self._damaged(name, f"{entry.size} bytes stored for shape {entry.shape}")
+      raise _damaged(self.prefix, name, f"{entry.size} bytes stored for shape {entry.shape}")
     path = self.data_file(entry.shard_id)
     try:
       data = read_file(path, entry.offset, entry.size)
     except OSError as e:
-      raise self._damaged(name, f"its data file {path!r} cannot be read ({e})")
+      raise _damaged(self.prefix, name, f"its data file {path!r} cannot be read ({e})")
     if len(data) != entry.size:
-      raise self._damaged(name, f"{path!r} ends {entry.size - len(data)} bytes short")
+      raise _damaged(self.prefix, name, f"{path!r} ends {entry.size - len(data)} bytes short")
     if entry.dtype == DT_STRING:
       return self._strings(name, entry, data, count)
     if google_crc32c.value(data) != unmask(entry.crc32c):
-      raise self._damaged(name, f"its {entry.size} bytes in {path!r} fail their CRC-32C")
+      raise _damaged(self.prefix, name, f"its {entry.size} bytes in {path!r} fail their CRC-32C")
     return np.frombuffer(data, _DTYPES[entry.dtype]).reshape(entry.shape).copy()
 
   def _strings(self, name: str, entry: Entry, data: bytes, count: int) -> np.ndarray:
@@ -410,13 +400,13 @@ class Bundle:
         length, pos = _varint(data, pos, len(data))
         lengths.append(length)
         crc = google_crc32c.extend(crc, struct.pack("<I" if length <= 0xFFFFFFFF else "<Q", length))
-    except IndexError:
-      raise self._damaged(name, "its string lengths run past its data")
+    except _TableDamage:
+      raise _damaged(self.prefix, name, "its string lengths run past its data")
     if pos + 4 + sum(lengths) != len(data):
-      raise self._damaged(name, "its string lengths do not add up to its stored size")
+      raise _damaged(self.prefix, name, "its string lengths do not add up to its stored size")
     (length_crc,) = struct.unpack_from("<I", data, pos)
     if unmask(length_crc) != crc:
-      raise self._damaged(name, "its string lengths fail their CRC-32C")
+      raise _damaged(self.prefix, name, "its string lengths fail their CRC-32C")
     crc = google_crc32c.extend(crc, data[pos : pos + 4])
     pos += 4
     out = np.empty(count, dtype=object)
@@ -425,7 +415,7 @@ class Bundle:
       pos += length
     crc = google_crc32c.extend(crc, data[pos - sum(lengths) : pos])
     if crc != unmask(entry.crc32c):
-      raise self._damaged(name, "its strings fail their CRC-32C")
+      raise _damaged(self.prefix, name, "its strings fail their CRC-32C")
     return out.reshape(entry.shape)
 
   def _assemble(self, entry: Entry) -> np.ndarray:
@@ -434,7 +424,9 @@ class Bundle:
     covered = np.zeros(entry.shape, dtype=bool)
     for extents in entry.slices:
       if len(extents) != len(entry.shape):
-        raise self._damaged(entry.key, f"slice {extents} does not match shape {entry.shape}")
+        raise _damaged(
+          self.prefix, entry.key, f"slice {extents} does not match shape {entry.shape}"
+        )
       index = tuple(
         slice(None) if length == -1 else slice(start, start + length) for start, length in extents
       )
@@ -442,15 +434,19 @@ class Bundle:
       key = slice_key(entry.key, extents)
       raw = self._raw.get(key)
       if raw is None:
-        raise self._damaged(entry.key, f"its slice {_spec(extents)} is not in the index")
+        raise _damaged(self.prefix, entry.key, f"its slice {_spec(extents)} is not in the index")
       part = _parse_entry(self.index, entry.key, raw)
       if part.shape != target or part.dtype != entry.dtype:
-        raise self._damaged(entry.key, f"slice {_spec(extents)} holds shape {part.shape}")
+        raise _damaged(self.prefix, entry.key, f"slice {_spec(extents)} holds shape {part.shape}")
       out[index] = self._read_entry(f"{entry.key}[{_spec(extents)}]", part)
       covered[index] = True
     if not covered.all():
-      raise self._damaged(entry.key, "its slices do not cover the whole tensor")
+      raise _damaged(self.prefix, entry.key, "its slices do not cover the whole tensor")
     return out
+
+
+def _damaged(prefix: str, name: str, what: str) -> CorruptCheckpointError:
+  return CorruptCheckpointError(f"Tensor {name!r} of TF checkpoint {prefix!r}: {what}.")
 
 
 def _spec(extents: tuple[tuple[int, int], ...]) -> str:

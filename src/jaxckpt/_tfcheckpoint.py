@@ -25,6 +25,7 @@ import numpy as np
 
 from jaxckpt import _knobs
 from jaxckpt._errors import CheckpointNotFoundError
+from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import NotACheckpointError
 from jaxckpt._errors import ShapeMismatchError
@@ -59,7 +60,7 @@ def _state_paths(directory: str) -> tuple[str | None, list[str]]:
   """(model_checkpoint_path, all_model_checkpoint_paths) of a TF state file, as written."""
   try:
     text = read_file(os.path.join(directory, _knobs.STATE_FILE_NAME)).decode(errors="replace")
-  except (OSError, NotACheckpointError):
+  except (OSError, CorruptCheckpointError):  # No state file, or not a regular file.
     return None, []
   latest, every = None, []
   for line in text.splitlines():
@@ -167,12 +168,17 @@ class TFCheckpointReader:
   arrays of ``bytes``, and for variants, which cannot be read).
 
   Example:
+    The checkpoint of TF's "Training checkpoints" guide (a jaxckpt test fixture):
+
     >>> import jaxckpt
-    >>> reader = jaxckpt.load_checkpoint("tests/fixtures/tf/guide")  # doctest: +SKIP
-    >>> reader.get_tensor("net/l1/kernel/.ATTRIBUTES/VARIABLE_VALUE").shape  # doctest: +SKIP
+    >>> reader = jaxckpt.load_checkpoint("tests/fixtures/tf/guide")
+    >>> reader.path, reader.save_counter
+    ('tests/fixtures/tf/guide/ckpt-3', 3)
+    >>> reader.get_tensor("net/l1/kernel/.ATTRIBUTES/VARIABLE_VALUE").shape
     (1, 5)
-    >>> reader.tracked_names()["net/l1/kernel/.ATTRIBUTES/VARIABLE_VALUE"]  # doctest: +SKIP
-    'net/l1/kernel'
+    >>> slot = "net/l1/kernel/.OPTIMIZER_SLOT/optimizer/m/.ATTRIBUTES/VARIABLE_VALUE"
+    >>> reader.tracked_names()[slot]
+    'optimizer/m/net/l1/kernel'
   """
 
   def __init__(self, prefix: str):
@@ -199,8 +205,9 @@ class TFCheckpointReader:
     """The index entry of tensor ``name`` (TF dtype, shape, shard, slices)."""
     entry = self.bundle.entries.get(name)
     if entry is None:
+      known = sorted(self.bundle.entries)[:10]
       raise VariableNotFoundError(
-        f"{name!r} is not in TF checkpoint {self.path!r}; it has {sorted(self.bundle.entries)[:10]}."
+        f"{name!r} is not in TF checkpoint {self.path!r}; it has {known}."
       )
     return entry
 
