@@ -432,3 +432,51 @@ def test_cli_inspect_of_a_damaged_index_exits_2(tmp_path, capsys):
   assert _cli.main(["ls", str(index.parent), "--json"]) == 0
   rows = json.loads(capsys.readouterr().out)["checkpoints"]
   assert [bool(r.get("error")) for r in rows] == [False, True]
+
+
+@pytest.mark.parametrize(
+  "extents, match",
+  [
+    (((0, 7), (1, -1)), "lies outside"),  # Length -1 (the whole dim) starts at 0.
+    (((5, 3), (0, 3)), "lies outside"),
+    (((0, 2),), "does not match shape"),
+  ],
+)
+def test_a_slice_outside_its_tensor_is_corrupt(tmp_path, extents, match):
+  directory = _copy(tmp_path, "partitioned")
+  prefix = directory / "model.ckpt"
+  entry = _tfbundle.proto("BundleEntryProto")()
+  entry.dtype, entry.shape.dim.add().size, entry.shape.dim.add().size = 1, 7, 3
+  extent = entry.slices.add()
+  for start, length in extents:
+    e = extent.extent.add(start=start)
+    if length != -1:
+      e.length = length
+  pairs = dict(_tfbundle.read_table(f"{prefix}.index"))
+  pairs[b"emb"] = entry.SerializeToString()
+  _write_index(f"{prefix}.index", sorted(pairs.items()))
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match=f"'emb'.*{match}"):
+    jaxckpt.load_checkpoint(prefix).get_tensor("emb")
+
+
+def test_a_huge_claimed_shape_is_corrupt_before_any_allocation(tmp_path):
+  directory = _copy(tmp_path, "guide")
+  _edit_entry(directory / "ckpt-3", KERNEL, size=2**62)
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match=f"'{KERNEL}'"):
+    jaxckpt.load_checkpoint(directory).get_tensor(KERNEL)
+  entry = _tfbundle.proto("BundleEntryProto")(dtype=1, size=2**42 * 4)
+  entry.shape.dim.add().size = 2**42
+  entry.slices.add().extent.add()
+  pairs = dict(_tfbundle.read_table(directory / "ckpt-3.index"))
+  pairs[KERNEL.encode()] = entry.SerializeToString()
+  pairs[_tfbundle.slice_key(KERNEL, ((0, -1),))] = entry.SerializeToString()
+  _write_index(directory / "ckpt-3.index", sorted(pairs.items()))
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match=f"'{KERNEL}"):
+    jaxckpt.load_checkpoint(directory).get_tensor(KERNEL)
+
+
+def test_a_directory_mixing_jaxckpt_and_tf_checkpoints(tmp_path):
+  directory = _copy(tmp_path, "guide")
+  saved = _guide_port().save(directory / "ckpt")  # jaxckpt's ckpt-1, now named by the state file.
+  assert jaxckpt.load_checkpoint(directory).path == saved
+  assert jaxckpt.load_checkpoint(directory / "ckpt-3").save_counter == 3

@@ -237,7 +237,8 @@ def read_file(path: str, offset: int = 0, size: int | None = None) -> bytes:
     info = os.fstat(fd)
     if not stat.S_ISREG(info.st_mode):
       raise CorruptCheckpointError(f"{path!r} is not a regular file.")
-    return os.pread(fd, info.st_size if size is None else size, offset)
+    available = max(0, info.st_size - offset)  # Never allocate what a bad entry claims.
+    return os.pread(fd, available if size is None else min(size, available), offset)
   finally:
     os.close(fd)
 
@@ -378,6 +379,8 @@ class Bundle:
     count = math.prod(entry.shape)
     if entry.dtype != DT_STRING and entry.size != count * _DTYPES[entry.dtype].itemsize:
       raise _damaged(self.prefix, name, f"{entry.size} bytes stored for shape {entry.shape}")
+    if entry.dtype == DT_STRING and entry.size < count + 4:  # A length byte each, and the CRC.
+      raise _damaged(self.prefix, name, f"{entry.size} bytes cannot hold {count} strings")
     path = self.data_file(entry.shard_id)
     try:
       data = read_file(path, entry.offset, entry.size)
@@ -419,30 +422,47 @@ class Bundle:
     return out.reshape(entry.shape)
 
   def _assemble(self, entry: Entry) -> np.ndarray:
-    """A partitioned tensor from its slices (TF's ``GetSliceValue`` for the full slice)."""
-    out = np.empty(entry.shape, numpy_dtype(entry.dtype))
-    covered = np.zeros(entry.shape, dtype=bool)
+    """A partitioned tensor from its slices (TF's ``GetSliceValue`` for the full slice).
+
+    The slices are read first: the whole tensor is allocated only once the data
+    on disk can fill it, whatever shape a damaged index claims.
+    """
+    parts = []
     for extents in entry.slices:
-      if len(extents) != len(entry.shape):
-        raise _damaged(
-          self.prefix, entry.key, f"slice {extents} does not match shape {entry.shape}"
-        )
-      index = tuple(
-        slice(None) if length == -1 else slice(start, start + length) for start, length in extents
-      )
-      target = covered[index].shape
-      key = slice_key(entry.key, extents)
-      raw = self._raw.get(key)
+      index = _slice_index(self.prefix, entry, extents)
+      raw = self._raw.get(slice_key(entry.key, extents))
       if raw is None:
         raise _damaged(self.prefix, entry.key, f"its slice {_spec(extents)} is not in the index")
       part = _parse_entry(self.index, entry.key, raw)
-      if part.shape != target or part.dtype != entry.dtype:
+      want = tuple(len(range(*s.indices(n))) for s, n in zip(index, entry.shape, strict=True))
+      if part.shape != want or part.dtype != entry.dtype:
         raise _damaged(self.prefix, entry.key, f"slice {_spec(extents)} holds shape {part.shape}")
-      out[index] = self._read_entry(f"{entry.key}[{_spec(extents)}]", part)
+      parts.append((index, self._read_entry(f"{entry.key}[{_spec(extents)}]", part)))
+    if sum(value.size for _, value in parts) < math.prod(entry.shape):
+      raise _damaged(self.prefix, entry.key, "its slices do not cover the whole tensor")
+    out = np.empty(entry.shape, numpy_dtype(entry.dtype))
+    covered = np.zeros(entry.shape, dtype=bool)
+    for index, value in parts:
+      out[index] = value
       covered[index] = True
     if not covered.all():
       raise _damaged(self.prefix, entry.key, "its slices do not cover the whole tensor")
     return out
+
+
+def _slice_index(prefix: str, entry: Entry, extents: tuple[tuple[int, int], ...]) -> tuple:
+  """The numpy index of one slice, checked to lie inside the tensor."""
+  if len(extents) != len(entry.shape):
+    raise _damaged(prefix, entry.key, f"slice {_spec(extents)} does not match shape {entry.shape}")
+  index = []
+  for (start, length), dim in zip(extents, entry.shape, strict=True):
+    if length == -1 and start == 0:
+      index.append(slice(None))
+    elif start >= 0 and length >= 0 and start + length <= dim:
+      index.append(slice(start, start + length))
+    else:
+      raise _damaged(prefix, entry.key, f"slice {_spec(extents)} lies outside {entry.shape}")
+  return tuple(index)
 
 
 def _damaged(prefix: str, name: str, what: str) -> CorruptCheckpointError:

@@ -114,6 +114,8 @@ def find_tf_checkpoint(dir_or_prefix: Any) -> str | None:
       "only checkpoints inside it. Pass the checkpoint's own path instead."
     )
   if not os.path.isfile(prefix + INDEX_SUFFIX):
+    if os.path.isdir(prefix):  # A jaxckpt checkpoint's directory, in a mixed directory.
+      return None
     raise CheckpointNotFoundError(
       f"The state file in {path!r} names TF checkpoint {latest!r}, which has no "
       f"{INDEX_SUFFIX} file."
