@@ -480,3 +480,22 @@ def test_a_directory_mixing_jaxckpt_and_tf_checkpoints(tmp_path):
   saved = _guide_port().save(directory / "ckpt")  # jaxckpt's ckpt-1, now named by the state file.
   assert jaxckpt.load_checkpoint(directory).path == saved
   assert jaxckpt.load_checkpoint(directory / "ckpt-3").save_counter == 3
+
+
+def test_cli_verify_checks_every_tf_tensor(tmp_path, capsys):
+  directory = _copy(tmp_path, "guide")
+  assert _cli.main(["verify", str(directory), "--json"]) == 0
+  result = json.loads(capsys.readouterr().out)
+  assert [os.path.basename(r["path"]) for r in result["checkpoints"]] == ["ckpt-2", "ckpt-3"]
+  statuses = result["checkpoints"][1]["arrays"]
+  assert statuses[KERNEL] == "ok" and statuses["iterator/.ATTRIBUTES/ITERATOR_STATE"].startswith(
+    "not checked"
+  )
+  data = directory / "ckpt-3.data-00000-of-00001"
+  raw = bytearray(data.read_bytes())
+  raw[jaxckpt.load_checkpoint(directory).entry(KERNEL).offset] ^= 0x01
+  data.write_bytes(bytes(raw))
+  assert _cli.main(["verify", str(directory / "ckpt-3")]) == 1
+  out = capsys.readouterr().out
+  assert f"CORRUPT {directory / 'ckpt-3'}" in out and f"{KERNEL}: Tensor" in out
+  assert "ITERATOR_STATE" not in out
