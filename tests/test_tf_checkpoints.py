@@ -499,3 +499,17 @@ def test_cli_verify_checks_every_tf_tensor(tmp_path, capsys):
   out = capsys.readouterr().out
   assert f"CORRUPT {directory / 'ckpt-3'}" in out and f"{KERNEL}: Tensor" in out
   assert "ITERATOR_STATE" not in out
+
+
+def test_a_keras3_guide_checkpoint_restores_with_a_name_map():
+  # Keras 3's Dense tracks its kernel as `_kernel`; its Adam keeps slots in `_variables`.
+  ckpt = _guide_port()
+  ckpt.restore(
+    FIXTURES / "guide_keras3", name_map=lambda n: n.replace("/_kernel", "/kernel")
+  ).assert_existing_objects_matched().expect_partial()
+  key = "net/l1/_kernel/.ATTRIBUTES/VARIABLE_VALUE"
+  assert np.asarray(ckpt.net["l1"]["kernel"]).tobytes() == (
+    _expected("guide_keras3/ckpt-3", key).tobytes()
+  )
+  names = jaxckpt.load_checkpoint(FIXTURES / "guide_keras3").tracked_names().values()
+  assert "optimizer/_variables/2" in names and ckpt.save_counter == 3
