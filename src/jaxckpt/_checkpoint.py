@@ -30,6 +30,7 @@ from jaxckpt._load_status import LoadStatus
 from jaxckpt._multihost import begin
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._plan import FAST
+from jaxckpt._plan import RestorePlan
 from jaxckpt._plan import SavePlan
 from jaxckpt._plan import SaveRequest
 from jaxckpt._plan import plan_restore
@@ -288,27 +289,37 @@ class Checkpoint:
     self._saver.wait()
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
-    tf_prefix = find_tf_checkpoint(plan.path)
-    if tf_prefix is not None:  # A TensorFlow checkpoint (_tfcheckpoint.py).
-      if coordination is not None:
-        coordination.agree("path", repr(plan.path))
-      restored, names, counter = restore_tf(tf_prefix, flat, name_map)
-      source = tf_prefix
-    else:
-      if name_map is not None:
-        raise InvalidOptionsError(
-          f"name_map applies to TensorFlow checkpoints; {plan.path!r} is not one."
-        )
-      path, manifest, restored = restore_leaves(plan, flat)
-      if path is None or manifest is None:
-        return InitializationOnlyStatus({leaf.name for leaf in flat})
-      source, names, counter = path, set(manifest.leaves), manifest.save_counter
+    read = _read(plan, flat, name_map)
+    if read is None:
+      return InitializationOnlyStatus({leaf.name for leaf in flat})
+    source, names, counter, restored = read
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
         self._items[item.name] = item.rebuild(restored)
     if restore_counter and counter is not None:
       object.__setattr__(self, "_save_counter", counter)
     return LoadStatus(source, {leaf.name for leaf in flat}, names)
+
+
+def _read(
+  plan: RestorePlan, flat: list, name_map
+) -> tuple[str, set[str], int | None, dict[str, Any]] | None:
+  """(checkpoint path, names it holds, its save_counter, {leaf name: value}) for a
+  jaxckpt or TensorFlow checkpoint; None for a plan that restores nothing."""
+  tf_prefix = find_tf_checkpoint(plan.path)
+  if tf_prefix is not None:  # A TensorFlow checkpoint (_tfcheckpoint.py).
+    if plan.coordination is not None:
+      plan.coordination.agree("path", repr(plan.path))
+    restored, names, counter = restore_tf(tf_prefix, flat, name_map)
+    return tf_prefix, names, counter, restored
+  if name_map is not None:
+    raise InvalidOptionsError(
+      f"name_map applies to TensorFlow checkpoints; {plan.path!r} is not one."
+    )
+  path, manifest, restored = restore_leaves(plan, flat)
+  if path is None or manifest is None:
+    return None
+  return path, set(manifest.leaves), manifest.save_counter, restored
 
 
 def save_checkpoint(
