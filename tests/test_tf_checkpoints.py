@@ -513,3 +513,16 @@ def test_a_keras3_guide_checkpoint_restores_with_a_name_map():
   )
   names = jaxckpt.load_checkpoint(FIXTURES / "guide_keras3").tracked_names().values()
   assert "optimizer/_variables/2" in names and ckpt.save_counter == 3
+
+
+def test_latest_checkpoint_of_a_tf_directory_is_tfs_latest(tmp_path):
+  # The guide's own restore line: ckpt.restore(manager.latest_checkpoint).
+  assert jaxckpt.latest_checkpoint(FIXTURES / "guide") == str(FIXTURES / "guide" / "ckpt-3")
+  assert jaxckpt.latest_checkpoint(FIXTURES / "guide" / "ckpt-3") is None  # A prefix, no directory.
+  assert jaxckpt.latest_checkpoint(FIXTURES / "dtypes") is None  # No state file.
+  ckpt = _guide_port()
+  ckpt.restore(jaxckpt.latest_checkpoint(FIXTURES / "guide")).assert_existing_objects_matched()
+  assert ckpt.save_counter == 3
+  directory = _copy(tmp_path, "guide")
+  (directory / "ckpt-3.index").unlink()
+  assert jaxckpt.latest_checkpoint(directory) is None
