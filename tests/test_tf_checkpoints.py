@@ -526,3 +526,13 @@ def test_latest_checkpoint_of_a_tf_directory_is_tfs_latest(tmp_path):
   directory = _copy(tmp_path, "guide")
   (directory / "ckpt-3.index").unlink()
   assert jaxckpt.latest_checkpoint(directory) is None
+
+
+def test_values_read_for_numpy_are_writable():
+  reader = jaxckpt.load_checkpoint(FIXTURES / "guide")
+  assert reader.get_tensor(KERNEL).flags.writeable
+  assert not reader.get_tensor(KERNEL, copy=False).flags.writeable  # Over the bytes read.
+  ckpt = jaxckpt.Checkpoint(net={"l1": {"kernel": np.zeros((1, 5), np.float32)}})
+  ckpt.restore(FIXTURES / "guide").expect_partial()
+  ckpt.net["l1"]["kernel"][0, 0] = 1.0  # A numpy leaf stays a writable numpy array.
+  assert ckpt.net["l1"]["kernel"][0, 0] == 1.0

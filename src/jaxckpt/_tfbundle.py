@@ -353,8 +353,11 @@ class Bundle:
   def data_file(self, shard_id: int) -> str:
     return f"{self.prefix}.data-{shard_id:05d}-of-{self.num_shards:05d}"
 
-  def read(self, name: str) -> np.ndarray:
+  def read(self, name: str, copy: bool = True) -> np.ndarray:
     """The value of tensor ``name``, checked against its CRC-32C(s).
+
+    ``copy=False`` may return a read-only array over the bytes read (one copy
+    fewer, for values that are copied onto devices anyway).
 
     Raises:
       KeyError: no such tensor. CorruptCheckpointError: its data is missing,
@@ -364,7 +367,8 @@ class Bundle:
     entry = self.entries[name]
     if entry.slices:
       return self._assemble(entry)
-    return self._read_entry(name, entry)
+    value = self._read_entry(name, entry)
+    return value.copy() if copy and not value.flags.writeable else value
 
   def _read_entry(self, name: str, entry: Entry) -> np.ndarray:
     if entry.dtype != DT_STRING and entry.dtype not in _DTYPES:
@@ -392,7 +396,8 @@ class Bundle:
       return self._strings(name, entry, data, count)
     if google_crc32c.value(data) != unmask(entry.crc32c):
       raise _damaged(self.prefix, name, f"its {entry.size} bytes in {path!r} fail their CRC-32C")
-    return np.frombuffer(data, _DTYPES[entry.dtype]).reshape(entry.shape).copy()
+    # Read-only, over `data`: google_crc32c checks only immutable bytes, so no buffer is reused.
+    return np.frombuffer(data, _DTYPES[entry.dtype]).reshape(entry.shape)
 
   def _strings(self, name: str, entry: Entry, data: bytes, count: int) -> np.ndarray:
     # [varint64 lengths][masked CRC-32C of the lengths as uint32 (uint64 if larger)][bytes];

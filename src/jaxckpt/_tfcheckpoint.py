@@ -21,6 +21,7 @@ import re
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxckpt import _knobs
@@ -213,15 +214,19 @@ class TFCheckpointReader:
       )
     return entry
 
-  def get_tensor(self, name: str) -> np.ndarray:
+  def get_tensor(self, name: str, copy: bool = True) -> np.ndarray:
     """The value of tensor ``name``, checked against its CRC-32C.
+
+    Args:
+      name: a TF key.
+      copy: False may return a read-only array (one copy fewer).
 
     Raises:
       VariableNotFoundError: no such tensor. CorruptCheckpointError: its data
         is damaged. UnsupportedTensorError: a variant or other unreadable dtype.
     """
     self.entry(name)
-    return self.bundle.read(name)
+    return self.bundle.read(name, copy=copy)
 
   def tracked_names(self, name_map: NameMap | None = None) -> dict[str, str]:
     """``{TF key: name}`` for every key `Checkpoint.restore` can restore.
@@ -293,7 +298,12 @@ def restore_tf(
   wanted = [leaf for leaf in leaves if leaf.name in keys]
   for leaf in wanted:
     _check(prefix, reader, keys[leaf.name], leaf)
-  values = {leaf.name: as_tracked_type(leaf, reader.get_tensor(keys[leaf.name])) for leaf in wanted}
+  values = {}
+  for leaf in wanted:  # Values bound for devices are copied there: no host copy first.
+    on_device = isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct))
+    values[leaf.name] = as_tracked_type(
+      leaf, reader.get_tensor(keys[leaf.name], copy=not on_device)
+    )
   mapped = set(keys.values()) | {SAVE_COUNTER_KEY, OBJECT_GRAPH_KEY}
   names = set(keys) | {k for k in reader.bundle.entries if k not in mapped}
   counter = reader.save_counter if SAVE_COUNTER_KEY in reader.bundle.entries else None
