@@ -341,3 +341,19 @@ def disagreeing_calls(directory: str):
   out["write_seconds"] = time.perf_counter() - start
   out["listing"] = sorted(os.listdir(directory))
   return out
+
+
+def restore_tf_checkpoint(path: str):
+  """Every process reads a TensorFlow checkpoint onto one global mesh."""
+  mesh = jax.make_mesh((jax.device_count(),), ("x",))
+  ckpt = jaxckpt.Checkpoint(
+    a=jax.ShapeDtypeStruct((2, 3), np.float32, sharding=NamedSharding(mesh, P())),
+    b=jax.ShapeDtypeStruct((40,), np.int32, sharding=NamedSharding(mesh, P("x"))),
+  )
+  ckpt.read(path).assert_consumed()
+  return {
+    "a": full(ckpt.a).tolist(),
+    "b": full(ckpt.b).tolist(),
+    "devices": len(ckpt.b.sharding.device_set),
+    "local_shards": len(ckpt.b.addressable_shards),
+  }

@@ -536,3 +536,19 @@ def test_values_read_for_numpy_are_writable():
   ckpt.restore(FIXTURES / "guide").expect_partial()
   ckpt.net["l1"]["kernel"][0, 0] = 1.0  # A numpy leaf stays a writable numpy array.
   assert ckpt.net["l1"]["kernel"][0, 0] == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_processes_restore_a_tf_checkpoint_onto_one_mesh():
+  import distributed  # tests/distributed.py: real JAX processes on 127.0.0.1.
+
+  results = distributed.launch(
+    "distributed_cases",
+    "restore_tf_checkpoint",
+    2,
+    devices=2,
+    kwargs={"path": str(FIXTURES / "sharded" / "two")},
+  )
+  a = _expected("sharded/two", "a/.ATTRIBUTES/VARIABLE_VALUE").tolist()
+  assert results == [{"a": a, "b": list(range(40)), "devices": 4, "local_shards": 2}] * 2
