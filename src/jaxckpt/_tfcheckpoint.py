@@ -283,7 +283,7 @@ def restore_tf(
   Raises:
     ShapeMismatchError, TreeError: a tracked value cannot take the saved one
       (checked for all before anything is read).
-    InvalidOptionsError: ``name_map`` maps two TF keys to one name.
+    InvalidOptionsError: two TF keys would restore into one name.
     CorruptCheckpointError: damaged files (the message names the tensor).
   """
   reader = TFCheckpointReader(prefix)
@@ -291,8 +291,8 @@ def restore_tf(
   for key, name in reader.tracked_names(name_map).items():
     if name in keys:
       raise InvalidOptionsError(
-        f"name_map maps both {keys[name]!r} and {key!r} of TF checkpoint {prefix!r} to "
-        f"{name!r}; give each its own name (or None to leave one out)."
+        f"Both {keys[name]!r} and {key!r} of TF checkpoint {prefix!r} would restore into "
+        f"{name!r}; give each its own name with name_map (or None to leave one out)."
       )
     keys[name] = key
   wanted = [leaf for leaf in leaves if leaf.name in keys]
