@@ -72,7 +72,7 @@ def start(
       os.environ,
       JAXCKPT_TEST_SPEC=json.dumps(spec),
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      PYTHONPATH=os.pathsep.join([HERE, os.path.join(os.path.dirname(HERE), "src")]),
+      PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
       **(env or {}),
     )
     with (
