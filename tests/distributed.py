@@ -21,6 +21,7 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
 
 
 def free_port() -> int:
@@ -72,7 +73,9 @@ def start(
       os.environ,
       JAXCKPT_TEST_SPEC=json.dumps(spec),
       XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-      PYTHONPATH=os.pathsep.join([HERE, os.path.dirname(HERE)]),
+      # The tests, the jaxckpt under test (this checkout's, ahead of an install), and
+      # the checkout's root (benchmarks.* run through this launcher too).
+      PYTHONPATH=os.pathsep.join([HERE, os.path.join(ROOT, "src"), ROOT]),
       **(env or {}),
     )
     with (

@@ -91,13 +91,17 @@ def test_roundtrip_restores_values_types_and_counter(tmp_path):
   assert fresh.save(tmp_path / "m") == str(tmp_path / "m-3")
 
 
-def test_read_leaves_counter_alone(tmp_path):
+def test_read_keeps_the_counter_for_a_counter_created_later(tmp_path):
+  # As TF: a fresh Checkpoint has no save_counter yet, so read() leaves the stored
+  # one unused (assert_consumed fails) and applies it once the counter exists.
   src = jaxckpt.Checkpoint(x=jnp.ones(2))
   src.save(tmp_path / "m")
   src.write(tmp_path / "w")
   dst = jaxckpt.Checkpoint(x=jnp.zeros(2))
-  dst.read(tmp_path / "w").assert_consumed()
-  assert dst.save_counter == 0
+  status = dst.read(tmp_path / "w").assert_existing_objects_matched()
+  with pytest.raises(jaxckpt.LoadStatusError, match="save_counter"):
+    status.assert_consumed()
+  assert dst.save_counter == 1
   assert dst.x.tolist() == [1.0, 1.0]
 
 

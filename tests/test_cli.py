@@ -207,3 +207,45 @@ def test_a_manifest_with_a_bad_time_is_an_error_not_a_traceback(tmp_path, capsys
   manifest.write_text(text.replace(json.dumps(json.loads(text)["created"]), created))
   assert main(["ls", str(tmp_path)]) == 2
   assert "damaged jaxckpt manifest" in capsys.readouterr().err
+
+
+def test_piped_tables_wrap_instead_of_cutting(tmp_path, capsys):
+  # capsys is not a terminal, as a pipe into a file or `head` is not.
+  name = "optimizer_state_with_a_long_name"
+  sharded = jax.device_put(
+    jnp.arange(8.0), jax.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d"))
+  )
+  ckpt = jaxckpt.Checkpoint(**{name: {"layer_0_attention_query_kernel_weights": sharded}})
+  manager = jaxckpt.CheckpointManager(
+    ckpt, tmp_path, max_to_keep=1, checkpoint_name="a_checkpoint_name_longer_than_a_terminal"
+  )
+  manager.save()
+  assert main(["inspect", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert f"{name}/layer_0_attention_query_kernel_weights" in out and "…" not in out
+  assert "mesh {'d': 4}" in out and "np.int64" not in out
+  assert main(["ls", str(tmp_path)]) == 0
+  out = capsys.readouterr().out
+  assert "a_checkpoint_name_longer_than_a_terminal-1" in out and " KiB" in out
+
+
+@pytest.mark.parametrize("nbytes, text", [(512, "512 B"), (2048, "2.0 KiB"), (3 << 20, "3.0 MiB")])
+def test_sizes_have_sensible_units(nbytes, text):
+  from jaxckpt._cli import _size
+
+  assert _size(nbytes) == text
+
+
+@pytest.mark.parametrize("extra", [["--json"], []])
+def test_closed_pipe_exits_quietly(tmp_path, extra):
+  jaxckpt.Checkpoint(w=np.arange(30000, dtype=np.int32)).save(tmp_path / "c")
+  proc = subprocess.Popen(
+    [sys.executable, "-m", "jaxckpt", "inspect", str(tmp_path), "--values", *extra],
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+  )
+  proc.stdout.readline()  # Like `| head -1`: read a line, then go away.
+  proc.stdout.close()
+  stderr = proc.stderr.read().decode()
+  assert proc.wait(timeout=120) in (0, 141)
+  assert "Traceback" not in stderr and "BrokenPipe" not in stderr, stderr

@@ -113,6 +113,7 @@ def test_every_private_fast_path_is_there_and_stays_taken(tmp_path, caplog, fres
       "replica_slices",
       "subchunking",
       "numpy_on_process",
+      "barrier_timeout",
       "metrics_fix",
       "ocdbt_dump",
     ]

@@ -27,8 +27,9 @@ def _on_disk(directory):
     ({"max_to_keep": 0}, "max_to_keep"),
     ({"max_to_keep": -1}, "max_to_keep"),
     ({"max_to_keep": 2, "checkpoint_interval": 5}, "step_counter"),
-    ({"max_to_keep": 2, "keep_checkpoint_every_n_hours": 0}, "keep_checkpoint_every_n_hours"),
-    ({"max_to_keep": 2, "checkpoint_name": "a/b"}, "checkpoint_name"),
+    ({"max_to_keep": 2, "keep_checkpoint_every_n_hours": -1}, "keep_checkpoint_every_n_hours"),
+    ({"max_to_keep": 2, "checkpoint_name": "../b"}, "checkpoint_name"),
+    ({"max_to_keep": 2, "checkpoint_interval": -1, "step_counter": "s"}, "checkpoint_interval"),
   ],
 )
 def test_validation_errors(tmp_path, kwargs, match):

@@ -11,6 +11,7 @@ import argparse
 import ast
 import builtins
 import collections
+import hashlib
 import importlib
 import inspect
 import json
@@ -384,7 +385,7 @@ def restore_an_unreadable_array_from_a_store(tmp_path, monkeypatch):
 
 @_site(jaxckpt.LoadStatusError, (AssertionError,), "not tracked")
 def assert_consumed_with_an_unused_value(tmp_path, monkeypatch):
-  path = jaxckpt.Checkpoint(a=1, b=2).write(tmp_path / "c")
+  path = jaxckpt.Checkpoint(a=1, b=2).save(tmp_path / "c")
   jaxckpt.Checkpoint(a=0).restore(path).assert_consumed()
 
 
@@ -498,14 +499,21 @@ def test_public_raise_site(tmp_path, monkeypatch, trigger, cls, builtin_bases, m
     ({"timeout_s": 0}, "timeout_s must be a positive number"),
     ({"experimental_write_callbacks": print}, "list of callables"),
     ({"experimental_write_callbacks": [1]}, r"\[0\] must be callable"),
-    ({"experimental_write_callbacks": [lambda a, b: None]}, "at most one positional"),
-    ({"experimental_write_callbacks": [lambda *, k: None]}, "at most one positional"),
+    ({"experimental_skip_slot_variables": 1}, "experimental_skip_slot_variables must be"),
+    ({"experimental_sharding_callback": 3}, "experimental_sharding_callback must be"),
   ],
 )
 def test_checkpoint_options_raise_invalid_options_error(kwargs, match):
   with pytest.raises(JaxckptError, match=match) as info:
     jaxckpt.CheckpointOptions(**kwargs)
   _check(info.value, jaxckpt.InvalidOptionsError, (TypeError, ValueError))
+
+
+@pytest.mark.parametrize("callback", [lambda a, b: None, lambda *, k: None])
+def test_bad_write_callback_raises_invalid_callback_error(callback):
+  with pytest.raises(JaxckptError, match="at most one positional") as info:
+    jaxckpt.CheckpointOptions(experimental_write_callbacks=[callback])
+  _check(info.value, jaxckpt.InvalidCallbackError, (TypeError, ValueError, AssertionError))
 
 
 def test_enable_async_setter_raises_invalid_options_error():
@@ -521,7 +529,8 @@ def test_enable_async_setter_raises_invalid_options_error():
     ({"max_to_keep": 0}, "max_to_keep"),
     ({"max_to_keep": 1, "keep_checkpoint_every_n_hours": -1}, "keep_checkpoint_every_n_hours"),
     ({"max_to_keep": 1, "checkpoint_interval": 5}, "step_counter must be given"),
-    ({"max_to_keep": 1, "checkpoint_name": "a/b"}, "checkpoint_name"),
+    ({"max_to_keep": 1, "checkpoint_name": "/elsewhere/b"}, "checkpoint_name"),
+    ({"max_to_keep": 1, "checkpoint_interval": 5, "step_counter": 3}, "never changes"),
   ],
 )
 def test_manager_arguments_raise_invalid_options_error(tmp_path, kwargs, match):
@@ -583,6 +592,9 @@ class _FakeClient:
       return self.values[key]
     raise RuntimeError("NOT_FOUND: simulated")
 
+  def key_value_dir_get(self, prefix):
+    return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
   def wait_at_barrier(self, key, timeout_ms):
     raise RuntimeError("DEADLINE_EXCEEDED: simulated")
 
@@ -620,10 +632,48 @@ def test_coordination_timeouts_and_failures_are_coordination_errors(monkeypatch)
 
 
 def test_processes_saving_to_different_paths_is_a_coordination_error(monkeypatch):
-  coord = _coordination(monkeypatch, {"jaxckpt/1/agree/target/1": "/a"})
+  coord = _coordination(monkeypatch, {"jaxckpt/1/agree/target/1": json.dumps({"value": "/a"})})
   monkeypatch.setattr(_multihost, "process_count", lambda: 2)
   error = _coordination_error(lambda: coord.agree("target", "/b"), "disagree")
-  assert "process 0: /b" in str(error) and "process 1: /a" in str(error)
+  assert "process 0: '/b'" in str(error) and "process 1: '/a'" in str(error)
+
+
+def test_a_disagreement_names_the_field_and_the_differing_tree_entries(monkeypatch):
+  theirs = [["w", [2], "float32"], ["b", [4], "bfloat16"]]
+  mine = [["w", [2], "float32"], ["b", [4], "float32"]]
+  digest = hashlib.sha256(json.dumps(theirs).encode()).hexdigest()[:16]
+  coord = _coordination(
+    monkeypatch,
+    {
+      "jaxckpt/1/agree/plan/1": json.dumps({"compression": True, "tree": digest}),
+      "jaxckpt/1/agree/plan/tree/1": json.dumps(theirs),
+    },
+  )
+  monkeypatch.setattr(_multihost, "process_count", lambda: 2)
+  error = str(
+    _coordination_error(
+      lambda: coord.agree("plan", {"compression": False}, trees={"tree": mine}), "disagree"
+    )
+  )
+  assert "compression: process 0: False, process 1: True" in error
+  assert '["b", [4], "bfloat16"]' in error and '["b", [4], "float32"]' in error
+  assert '["w"' not in error  # Entries that agree are not listed.
+
+
+def test_a_process_that_failed_first_or_gave_up_makes_the_others_raise_at_once(monkeypatch):
+  coord = _coordination(monkeypatch)
+  monkeypatch.setattr(_multihost, "process_count", lambda: 2)
+  client = _multihost._client()
+  client.values["jaxckpt/1/agree/plan/1"] = json.dumps({"__failed__": "InvalidPathError: bad"})
+  error = _coordination_error(lambda: coord.agree("plan", {"path": "/a"}), "abandoned")
+  assert "process 1 failed first (InvalidPathError: bad)" in str(error)
+  # Nobody answers: the wait times out and leaves a mark for late arrivals.
+  _coordination_error(lambda: coord.agree("restore", {"path": "/a"}), "did not report")
+  assert client.values["jaxckpt/1/agree/restore/gave-up/0"] == "1"
+  error = _coordination_error(lambda: coord.agree("restore", {"path": "/a"}), "came too late")
+  assert "process 0 gave up" in str(error)
+  coord.abandon("read", ValueError("boom"))
+  assert "ValueError: boom" in client.values["jaxckpt/1/agree/read/0"]
 
 
 def test_coordination_error_keeps_its_old_import_path():

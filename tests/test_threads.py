@@ -49,9 +49,13 @@ def test_concurrent_manager_saves_and_restores(tmp_path):
   manager.save().future.result(timeout=60)
   opts = jaxckpt.CheckpointOptions(enable_async=True)
 
+  reader = jaxckpt.Checkpoint(w=jnp.zeros(256))
+
   def restore_latest() -> bool:
-    try:  # read(), not restore(): restore() would set the save counter back.
-      ckpt.read(manager.latest_checkpoint).assert_consumed()
+    # Into another Checkpoint: restore() and read() (as in TF) would set the saving
+    # Checkpoint's save counter back, and its next save would reuse a number.
+    try:
+      reader.restore(manager.latest_checkpoint).assert_consumed()
       return True
     except jaxckpt.CheckpointNotFoundError:  # Swept by another thread's save meanwhile.
       return False

@@ -1,9 +1,12 @@
 """jaxckpt: TF's ``tf.train.Checkpoint`` semantics for JAX, on Orbax and TensorStore."""
 
+from jaxckpt import compat  # noqa: E402 - After the names its modules import.
+from jaxckpt import train  # noqa: E402
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import CoordinationError
 from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import InvalidCallbackError
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import JaxckptError
@@ -27,7 +30,9 @@ from jaxckpt._preemption import install_preemption_handler
 from jaxckpt._reader import CheckpointReader
 from jaxckpt._reader import list_variables
 from jaxckpt._reader import load_checkpoint
+from jaxckpt._state_file import get_checkpoint_state
 from jaxckpt._state_file import latest_checkpoint
+from jaxckpt._watch import checkpoints_iterator
 
 __version__ = "0.1.0"
 
@@ -40,6 +45,7 @@ __all__ = (
   "CorruptCheckpointError",
   "CommitFuture",
   "CoordinationError",
+  "InvalidCallbackError",
   "InvalidOptionsError",
   "InvalidPathError",
   "JaxckptError",
@@ -56,8 +62,12 @@ __all__ = (
   "UnsupportedTensorError",
   "VariableNotFoundError",
   "WriteCallbackError",
+  "checkpoints_iterator",
+  "compat",
+  "get_checkpoint_state",
   "install_preemption_handler",
   "latest_checkpoint",
   "list_variables",
   "load_checkpoint",
+  "train",
 )

@@ -7,6 +7,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -14,7 +15,9 @@ import jax
 import numpy as np
 
 from jaxckpt._background import Saver
+from jaxckpt._commit import PLAN_AGREEMENT
 from jaxckpt._commit import SaveJob
+from jaxckpt._commit import agree_on_plan
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import TreeError
@@ -30,14 +33,18 @@ from jaxckpt._load_status import LoadStatus
 from jaxckpt._multihost import begin
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._plan import FAST
-from jaxckpt._plan import RestorePlan
 from jaxckpt._plan import SavePlan
 from jaxckpt._plan import SaveRequest
 from jaxckpt._plan import plan_restore
 from jaxckpt._plan import plan_save
+from jaxckpt._reshard import is_slot
+from jaxckpt._reshard import reshard_for_restore
+from jaxckpt._reshard import reshard_for_save
+from jaxckpt._restore import read_leaves
 from jaxckpt._restore import restore_leaves
 from jaxckpt._routed import gather
 from jaxckpt._snapshot import take_snapshot
+from jaxckpt._stale import StaleSaves
 from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import write_state
 from jaxckpt._store import fspath
@@ -78,7 +85,13 @@ class Checkpoint:
   Items are pytrees of ``jax.Array``, numpy arrays and Python scalars, passed as
   keyword arguments or assigned as attributes later. Restoring replaces each
   item with a tree of the same structure holding the checkpoint's values (JAX
-  arrays are immutable), in the dtype and sharding of the current values.
+  arrays are immutable), in the dtype and sharding of the current values. As
+  in TF, an item assigned after a restore under a name the checkpoint holds but
+  nothing tracked then is restored on assignment (deferred restoration).
+
+  Because JAX arrays are values, not variables, re-assign items after each
+  update (``ckpt.params = params``) before saving; a save whose every array is
+  the very object of the previous save while other values moved logs a warning.
 
   Example:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
@@ -97,6 +110,12 @@ class Checkpoint:
     object.__setattr__(self, "_save_counter", 0)
     object.__setattr__(self, "_saver", Saver())
     object.__setattr__(self, "_history", History())
+    # TF creates save_counter on the first save/restore (or read of the
+    # attribute); until then a write() stores no counter.
+    object.__setattr__(self, "_counter_exists", False)
+    object.__setattr__(self, "_deferred_counter", None)  # From a read() before that.
+    object.__setattr__(self, "_deferred", {})  # item name -> _Deferred, see restore().
+    object.__setattr__(self, "_stale", StaleSaves())
     # Serialises save/write/restore calls from several threads (reentrant: a
     # write callback or signal handler on the calling thread may save again).
     object.__setattr__(self, "_lock", threading.RLock())
@@ -121,7 +140,14 @@ class Checkpoint:
       )
     if "/" in name or "." in name:
       raise TreeError(f"Item name {name!r} must not contain '/' or '.'.")
-    self._items[name] = value
+    if name in self._items or name not in self._deferred:
+      self._items[name] = value  # No lock: a write callback may assign during a save.
+      return
+    with self._lock:
+      deferred = self._deferred.pop(name, None)
+      if deferred is not None:
+        value = deferred.restore(name, value)
+      self._items[name] = value
 
   def __delattr__(self, name: str) -> None:
     if name in self._items:
@@ -142,7 +168,15 @@ class Checkpoint:
   @property
   def save_counter(self) -> int:
     """Number of `save` calls so far (restored by `restore`); `write` leaves it."""
+    self._create_counter()
     return self._save_counter
+
+  def _create_counter(self) -> None:
+    if not self._counter_exists:
+      object.__setattr__(self, "_counter_exists", True)
+      if self._deferred_counter is not None:
+        object.__setattr__(self, "_save_counter", self._deferred_counter)
+        object.__setattr__(self, "_deferred_counter", None)
 
   # -- saving --------------------------------------------------------------
 
@@ -267,7 +301,12 @@ class Checkpoint:
     *,
     name_map: Callable[[str], str | None] | None = None,
   ) -> LoadStatus:
-    """Like `restore`, for checkpoints made by `write`: leaves `save_counter` alone."""
+    """Like `restore`, for checkpoints made by `write`.
+
+    As in TF, `save_counter` is restored only if it exists already (this
+    Checkpoint saved or restored before); otherwise a stored counter is kept
+    for its first save, and the status reports it unused.
+    """
     with self._lock:
       return self._restore(
         save_path, _check_options(options), restore_counter=False, name_map=name_map
@@ -289,37 +328,88 @@ class Checkpoint:
     self._saver.wait()
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
-    read = _read(plan, flat, name_map)
-    if read is None:
+    if options.experimental_skip_slot_variables:
+      flat = [leaf for leaf in flat if not is_slot(leaf.name)]
+    flat = reshard_for_restore(flat, options.experimental_sharding_callback)
+    tf_prefix = find_tf_checkpoint(plan.path)
+    if tf_prefix is not None:  # A TensorFlow checkpoint (_tfcheckpoint.py).
+      return self._restore_tf(tf_prefix, plan, items, flat, name_map, options)
+    if name_map is not None:
+      raise InvalidOptionsError(
+        f"name_map applies to TensorFlow checkpoints; {plan.path!r} is not one."
+      )
+    path, manifest, restored = restore_leaves(plan, flat)
+    if path is None or manifest is None:
+      if restore_counter:  # TF's restore(None) creates the counter too.
+        self._create_counter()
       return InitializationOnlyStatus({leaf.name for leaf in flat})
-    source, names, counter, restored = read
     for item in items:
       if any(leaf.name in restored for leaf in item.leaves):
         self._items[item.name] = item.rebuild(restored)
-    if restore_counter and counter is not None:
-      object.__setattr__(self, "_save_counter", counter)
-    return LoadStatus(source, {leaf.name for leaf in flat}, names)
-
-
-def _read(
-  plan: RestorePlan, flat: list, name_map
-) -> tuple[str, set[str], int | None, dict[str, Any]] | None:
-  """(checkpoint path, names it holds, its save_counter, {leaf name: value}) for a
-  jaxckpt or TensorFlow checkpoint; None for a plan that restores nothing."""
-  tf_prefix = find_tf_checkpoint(plan.path)
-  if tf_prefix is not None:  # A TensorFlow checkpoint (_tfcheckpoint.py).
-    if plan.coordination is not None:
-      plan.coordination.agree("path", repr(plan.path))
-    restored, names, counter = restore_tf(tf_prefix, flat, name_map)
-    return tf_prefix, names, counter, restored
-  if name_map is not None:
-    raise InvalidOptionsError(
-      f"name_map applies to TensorFlow checkpoints; {plan.path!r} is not one."
+    counter_tracked = restore_counter or self._counter_exists
+    if restore_counter:
+      self._create_counter()
+    if manifest.counter_saved:
+      target = "_save_counter" if counter_tracked else "_deferred_counter"
+      object.__setattr__(self, target, manifest.save_counter)
+    stored = set(manifest.leaves)
+    if options.experimental_skip_slot_variables:
+      stored = {name for name in stored if not is_slot(name)}
+    status = LoadStatus(
+      path, {leaf.name for leaf in flat}, stored, counter=(counter_tracked, manifest.counter_saved)
     )
-  path, manifest, restored = restore_leaves(plan, flat)
-  if path is None or manifest is None:
-    return None
-  return path, set(manifest.leaves), manifest.save_counter, restored
+    self._defer(status, manifest, plan)
+    return status
+
+  def _defer(self, status: LoadStatus, manifest, plan) -> None:
+    """Keeps what nothing tracks for items assigned later (not with several processes)."""
+    later = {name.split("/")[0] for name in status.unused} - set(self._items)
+    if plan.coordination is not None:
+      later = set()
+    deferred = _Deferred(status.path, manifest, weakref.ref(status), plan.verify_checksums)
+    object.__setattr__(self, "_deferred", dict.fromkeys(later, deferred))
+
+  def _restore_tf(self, prefix: str, plan, items, flat, name_map, options) -> LoadStatus:
+    """`_restore` from a TensorFlow checkpoint (no deferred restoration)."""
+    restored, names, counter = restore_tf(
+      prefix,
+      flat,
+      name_map,
+      plan.coordination,
+      skip_slots=options.experimental_skip_slot_variables,
+    )
+    for item in items:
+      if any(leaf.name in restored for leaf in item.leaves):
+        self._items[item.name] = item.rebuild(restored)
+    counter_tracked = plan.restore_counter or self._counter_exists
+    if plan.restore_counter:
+      self._create_counter()
+    if counter is not None:
+      target = "_save_counter" if counter_tracked else "_deferred_counter"
+      object.__setattr__(self, target, counter)
+    object.__setattr__(self, "_deferred", {})
+    tracked = {leaf.name for leaf in flat}
+    return LoadStatus(prefix, tracked, names, counter=(counter_tracked, counter is not None))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Deferred:
+  """A restore's values for an item not tracked yet (TF's deferred restoration)."""
+
+  path: str
+  manifest: Any
+  status: Any  # weakref to the LoadStatus, updated when the item is restored.
+  verify_checksums: bool
+
+  def restore(self, name: str, value: Any) -> Any:
+    item = flatten_items({name: value})[0]
+    restored = read_leaves(
+      self.path, self.manifest, item.leaves, verify_checksums=self.verify_checksums
+    )
+    status = self.status()
+    if status is not None:
+      status._restored_later(set(restored))
+    return item.rebuild(restored) if restored else value
 
 
 def save_checkpoint(
@@ -347,15 +437,30 @@ def _save(
   # that save at a barrier instead of pairing their later saves with its next
   # one (which would commit shards from different steps).
   coordination = begin("save", options.timeout_s, io_device=io_device)
+  if request.kind == "save":
+    checkpoint._create_counter()
   counter = checkpoint._save_counter + (request.kind == "save")
   if coordination is not None:  # For the same reason the number is used up now.
     object.__setattr__(checkpoint, "_save_counter", counter)
-  flat = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
-  plan = plan_save(
-    request, options, flat, save_counter=counter, io_device=io_device, coordination=coordination
-  )
-  job = _snapshot(checkpoint, plan, flat, options)
+  try:
+    tracked = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+    flat = reshard_for_save(tracked, options.experimental_sharding_callback)
+    plan = plan_save(
+      request,
+      options,
+      flat,
+      save_counter=counter,
+      io_device=io_device,
+      coordination=coordination,
+      counter_saved=checkpoint._counter_exists,
+    )
+    job = _snapshot(checkpoint, plan, flat, options)
+  except BaseException as e:
+    if coordination is not None:  # The others must not wait for this process.
+      coordination.abandon(PLAN_AGREEMENT, e)
+    raise
   object.__setattr__(checkpoint, "_save_counter", counter)
+  checkpoint._stale.check(tracked, plan.path)
   if plan.background:
     logger.info(
       "Saving %s in the background: %d arrays, %.1f MiB%s; save() blocked %.1f ms.",
@@ -399,8 +504,8 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
   coord, io_device = plan.coordination, plan.io_device
   if plan.routed and coord is not None and io_device is not None:
     # The gather is an XLA collective, which has no timeout: enter it only once
-    # every process is known to be here.
-    coord.barrier("gather")
+    # every process is known to be here, with the same plan.
+    agree_on_plan(plan, flat)
     snapshot = _gather_snapshot(to_copy, io_device.process_index)
     if plan.writer != FAST:  # Orbax writes them: numpy only (see _layout.new_checkpointer).
       snapshot = {name: np.asarray(value) for name, value in snapshot.items()}

@@ -19,6 +19,7 @@ import numpy as np
 
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import UnsupportedTensorError
+from jaxckpt._errors import _ClosedPipe
 from jaxckpt._layout import layout_of
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
@@ -46,6 +47,43 @@ def _checkpoints_in(directory: str) -> list[str]:
   ]
   names.sort(key=lambda n: (re.sub(r"-\d+$", "", n), _number(n) or -1, n))
   return [store.join(directory, n) for n in names]
+
+
+def _size(nbytes: int | None) -> str:
+  """Bytes in the largest binary unit that keeps the number at least 1."""
+  if nbytes is None:
+    return "unknown"
+  for unit, shift in (("GiB", 30), ("MiB", 20), ("KiB", 10)):
+    if nbytes >= 1 << shift:
+      return f"{nbytes / (1 << shift):.1f} {unit}"
+  return f"{nbytes} B"
+
+
+def _console():
+  """A rich console that never cuts text: piped into a file or ``head`` there is no
+  terminal width to fit, so lines are as long as their content."""
+  from rich.console import Console
+
+  class _Console(Console):
+    def on_broken_pipe(self) -> None:  # rich exits with 1 (our "corrupt"); main() says 141.
+      raise _ClosedPipe("stdout closed")
+
+  console = _Console()
+  if not console.is_terminal:
+    console = _Console(width=_PIPE_WIDTH)
+  return console
+
+
+def _table(title: str, columns):
+  from rich.table import Table
+
+  table = Table(title=title)
+  for col in columns:
+    table.add_column(col, overflow="fold")  # Wrap on a narrow terminal; never "…".
+  return table
+
+
+_PIPE_WIDTH = 10_000
 
 
 def cmd_ls(args) -> tuple[Any, int]:
@@ -82,14 +120,11 @@ def cmd_ls(args) -> tuple[Any, int]:
   incomplete = store.incomplete(directory)
   result = {"directory": directory, "checkpoints": rows, "latest": latest, "incomplete": incomplete}
   if not args.json:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"Checkpoints in {directory}")
-    for col in ("name", "number", "time", "size", "arrays", "status"):
-      table.add_column(col)
+    table = _table(
+      f"Checkpoints in {directory}", ("name", "number", "time", "size", "arrays", "status")
+    )
     for r in rows:
-      size = "unknown" if r["bytes"] is None else f"{r['bytes'] / 2**20:.1f} MiB"
+      size = _size(r["bytes"])
       table.add_row(
         store.basename(r["path"]),
         str(r["number"] or ""),
@@ -100,7 +135,7 @@ def cmd_ls(args) -> tuple[Any, int]:
         + (", latest" if r["latest"] else "")
         + (" (TensorFlow)" if r["kind"] == "tensorflow" else ""),
       )
-    console = Console()
+    console = _console()
     console.print(table)
     if incomplete:
       console.print(
@@ -165,17 +200,15 @@ def _inspect_tf(args, reader: TFCheckpointReader) -> tuple[Any, int]:
   result = {"path": reader.path, "format": "tensorflow", "save_counter": reader.save_counter}
   result["arrays"] = rows
   if not args.json:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{reader.path} (TensorFlow, save_counter={reader.save_counter})")
-    for col in ("tensor", "shape", "dtype", "bytes", "restores into"):
-      table.add_column(col)
+    table = _table(
+      f"{reader.path} (TensorFlow, save_counter={reader.save_counter})",
+      ("tensor", "shape", "dtype", "bytes", "restores into"),
+    )
     for r in rows:
       size = "" if r["bytes"] is None else str(r["bytes"])
       shape = str(tuple(r["shape"])) + (f", {r['slices']} slices" if r["slices"] else "")
       table.add_row(r["name"], shape, r["dtype"], size, r["restores_into"] or "")
-    console = Console()
+    console = _console()
     console.print(table)
     if args.values:
       for r in rows:
@@ -215,15 +248,11 @@ def cmd_inspect(args) -> tuple[Any, int]:
     "arrays": rows,
   }
   if not args.json:
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{reader.path} (save_counter={manifest.save_counter})")
     reused = any(r["stored_in"] for r in rows)
-    for col in ("tensor", "shape", "dtype", "bytes", "sharding") + (
-      ("reused from",) if reused else ()
-    ):
-      table.add_column(col)
+    table = _table(
+      f"{reader.path} (save_counter={manifest.save_counter})",
+      ("tensor", "shape", "dtype", "bytes", "sharding") + (("reused from",) if reused else ()),
+    )
     for r in rows:
       table.add_row(
         r["name"],
@@ -233,7 +262,7 @@ def cmd_inspect(args) -> tuple[Any, int]:
         r["sharding"],
         *((r["stored_in"] or "",) if reused else ()),
       )
-    console = Console()
+    console = _console()
     console.print(table)
     if args.values:
       for r in rows:
@@ -261,7 +290,10 @@ def cmd_verify(args) -> tuple[Any, int]:
       entry: dict[str, Any] = {"path": path, "ok": True, "arrays": {}}
       try:
         reader = load_checkpoint(path)
-        names = sorted(reader.get_variable_to_shape_map())
+        if isinstance(reader, TFCheckpointReader):
+          names = sorted(reader.bundle.entries)
+        else:
+          names = sorted(reader.manifest.leaves)  # The arrays (not save_counter).
         task = progress.add_task(f"verify {store.basename(path)}", total=len(names))
         for name in names:
           try:
@@ -311,7 +343,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the CLI; returns the exit code (0 ok, 1 corrupt checkpoint found, 2 error)."""
+  """Runs the CLI; returns the exit code (0 ok, 1 corrupt checkpoint found, 2 error,
+  141 when the reader of its output went away, as for a command killed by SIGPIPE)."""
+  try:
+    code = _main(argv)
+    sys.stdout.flush()  # A closed pipe shows here, not in the interpreter's exit flush.
+    return code
+  except BrokenPipeError:
+    try:  # Nothing more can be written; stop the exit flush from trying again.
+      os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+      pass
+    return 141
+
+
+def _main(argv: list[str] | None) -> int:
   args = build_parser().parse_args(argv)
   from absl import logging as absl_logging  # Orbax's warnings are noise here.
 
@@ -326,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
       ):
         raise
       raise JaxckptError(str(e)) from e
+  except BrokenPipeError:
+    raise  # An OSError, but not an error of the checkpoint: main() exits quietly.
   except (JaxckptError, OSError) as e:
     if getattr(args, "json", False):
       print(json.dumps({"error": str(e)}))

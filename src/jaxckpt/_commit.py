@@ -17,7 +17,9 @@ import time
 from typing import Any
 
 import jax
+import numpy as np
 
+from jaxckpt import _compat
 from jaxckpt._errors import SaveError
 from jaxckpt._errors import WriteCallbackError
 from jaxckpt._future import CommitFuture
@@ -59,13 +61,17 @@ class SaveJob:
   started: float = dataclasses.field(default_factory=time.perf_counter)
 
 
+PLAN_AGREEMENT = "plan"  # The agreement a save makes first; see `agree_on_plan`.
+
+
 def run_save(job: SaveJob) -> str:
   """Writes, commits, runs callbacks, updates the state file; returns the path.
 
-  With several processes every process runs the write callbacks once the
-  checkpoint is committed; only the primary runs ``on_commit`` (state file,
-  manager sweep), and the others' saves finish only after it did, so
-  `latest_checkpoint` agrees on every process once ``save`` returns.
+  With several processes every process records the commit (``on_commit``: its
+  manager's list; the primary also writes the state file and sweeps) before it
+  runs the write callbacks, so a callback failing on one process cannot leave
+  its `latest_checkpoint` behind the others'; the others' saves finish only
+  after the primary's record. With one process the callbacks run first, as in TF.
   """
   plan, coord = job.plan, job.plan.coordination
   try:
@@ -73,17 +79,13 @@ def run_save(job: SaveJob) -> str:
     if job.history is not None and job.manifest is not None:
       _record_history(job, job.history, job.manifest)
     try:
-      for i, callback in enumerate(plan.callbacks):
-        try:
-          call_write_callback(callback, plan.path)
-        except BaseException as e:
-          raise WriteCallbackError(
-            f"Checkpoint {plan.path!r} was committed, but write callback #{i} "
-            f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
-            "run and the state file was not updated."
-          ) from e
-      if plan.on_commit is not None:
-        plan.on_commit(plan.path, coord is None or coord.is_primary)
+      if plan.on_commit is not None and coord is not None:
+        # Recorded first: the checkpoint is committed for every process, and a
+        # callback failing on one of them must not leave its manager behind.
+        plan.on_commit(plan.path, coord.is_primary)
+      _run_callbacks(plan, recorded=coord is not None)
+      if plan.on_commit is not None and coord is None:
+        plan.on_commit(plan.path, True)
     finally:
       if coord is not None and coord.is_primary:  # Committed, whatever the callbacks did.
         coord.publish("committed", "ok")
@@ -99,12 +101,64 @@ def run_save(job: SaveJob) -> str:
   return plan.path
 
 
+def _run_callbacks(plan: SavePlan, *, recorded: bool) -> None:
+  for i, callback in enumerate(plan.callbacks):
+    try:
+      call_write_callback(callback, plan.path)
+    except BaseException as e:
+      state = (
+        "it is recorded as the latest checkpoint (with several processes the record "
+        "comes first, on every process)"
+        if recorded
+        else "the state file was not updated"
+      )
+      raise WriteCallbackError(
+        f"Checkpoint {plan.path!r} was committed, but write callback #{i} "
+        f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
+        f"run and {state}."
+      ) from e
+
+
 def _write_and_commit(job: SaveJob) -> None:
+  coord = job.plan.coordination
+  if coord is None:
+    _write_and_commit_bounded(job)
+    return
+  with _compat.orbax_barrier_timeout(coord.timeout_s):
+    _write_and_commit_bounded(job)
+
+
+def agree_on_plan(plan: SavePlan, leaves: list) -> None:
+  """All processes check that they make the same save: processes whose calls are
+  out of step, or whose options or trees differ, would commit shards of
+  different saves, or a checkpoint no one can read.
+
+  Raises:
+    CoordinationError: naming the processes, the field and the values.
+  """
+  coord = plan.coordination
+  if coord is None:
+    return
+  fields = {
+    "kind": plan.kind,
+    # Routed: only the I/O process resolves the path (the others' cwd may differ).
+    "path": plan.path if plan.routed else plan.target,
+    "compression": plan.compression,
+    "chunk_byte_size": plan.chunk_byte_size,
+    "incremental": plan.incremental,
+    "experimental_io_device": None
+    if plan.io_device is None
+    else f"process {plan.io_device.process_index}",
+  }
+  tree = [[leaf.name, list(leaf.shape), np.dtype(leaf.dtype).name] for leaf in leaves]
+  coord.agree(PLAN_AGREEMENT, fields, trees={"tree": tree})
+
+
+def _write_and_commit_bounded(job: SaveJob) -> None:
   plan, coord = job.plan, job.plan.coordination
-  if coord is not None:
-    try:  # Processes whose calls are out of step would commit shards of different saves.
-      # Routed: only the I/O process resolves the path (the others' cwd may differ).
-      coord.agree("target", json.dumps([plan.kind, plan.path if plan.routed else plan.target]))
+  if coord is not None and not plan.routed:  # Routed saves agreed before their gather.
+    try:
+      agree_on_plan(plan, job.leaves or [])
     except BaseException as e:
       _fail(job, e, None)
   if coord is not None and not coord.writes:  # Another process does the I/O.
@@ -168,6 +222,7 @@ def _write(job: SaveJob, data_dir: str, staging: str) -> Manifest:
     digests=digests,
     shard_checksums=shard_sums,
     data=None if plan.store.renames else staging,
+    counter_saved=plan.counter_saved,
   )
   job.leaves = None  # Holds the caller's arrays; not needed any more.
   pending.wait()

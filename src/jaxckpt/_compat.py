@@ -490,6 +490,62 @@ def registry_writing_on(process: int) -> Any:
   return ocp.type_handlers.create_type_handler_registry((np.ndarray, handler))
 
 
+# -- Orbax: barriers bounded by jaxckpt's timeout ---------------------------------
+
+
+@_feature(
+  "barrier_timeout",
+  "Orbax's multihost.sync_global_processes",
+  "a process that fails inside an Orbax save or restore holds the others for Orbax's "
+  "fixed 300 s barrier timeout instead of CheckpointOptions.timeout_s",
+)
+def _find_barrier_timeout():
+  from orbax.checkpoint._src.multihost import multihost
+
+  return multihost if callable(getattr(multihost, "sync_global_processes", None)) else None
+
+
+_barrier_local = threading.local()  # This thread's jaxckpt operation's timeout, if any.
+_barrier_lock = threading.Lock()
+
+
+def _bounded_sync(original: Callable[..., Any]) -> Callable[..., Any]:
+  @functools.wraps(original)
+  def sync(name: str, *args: Any, timeout: int | None = None, **kwargs: Any) -> Any:
+    ours = getattr(_barrier_local, "seconds", None)
+    if ours is not None:
+      timeout = ours if timeout is None else min(timeout, ours)
+    return original(name, *args, timeout=timeout, **kwargs)
+
+  sync._jaxckpt_bounded = True  # type: ignore[attr-defined]
+  return sync
+
+
+@contextlib.contextmanager
+def orbax_barrier_timeout(seconds: float) -> Iterator[None]:
+  """Orbax's own barriers, called on this thread, wait at most ``seconds``.
+
+  Orbax's checkpointers wait at barriers with a fixed 300 s timeout (its
+  ``coordination_timeout``), whatever the caller's; its module function is
+  wrapped once to take the smaller of that and the timeout of the jaxckpt
+  operation running on the calling thread. Other threads, and Orbax code run
+  outside such an operation, keep Orbax's timeouts.
+  """
+  multihost = _FEATURES["barrier_timeout"].get()
+  if multihost is None:
+    yield
+    return
+  with _barrier_lock:
+    if not getattr(multihost.sync_global_processes, "_jaxckpt_bounded", False):
+      multihost.sync_global_processes = _bounded_sync(multihost.sync_global_processes)
+  previous = getattr(_barrier_local, "seconds", None)
+  _barrier_local.seconds = max(1, int(seconds))
+  try:
+    yield
+  finally:
+    _barrier_local.seconds = previous
+
+
 # -- Orbax: TensorStore byte counts without the leak ---------------------------
 
 

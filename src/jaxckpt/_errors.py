@@ -17,6 +17,10 @@ class InvalidOptionsError(JaxckptError, TypeError, ValueError):
   """A `CheckpointOptions` field has a bad value (wrong type or signature)."""
 
 
+class InvalidCallbackError(InvalidOptionsError, AssertionError):
+  """A write callback takes more than the save path (TF asserts this, hence AssertionError)."""
+
+
 class InvalidPathError(JaxckptError, ValueError):
   """A path cannot hold a checkpoint (a parent is a regular file, a URL names no bucket)."""
 
@@ -106,6 +110,10 @@ class _ArrayReadError(JaxckptError):
 class _TableDamage(JaxckptError):
   """A TF checkpoint's index table is damaged (see _tfbundle.py); `read_table`
   turns it into a `CorruptCheckpointError` naming the file."""
+
+
+class _ClosedPipe(JaxckptError, BrokenPipeError):
+  """The CLI's reader (``head``, a pager) went away; `jaxckpt._cli.main` exits 141."""
 
 
 class _FastReadUnsupported(JaxckptError):

@@ -30,3 +30,6 @@ MANIFEST_ITEM: str = "jaxckpt"
 
 # Format version written into every manifest; readers refuse newer versions.
 FORMAT_VERSION: int = 1
+
+# Seconds `checkpoints_iterator` sleeps between looks at the state file (TF: 1).
+POLL_INTERVAL_S: float = 1.0

@@ -33,6 +33,7 @@ from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import _ArrayReadError as ArrayReadError
 from jaxckpt._manifest import Manifest
+from jaxckpt._multihost import timed_out
 from jaxckpt._store import KV
 from jaxckpt._store import Store
 from jaxckpt._tree import Leaf
@@ -48,6 +49,7 @@ class Reader:
   primary: int = 0
   host_only: bool = False
   key_prefix: str | None = None  # Unique per operation: Orbax reuses barrier names.
+  timeout_s: float | None = None  # Bounds Orbax's barriers (several processes).
 
 
 ONE_PROCESS = Reader()
@@ -241,7 +243,8 @@ def _describe_sharding(sharding) -> str:
     return f"single device {sharding.device_str}"
   spec = getattr(sharding, "partition_spec", None)
   if spec is not None:
-    mesh = dict(zip(sharding.axis_names, sharding.shape, strict=False))
+    # Plain ints: Orbax's metadata holds numpy ints, whose repr is np.int64(2).
+    mesh = {name: int(n) for name, n in zip(sharding.axis_names, sharding.shape, strict=False)}
     return f"mesh {mesh} spec {tuple(spec)}"
   return type(sharding).__name__
 
@@ -320,7 +323,12 @@ def _orbax_read(
     checkpointer = ocp.Checkpointer(
       ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp
     )
-  with _compat.stop_metrics_leak(), checkpointer:
+  bounded = (
+    _compat.orbax_barrier_timeout(reader.timeout_s)
+    if reader.timeout_s is not None
+    else contextlib.nullcontext()
+  )
+  with _compat.stop_metrics_leak(), bounded, checkpointer:
     restored = checkpointer.restore(
       os.path.abspath(os.path.join(path, _knobs.STATE_ITEM)),
       args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args, partial_restore=True),
@@ -374,6 +382,14 @@ def _orbax_read_named(
   except JaxckptError:
     raise
   except Exception as batch_error:
+    if reader.processes is not None:  # Each retry would wait at Orbax's barriers again.
+      if timed_out(batch_error):
+        raise
+      raise CorruptCheckpointError(
+        f"Checkpoint {path!r} could not be read on process {jax.process_index()}: one of "
+        f"{', '.join(repr(l.name) for l in wanted[:5])}{' …' if len(wanted) > 5 else ''} "
+        f"failed to load ({type(batch_error).__name__}: {batch_error})."
+      ) from batch_error
     # Name the broken array: TensorStore's error names a chunk key at best.
     for leaf in wanted:
       try:

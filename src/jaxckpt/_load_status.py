@@ -17,7 +17,8 @@ def _list(names) -> str:
   return shown + (f" and {len(names) - 10} more" if len(names) > 10 else "")
 
 
-def _warn_unused(path: str, unused: frozenset[str], silenced: list[bool]) -> None:
+def _warn_unused(path: str, box: list[frozenset[str]], silenced: list[bool]) -> None:
+  unused = box[0]
   if unused and not silenced[0]:
     logger.warning(
       "Values in checkpoint %s were never restored (nothing tracks them): %s. "
@@ -49,26 +50,50 @@ def _structure_hints(missing: frozenset[str], unused: frozenset[str]) -> str:
 class LoadStatus:
   """Returned by `Checkpoint.restore`/`read`; every method returns ``self``.
 
+  The assertions also count ``save_counter`` as TF does: `restore` tracks it,
+  `read` tracks it once it exists (after a save or restore), and a `write` by a
+  Checkpoint that never saved stores none.
+
   Attributes:
     matched: names restored (tracked and in the checkpoint).
     missing: tracked names absent from the checkpoint (left unchanged).
-    unused: checkpoint names nothing tracks (not read).
+    unused: checkpoint names nothing tracks (not read). An item assigned to the
+      Checkpoint later under an unused name is restored then (TF's deferred
+      restoration) and moves to ``matched``.
   """
 
-  def __init__(self, path: str, tracked: set[str], in_checkpoint: set[str]):
+  def __init__(
+    self,
+    path: str,
+    tracked: set[str],
+    in_checkpoint: set[str],
+    counter: tuple[bool, bool] = (False, False),
+  ):
     self.path = path
     self.matched = frozenset(tracked & in_checkpoint)
     self.missing = frozenset(tracked - in_checkpoint)
     self.unused = frozenset(in_checkpoint - tracked)
+    counter_tracked, counter_saved = counter
+    self._counter = {"save_counter"} if counter_tracked and counter_saved else set()
+    self._counter_missing = {"save_counter"} if counter_tracked and not counter_saved else set()
+    self._counter_unused = {"save_counter"} if counter_saved and not counter_tracked else set()
     self._silenced = [False]
-    weakref.finalize(self, _warn_unused, path, self.unused, self._silenced)
+    self._unused_box = [self.unused]  # The finalizer sees values restored later.
+    weakref.finalize(self, _warn_unused, path, self._unused_box, self._silenced)
+
+  def _restored_later(self, names: set[str]) -> None:
+    """Names a deferred restoration (see `Checkpoint`) has just restored."""
+    self.matched = self.matched | names
+    self.unused = self.unused - names
+    self._unused_box[0] = self.unused
 
   def assert_consumed(self) -> LoadStatus:
     """Every checkpoint value was restored and every tracked value was found."""
     self.assert_existing_objects_matched()
-    if self.unused:
+    if self.unused or self._counter_unused:
       raise LoadStatusError(
-        f"Unresolved values in checkpoint {self.path!r}: {_list(self.unused)} "
+        f"Unresolved values in checkpoint {self.path!r}: "
+        f"{_list(self.unused | self._counter_unused)} "
         "are in the checkpoint but not tracked. Track them, or use "
         "assert_existing_objects_matched() if that is intended."
       )
@@ -77,17 +102,17 @@ class LoadStatus:
 
   def assert_existing_objects_matched(self) -> LoadStatus:
     """Every tracked value was found in the checkpoint (extra values are fine)."""
-    if self.missing:
+    if self.missing or self._counter_missing:
       raise LoadStatusError(
         f"Tracked values not found in checkpoint {self.path!r}: "
-        f"{_list(self.missing)}; they kept their current values."
+        f"{_list(self.missing | self._counter_missing)}; they kept their current values."
         + _structure_hints(self.missing, self.unused)
       )
     return self
 
   def assert_nontrivial_match(self) -> LoadStatus:
-    """At least one tracked value was restored."""
-    if not self.matched:
+    """At least one tracked value (``save_counter`` included, as in TF) was restored."""
+    if not self.matched and not self._counter:
       raise LoadStatusError(
         f"Nothing tracked matched checkpoint {self.path!r} (tracked: "
         f"{_list(self.missing) or 'nothing'}; in checkpoint: {_list(self.unused)})."

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import os
 import threading
@@ -10,6 +11,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import numpy as np
 
 from jaxckpt._background import wait_for_saves_into
@@ -19,13 +21,16 @@ from jaxckpt._checkpoint import save_checkpoint
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._future import SavePath
 from jaxckpt._incremental import retire_or_remove
+from jaxckpt._io_device import resolve_io_device
 from jaxckpt._manifest import data_of
 from jaxckpt._manifest import is_committed
+from jaxckpt._multihost import begin
 from jaxckpt._multihost import is_primary
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._plan import SaveRequest
 from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import read_state
+from jaxckpt._state_file import relative_to
 from jaxckpt._state_file import write_state
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
@@ -33,14 +38,40 @@ from jaxckpt._store import store_for
 logger = logging.getLogger("jaxckpt")
 
 
-def _positive_or_none(name: str, value, *, number=(int,)) -> None:
-  if value is not None and (isinstance(value, bool) or not isinstance(value, number) or value <= 0):
-    raise InvalidOptionsError(f"{name} must be None or a positive number, got {value!r}.")
+def _number_or_none(name: str, value, *, low: float, inclusive: bool = False) -> None:
+  """TF compares these with numbers only: floats and bools pass, as there."""
+  ok = value is None or (
+    isinstance(value, (int, float, np.integer, np.floating))
+    and (value >= low if inclusive else value > low)
+  )
+  if not ok:
+    bound = f">= {low:g}" if inclusive else f"> {low:g}"
+    raise InvalidOptionsError(f"{name} must be None or a number {bound}, got {value!r}.")
 
 
-def _read_step(step_counter) -> int:
-  value = step_counter() if callable(step_counter) else step_counter
-  return int(np.asarray(value))
+def _checkpoint_number(value) -> int:
+  """``checkpoint_number`` as TF takes it: an integer, or a 0-d integer array."""
+  value = value() if callable(value) else value
+  array = np.asarray(value)
+  if array.shape != () or array.dtype.kind not in "iub":
+    raise InvalidOptionsError(
+      f"checkpoint_number must be an integer (or a 0-d integer array), got {value!r}."
+    )
+  return int(array)
+
+
+def _check_step_counter(checkpoint: Checkpoint, step_counter) -> None:
+  """A jax.Array or Python number is a value: read at every save it never changes."""
+  if callable(step_counter) or not isinstance(step_counter, (jax.Array, int, float, np.generic)):
+    return
+  items = [n for n, v in checkpoint._items.items() if v is step_counter]
+  name = items[0] if items else "step"
+  raise InvalidOptionsError(
+    f"step_counter={step_counter!r} is a value ({type(step_counter).__name__}) that never "
+    "changes: JAX arrays are immutable, so the manager would read the same step at every "
+    "save and save once. Pass something it can read fresh: the name of a Checkpoint item "
+    f"(step_counter={name!r}) or a callable (step_counter=lambda: ckpt.{name})."
+  )
 
 
 class CheckpointManager:
@@ -52,8 +83,11 @@ class CheckpointManager:
   ``keep_checkpoint_every_n_hours``, save intervals by ``step_counter``, and
   state recovered from the directory's ``checkpoint`` file. With async options
   the sweep and state-file update run after the commit, on the background
-  thread. ``step_counter`` may be an int-like value or a zero-argument callable
-  returning one (JAX arrays are immutable, so a callable is usually right).
+  thread. ``step_counter`` is read at each save: a zero-argument callable
+  returning the step, the name of one of the Checkpoint's items (``"step"``)
+  or a mutable int-like object; a ``jax.Array`` or Python number (a value that
+  can never change) is refused. ``last_checkpoint_step`` seeds the interval
+  check, as in TF.
 
   Example:
     >>> import jaxckpt, jax.numpy as jnp, tempfile, os
@@ -76,34 +110,35 @@ class CheckpointManager:
     step_counter: Any = None,
     checkpoint_interval: int | None = None,
     init_fn: Callable[[], Any] | None = None,
+    last_checkpoint_step: int | None = None,
   ):
     if not isinstance(checkpoint, Checkpoint):
       raise InvalidOptionsError(
         f"checkpoint must be a jaxckpt.Checkpoint, got {type(checkpoint).__name__}."
       )
-    _positive_or_none("max_to_keep", max_to_keep)
-    _positive_or_none(
-      "keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours, number=(int, float)
+    _number_or_none("max_to_keep", max_to_keep, low=0)
+    # 0 is off, as in TF; TF's negative values would keep every checkpoint forever.
+    _number_or_none(
+      "keep_checkpoint_every_n_hours", keep_checkpoint_every_n_hours, low=0, inclusive=True
     )
-    _positive_or_none("checkpoint_interval", checkpoint_interval)
+    _number_or_none("checkpoint_interval", checkpoint_interval, low=0, inclusive=True)
     if checkpoint_interval is not None and step_counter is None:
       raise InvalidOptionsError("step_counter must be given when checkpoint_interval is.")
-    if not checkpoint_name or "/" in checkpoint_name:
-      raise InvalidOptionsError(
-        f"checkpoint_name must be a non-empty file name, got {checkpoint_name!r}."
-      )
+    if checkpoint_interval is not None:
+      _check_step_counter(checkpoint, step_counter)
     self._checkpoint = checkpoint
     self._directory = fspath(directory)
     self._store = store_for(self._directory)
+    _check_name(self._store, self._directory, checkpoint_name)
     if os.path.exists(self._directory) and not os.path.isdir(self._directory):
       raise InvalidOptionsError(f"directory {self._directory!r} exists and is not a directory.")
     self._max_to_keep = max_to_keep
-    self._keep_every_n_hours = keep_checkpoint_every_n_hours
+    self._keep_every_n_hours = keep_checkpoint_every_n_hours or None
     self._prefix = self._store.join(self._directory, checkpoint_name)
     self._step_counter = step_counter
     self._checkpoint_interval = checkpoint_interval
     self._init_fn = init_fn
-    self._last_checkpoint_step: int | None = None
+    self._last_checkpoint_step: int | None = last_checkpoint_step
     # Guards the recorded state (also used by the save thread). Reentrant: a
     # SIGTERM handler's save may run while the main thread holds it.
     self._lock = threading.RLock()
@@ -114,36 +149,51 @@ class CheckpointManager:
     """Reads the directory's state file; drops leftovers of interrupted saves."""
     now = time.time()
     wait_for_saves_into(self._directory)  # Their staging data looks like leftovers.
+    self._swept_leftovers = False
     if is_primary():
-      removed = self._store.remove_leftovers(self._directory, data_of)
-      if removed:
-        logger.info("Deleted what interrupted saves left in %s: %s.", self._directory, removed)
+      self._sweep_leftovers()
     state = read_state(self._directory)
     self._maybe_delete: collections.OrderedDict[str, float] = collections.OrderedDict()
     self._latest: str | None = None
-    self._last_preserved = now
+    # TF sets the clock back a second, so a manager re-created at once still
+    # counts keep_checkpoint_every_n_hours from before its first checkpoint.
+    self._last_preserved = now - 1.0
     if state is None:
       return
-    timestamps = state.all_model_checkpoint_timestamps
-    if len(timestamps) != len(state.all_model_checkpoint_paths):
-      timestamps = [now] * len(state.all_model_checkpoint_paths)
-    for path, stamp in zip(state.all_model_checkpoint_paths, timestamps, strict=True):
-      if self._owns(path) and is_committed(path):
-        self._maybe_delete[self._user_path(path)] = stamp
-    if state.last_preserved_timestamp is not None and state.last_preserved_timestamp <= now:
-      self._last_preserved = state.last_preserved_timestamp
-    if is_committed(state.model_checkpoint_path):
-      self._latest = self._user_path(state.model_checkpoint_path)
+    # As TF: the latest is kept even if deleted (restoring it then fails loudly
+    # instead of silently starting over), and a state file without timestamps
+    # (written by Checkpoint.save) makes nothing managed, so nothing is swept.
+    self._latest = self._user_path(state.model_checkpoint_path)
+    self._last_preserved = min(state.last_preserved_timestamp or 0.0, now)
+    timestamps = state.all_model_checkpoint_timestamps or [self._last_preserved] * len(
+      state.all_model_checkpoint_paths
+    )
+    for path, stamp in zip(state.all_model_checkpoint_paths, timestamps, strict=False):
+      if min(stamp, now) > self._last_preserved and self._owns(path) and is_committed(path):
+        self._maybe_delete[self._user_path(path)] = min(stamp, now)
+
+  def _sweep_leftovers(self) -> None:
+    """Deletes what interrupted saves left (by the process that writes the files:
+    process 0, or the first save's ``experimental_io_device`` task)."""
+    self._swept_leftovers = True
+    removed = self._store.remove_leftovers(self._directory, data_of)
+    if removed:
+      logger.info("Deleted what interrupted saves left in %s: %s.", self._directory, removed)
 
   def _owns(self, path: str) -> bool:
     """Whether ``path`` is one of this manager's own (deletable) checkpoints: a
     state file naming anything outside its directory never makes it delete that."""
-    return store_for(path) is self._store and self._store.parent_of(path, self._directory)
+    store = self._store
+    return (
+      store_for(path) is store
+      and store.within(path, self._directory)
+      and store.absolute(path) != store.absolute(self._directory)
+    )
 
   def _user_path(self, path: str) -> str:
     """State-file paths come back joined to the directory; keep the user's spelling."""
     if self._owns(path):
-      return self._store.join(self._directory, self._store.basename(path))
+      return self._store.join(self._directory, relative_to(self._store, self._directory, path))
     return path
 
   # -- TF's read-only properties -------------------------------------------
@@ -192,7 +242,7 @@ class CheckpointManager:
     self, checkpoint_number, check_interval: bool, options: CheckpointOptions
   ) -> SavePath | None:
     if self._checkpoint_interval is not None:
-      step = _read_step(self._step_counter)
+      step = self._read_step()
       if self._last_checkpoint_step is not None:
         if step == self._last_checkpoint_step:
           return None
@@ -200,7 +250,7 @@ class CheckpointManager:
           return None
       self._last_checkpoint_step = step
     if checkpoint_number is not None:
-      checkpoint_number = _read_step(checkpoint_number)
+      checkpoint_number = _checkpoint_number(checkpoint_number)
     prefix = self._prefix
 
     def path_for(counter: int) -> str:
@@ -209,6 +259,14 @@ class CheckpointManager:
     return save_checkpoint(
       self._checkpoint, SaveRequest(path_for, "save", self._record_and_sweep), options
     )
+
+  def _read_step(self) -> int:
+    counter = self._step_counter
+    if isinstance(counter, str):
+      value = getattr(self._checkpoint, counter)
+    else:
+      value = counter() if callable(counter) else counter
+    return int(np.asarray(value))
 
   def _record_and_sweep(self, path: str, owner: bool = True) -> None:
     with self._lock:
@@ -219,6 +277,8 @@ class CheckpointManager:
       if not owner:  # Every process tracks the list; one owns the files.
         return
       self._record_state(path)
+      if not self._swept_leftovers:  # The I/O task's storage may be its own.
+        self._sweep_leftovers()
     if doomed:  # After the state file stops naming them.
       retire_or_remove(doomed, self._directory)
       logger.info("Swept old checkpoints %s.", ", ".join(doomed))
@@ -253,16 +313,55 @@ class CheckpointManager:
     """Waits for the pending async save (and its sweep); raises if it failed."""
     self._checkpoint.sync()
 
-  def restore_or_initialize(self) -> str | None:
+  def restore_or_initialize(self, options: CheckpointOptions | None = None) -> str | None:
     """Restores the latest checkpoint (returning its path), else calls ``init_fn``.
 
-    Waits for pending saves first (TF forgets to).
+    Waits for pending saves first (TF forgets to). With several processes, the
+    latest checkpoint is the one process 0's manager knows (the
+    ``experimental_io_device`` task's, if ``options`` name one), so that every
+    process takes the same branch.
+
+    Args:
+      options: passed to `Checkpoint.restore` (e.g. ``experimental_io_device``).
+
+    Returns:
+      The restored checkpoint's path, or None when there was none.
+
+    Raises:
+      As `Checkpoint.restore`; CoordinationError if the processes cannot agree.
     """
+    options = _check_options(options)
     self.sync()
-    latest = self.latest_checkpoint
+    latest = self._agreed_latest(options)
     if latest is not None:
-      self._checkpoint.restore(latest)
+      self._checkpoint.restore(latest, options=options)
+      if self._checkpoint_interval is not None:  # As TF: save() at this step is skipped.
+        self._last_checkpoint_step = self._read_step()
       return latest
     if self._init_fn is not None:
       self._init_fn()
     return None
+
+  def _agreed_latest(self, options: CheckpointOptions) -> str | None:
+    coord = begin(
+      "choice of the checkpoint to restore",
+      options.timeout_s,
+      io_device=resolve_io_device(options.experimental_io_device),
+    )
+    if coord is None:
+      return self.latest_checkpoint
+    return json.loads(coord.share("latest", lambda: json.dumps(self.latest_checkpoint)))
+
+
+def _check_name(store, directory: str, name: str) -> None:
+  """TF joins ``checkpoint_name`` to the directory: ``""`` and ``"sub/ckpt"`` work; a
+  name that leads out of the directory (absolute, ``..``) is refused, as the manager
+  deletes what it names."""
+  if (
+    not isinstance(name, str)
+    or ".." in name.split("/")
+    or not store.within(store.join(directory, name), directory)
+  ):
+    raise InvalidOptionsError(
+      f"checkpoint_name must name a place inside {directory!r}, got {name!r}."
+    )

@@ -57,6 +57,9 @@ class Manifest:
   data: str | None = None
   # Arrays no process held whole: CRC-32 per stored shard, keyed by its slice.
   shard_checksums: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+  # False for a `write` by a Checkpoint whose counter does not exist yet (TF
+  # creates ``save_counter`` on first save/restore): no counter value is stored.
+  counter_saved: bool = True
 
   @classmethod
   def build(
@@ -70,6 +73,7 @@ class Manifest:
     digests: dict[str, str | None] | None = None,
     data: str | None = None,
     shard_checksums: dict[str, dict[str, int]] | None = None,
+    counter_saved: bool = True,
   ) -> Manifest:
     return cls(
       version=_knobs.FORMAT_VERSION,
@@ -82,6 +86,7 @@ class Manifest:
       digests=digests or {},
       data=data,
       shard_checksums=shard_checksums or {},
+      counter_saved=counter_saved,
     )
 
   def to_json(self) -> dict[str, Any]:
@@ -95,6 +100,8 @@ class Manifest:
     }
     if self.data is not None:
       out["data"] = self.data
+    if not self.counter_saved:
+      out["save_counter_saved"] = False
     return out
 
   def _leaf_json(self, name: str, info: LeafInfo) -> dict[str, Any]:
@@ -135,6 +142,7 @@ class Manifest:
         sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
         digests={n: i.get("sha1") for n, i in data["leaves"].items()},
         data=data.get("data"),
+        counter_saved=data.get("save_counter_saved", True) is not False,
         shard_checksums={
           n: {k: int(v) for k, v in i["shard_crc32"].items()}
           for n, i in data["leaves"].items()

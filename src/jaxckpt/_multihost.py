@@ -17,9 +17,12 @@ process that dies mid-save makes the others fail that save within
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import itertools
+import json
 import logging
 import threading
+from typing import Any
 
 import jax
 
@@ -30,6 +33,8 @@ from jaxckpt._errors import CoordinationError
 logger = logging.getLogger("jaxckpt")
 
 PRIMARY = 0
+_FAILED = "__failed__"  # An `agree` value saying the process failed before agreeing.
+_SHOWN = 3  # Differing tree entries named in a disagreement.
 
 # Per-process sequence of multi-process operations. Every process performs the
 # same saves and restores in the same order, so the n-th one has the same
@@ -120,27 +125,104 @@ class Coordination:
       return value
     return self.receive(name)
 
-  def agree(self, name: str, value: str) -> None:
+  def agree(
+    self, name: str, value: str | dict[str, Any], *, trees: dict[str, list] | None = None
+  ) -> None:
     """Checks that every process reached this operation with the same ``value``
-    (e.g. the path it saves to or restores from); all raise if one differs.
+    (the path, or the fields of its plan that change what is written or read);
+    all raise if one differs or reported a failure (`abandon`).
+
+    ``trees`` are compared by digest; only when digests differ are the lists
+    themselves exchanged, to name the entries that differ.
 
     Raises:
-      CoordinationError: the processes disagree (naming who said what), or one
-        did not report within ``timeout_s``.
+      CoordinationError: a process failed before agreeing, or the processes
+        disagree (naming the processes, the field and each value), or one did
+        not report within ``timeout_s``.
     """
     me = jax.process_index()
-    _client().key_value_set(self._key(f"agree/{name}/{me}"), value)
-    said = {me: value}
-    for process in range(process_count()):
-      if process != me:
-        said[process] = self.receive(f"agree/{name}/{process}", sender=process)
-    if len(set(said.values())) > 1:
+    fields = dict(value) if isinstance(value, dict) else {"value": value}
+    for field, entries in (trees or {}).items():
+      fields[field] = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+    mine = json.dumps(fields, sort_keys=True)
+    _client().key_value_set(self._key(f"agree/{name}/{me}"), mine)
+    late = self._gave_up(name)
+    if late is not None:
+      raise CoordinationError(
+        f"The {self.what} came too late: process {late} gave up waiting for it after "
+        f"{self.timeout_s:g} s (this process skipped or was slow on an earlier call). "
+        "Nothing was written or read; the next call pairs with the others' next call."
+      )
+    said = {me: json.loads(mine)}
+    try:
+      for process in range(process_count()):
+        if process != me:
+          said[process] = json.loads(self.receive(f"agree/{name}/{process}", sender=process))
+    except CoordinationError:
+      try:  # A process that comes later fails at once instead of pairing with our next call.
+        _client().key_value_set(self._key(f"agree/{name}/gave-up/{me}"), "1")
+      except Exception:
+        pass
+      raise
+    failed = {p: v[_FAILED] for p, v in sorted(said.items()) if _FAILED in v}
+    if failed:
+      raise CoordinationError(
+        f"The {self.what} was abandoned: "
+        + "; ".join(f"process {p} failed first ({why})" for p, why in failed.items())
+        + ". Nothing was written or read by this operation on any process; the next "
+        "identical call works once the cause is fixed."
+      )
+    for field, entries in (trees or {}).items():
+      if len({v.get(field) for v in said.values()}) > 1:  # Everyone sees it: exchange the trees.
+        _client().key_value_set(self._key(f"agree/{name}/{field}/{me}"), json.dumps(entries))
+        for process in said:
+          said[process][field] = (
+            entries
+            if process == me
+            else json.loads(self.receive(f"agree/{name}/{field}/{process}", sender=process))
+          )
+    differ = _differences(said)
+    if differ:
       raise CoordinationError(
         f"The processes disagree on the {self.what}: "
-        + "; ".join(f"process {p}: {v}" for p, v in sorted(said.items()))
+        + "; ".join(differ)
         + ". Every process must make the same save/restore calls, in the same order, "
-        "with the same paths; nothing was read or written."
+        "with the same paths, options and tree; nothing was read or written."
       )
+
+  def _gave_up(self, name: str) -> int | None:
+    """A process that stopped waiting for this agreement, if any."""
+    try:
+      entries = _client().key_value_dir_get(self._key(f"agree/{name}/gave-up/"))
+    except Exception:  # Nothing there.
+      return None
+    return int(entries[0][0].rsplit("/", 1)[-1]) if entries else None
+
+  def abandon(self, name: str, error: BaseException) -> None:
+    """Tells the other processes, waiting in ``agree(name, ...)``, that this one
+    failed before it got there, so that they raise at once instead of timing out
+    (and the next operation's numbering stays the same everywhere)."""
+    try:
+      _client().key_value_set(
+        self._key(f"agree/{name}/{jax.process_index()}"),
+        json.dumps({_FAILED: f"{type(error).__name__}: {error}"}),
+      )
+    except Exception as e:  # Already published, or the service is gone: they time out.
+      logger.debug("Could not report the failure of the %s: %s", self.what, e)
+
+  def failure_elsewhere(self, name: str) -> str | None:
+    """Another process's failure reported to ``agree(name, ...)`` so far, without waiting."""
+    me = jax.process_index()
+    for process in range(process_count()):
+      if process == me:
+        continue
+      try:
+        said = _client().key_value_try_get(self._key(f"agree/{name}/{process}"))
+      except Exception:  # Not reported (yet).
+        continue
+      if said and _FAILED in json.loads(said):
+        return f"process {process} failed ({json.loads(said)[_FAILED]})"
+    return None
 
   def barrier(self, name: str) -> None:
     try:
@@ -201,3 +283,40 @@ def sweep_keys(op: int) -> None:
       _client().key_value_delete(f"jaxckpt/{old}")  # The key and all under "jaxckpt/{old}/".
     except Exception as e:  # Housekeeping only.
       logger.debug("Could not delete coordination keys of operation %d: %s", old, e)
+
+
+def _differences(said: dict[int, dict[str, Any]]) -> list[str]:
+  """Each field whose value differs between processes, with every process's value."""
+  out = []
+  for field in sorted({f for values in said.values() for f in values}):
+    values = {p: v.get(field) for p, v in sorted(said.items())}
+    if len({json.dumps(v, sort_keys=True) for v in values.values()}) == 1:
+      continue
+    if all(isinstance(v, list) for v in values.values()):  # A tree: name its entries.
+      entries = {p: [json.dumps(e) for e in v] for p, v in values.items() if isinstance(v, list)}
+      reference, first = next(iter(entries.items()))
+      known = set(first)
+      for p, mine in entries.items():
+        have = set(mine)
+        extra = [e for e in mine if e not in known][:_SHOWN]
+        missing = [e for e in first if e not in have][:_SHOWN]
+        if extra or missing:
+          out.append(
+            f"{field}: process {p} has {', '.join(extra) or 'nothing more'} where "
+            f"process {reference} has {', '.join(missing) or 'nothing more'}"
+          )
+      continue
+    out.append(f"{field}: " + ", ".join(f"process {p}: {v!r}" for p, v in values.items()))
+  return out
+
+
+def timed_out(error: BaseException) -> bool:
+  """Whether ``error`` (or what it wraps) is a coordination-service deadline."""
+  seen: set[int] = set()
+  e: BaseException | None = error
+  while e is not None and id(e) not in seen:
+    seen.add(id(e))
+    if "DEADLINE_EXCEEDED" in str(e):
+      return True
+    e = e.__cause__ or e.__context__
+  return False

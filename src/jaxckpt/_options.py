@@ -9,6 +9,7 @@ from collections.abc import Callable
 from collections.abc import Iterable
 from typing import Any
 
+from jaxckpt._errors import InvalidCallbackError
 from jaxckpt._errors import InvalidOptionsError
 
 WriteCallback = Callable[..., Any]
@@ -55,7 +56,7 @@ def _check_callback(index: int, callback: Any) -> None:
     if p.kind is inspect.Parameter.KEYWORD_ONLY and p.default is inspect.Parameter.empty
   ]
   if len(required) > 1 or required_kw:
-    raise InvalidOptionsError(
+    raise InvalidCallbackError(
       f"experimental_write_callbacks[{index}] ({callback!r}) must take at most "
       f"one positional argument (the save path), got required parameters "
       f"{required + required_kw}. Give the others defaults or wrap it: "
@@ -74,7 +75,7 @@ def call_write_callback(callback: WriteCallback, save_path: str) -> None:
 class CheckpointOptions:
   """Options for `Checkpoint.save`/`write`/`restore`/`read`, as in TF.
 
-  The four parameters are TF's, in TF's order and with TF's meaning:
+  The six parameters are TF's, in TF's order and with TF's meaning:
 
   * ``experimental_io_device``: the device whose host does the file I/O
     (``None``, a TF device string such as ``"/job:localhost"`` or ``"cpu:0"``,
@@ -86,6 +87,14 @@ class CheckpointOptions:
     on the background thread.
   * ``enable_async``: write in the background; ``save`` returns once the
     snapshot is taken.
+  * ``experimental_skip_slot_variables``: on restore/read, leave optimizer
+    state (TF's slot variables; here leaves with an ``opt_state`` component in
+    their name) as it is; those values count as neither missing nor unused.
+  * ``experimental_sharding_callback``: TF's says how a checkpoint is split
+    into files; here a callable ``callback(name, shape, dtype)`` returning the
+    ``jax.sharding.Sharding`` each ``jax.Array`` leaf is written in (its
+    on-disk chunks follow it) and restored into, or None to keep the current
+    one. TF's ``ShardingCallback`` objects are not accepted.
 
   Unlike TF, assigning ``enable_async`` (or its alias) after construction keeps
   both in sync and takes effect.
@@ -128,6 +137,8 @@ class CheckpointOptions:
     "experimental_io_device",
     "_async",
     "_callbacks",
+    "experimental_skip_slot_variables",
+    "experimental_sharding_callback",
     "compression",
     "chunk_byte_size",
     "max_in_flight",
@@ -143,6 +154,8 @@ class CheckpointOptions:
     experimental_enable_async_checkpoint: bool = False,
     experimental_write_callbacks: Iterable[WriteCallback] | None = None,
     enable_async: bool = False,
+    experimental_skip_slot_variables: bool = False,
+    experimental_sharding_callback: Callable[..., Any] | None = None,
     *,
     compression: bool = False,
     chunk_byte_size: int | None = None,
@@ -158,6 +171,9 @@ class CheckpointOptions:
     self._async = False
     self.enable_async = bool(experimental_enable_async_checkpoint or enable_async)
     self.experimental_write_callbacks = experimental_write_callbacks
+    _check_restore_extras(experimental_skip_slot_variables, experimental_sharding_callback)
+    self.experimental_skip_slot_variables = experimental_skip_slot_variables
+    self.experimental_sharding_callback = experimental_sharding_callback
     if not isinstance(compression, bool):
       raise InvalidOptionsError(f"compression must be a bool, got {compression!r}.")
     _check_positive("chunk_byte_size", chunk_byte_size, allow_none=True)
@@ -268,6 +284,8 @@ class CheckpointOptions:
 
 
 _KNOB_DEFAULTS = {
+  "experimental_skip_slot_variables": False,
+  "experimental_sharding_callback": None,
   "compression": False,
   "chunk_byte_size": None,
   "max_in_flight": 1,
@@ -276,6 +294,19 @@ _KNOB_DEFAULTS = {
   "incremental": False,
   "timeout_s": 300.0,
 }
+
+
+def _check_restore_extras(skip_slot_variables: Any, sharding_callback: Any) -> None:
+  if not isinstance(skip_slot_variables, bool):
+    raise InvalidOptionsError(
+      f"experimental_skip_slot_variables must be a bool, got {skip_slot_variables!r}."
+    )
+  if sharding_callback is not None and not callable(sharding_callback):
+    raise InvalidOptionsError(
+      "experimental_sharding_callback must be None or a callable "
+      "(name, shape, dtype) -> jax.sharding.Sharding | None, got "
+      f"{type(sharding_callback).__name__}."
+    )
 
 
 def _check_positive(name: str, value: Any, *, allow_none: bool) -> None:

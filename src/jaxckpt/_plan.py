@@ -68,6 +68,7 @@ class SavePlan:
   callbacks: tuple[Callable[..., Any], ...]
   on_commit: Callable[[str, bool], None] | None
   nbytes: int
+  counter_saved: bool = True  # Whether the manifest records save_counter (see _manifest.py).
 
 
 def _check_leaves(leaves: list[Leaf]) -> None:
@@ -76,6 +77,23 @@ def _check_leaves(leaves: list[Leaf]) -> None:
     raise TreeError(
       f"Cannot save abstract values (jax.ShapeDtypeStruct) at {abstract[:5]}: they "
       "are restore targets. Restore or initialize them first."
+    )
+
+
+def _check_global(leaves: list[Leaf]) -> None:
+  """Orbax writes jax.Arrays only as global arrays when several processes write."""
+  local = [
+    leaf.name
+    for leaf in leaves
+    if isinstance(leaf.value, jax.Array) and leaf.value.is_fully_addressable
+  ]
+  if local:
+    raise TreeError(
+      f"Cannot save {local[:5]} with {jax.process_count()} processes: each is a "
+      "jax.Array on this process's devices only, and Orbax writes only global arrays "
+      "when several processes write. Make it global (jax.device_put onto a "
+      "NamedSharding over jax.devices()), or track np.asarray(value) to save this "
+      "process's value."
     )
 
 
@@ -107,6 +125,7 @@ def plan_save(
   save_counter: int,
   io_device: jax.Device | None,
   coordination: Coordination | None,
+  counter_saved: bool = True,
 ) -> SavePlan:
   """Decides everything about one save (see the module docstring).
 
@@ -120,6 +139,8 @@ def plan_save(
   _check_store(store, path, options, coordination)
   routed = coordination is not None and coordination.writers is not None
   layout = layout_for_store(store)
+  if coordination is not None and not routed and layout.has_fast_writer:
+    _check_global(leaves)
   single_writer = coordination is None or routed
   fast = (
     layout.has_fast_writer
@@ -147,6 +168,7 @@ def plan_save(
     callbacks=tuple(options.experimental_write_callbacks or ()),
     on_commit=request.on_commit,
     nbytes=sum(leaf.nbytes for leaf in leaves),
+    counter_saved=counter_saved,
   )
 
 

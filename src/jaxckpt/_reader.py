@@ -41,8 +41,14 @@ def _resolve(dir_or_path) -> str:
   return path  # read_manifest says what is wrong with it.
 
 
+COUNTER = "save_counter"  # Listed like TF's (int64, shape []); never an item name.
+
+
 class CheckpointReader:
   """Reads one checkpoint's variables as numpy arrays (TF's ``CheckpointReader``).
+
+  As in TF, ``save_counter`` is listed too (int64, shape ``[]``) unless the
+  checkpoint was written by a Checkpoint that never saved.
 
   Example:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
@@ -50,7 +56,7 @@ class CheckpointReader:
     >>> _ = jaxckpt.Checkpoint(model={"w": jnp.ones((2, 3))}).save(d + "/ckpt")
     >>> reader = jaxckpt.load_checkpoint(d)
     >>> reader.get_variable_to_shape_map()
-    {'model/w': [2, 3]}
+    {'model/w': [2, 3], 'save_counter': []}
     >>> reader.get_tensor("model/w").sum()
     np.float32(6.0)
   """
@@ -68,16 +74,23 @@ class CheckpointReader:
   def save_counter(self) -> int:
     return self._manifest.save_counter
 
+  def _counter(self) -> dict[str, int]:
+    return {COUNTER: self._manifest.save_counter} if self._manifest.counter_saved else {}
+
   def get_variable_to_shape_map(self) -> dict[str, list[int]]:
-    return {n: list(i.shape) for n, i in self._manifest.leaves.items()}
+    shapes = {n: list(i.shape) for n, i in self._manifest.leaves.items()}
+    return shapes | {name: [] for name in self._counter()}
 
   def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
-    return {n: stored_dtype(self._manifest, n) for n in self._manifest.leaves}
+    dtypes = {n: stored_dtype(self._manifest, n) for n in self._manifest.leaves}
+    return dtypes | {name: np.dtype(np.int64) for name in self._counter()}
 
   def has_tensor(self, name: str) -> bool:
-    return name in self._manifest.leaves
+    return name in self._manifest.leaves or name in self._counter()
 
   def get_tensor(self, name: str) -> np.ndarray:
+    if name in self._counter() and name not in self._manifest.leaves:
+      return np.asarray(self._counter()[name], np.int64)
     info = self._manifest.leaves.get(name)
     if info is None:
       raise VariableNotFoundError(

@@ -9,12 +9,15 @@ leaf before anything is read, so a mismatch changes nothing.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxckpt import _compat
+from jaxckpt._errors import CoordinationError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._errors import TreeError
 from jaxckpt._integrity import verify_all
@@ -27,6 +30,8 @@ from jaxckpt._layout import stored_dtype
 from jaxckpt._layout import target_sharding
 from jaxckpt._manifest import Manifest
 from jaxckpt._manifest import read_manifest
+from jaxckpt._multihost import Coordination
+from jaxckpt._multihost import timed_out
 from jaxckpt._plan import RestorePlan
 from jaxckpt._tree import Leaf
 
@@ -144,31 +149,87 @@ def restore_leaves(
   plan: RestorePlan, leaves: list[Leaf]
 ) -> tuple[str | None, Manifest | None, dict[str, Any]]:
   """Executes a restore plan: returns (path, manifest, {name: value}); (None, None,
-  {}) for a plan that restores nothing."""
+  {}) for a plan that restores nothing.
+
+  With several processes, each checks what it can alone (the manifest, shapes and
+  dtypes) and then all agree on the path, the manifest and the leaves to read
+  before any reads data: a mixed restore would assemble arrays from several
+  steps, and a process that failed alone would leave the others in Orbax's
+  barriers. A read that fails on one process fails on all.
+  """
   coord = plan.coordination
   if plan.routed and coord is not None:
     from jaxckpt._routed import restore_through  # _routed builds on this module.
 
     return restore_through(coord, plan.path, leaves, verify_checksums=plan.verify_checksums)
-  if coord is not None:  # A mixed restore would assemble arrays from several steps.
-    coord.agree("path", repr(plan.path))
-  if plan.path is None:
+  if coord is None:
+    if plan.path is None:
+      return None, None, {}
+    manifest = read_manifest(plan.path)
+    values = read_leaves(
+      plan.path, manifest, leaves, plan.io_device, verify_checksums=plan.verify_checksums
+    )
+    return plan.path, manifest, values
+  return _restore_together(plan, coord, leaves)
+
+
+def _restore_together(
+  plan: RestorePlan, coord: Coordination, leaves: list[Leaf]
+) -> tuple[str | None, Manifest | None, dict[str, Any]]:
+  manifest = None
+  try:
+    if plan.path is not None:
+      manifest = read_manifest(plan.path)
+      check_compatible(plan.path, manifest, leaves)
+  except Exception as e:
+    coord.abandon("restore", e)
+    raise
+  fields, trees = _restore_fields(plan.path, manifest, leaves)
+  coord.agree("restore", fields, trees=trees)
+  if plan.path is None or manifest is None:
     return None, None, {}
-  manifest = read_manifest(plan.path)
-  reader = (
-    ONE_PROCESS
-    if coord is None
-    else Reader(processes=frozenset(range(jax.process_count())), key_prefix=f"jaxckpt{coord.op}")
+  reader = Reader(
+    processes=frozenset(range(jax.process_count())),
+    key_prefix=f"jaxckpt{coord.op}",
+    timeout_s=coord.timeout_s,
   )
-  return (
-    plan.path,
-    manifest,
-    read_leaves(
+  try:
+    values = read_leaves(
       plan.path,
       manifest,
       leaves,
       plan.io_device,
       verify_checksums=plan.verify_checksums,
       reader=reader,
-    ),
-  )
+    )
+  except Exception as e:
+    elsewhere = coord.failure_elsewhere("read")
+    if elsewhere is not None:  # Orbax's barrier gave up on that process.
+      raise CoordinationError(
+        f"The restore of {plan.path!r} failed on another process: {elsewhere}."
+      ) from e
+    if timed_out(e):
+      raise CoordinationError(
+        f"The restore of {plan.path!r} gave up after {coord.timeout_s:g} s waiting for "
+        "the other processes inside the read (one may have died or be stuck); the "
+        f"checkpoint itself is not known to be damaged. ({type(e).__name__}: {e})"
+      ) from e
+    coord.abandon("read", e)
+    raise
+  coord.agree("read", "ok")
+  return plan.path, manifest, values
+
+
+def _restore_fields(
+  path: str | None, manifest: Manifest | None, leaves: list[Leaf]
+) -> tuple[dict[str, Any], dict[str, list]]:
+  """What processes must agree on before a restore reads: fields, and trees."""
+  fields: dict[str, Any] = {"path": path}
+  trees: dict[str, list] = {}
+  if manifest is not None:
+    body = json.dumps(manifest.to_json(), sort_keys=True).encode()
+    fields["checkpoint"] = f"saved at {manifest.created!r}, {hashlib.sha256(body).hexdigest()[:12]}"
+    trees["tracked arrays"] = [
+      [l.name, list(l.shape), l.dtype.name] for l in leaves if l.name in manifest.leaves
+    ]
+  return fields, trees

@@ -18,7 +18,9 @@ process K alone touches the filesystem (e.g. a ``/tmp`` only its host can see).
 
 from __future__ import annotations
 
+import functools
 import json
+from typing import Any
 
 import jax
 import numpy as np
@@ -38,15 +40,34 @@ from jaxckpt._tree import Leaf
 
 
 def gather(values: list[jax.Array]) -> list[np.ndarray]:
-  """Full host copies of ``values`` on every process (a collective: all must call)."""
+  """Full host copies of ``values`` on every process (a collective: all must call).
+
+  Floating-point arrays travel as same-width unsigned integers: the all-gather
+  would canonicalise NaN payloads (bf16 ``0x7FC1`` → ``0x7FC0``).
+  """
   local = [v.is_fully_addressable for v in values]
   # Fully addressable arrays are this process's own values (TF: its variables).
-  shared = [v for v, is_local in zip(values, local, strict=True) if not is_local]
+  shared = [_as_bits(v) for v, is_local in zip(values, local, strict=True) if not is_local]
   gathered = iter(multihost_utils.process_allgather(shared, tiled=True) if shared else [])
   return [
-    np.array(v) if is_local else np.asarray(next(gathered))
+    np.array(v) if is_local else np.asarray(next(gathered)).view(v.dtype)
     for v, is_local in zip(values, local, strict=True)
   ]
+
+
+_BITS = {2: jax.numpy.uint16, 4: jax.numpy.uint32, 8: jax.numpy.uint64, 1: jax.numpy.uint8}
+
+
+def _as_bits(value: jax.Array) -> jax.Array:
+  dtype = np.dtype(value.dtype)
+  if dtype.kind not in "fV" or dtype.itemsize not in _BITS:  # ml_dtypes floats are kind "V".
+    return value
+  return _bitcast(value, _BITS[dtype.itemsize])
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _bitcast(value: jax.Array, to: Any) -> jax.Array:
+  return jax.lax.bitcast_convert_type(value, to)
 
 
 def _to_words(a: np.ndarray) -> np.ndarray:

@@ -49,15 +49,23 @@ def state_file_path(directory: str) -> str:
   return store_for(directory).join(directory or ".", _knobs.STATE_FILE_NAME)
 
 
+def relative_to(store, directory: str, path: str) -> str:
+  """``path`` relative to ``directory``, which holds it (``"ckpt-1"``, ``"sub/ckpt-1"``)."""
+  root = store.absolute(directory or ".").rstrip("/")
+  return store.absolute(path)[len(root) + 1 :]
+
+
 def _relative(directory: str, path: str) -> str:
   store = store_for(directory)
-  if store_for(path) is store and store.parent_of(path, directory or "."):
-    return store.basename(path)
+  inside = store_for(path) is store and store.within(path, directory or ".")
+  if inside and store.absolute(path) != store.absolute(directory or "."):
+    return relative_to(store, directory, path)
   return path
 
 
 def _absolute(directory: str, path: str) -> str:
-  return store_for(directory).resolve(directory or ".", path)
+  # Joined as TF joins them: latest_checkpoint("") gives "ckpt-1", not "./ckpt-1".
+  return store_for(directory).resolve(directory, path) if directory else path
 
 
 def format_state(directory: str, state: CheckpointState) -> str:
@@ -105,6 +113,27 @@ def read_state(directory: str) -> CheckpointState | None:
     except (ValueError, TypeError):  # A damaged line: skipped, as TF's parser would fail.
       continue
   return state if state.model_checkpoint_path else None
+
+
+def get_checkpoint_state(checkpoint_dir: str | os.PathLike) -> CheckpointState | None:
+  """Returns the parsed ``checkpoint`` state file of a directory, or None if it has none.
+
+  Like ``tf.train.get_checkpoint_state``: paths come back joined to the
+  directory, and ``last_preserved_timestamp`` is 0.0 where the file has none
+  (the proto default).
+
+  Example:
+    >>> import jaxckpt, jax.numpy as jnp, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> path = jaxckpt.Checkpoint(step=jnp.array(0)).save(d + "/ckpt")
+    >>> state = jaxckpt.train.get_checkpoint_state(d)
+    >>> state.model_checkpoint_path == path, state.all_model_checkpoint_paths == [path]
+    (True, True)
+  """
+  state = read_state(fspath(checkpoint_dir))
+  if state is None:
+    return None
+  return dataclasses.replace(state, last_preserved_timestamp=state.last_preserved_timestamp or 0.0)
 
 
 def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:

@@ -15,6 +15,7 @@ and are reported as unused by the load status.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -32,6 +33,7 @@ from jaxckpt._errors import NotACheckpointError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._errors import TreeError
 from jaxckpt._errors import VariableNotFoundError
+from jaxckpt._multihost import Coordination
 from jaxckpt._restore import _ALLOWED
 from jaxckpt._restore import _group
 from jaxckpt._restore import as_tracked_type
@@ -271,10 +273,39 @@ def _check(path: str, reader: TFCheckpointReader, key: str, leaf: Leaf) -> None:
     )
 
 
+def _wanted(
+  prefix: str, reader: TFCheckpointReader, leaves: list[Leaf], name_map, skip_slots: bool
+) -> tuple[dict[str, str], list[Leaf]]:
+  """({name: TF key} the checkpoint holds, the tracked leaves among them), all checked."""
+  keys: dict[str, str] = {}
+  for key, name in reader.tracked_names(name_map).items():
+    if skip_slots and _SLOT in key:
+      continue  # CheckpointOptions.experimental_skip_slot_variables, as in TF.
+    if name in keys:
+      raise InvalidOptionsError(
+        f"Both {keys[name]!r} and {key!r} of TF checkpoint {prefix!r} would restore into "
+        f"{name!r}; give each its own name with name_map (or None to leave one out)."
+      )
+    keys[name] = key
+  wanted = [leaf for leaf in leaves if leaf.name in keys]
+  for leaf in wanted:
+    _check(prefix, reader, keys[leaf.name], leaf)
+  return keys, wanted
+
+
 def restore_tf(
-  prefix: str, leaves: list[Leaf], name_map: NameMap | None
+  prefix: str,
+  leaves: list[Leaf],
+  name_map: NameMap | None,
+  coordination: Coordination | None = None,
+  *,
+  skip_slots: bool = False,
 ) -> tuple[dict[str, Any], set[str], int | None]:
   """Reads the tracked leaves a TF checkpoint holds.
+
+  With several processes each reads the files itself; they agree on the
+  checkpoint and the tracked arrays first and on the outcome last, as for
+  jaxckpt's own checkpoints, so a failure on one fails the restore on all.
 
   Returns:
     ({leaf name: value in the tracked value's type, dtype and sharding}, the
@@ -285,25 +316,33 @@ def restore_tf(
       (checked for all before anything is read).
     InvalidOptionsError: two TF keys would restore into one name.
     CorruptCheckpointError: damaged files (the message names the tensor).
+    CoordinationError: another process failed, or the processes disagree.
   """
-  reader = TFCheckpointReader(prefix)
-  keys: dict[str, str] = {}
-  for key, name in reader.tracked_names(name_map).items():
-    if name in keys:
-      raise InvalidOptionsError(
-        f"Both {keys[name]!r} and {key!r} of TF checkpoint {prefix!r} would restore into "
-        f"{name!r}; give each its own name with name_map (or None to leave one out)."
-      )
-    keys[name] = key
-  wanted = [leaf for leaf in leaves if leaf.name in keys]
-  for leaf in wanted:
-    _check(prefix, reader, keys[leaf.name], leaf)
-  values = {}
-  for leaf in wanted:  # Values bound for devices are copied there: no host copy first.
-    on_device = isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct))
-    values[leaf.name] = as_tracked_type(
-      leaf, reader.get_tensor(keys[leaf.name], copy=not on_device)
+  try:
+    reader = TFCheckpointReader(prefix)
+    keys, wanted = _wanted(prefix, reader, leaves, name_map, skip_slots)
+  except Exception as e:
+    if coordination is not None:
+      coordination.abandon("restore", e)
+    raise
+  if coordination is not None:
+    index = hashlib.sha256(read_file(reader.bundle.index)).hexdigest()[:12]
+    tracked = [[l.name, list(l.shape), l.dtype.name] for l in wanted]
+    coordination.agree(
+      "restore", {"path": prefix, "checkpoint": f"TF index {index}"}, trees={"tracked": tracked}
     )
+  try:
+    values = {}
+    for leaf in wanted:  # Values bound for devices are copied there: no host copy first.
+      on_device = isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct))
+      value = reader.get_tensor(keys[leaf.name], copy=not on_device)
+      values[leaf.name] = as_tracked_type(leaf, value)
+  except Exception as e:
+    if coordination is not None:
+      coordination.abandon("read", e)
+    raise
+  if coordination is not None:
+    coordination.agree("read", "ok")
   mapped = set(keys.values()) | {SAVE_COUNTER_KEY, OBJECT_GRAPH_KEY}
   names = set(keys) | {k for k in reader.bundle.entries if k not in mapped}
   counter = reader.save_counter if SAVE_COUNTER_KEY in reader.bundle.entries else None

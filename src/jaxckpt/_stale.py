@@ -1,0 +1,80 @@
+"""Warns once when saves keep writing the same arrays while other values move.
+
+JAX arrays are immutable: ``params = update(params)`` makes a new array and
+leaves ``ckpt.params`` pointing at the old one. A TF user (whose variables are
+mutable) who updates ``ckpt.step`` but never re-assigns ``ckpt.params`` saves
+the initial weights forever. The sign is a save whose every tracked array is
+the very object of the previous save although a scalar (a step) changed.
+"""
+
+from __future__ import annotations
+
+import logging
+import weakref
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxckpt._tree import Leaf
+
+logger = logging.getLogger("jaxckpt")
+
+
+def _is_array(value: Any) -> bool:
+  # jax.Arrays only: a numpy array may have been updated in place.
+  return isinstance(value, jax.Array) and value.ndim > 0
+
+
+def _ref(value: Any) -> Any:
+  try:
+    return weakref.ref(value)
+  except TypeError:  # Python and numpy scalars: compared by value.
+    return None
+
+
+def _same(ref: Any, old: Any, value: Any) -> bool:
+  if ref is not None:
+    return ref() is value
+  try:
+    return bool(np.all(old == value)) and type(old) is type(value)
+  except Exception:  # noqa: BLE001 - Uncomparable: treated as changed.
+    return False
+
+
+class StaleSaves:
+  """One per `Checkpoint`: what its previous save held, and whether it warned."""
+
+  def __init__(self):
+    self._arrays: dict[str, Any] | None = None
+    self._scalars: dict[str, tuple[Any, Any]] = {}
+    self._warned = False
+
+  def check(self, leaves: list[Leaf], path: str) -> None:
+    arrays = {leaf.name: leaf.value for leaf in leaves if _is_array(leaf.value)}
+    scalars = {leaf.name: leaf.value for leaf in leaves if np.ndim(leaf.value) == 0}
+    previous, previous_scalars = self._arrays, self._scalars
+    self._arrays = {name: _ref(value) for name, value in arrays.items()}
+    self._scalars = {
+      name: (_ref(value), value if _ref(value) is None else None) for name, value in scalars.items()
+    }
+    if self._warned or previous is None or not arrays or set(previous) != set(arrays):
+      return
+    if not all(previous[n] is not None and previous[n]() is v for n, v in arrays.items()):
+      return
+    moved = [
+      name
+      for name, value in scalars.items()
+      if name in previous_scalars and not _same(*previous_scalars[name], value)
+    ]
+    if moved:
+      self._warned = True
+      logger.warning(
+        "Saving %s: every tracked array is the very object saved last time, but %s "
+        "changed. JAX arrays are immutable, so updating a local variable does not "
+        "update the Checkpoint: re-assign the items after each update (e.g. "
+        "ckpt.net = params; ckpt.opt_state = opt_state) before saving. "
+        "This warning is logged once.",
+        path,
+        ", ".join(repr(n) for n in moved[:5]),
+      )
