@@ -552,3 +552,26 @@ def test_two_processes_restore_a_tf_checkpoint_onto_one_mesh():
   )
   a = _expected("sharded/two", "a/.ATTRIBUTES/VARIABLE_VALUE").tolist()
   assert results == [{"a": a, "b": list(range(40)), "devices": 4, "local_shards": 2}] * 2
+
+
+def test_skip_slot_variables_leaves_tf_slots_alone():
+  like = {"l1": {"kernel": np.zeros((1, 5), np.float32), "bias": np.zeros(5, np.float32)}}
+  ckpt = jaxckpt.Checkpoint(optimizer={"m": {"net": like}, "iter": 0})
+  options = jaxckpt.CheckpointOptions(experimental_skip_slot_variables=True)
+  status = ckpt.restore(FIXTURES / "guide", options=options)
+  assert status.missing == {"optimizer/m/net/l1/kernel", "optimizer/m/net/l1/bias"}
+  assert not ckpt.optimizer["m"]["net"]["l1"]["kernel"].any() and ckpt.optimizer["iter"] == 3
+  assert "optimizer/v/net/l1/kernel" not in status.unused
+
+
+def test_a_manager_on_a_tf_directory_resumes_from_tfs_latest(tmp_path):
+  directory = _copy(tmp_path, "guide")
+  ckpt = _guide_port()
+  manager = jaxckpt.CheckpointManager(ckpt, directory, max_to_keep=1)
+  assert manager.restore_or_initialize() == str(directory / "ckpt-3")
+  assert int(ckpt.step) == 4 and ckpt.save_counter == 3
+  manager.save()
+  assert manager.save() == str(directory / "ckpt-5")
+  assert manager.checkpoints == [str(directory / "ckpt-5")]
+  assert {"ckpt-2.index", "ckpt-3.index", "ckpt-5"} <= set(os.listdir(directory))  # TF's kept.
+  assert "ckpt-4" not in os.listdir(directory)
