@@ -357,3 +357,14 @@ def restore_tf_checkpoint(path: str):
     "devices": len(ckpt.b.sharding.device_set),
     "local_shards": len(ckpt.b.addressable_shards),
   }
+
+
+def restore_tf_one_process_differs(path: str):
+  """Process 1 tracks `b` in another shape: every process refuses, none restores."""
+  shape = (40,) if jax.process_index() == 0 else (41,)
+  ckpt = jaxckpt.Checkpoint(b=np.zeros(shape, np.int32))
+  try:
+    ckpt.read(path)
+  except jaxckpt.JaxckptError as e:
+    return {"error": type(e).__name__, "restored": bool(ckpt.b.any())}
+  return {"error": None, "restored": bool(ckpt.b.any())}

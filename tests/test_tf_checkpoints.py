@@ -540,7 +540,7 @@ def test_values_read_for_numpy_are_writable():
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_two_processes_restore_a_tf_checkpoint_onto_one_mesh():
+def test_two_processes_restore_a_tf_checkpoint_onto_one_mesh_or_refuse_together():
   import distributed  # tests/distributed.py: real JAX processes on 127.0.0.1.
 
   results = distributed.launch(
@@ -552,6 +552,17 @@ def test_two_processes_restore_a_tf_checkpoint_onto_one_mesh():
   )
   a = _expected("sharded/two", "a/.ATTRIBUTES/VARIABLE_VALUE").tolist()
   assert results == [{"a": a, "b": list(range(40)), "devices": 4, "local_shards": 2}] * 2
+  results = distributed.launch(
+    "distributed_cases",
+    "restore_tf_one_process_differs",
+    2,
+    devices=1,
+    kwargs={"path": str(FIXTURES / "sharded" / "two")},
+  )
+  assert results == [
+    {"error": "CoordinationError", "restored": False},  # Told by process 1, at once.
+    {"error": "ShapeMismatchError", "restored": False},
+  ]
 
 
 def test_skip_slot_variables_leaves_tf_slots_alone():
