@@ -155,19 +155,43 @@ def save_a_donated_array(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x=x).save(tmp_path / "m")
 
 
-@_site(jaxckpt.TreeError, (ValueError,), "expected a numeric dtype")
-def save_a_string_array(tmp_path, monkeypatch):
-  jaxckpt.Checkpoint(x=np.array(["a"])).save(tmp_path / "m")
+@_site(jaxckpt.TreeError, (ValueError,), "expected a numeric, string or bytes dtype")
+def save_a_void_array(tmp_path, monkeypatch):
+  jaxckpt.Checkpoint(x=np.zeros(2, dtype="V4")).save(tmp_path / "m")
 
 
-@_site(jaxckpt.TreeError, (ValueError,), "is a builtins.str")
-def save_a_string_leaf(tmp_path, monkeypatch):
-  jaxckpt.Checkpoint(x=[jnp.ones(2), "relu"]).save(tmp_path / "m")
+@_site(jaxckpt.TreeError, (ValueError,), "numpy array of dtype object")
+def save_an_object_array(tmp_path, monkeypatch):
+  jaxckpt.Checkpoint(x=np.array([None, 1], dtype=object)).save(tmp_path / "m")
 
 
-@_site(jaxckpt.TreeError, (ValueError,), "cannot name a checkpoint entry")
-def save_a_key_with_a_slash(tmp_path, monkeypatch):
-  jaxckpt.Checkpoint(m={"a/b": 1}).save(tmp_path / "m")
+@_site(jaxckpt.TreeError, (ValueError,), "holds a builtins.set, which has no exact encoding")
+def save_a_state_that_has_no_encoding(tmp_path, monkeypatch):
+  class Stateful:
+    def get_state(self):
+      return {"seen": {1, 2}}
+
+    def set_state(self, state):
+      pass
+
+  jaxckpt.Checkpoint(it=Stateful()).save(tmp_path / "m")
+
+
+@_site(jaxckpt.TreeError, (ValueError,), "is a builtins.object")
+def save_an_object_leaf(tmp_path, monkeypatch):
+  jaxckpt.Checkpoint(x=[jnp.ones(2), object()]).save(tmp_path / "m")
+
+
+@_site(jaxckpt.TreeError, (ValueError,), "An empty key under 'm'")
+def save_an_empty_key(tmp_path, monkeypatch):
+  jaxckpt.Checkpoint(m={"": 1}).save(tmp_path / "m")
+
+
+@_site(jaxckpt.TreeError, (ValueError,), "contains itself")
+def save_a_checkpoint_that_tracks_itself(tmp_path, monkeypatch):
+  ckpt = jaxckpt.Checkpoint(x=1)
+  ckpt.me = ckpt
+  ckpt.save(tmp_path / "m")
 
 
 @_site(jaxckpt.TreeError, (ValueError,), "map to the same name 'm/0'")
@@ -310,14 +334,49 @@ def get_tensor_of_an_unknown_name(tmp_path, monkeypatch):
 # Restoring values (_restore.py, _integrity.py)
 
 
-@_site(jaxckpt.ShapeMismatchError, (ValueError,), r"shape \(3,\).*shape \(4,\)")
+@_site(jaxckpt.ShapeMismatchError, (ValueError,), r"'x': checkpoint \(3,\), tracked \(4,\)")
 def restore_into_another_shape(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x=jnp.zeros(4)).restore(_committed(tmp_path))
 
 
-@_site(jaxckpt.TreeError, (ValueError,), "casting float to int")
+@_site(jaxckpt.DtypeMismatchError, (ValueError,), "casting float to int")
 def restore_floats_into_ints(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x=jnp.zeros(3, jnp.int32)).restore(_committed(tmp_path))
+
+
+@_site(jaxckpt.DtypeMismatchError, (ValueError,), "'x': the checkpoint has a .* but the tracked")
+def restore_an_array_into_a_string(tmp_path, monkeypatch):
+  jaxckpt.Checkpoint(x="text").restore(_committed(tmp_path))
+
+
+@_site(jaxckpt.DtypeMismatchError, (ValueError,), "has a PCG64 Generator but the tracked one")
+def restore_a_generator_into_another_bit_generator(tmp_path, monkeypatch):
+  path = jaxckpt.Checkpoint(rng=np.random.default_rng(0)).write(tmp_path / "c")
+  jaxckpt.Checkpoint(rng=np.random.Generator(np.random.Philox(0))).restore(path)
+
+
+@_site(
+  jaxckpt.TreeError,
+  (ValueError,),
+  r"Restoring 'it': .*Refusing refused the checkpoint's state \(ValueError: not my",
+)
+def restore_a_state_the_object_refuses(tmp_path, monkeypatch):
+  class Refusing:
+    def get_state(self):
+      return b"state"
+
+    def set_state(self, state):
+      raise ValueError("not my pipeline")
+
+  path = jaxckpt.Checkpoint(it=Refusing()).write(tmp_path / "c")
+  jaxckpt.Checkpoint(it=Refusing()).restore(path)
+
+
+@_site(jaxckpt.NotACheckpointError, (ValueError,), "damaged jaxckpt manifest")
+def restore_a_damaged_value(tmp_path, monkeypatch):
+  path = jaxckpt.Checkpoint(x="text").write(tmp_path / "c")
+  _edit_manifest(path, lambda data: data["values"]["x"].update(value={"int": "zz"}))
+  jaxckpt.Checkpoint(x="").restore(path)
 
 
 @_site(jaxckpt.CorruptCheckpointError, (ValueError,), "'x' has CRC-32")
@@ -531,6 +590,8 @@ def test_enable_async_setter_raises_invalid_options_error():
     ({"max_to_keep": 1, "checkpoint_interval": 5}, "step_counter must be given"),
     ({"max_to_keep": 1, "checkpoint_name": "/elsewhere/b"}, "checkpoint_name"),
     ({"max_to_keep": 1, "checkpoint_interval": 5, "step_counter": 3}, "never changes"),
+    ({"max_to_keep": 1, "local_interval": 0}, "local_interval"),
+    ({"max_to_keep": 1, "local_directory": "memory://x"}, "local_directory must be a local path"),
   ],
 )
 def test_manager_arguments_raise_invalid_options_error(tmp_path, kwargs, match):

@@ -24,6 +24,8 @@ import pytest
 import jaxckpt
 from jaxckpt import _cli
 from jaxckpt import _tfbundle
+from jaxckpt import _tfcheckpoint
+from jaxckpt._tree import flatten_items
 
 FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "tf"
 EXPECTED = json.loads((FIXTURES / "expected.json").read_text())
@@ -586,3 +588,14 @@ def test_a_manager_on_a_tf_directory_resumes_from_tfs_latest(tmp_path):
   assert manager.checkpoints == [str(directory / "ckpt-5")]
   assert {"ckpt-2.index", "ckpt-3.index", "ckpt-5"} <= set(os.listdir(directory))  # TF's kept.
   assert "ckpt-4" not in os.listdir(directory)
+
+
+def test_tf_names_escape_like_jaxckpt_keys():
+  # TF escapes '/' in a local name as '.S' and '.' as '..'; jaxckpt as %2F and %2E.
+  assert _tfcheckpoint.tracked_name("m/a.Sb/..w/.ATTRIBUTES/VARIABLE_VALUE") == "m/a%2Fb/%2Ew"
+  ckpt = jaxckpt.Checkpoint(m={"a/b": {".w": np.zeros(2)}})
+  assert [leaf.name for item in flatten_items(ckpt._items) for leaf in item.leaves] == [
+    "m/a%2Fb/%2Ew"
+  ]
+  with pytest.raises(jaxckpt.DtypeMismatchError, match="string tensor but the tracked value"):
+    jaxckpt.Checkpoint(word=b"").read(FIXTURES / "dtypes" / "dtypes")

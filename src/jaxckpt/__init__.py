@@ -6,6 +6,7 @@ from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import CoordinationError
 from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import DtypeMismatchError
 from jaxckpt._errors import InvalidCallbackError
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import InvalidPathError
@@ -45,6 +46,7 @@ __all__ = (
   "CorruptCheckpointError",
   "CommitFuture",
   "CoordinationError",
+  "DtypeMismatchError",
   "InvalidCallbackError",
   "InvalidOptionsError",
   "InvalidPathError",

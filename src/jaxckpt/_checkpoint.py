@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from jaxckpt._background import Saver
+from jaxckpt._background import wait_for_saves_into
 from jaxckpt._commit import PLAN_AGREEMENT
 from jaxckpt._commit import SaveJob
 from jaxckpt._commit import agree_on_plan
@@ -88,6 +89,11 @@ class Checkpoint:
   arrays are immutable), in the dtype and sharding of the current values. As
   in TF, an item assigned after a restore under a name the checkpoint holds but
   nothing tracked then is restored on assignment (deferred restoration).
+  Leaves may also be ``str``, ``bytes``, numpy string arrays, ``complex`` and
+  ints of any size (restored exactly, with their saved Python types), or
+  objects with ``get_state()``/``set_state()`` and numpy ``Generator``s
+  (restored in place). An item that is a `Checkpoint` saves its items under
+  its name (``model/net/w``), as in TF.
 
   Because JAX arrays are values, not variables, re-assign items after each
   update (``ckpt.params = params``) before saving; a save whose every array is
@@ -158,6 +164,10 @@ class Checkpoint:
       raise UnknownItemError(
         f"Checkpoint tracks no item {name!r}; it tracks {sorted(self._items)}."
       )
+
+  def _tracked(self) -> dict[str, Any]:
+    """Its items: what a Checkpoint tracking this one saves under its name (_tree.py)."""
+    return self._items
 
   def __dir__(self):
     return sorted(set(super().__dir__()) | set(self._items))
@@ -258,6 +268,9 @@ class Checkpoint:
     restores ``optimizer/m/net/l1/kernel``, and ``save_counter`` the counter
     (``jaxckpt.load_checkpoint(path).tracked_names()`` lists them all).
 
+    An async save of ``save_path`` still in flight in this process (by any
+    Checkpoint) is waited for.
+
     Args:
       save_path: a checkpoint path, or None.
       options: a `CheckpointOptions`, or None for the defaults.
@@ -272,9 +285,14 @@ class Checkpoint:
 
     Raises:
       CheckpointNotFoundError: nothing at ``save_path`` (a FileNotFoundError).
-      ShapeMismatchError: a tracked value's shape differs (a ValueError);
-        nothing is restored.
-      CorruptCheckpointError: a TF checkpoint's files are damaged.
+      ShapeMismatchError: tracked values' shapes differ (a ValueError; the
+        message lists every mismatch); nothing is restored.
+      DtypeMismatchError: tracked values' dtypes cannot take the saved ones
+        without changing values (float to int, complex to real), or a kind
+        differs (a string where an array is tracked); a TreeError and a
+        ValueError. Nothing is restored.
+      NotACheckpointError, CorruptCheckpointError: the checkpoint is damaged
+        (a TF checkpoint's error names the file or tensor).
 
     Example:
       A JAX port of TF's "Training checkpoints" guide, restoring the guide's
@@ -326,6 +344,8 @@ class Checkpoint:
       restore_counter=restore_counter,
     )
     self._saver.wait()
+    if plan.path is not None:  # Another Checkpoint of this process may be writing it.
+      wait_for_saves_into(plan.path)
     items = flatten_items(self._items)
     flat = [leaf for item in items for leaf in item.leaves]
     if options.experimental_skip_slot_variables:
@@ -344,15 +364,15 @@ class Checkpoint:
         self._create_counter()
       return InitializationOnlyStatus({leaf.name for leaf in flat})
     for item in items:
-      if any(leaf.name in restored for leaf in item.leaves):
-        self._items[item.name] = item.rebuild(restored)
+      if item.owner is not None and any(leaf.name in restored for leaf in item.leaves):
+        item.owner[item.attr] = item.rebuild(restored)
     counter_tracked = restore_counter or self._counter_exists
     if restore_counter:
       self._create_counter()
     if manifest.counter_saved:
       target = "_save_counter" if counter_tracked else "_deferred_counter"
       object.__setattr__(self, target, manifest.save_counter)
-    stored = set(manifest.leaves)
+    stored = set(manifest.names)
     if options.experimental_skip_slot_variables:
       stored = {name for name in stored if not is_slot(name)}
     status = LoadStatus(
@@ -499,7 +519,8 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
         "checkpoints may read data from it. Choose a new path."
       )
     reused = reuse_by_identity(flat, checkpoint._history)
-  to_copy = [leaf for leaf in flat if leaf.name not in reused]
+  # Values go into the manifest; zero-size arrays have no bytes (the manifest rebuilds them).
+  to_copy = [leaf for leaf in flat if leaf.has_data and leaf.name not in reused]
   staged: list = []
   coord, io_device = plan.coordination, plan.io_device
   if plan.routed and coord is not None and io_device is not None:

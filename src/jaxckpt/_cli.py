@@ -241,11 +241,17 @@ def cmd_inspect(args) -> tuple[Any, int]:
     if args.values:
       row["value"] = reader.get_tensor(name).tolist()
     rows.append(row)
+  values: list[dict[str, Any]] = [  # In the manifest (strings, iterator states: _values.py).
+    {"name": n, "shape": list(v.shape), "kind": v.kind}
+    | ({"value": repr(reader.get_tensor(n))} if args.values else {})
+    for n, v in sorted(manifest.values.items())
+  ]
   result = {
     "path": reader.path,
     "format_version": manifest.version,
     "save_counter": manifest.save_counter,
     "arrays": rows,
+    "values": values,
   }
   if not args.json:
     reused = any(r["stored_in"] for r in rows)
@@ -262,11 +268,15 @@ def cmd_inspect(args) -> tuple[Any, int]:
         r["sharding"],
         *((r["stored_in"] or "",) if reused else ()),
       )
+    for v in values:
+      table.add_row(v["name"], str(tuple(v["shape"])), v["kind"], "", "manifest")
     console = _console()
     console.print(table)
     if args.values:
       for r in rows:
         console.print(f"tensor_name: {r['name']}\n{np.asarray(r['value'])}")
+      for v in values:
+        console.print(f"tensor_name: {v['name']}\n{v['value']}", markup=False)
   return result, 0
 
 

@@ -44,6 +44,12 @@ class ShapeMismatchError(JaxckptError, ValueError):
   """A checkpointed array and the tracked value at the same path differ in shape."""
 
 
+class DtypeMismatchError(TreeError):
+  """A checkpointed value and the tracked value at the same path differ in dtype
+  (beyond the casts restore makes: within a kind, int to float) or in kind (a
+  string where an array is tracked)."""
+
+
 class VariableNotFoundError(JaxckptError, KeyError):
   """`CheckpointReader.get_tensor` was asked for a name not in the checkpoint."""
 
@@ -118,3 +124,8 @@ class _ClosedPipe(JaxckptError, BrokenPipeError):
 
 class _FastReadUnsupported(JaxckptError):
   """This array is not for the fast read path (see _fastread.py); Orbax reads it."""
+
+
+class _LocalTierMismatch(JaxckptError):
+  """The local tier's shards do not fit the tracked values (see _shards.py); the
+  manager restores from the persistent tier instead."""

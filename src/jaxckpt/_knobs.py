@@ -33,3 +33,7 @@ FORMAT_VERSION: int = 1
 
 # Seconds `checkpoints_iterator` sleeps between looks at the state file (TF: 1).
 POLL_INTERVAL_S: float = 1.0
+
+# Local-tier files carry one CRC-32 per block of this many bytes, so that
+# writing and checking them runs on all cores.
+LOCAL_CRC_BLOCK: int = 8 << 20

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from jaxckpt import _tiers
 from jaxckpt._background import wait_for_saves_into
 from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._checkpoint import _check_options
@@ -89,6 +90,15 @@ class CheckpointManager:
   can never change) is refused. ``last_checkpoint_step`` seeds the interval
   check, as in TF.
 
+  A local tier (keyword-only ``local_directory``, ``local_interval``,
+  ``local_max_to_keep``) adds frequent per-process saves to a host-local
+  directory such as ``/dev/shm/run``: every ``local_interval`` steps each
+  process writes the shards it holds plus a replica of its ring neighbour's
+  (moved by a JAX collective), keeping ``local_max_to_keep`` steps. Saves are
+  then numbered by step (``checkpoint_number``, else ``step_counter``), and
+  `restore_or_initialize` restores the newest step that is complete in some
+  tier, preferring the local one; ``restored_tier`` says which was used.
+
   Example:
     >>> import jaxckpt, jax.numpy as jnp, tempfile, os
     >>> d = tempfile.mkdtemp()
@@ -111,6 +121,10 @@ class CheckpointManager:
     checkpoint_interval: int | None = None,
     init_fn: Callable[[], Any] | None = None,
     last_checkpoint_step: int | None = None,
+    *,
+    local_directory: str | os.PathLike | None = None,
+    local_interval: int = 1,
+    local_max_to_keep: int = 2,
   ):
     if not isinstance(checkpoint, Checkpoint):
       raise InvalidOptionsError(
@@ -139,6 +153,8 @@ class CheckpointManager:
     self._checkpoint_interval = checkpoint_interval
     self._init_fn = init_fn
     self._last_checkpoint_step: int | None = last_checkpoint_step
+    self._local = _tiers.local_tier(local_directory, local_interval, local_max_to_keep)
+    self.restored_tier: str | None = None  # "local" or "persistent" after restore_or_initialize.
     # Guards the recorded state (also used by the save thread). Reentrant: a
     # SIGTERM handler's save may run while the main thread holds it.
     self._lock = threading.RLock()
@@ -236,7 +252,14 @@ class CheckpointManager:
     """
     options = _check_options(options)
     with self._save_lock:
-      return self._save(checkpoint_number, check_interval, options)
+      if self._local is None:
+        return self._save(checkpoint_number, check_interval, options)
+      step = None if self._step_counter is None else self._read_step()
+      number = _tiers.numbered(checkpoint_number, step)
+      path = self._save(number, check_interval, options)
+      if self._local.due(int(np.asarray(number))):
+        self._local.save(self._checkpoint, int(np.asarray(number)), options.timeout_s)
+      return path
 
   def _save(
     self, checkpoint_number, check_interval: bool, options: CheckpointOptions
@@ -312,6 +335,8 @@ class CheckpointManager:
   def sync(self) -> None:
     """Waits for the pending async save (and its sweep); raises if it failed."""
     self._checkpoint.sync()
+    if self._local is not None:
+      self._local.wait()
 
   def restore_or_initialize(self, options: CheckpointOptions | None = None) -> str | None:
     """Restores the latest checkpoint (returning its path), else calls ``init_fn``.
@@ -333,7 +358,15 @@ class CheckpointManager:
     options = _check_options(options)
     self.sync()
     latest = self._agreed_latest(options)
+    if self._local is not None:
+      latest, self.restored_tier = _tiers.restore_newest(
+        self._local, self._checkpoint, latest, options.timeout_s
+      )
+      if latest is None and self._init_fn is not None:
+        self._init_fn()
+      return latest
     if latest is not None:
+      self.restored_tier = "persistent"
       self._checkpoint.restore(latest, options=options)
       if self._checkpoint_interval is not None:  # As TF: save() at this step is skipped.
         self._last_checkpoint_step = self._read_step()

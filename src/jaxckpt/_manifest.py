@@ -1,8 +1,9 @@
 """jaxckpt's own metadata inside each checkpoint (``<ckpt>/jaxckpt/metadata``).
 
 Orbax owns the array data (``<ckpt>/state``, a plain Orbax PyTree checkpoint);
-the manifest records what jaxckpt adds: format version, ``save_counter`` and
-each leaf's name, shape, dtype and Python kind. Its presence at the final path
+the manifest records what jaxckpt adds: format version, ``save_counter``,
+each leaf's name, shape, dtype and Python kind, and the values that are not
+arrays (strings, big ints, objects' states: see _values.py), exactly. Its presence at the final path
 is the commit marker, since the directory only gets there by an atomic rename.
 """
 
@@ -15,6 +16,7 @@ import time
 from typing import Any
 
 from jaxckpt import _knobs
+from jaxckpt import _values
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import NotACheckpointError
@@ -28,6 +30,18 @@ class LeafInfo:
   shape: tuple[int, ...]
   dtype: str
   kind: str  # "jax", "numpy", "bool", "int" or "float"
+
+
+@dataclasses.dataclass(frozen=True)
+class ValueInfo:
+  """A value stored in the manifest itself (see _values.py)."""
+
+  kind: str  # _values.VALUE, STATE or GENERATOR
+  data: Any  # Its tagged JSON.
+  shape: tuple[int, ...] = ()
+
+  def value(self) -> Any:
+    return _values.decode(self.data)
 
 
 def _timestamp(value: Any, where: str) -> float:
@@ -60,6 +74,14 @@ class Manifest:
   # False for a `write` by a Checkpoint whose counter does not exist yet (TF
   # creates ``save_counter`` on first save/restore): no counter value is stored.
   counter_saved: bool = True
+  values: dict[str, ValueInfo] = dataclasses.field(default_factory=dict)
+  # The full original key path of each name that escapes a key's '/' or '.' (_tree.py).
+  key_paths: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+
+  @property
+  def names(self) -> set[str]:
+    """Every name in the checkpoint: arrays and values."""
+    return set(self.leaves) | set(self.values)
 
   @classmethod
   def build(
@@ -80,7 +102,9 @@ class Manifest:
       save_counter=save_counter,
       kind=kind,
       created=time.time(),
-      leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves},
+      leaves={l.name: LeafInfo(l.shape, l.dtype.name, l.kind) for l in leaves if not l.is_value},
+      values={l.name: ValueInfo(l.kind, l.value, l.shape) for l in leaves if l.is_value},
+      key_paths={l.name: l.keys for l in leaves if l.keys is not None},
       checksums=checksums or {},
       sources=sources or {},
       digests=digests or {},
@@ -98,11 +122,20 @@ class Manifest:
       "created": self.created,
       "leaves": {n: self._leaf_json(n, i) for n, i in self.leaves.items()},
     }
+    if self.values:
+      out["values"] = {
+        n: {"kind": v.kind, "shape": list(v.shape), "value": v.data, **self._keys_json(n)}
+        for n, v in self.values.items()
+      }
     if self.data is not None:
       out["data"] = self.data
     if not self.counter_saved:
       out["save_counter_saved"] = False
     return out
+
+  def _keys_json(self, name: str) -> dict[str, Any]:
+    keys = self.key_paths.get(name)
+    return {} if keys is None else {"key_path": list(keys)}
 
   def _leaf_json(self, name: str, info: LeafInfo) -> dict[str, Any]:
     out: dict[str, Any] = {
@@ -117,7 +150,7 @@ class Manifest:
       out["sha1"] = self.digests[name]
     if self.shard_checksums.get(name):
       out["shard_crc32"] = self.shard_checksums[name]
-    return out
+    return {**out, **self._keys_json(name)}
 
   @classmethod
   def from_json(cls, data: dict[str, Any], where: str) -> Manifest:
@@ -148,12 +181,27 @@ class Manifest:
           for n, i in data["leaves"].items()
           if i.get("shard_crc32")
         },
+        values=_values_from_json(data.get("values", {})),
+        key_paths={
+          n: tuple(str(k) for k in i["key_path"])
+          for n, i in [*data["leaves"].items(), *data.get("values", {}).items()]
+          if "key_path" in i
+        },
       )
     except (KeyError, TypeError, ValueError, AttributeError) as e:
       # A truncated or hand-edited manifest: a NotACheckpointError, not a bare KeyError.
       raise NotACheckpointError(
         f"{where} is a damaged jaxckpt manifest ({type(e).__name__}: {e})."
       ) from e
+
+
+def _values_from_json(data: dict[str, Any]) -> dict[str, ValueInfo]:
+  out = {}
+  for name, entry in data.items():
+    info = ValueInfo(str(entry["kind"]), entry["value"], tuple(entry.get("shape", ())))
+    info.value()  # A damaged value fails here, as a damaged manifest.
+    out[name] = info
+  return out
 
 
 MANIFEST_KEY = f"{_knobs.MANIFEST_ITEM}/metadata"  # Where Orbax's JSON handler would put it.

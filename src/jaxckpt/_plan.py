@@ -141,13 +141,14 @@ def plan_save(
   layout = layout_for_store(store)
   if coordination is not None and not routed and layout.has_fast_writer:
     _check_global(leaves)
+  data = [leaf for leaf in leaves if leaf.has_data]  # What the layout writes.
   single_writer = coordination is None or routed
   fast = (
     layout.has_fast_writer
     and single_writer
     and not options.compression
     and not options.incremental
-    and _fastwrite.writes_all(leaves)
+    and _fastwrite.writes_all(data)
   )
   return SavePlan(
     path=path,

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import numpy as np
 
 from jaxckpt import _knobs
+from jaxckpt._background import wait_for_saves_into
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import VariableNotFoundError
 from jaxckpt._layout import stored_dtype
@@ -20,6 +22,7 @@ from jaxckpt._store import store_for
 from jaxckpt._tfcheckpoint import TFCheckpointReader
 from jaxckpt._tfcheckpoint import find_tf_checkpoint
 from jaxckpt._tree import Leaf
+from jaxckpt._tree import nest_keys
 
 
 def _resolve(dir_or_path) -> str:
@@ -63,6 +66,7 @@ class CheckpointReader:
 
   def __init__(self, path: str):
     self.path = path
+    wait_for_saves_into(path)  # A save of this process may still be writing it.
     self._manifest = read_manifest(path)
 
   @property
@@ -78,26 +82,73 @@ class CheckpointReader:
     return {COUNTER: self._manifest.save_counter} if self._manifest.counter_saved else {}
 
   def get_variable_to_shape_map(self) -> dict[str, list[int]]:
-    shapes = {n: list(i.shape) for n, i in self._manifest.leaves.items()}
+    """Every name's shape: arrays, values stored in the manifest (strings: []) and
+    ``save_counter``."""
+    values = {n: list(v.shape) for n, v in self._manifest.values.items()}
+    shapes = {**{n: list(i.shape) for n, i in self._manifest.leaves.items()}, **values}
     return shapes | {name: [] for name in self._counter()}
 
   def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
-    dtypes = {n: stored_dtype(self._manifest, n) for n in self._manifest.leaves}
+    """Every name's dtype; ``object`` for values that are not numpy arrays."""
+    values = {n: _value_dtype(v.value()) for n, v in self._manifest.values.items()}
+    dtypes = {**{n: stored_dtype(self._manifest, n) for n in self._manifest.leaves}, **values}
     return dtypes | {name: np.dtype(np.int64) for name in self._counter()}
 
   def has_tensor(self, name: str) -> bool:
-    return name in self._manifest.leaves or name in self._counter()
+    return name in self._manifest.names or name in self._counter()
 
-  def get_tensor(self, name: str) -> np.ndarray:
-    if name in self._counter() and name not in self._manifest.leaves:
+  def get_tensor(self, name: str) -> Any:
+    """The array (numpy) or value (its Python type) stored under ``name``."""
+    if name in self._counter() and name not in self._manifest.names:
       return np.asarray(self._counter()[name], np.int64)
-    info = self._manifest.leaves.get(name)
-    if info is None:
+    if name not in self._manifest.names:
       raise VariableNotFoundError(
-        f"{name!r} is not in checkpoint {self.path!r}; it has {sorted(self._manifest.leaves)[:10]}."
+        f"{name!r} is not in checkpoint {self.path!r}; it has {sorted(self._manifest.names)[:10]}."
       )
-    template = Leaf(name, np.zeros(info.shape, stored_dtype(self._manifest, name)))
-    return read_leaves(self.path, self._manifest, [template])[name]
+    return read_leaves(self.path, self._manifest, [self._template(name)])[name]
+
+  def _template(self, name: str) -> Leaf:
+    value = self._manifest.values.get(name)
+    if value is not None:
+      return Leaf(name, value.data, value_kind=value.kind, value_shape=value.shape)
+    info = self._manifest.leaves[name]
+    # np.empty: pages a read fills are never touched twice.
+    return Leaf(name, np.empty(info.shape, stored_dtype(self._manifest, name)))
+
+  def to_tree(self) -> dict[str, Any]:
+    """The whole checkpoint as nested dicts and lists, without a template.
+
+    Arrays come back as numpy arrays in their stored dtype (place them with
+    ``jax.device_put`` and the shardings you want), values as their Python
+    types, keys with ``/`` or ``.`` as they were. A dict whose keys are exactly
+    ``0 .. n-1`` comes back as a list (the names cannot tell them apart).
+
+    Example:
+      >>> import jaxckpt, jax.numpy as jnp, tempfile
+      >>> ckpt = jaxckpt.Checkpoint(model={"w": jnp.ones(2)}, step=3)
+      >>> path = ckpt.write(tempfile.mkdtemp() + "/c")
+      >>> jaxckpt.load_checkpoint(path).to_tree()
+      {'model': {'w': array([1., 1.], dtype=float32)}, 'step': array(3)}
+    """
+    names = sorted(self._manifest.names)
+    values = read_leaves(self.path, self._manifest, [self._template(n) for n in names])
+    return _listify(nest_keys({self._key_path(n): values[n] for n in names}))
+
+  def _key_path(self, name: str) -> tuple[str, ...]:
+    return self._manifest.key_paths.get(name) or tuple(name.split("/"))
+
+
+def _value_dtype(value: Any) -> np.dtype:
+  return value.dtype if isinstance(value, (np.ndarray, np.generic)) else np.dtype(object)
+
+
+def _listify(node: Any) -> Any:
+  if not isinstance(node, dict):
+    return node
+  node = {k: _listify(v) for k, v in node.items()}
+  if node and sorted(node) == sorted(str(i) for i in range(len(node))):
+    return [node[str(i)] for i in range(len(node))]
+  return node
 
 
 def load_checkpoint(dir_or_path) -> CheckpointReader | TFCheckpointReader:

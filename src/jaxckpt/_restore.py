@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 import jax
 import numpy as np
 
 from jaxckpt import _compat
+from jaxckpt import _values
 from jaxckpt._errors import CoordinationError
+from jaxckpt._errors import DtypeMismatchError
 from jaxckpt._errors import ShapeMismatchError
-from jaxckpt._errors import TreeError
 from jaxckpt._integrity import verify_all
 from jaxckpt._integrity import verify_shards
 from jaxckpt._layout import ONE_PROCESS
@@ -33,6 +35,7 @@ from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import timed_out
 from jaxckpt._plan import RestorePlan
+from jaxckpt._tree import SCALAR_TYPES
 from jaxckpt._tree import Leaf
 
 
@@ -51,25 +54,81 @@ def _group(dtype: np.dtype) -> str:
 _ALLOWED = {("int", "float"), ("bool", "int"), ("bool", "float")}
 
 
-def check_compatible(path: str, manifest: Manifest, leaves: list[Leaf]) -> None:
+def _value_problem(manifest: Manifest, leaf: Leaf) -> str | None:
+  """Why ``leaf`` cannot take the checkpoint's value or array of its name, or None."""
+  saved = manifest.values.get(leaf.name)
+  if saved is not None:
+    if leaf.kind == saved.kind == _values.GENERATOR:
+      ours, theirs = _values.decode(leaf.value), saved.value()
+      if ours.get("bit_generator") != theirs.get("bit_generator"):
+        return (
+          f"the checkpoint has a {theirs.get('bit_generator')} Generator but the tracked "
+          f"one uses {ours.get('bit_generator')}"
+        )
+      return None
+    if leaf.is_value and leaf.kind == saved.kind:
+      return None
+    if saved.kind == _values.VALUE and isinstance(leaf.value, SCALAR_TYPES) and not leaf.is_value:
+      return None  # A Python scalar takes the saved value (e.g. an int beyond int64).
+    return f"the checkpoint has a {saved.kind} but the tracked value is a {leaf.kind}"
+  if leaf.is_value and leaf.name in manifest.leaves:
+    info = manifest.leaves[leaf.name]
+    return (
+      f"the checkpoint has a {info.dtype} array of shape {tuple(info.shape)} but the "
+      f"tracked value is a {leaf.kind}"
+    )
+  return None
+
+
+def _mismatches(manifest: Manifest, leaves: list[Leaf]) -> tuple[list[str], list[str]]:
+  """Shape mismatches and dtype/kind mismatches, one line per tracked leaf."""
+  shapes, dtypes = [], []
   for leaf in leaves:
+    problem = _value_problem(manifest, leaf)
+    if problem is not None:
+      dtypes.append(f"'{leaf.name}': {problem}")
+      continue
     info = manifest.leaves.get(leaf.name)
-    if info is None:
+    if info is None or leaf.is_value:
       continue
     if tuple(info.shape) != leaf.shape:
-      raise ShapeMismatchError(
-        f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has shape "
-        f"{tuple(info.shape)} but the tracked value has shape {leaf.shape}. "
-        "Nothing was restored. Build the model with the checkpoint's shapes, or "
-        "stop tracking this value."
-      )
+      shapes.append(f"'{leaf.name}': checkpoint {tuple(info.shape)}, tracked {leaf.shape}")
+      continue
     saved, tracked = _group(stored_dtype(manifest, leaf.name)), _group(leaf.dtype)
     if saved != tracked and (saved, tracked) not in _ALLOWED:
-      raise TreeError(
-        f"Cannot restore '{leaf.name}' from {path!r}: the checkpoint has dtype "
-        f"{info.dtype} but the tracked value has dtype {leaf.dtype.name}; casting "
-        f"{saved} to {tracked} would change values. Nothing was restored."
+      dtypes.append(
+        f"'{leaf.name}': checkpoint {info.dtype}, tracked {leaf.dtype.name} (casting "
+        f"{saved} to {tracked} would change values)"
       )
+  return shapes, dtypes
+
+
+def check_compatible(path: str, manifest: Manifest, leaves: list[Leaf]) -> None:
+  """Checks every tracked leaf against the checkpoint before anything is read.
+
+  Raises:
+    ShapeMismatchError: some arrays differ in shape (all are listed, and any
+      dtype mismatches too).
+    DtypeMismatchError: some arrays' dtypes cannot be cast without changing
+      values, or a value's kind differs (e.g. a str where an array is tracked).
+  """
+  shapes, dtypes = _mismatches(manifest, leaves)
+  if not shapes and not dtypes:
+    return
+  lines = "\n  ".join(shapes + dtypes)
+  if shapes:
+    raise ShapeMismatchError(
+      f"Cannot restore from {path!r}: {len(shapes)} array(s) differ in shape "
+      f"(path: checkpoint vs tracked)"
+      + (f" and {len(dtypes)} in dtype" if dtypes else "")
+      + f":\n  {lines}\nNothing was restored. Build the model with the checkpoint's "
+      "shapes, or stop tracking these values."
+    )
+  raise DtypeMismatchError(
+    f"Cannot restore from {path!r}: {len(dtypes)} value(s) differ in dtype or kind:\n"
+    f"  {lines}\nNothing was restored. Track values of the checkpoint's dtypes "
+    "(restore casts within a kind and from int to float only)."
+  )
 
 
 def as_tracked_type(leaf: Leaf, value: Any) -> Any:
@@ -108,15 +167,18 @@ def read_leaves(
 
   With ``reader.host_only`` the values are whole numpy arrays in the stored dtype.
 
+  Values stored in the manifest come back as the saved Python values, zero-size
+  arrays (which have no data files) rebuilt from their shape and dtype.
+
   Raises:
-    ShapeMismatchError, TreeError: a tracked value cannot take the saved one.
+    ShapeMismatchError, DtypeMismatchError: a tracked value cannot take the saved one.
     CorruptCheckpointError: an array's data is unreadable or fails its CRC; the
       message names the checkpoint and the array.
   """
   check_compatible(path, manifest, leaves)
-  wanted = [l for l in leaves if l.name in manifest.leaves]
+  wanted = stored_arrays(manifest, leaves)
   if not wanted:
-    return {}
+    return {} if reader.host_only else without_data(manifest, leaves)
   read = layout_of(manifest).read(
     path, manifest, wanted, io_device=io_device, reader=reader, verify_checksums=verify_checksums
   )
@@ -142,7 +204,32 @@ def read_leaves(
         verify_shards(path, name, value, sums)
   if reader.host_only:
     return raw
-  return {**placed, **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted}}
+  return {
+    **without_data(manifest, leaves),
+    **placed,
+    **{leaf.name: as_tracked_type(leaf, raw[leaf.name]) for leaf in wanted},
+  }
+
+
+def stored_arrays(manifest: Manifest, leaves: list[Leaf]) -> list[Leaf]:
+  """The tracked leaves whose bytes the checkpoint's layout holds."""
+  return [
+    l
+    for l in leaves
+    if l.name in manifest.leaves and not l.is_value and math.prod(manifest.leaves[l.name].shape) > 0
+  ]
+
+
+def without_data(manifest: Manifest, leaves: list[Leaf]) -> dict[str, Any]:
+  """What the manifest alone restores: values, and zero-size arrays (no data files)."""
+  out = {l.name: manifest.values[l.name].value() for l in leaves if l.name in manifest.values}
+  for leaf in leaves:
+    info = manifest.leaves.get(leaf.name)
+    if info is not None and not leaf.is_value and math.prod(info.shape) == 0:
+      out[leaf.name] = as_tracked_type(
+        leaf, np.zeros(info.shape, stored_dtype(manifest, leaf.name))
+      )
+  return out
 
 
 def restore_leaves(

@@ -36,6 +36,8 @@ from jaxckpt._multihost import Coordination
 from jaxckpt._restore import as_tracked_type
 from jaxckpt._restore import check_compatible
 from jaxckpt._restore import read_leaves
+from jaxckpt._restore import stored_arrays
+from jaxckpt._restore import without_data
 from jaxckpt._tree import Leaf
 
 
@@ -167,7 +169,7 @@ def restore_through(
     manifest = Manifest.from_json(shared["manifest"], path)
   if path is None:
     return None, None, {}
-  wanted = [leaf for leaf in leaves if leaf.name in manifest.leaves]
+  wanted = stored_arrays(manifest, leaves)
   reader = Reader(
     processes=frozenset([io_process]),
     primary=io_process,
@@ -186,4 +188,5 @@ def restore_through(
   arrays = broadcast(
     None if raw is None else [raw[l.name] for l in wanted], specs, source=io_process
   )
-  return path, manifest, {l.name: _place(l, a) for l, a in zip(wanted, arrays, strict=True)}
+  placed = {l.name: _place(l, a) for l, a in zip(wanted, arrays, strict=True)}
+  return path, manifest, {**without_data(manifest, leaves), **placed}

@@ -28,10 +28,10 @@ import numpy as np
 from jaxckpt import _knobs
 from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._errors import CorruptCheckpointError
+from jaxckpt._errors import DtypeMismatchError
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import NotACheckpointError
 from jaxckpt._errors import ShapeMismatchError
-from jaxckpt._errors import TreeError
 from jaxckpt._errors import VariableNotFoundError
 from jaxckpt._multihost import Coordination
 from jaxckpt._restore import _ALLOWED
@@ -46,6 +46,7 @@ from jaxckpt._tfbundle import Entry
 from jaxckpt._tfbundle import numpy_dtype
 from jaxckpt._tfbundle import read_file
 from jaxckpt._tree import Leaf
+from jaxckpt._tree import escape_key
 
 NameMap = Callable[[str], "str | None"]
 
@@ -148,7 +149,8 @@ def _unescape(part: str) -> str:
 
 
 def _path(escaped: str) -> str:
-  return "/".join(_unescape(part) for part in escaped.split("/"))
+  """A TF object path as a leaf name: TF's escapes undone, jaxckpt's applied (_tree.py)."""
+  return "/".join(escape_key(_unescape(part)) for part in escaped.split("/"))
 
 
 def tracked_name(key: str) -> str | None:
@@ -254,19 +256,20 @@ class TFCheckpointReader:
 
 def _check(path: str, reader: TFCheckpointReader, key: str, leaf: Leaf) -> None:
   entry = reader.entry(key)
+  if leaf.is_value or entry.dtype == DT_STRING or numpy_dtype(entry.dtype) == np.dtype(object):
+    raise DtypeMismatchError(
+      f"Cannot restore '{leaf.name}' from TF checkpoint {path!r}: {key} is a "
+      f"{entry.dtype_name} tensor but the tracked value is a {leaf.kind}; only numeric "
+      "tensors restore into arrays (read strings with load_checkpoint(...).get_tensor)."
+    )
   if entry.shape != leaf.shape:
     raise ShapeMismatchError(
       f"Cannot restore '{leaf.name}' from TF checkpoint {path!r} ({key}): it has shape "
       f"{entry.shape} but the tracked value has shape {leaf.shape}. Nothing was restored."
     )
-  if entry.dtype == DT_STRING or numpy_dtype(entry.dtype) == np.dtype(object):
-    raise TreeError(
-      f"Cannot restore '{leaf.name}' from TF checkpoint {path!r}: {key} is a "
-      f"{entry.dtype_name} tensor; JAX leaves hold numbers. Stop tracking it."
-    )
   saved, tracked = _group(numpy_dtype(entry.dtype)), _group(leaf.dtype)
   if saved != tracked and (saved, tracked) not in _ALLOWED:
-    raise TreeError(
+    raise DtypeMismatchError(
       f"Cannot restore '{leaf.name}' from TF checkpoint {path!r}: it has dtype "
       f"{entry.dtype_name} but the tracked value has dtype {leaf.dtype.name}; casting "
       f"{saved} to {tracked} would change values. Nothing was restored."
@@ -312,7 +315,7 @@ def restore_tf(
     names the checkpoint holds (for the load status), its save_counter or None).
 
   Raises:
-    ShapeMismatchError, TreeError: a tracked value cannot take the saved one
+    ShapeMismatchError, DtypeMismatchError: a tracked value cannot take the saved one
       (checked for all before anything is read).
     InvalidOptionsError: two TF keys would restore into one name.
     CorruptCheckpointError: damaged files (the message names the tensor).

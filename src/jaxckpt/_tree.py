@@ -10,6 +10,14 @@ those are read through ``nnx.state`` and restored in place with ``nnx.update``,
 like TF restoring variables. Typed PRNG keys are stored as their key data and
 re-wrapped on restore. ``jax.ShapeDtypeStruct`` leaves (``jax.eval_shape`` /
 ``nnx.eval_shape`` models) are restore targets that need no initialization.
+Leaves that are not numeric arrays (strings, bytes, big ints, complex, objects
+with ``get_state``/``set_state``, numpy Generators) become *value* leaves, stored
+in the manifest (see _values.py). A nested `Checkpoint` contributes its items
+under its own name (``model/net/w``), as in TF.
+
+Keys containing ``/`` or ``.`` are escaped in names (``%2F``, ``%2E``): ``/``
+separates name parts and Orbax joins key paths with ``.``. The manifest keeps the
+original keys of escaped names, so a restore without a template gets them back.
 """
 
 from __future__ import annotations
@@ -19,14 +27,18 @@ import functools
 import math
 import sys
 from collections.abc import Mapping
+from collections.abc import MutableMapping
 from typing import Any
+from typing import cast
 
 import jax
 import numpy as np
 
+from jaxckpt import _values
 from jaxckpt._errors import TreeError
 
 SCALAR_TYPES = (bool, int, float)
+_ESCAPES = (("/", "%2F"), (".", "%2E"))
 
 
 def is_numeric_dtype(dtype) -> bool:
@@ -40,26 +52,47 @@ class Leaf:
   """One named leaf of a tracked item; ``value`` is what gets saved."""
 
   name: str
-  value: Any
+  value: Any  # Value leaves: the value's tagged JSON (_values.encode), taken now.
   key_impl: str | None = None  # Set for typed PRNG keys (value is their key data).
+  value_kind: str | None = None  # Set for value leaves: _values.VALUE / STATE / GENERATOR.
+  value_shape: tuple[int, ...] = ()  # A value leaf's shape as list_variables shows it.
+  # Where the name escapes a key: its full original path (item names, then keys).
+  keys: tuple[str, ...] | None = None
 
   @property
   def abstract(self) -> bool:
     return isinstance(self.value, jax.ShapeDtypeStruct)
 
   @property
+  def is_value(self) -> bool:
+    """Stored in the manifest, not as an array (see _values.py)."""
+    return self.value_kind is not None
+
+  @property
+  def has_data(self) -> bool:
+    """Whether the layout stores bytes for it: arrays with at least one element
+    (Orbax refuses zero-size arrays; the manifest's shape and dtype rebuild them)."""
+    return self.value_kind is None and math.prod(self.shape) > 0
+
+  @property
   def shape(self) -> tuple[int, ...]:
+    if self.value_kind is not None:
+      return self.value_shape
     shape = getattr(self.value, "shape", None)
     return tuple(shape) if shape is not None else tuple(np.shape(self.value))
 
   @property
   def dtype(self) -> np.dtype:
+    if self.value_kind is not None:
+      return np.dtype(object)
     if isinstance(self.value, SCALAR_TYPES):
       return np.asarray(self.value).dtype
     return np.dtype(self.value.dtype)
 
   @property
   def kind(self) -> str:
+    if self.value_kind is not None:
+      return self.value_kind
     if self.key_impl is not None:
       return f"prng_key:{self.key_impl}"
     if isinstance(self.value, (jax.Array, jax.ShapeDtypeStruct)):
@@ -70,6 +103,8 @@ class Leaf:
 
   @functools.cached_property  # Read by save() twice (budget, snapshot); once computed.
   def nbytes(self) -> int:
+    if self.value_kind is not None:
+      return 0  # Held by the manifest, not by the snapshot.
     if isinstance(self.value, jax.Array):
       return array_nbytes(self.value)
     nbytes = getattr(self.value, "nbytes", None)
@@ -143,18 +178,27 @@ def _to_leaf(name: str, value: Any) -> Leaf:
         impl,
       )
     return Leaf(name, value)
+  if _values.is_plain_value(value):
+    return Leaf(
+      name, _values.encode(value, name), value_kind=_values.VALUE, value_shape=np.shape(value)
+    )
   if isinstance(value, (np.ndarray, np.generic)):
     if not is_numeric_dtype(value.dtype):
       raise TreeError(
-        f"Leaf '{name}' is a numpy array of dtype {value.dtype}; expected a numeric dtype."
+        f"Leaf '{name}' is a numpy array of dtype {value.dtype}; expected a numeric, "
+        "string or bytes dtype."
       )
     return Leaf(name, value)
   if isinstance(value, SCALAR_TYPES):
     return Leaf(name, value)
+  kind = _values.stateful_kind(value)
+  if kind is not None:  # Its state now: the object may move on before the write.
+    return Leaf(name, _values.encode(_values.get_state(value, kind), name), value_kind=kind)
   raise TreeError(
     f"Leaf '{name}' is a {type(value).__module__}.{type(value).__qualname__}; "
-    "expected a jax.Array, a numpy array or a Python bool/int/float. Remove it "
-    "from the tracked item or register its type as a pytree node."
+    "expected a jax.Array, a numpy array, a Python scalar, str or bytes, or an "
+    "object with get_state()/set_state(). Remove it from the tracked item or "
+    "register its type as a pytree node."
   )
 
 
@@ -162,18 +206,25 @@ def _to_leaf(name: str, value: Any) -> Leaf:
 class Item:
   """One tracked item, flattened; `rebuild` puts restored values back."""
 
-  name: str
+  name: str  # Its name prefix: the item's name, below its nested Checkpoints' names.
   obj: Any
   leaves: list[Leaf]
   originals: list[Any]
   treedef: Any
   nnx: bool
+  # The items dict it is tracked in (its Checkpoint's, maybe a nested one) and its key.
+  owner: MutableMapping[str, Any] | None = None
+  attr: str = ""
 
   def rebuild(self, restored: Mapping[str, Any]) -> Any:
-    """Returns the item with restored values (NNX objects: updated in place)."""
+    """Returns the item with restored values (NNX objects and stateful objects:
+    updated in place)."""
     values = []
     for leaf, original in zip(self.leaves, self.originals, strict=True):
       if leaf.name not in restored:
+        values.append(original)
+      elif leaf.value_kind in (_values.STATE, _values.GENERATOR):
+        _set_state(leaf, original, restored[leaf.name])
         values.append(original)
       elif leaf.key_impl is not None:
         values.append(jax.random.wrap_key_data(restored[leaf.name], impl=leaf.key_impl))
@@ -186,34 +237,59 @@ class Item:
     return tree
 
 
-_NAMES: dict[tuple[str, Any], list[str]] = {}  # (item name, treedef) -> leaf names
+def _set_state(leaf: Leaf, obj: Any, state: Any) -> None:
+  try:
+    _values.set_state(obj, cast(str, leaf.value_kind), state)
+  except Exception as e:  # The object's own check, e.g. a Grain state of another pipeline.
+    raise TreeError(
+      f"Restoring '{leaf.name}': {type(obj).__qualname__} refused the checkpoint's "
+      f"state ({type(e).__name__}: {e}). Track the same kind of object that was saved."
+    ) from e
 
 
-def _leaf_names(item_name: str, tree: Any, nnx_object: bool) -> list[str]:
-  """Names for the leaves of ``tree``, from its key paths (validated)."""
-  names, seen = [], set()
+# (item name, treedef) -> leaf names and, per leaf, its original key path if escaped.
+_NAMES: dict[tuple[str, Any], tuple[list[str], list[tuple[str, ...] | None]]] = {}
+
+
+def escape_key(part: str) -> str:
+  """A key as one name part: ``/`` → ``%2F``, ``.`` → ``%2E`` (see the module docstring)."""
+  for char, escaped in _ESCAPES:
+    part = part.replace(char, escaped)
+  return part
+
+
+def _leaf_names(
+  item_name: str, tree: Any, nnx_object: bool
+) -> tuple[list[str], list[tuple[str, ...] | None]]:
+  """Names for the leaves of ``tree``, from its key paths (validated), and the
+  original key paths of the names that escape a key."""
+  names: list[str] = []
+  originals: list[tuple[str, ...] | None] = []
+  seen: dict[str, tuple[str, ...]] = {}
   for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]:
     keys = list(path)
     if nnx_object and keys and _key_name(keys[-1]) == "value":
       keys.pop()  # nnx.Variable's payload: name the variable, not its attribute.
+    raw = tuple(_key_name(key) for key in keys)
     parts = [item_name]
-    for key in keys:
-      part = _key_name(key)
-      if not part or "/" in part or "." in part:
+    for part in raw:
+      if not part:
         raise TreeError(
-          f"Key {part!r} under '{'/'.join(parts)}' cannot name a checkpoint "
-          "entry: keys must be non-empty and contain no '/' or '.'. Rename it."
+          f"An empty key under '{'/'.join(parts)}' cannot name a checkpoint entry. Rename it."
         )
-      parts.append(part)
+      parts.append(escape_key(part))
     name = "/".join(parts)
     if name in seen:
       raise TreeError(
-        f"Two leaves of item '{item_name}' map to the same name '{name}' "
-        "(e.g. dict keys 0 and '0'); make the keys distinct."
+        f"Two leaves of item '{item_name}' map to the same name '{name}': key paths "
+        f"{list(seen[name])} and {list(raw)} (keys 0 and '0' name alike, and a key's "
+        "'/' and '.' are stored as '%2F' and '%2E'); make the keys distinct."
       )
-    seen.add(name)
+    seen[name] = raw
     names.append(name)
-  return names
+    escaped = any(p != escape_key(p) for p in raw)
+    originals.append((*item_name.split("/"), *raw) if escaped else None)
+  return names, originals
 
 
 def flatten_item(item_name: str, item: Any) -> Item:
@@ -231,19 +307,47 @@ def flatten_item(item_name: str, item: Any) -> Item:
   tree = _nnx().state(item) if nnx_object else item
   values, treedef = jax.tree_util.tree_flatten(tree)
   key = (item_name, treedef)
-  names = _NAMES.get(key)
-  if names is None:
-    names = _leaf_names(item_name, tree, nnx_object)
+  named = _NAMES.get(key)
+  if named is None:
+    named = _leaf_names(item_name, tree, nnx_object)
     if len(_NAMES) > 256:
       _NAMES.clear()
-    _NAMES[key] = names
+    _NAMES[key] = named
+  names, escaped = named
   leaves = [_to_leaf(name, value) for name, value in zip(names, values, strict=True)]
+  for i, keys in enumerate(escaped):
+    if keys is not None:
+      leaves[i] = dataclasses.replace(leaves[i], keys=keys)
   return Item(item_name, item, leaves, values, treedef, nnx_object)
 
 
-def flatten_items(items: Mapping[str, Any]) -> list[Item]:
-  """Flattens all tracked items."""
-  return [flatten_item(name, item) for name, item in items.items()]
+def nested_items(obj: Any) -> MutableMapping[str, Any] | None:
+  """The items of a nested `Checkpoint` (it defines ``_tracked``), else None."""
+  tracked = getattr(type(obj), "_tracked", None)
+  return tracked(obj) if callable(tracked) else None
+
+
+def flatten_items(
+  items: MutableMapping[str, Any], prefix: str = "", _path: tuple[int, ...] = ()
+) -> list[Item]:
+  """Flattens all tracked items; a nested `Checkpoint`'s items under its name.
+
+  Raises:
+    TreeError: as `flatten_item`, or a Checkpoint tracks itself (a cycle).
+  """
+  out = []
+  for name, item in items.items():
+    full = prefix + name
+    inner = nested_items(item)
+    if inner is None:
+      flat = flatten_item(full, item)
+      flat.owner, flat.attr = items, name
+      out.append(flat)
+    elif id(inner) in _path or inner is items:
+      raise TreeError(f"Item '{full}' is a Checkpoint that contains itself; remove the cycle.")
+    else:
+      out.extend(flatten_items(inner, full + "/", (*_path, id(items))))
+  return out
 
 
 def nest(named: Mapping[str, Any]) -> dict[str, Any]:
@@ -252,6 +356,18 @@ def nest(named: Mapping[str, Any]) -> dict[str, Any]:
   for name, value in named.items():
     node = root
     *parents, last = name.split("/")
+    for part in parents:
+      node = node.setdefault(part, {})
+    node[last] = value
+  return root
+
+
+def nest_keys(named: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
+  """``{("a", "b.c"): x}`` → ``{"a": {"b.c": x}}``: a tree from key paths."""
+  root: dict[str, Any] = {}
+  for keys, value in named.items():
+    node = root
+    *parents, last = keys
     for part in parents:
       node = node.setdefault(part, {})
     node[last] = value
