@@ -224,8 +224,8 @@ def _wake(cond: threading.Condition) -> None:
 def _worker(ref: weakref.ref[Saver]) -> None:
   """The save thread of one `Saver`: runs its jobs in order.
 
-  Stays up between saves (a thread start costs ~1-5 ms on save()'s path under
-  load), for WORKER_IDLE_S without work and then until the staging buffers are
+  Stays up between saves (starting a thread would be on save()'s blocking path),
+  for WORKER_IDLE_S without work and then until the staging buffers are
   freed. While waiting it holds the Saver only weakly: a dropped Checkpoint frees
   its staging buffers at once and wakes the thread, which exits.
   """

@@ -83,10 +83,11 @@ def _gather_snapshot(leaves, io_process: int) -> dict[str, object]:
 class Checkpoint:
   """Groups pytrees of arrays to save and restore together, like ``tf.train.Checkpoint``.
 
-  Items are pytrees of ``jax.Array``, numpy arrays and Python scalars, passed as
-  keyword arguments or assigned as attributes later. Restoring replaces each
-  item with a tree of the same structure holding the checkpoint's values (JAX
-  arrays are immutable), in the dtype and sharding of the current values. As
+  Items are pytrees of ``jax.Array``, numpy arrays and Python scalars (and
+  Flax NNX modules and optimizers), passed as keyword arguments or assigned as
+  attributes later. Restoring replaces each item with a tree of the same
+  structure holding the checkpoint's values (JAX arrays are immutable), in the
+  dtype and sharding of the current values. As
   in TF, an item assigned after a restore under a name the checkpoint holds but
   nothing tracked then is restored on assignment (deferred restoration).
   Leaves may also be ``str``, ``bytes``, numpy string arrays, ``complex`` and
@@ -99,7 +100,14 @@ class Checkpoint:
   update (``ckpt.params = params``) before saving; a save whose every array is
   the very object of the previous save while other values moved logs a warning.
 
-  Example:
+  Args:
+    **items: the items to track, by name. Names must not contain ``/`` or
+      ``.`` and must not shadow a method (``save``, ``restore``, ...).
+
+  Raises:
+    TreeError: an item name is not allowed.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> prefix = tempfile.mkdtemp() + "/ckpt"
     >>> ckpt = jaxckpt.Checkpoint(params={"w": jnp.ones(3)}, step=0)
@@ -177,7 +185,15 @@ class Checkpoint:
 
   @property
   def save_counter(self) -> int:
-    """Number of `save` calls so far (restored by `restore`); `write` leaves it."""
+    """Number of `save` calls so far (restored by `restore`); `write` leaves it.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> ckpt = jaxckpt.Checkpoint(step=0)
+      >>> _ = ckpt.save(tempfile.mkdtemp() + "/ckpt")
+      >>> ckpt.save_counter
+      1
+    """
     self._create_counter()
     return self._save_counter
 
@@ -209,8 +225,19 @@ class Checkpoint:
 
     Raises:
       SaveError: this sync save failed, or an earlier async save failed.
-      TreeError, UnknownDeviceError, InvalidOptionsError: bad input; nothing
-        is written and the counter is unchanged.
+      TreeError: a tracked value cannot be saved; nothing is written and the
+        counter is unchanged.
+      UnknownDeviceError: ``options.experimental_io_device`` names no device.
+      InvalidOptionsError: ``options`` is not a `CheckpointOptions`.
+      InvalidPathError: ``file_prefix`` can never hold a checkpoint.
+      CoordinationError: with several processes, they name different paths.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> ckpt = jaxckpt.Checkpoint(step=7)
+      >>> path = ckpt.save(tempfile.mkdtemp() + "/ckpt")
+      >>> path.endswith("ckpt-1"), path.future.done()
+      (True, True)
     """
     prefix = fspath(file_prefix)
     store = store_for(prefix)
@@ -237,13 +264,34 @@ class Checkpoint:
       The checkpoint path, a ``str`` whose ``.future`` is its `CommitFuture`.
 
     Raises:
-      SaveError, TreeError, UnknownDeviceError, InvalidOptionsError: as `save`.
+      SaveError: as `save`; also TreeError, UnknownDeviceError,
+        InvalidOptionsError, InvalidPathError and CoordinationError.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> ckpt = jaxckpt.Checkpoint(step=7)
+      >>> path = ckpt.write(tempfile.mkdtemp() + "/exported")
+      >>> path.endswith("exported"), ckpt.save_counter
+      (True, 0)
     """
     path = fspath(file_prefix)
     return save_checkpoint(self, SaveRequest(lambda n: path, "write"), options)
 
   def sync(self) -> None:
-    """Waits for the pending async save; raises if it (or an earlier one) failed."""
+    """Waits for the pending async saves of this `Checkpoint`.
+
+    Raises:
+      SaveError: a pending (or an earlier, unreported) async save failed.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> ckpt = jaxckpt.Checkpoint(step=1)
+      >>> opts = jaxckpt.CheckpointOptions(enable_async=True)
+      >>> path = ckpt.save(tempfile.mkdtemp() + "/ckpt", options=opts)
+      >>> ckpt.sync()
+      >>> path.future.done()
+      True
+    """
     self._saver.wait()
 
   # -- restoring -----------------------------------------------------------
@@ -259,7 +307,9 @@ class Checkpoint:
 
     Waits for a pending async save first. ``save_path=None`` (e.g. from
     `latest_checkpoint` on a fresh directory) restores nothing and returns a
-    status whose assertions fail, as in TF.
+    status whose assertions fail, as in TF. Each item is replaced by a tree of
+    the same structure, in the dtype and sharding of its current values;
+    checkpoint values nothing tracks are not read.
 
     ``save_path`` may also be a TensorFlow checkpoint (``ckpt-3`` with its
     ``ckpt-3.index``, or a directory with TF's ``checkpoint`` state file):
@@ -272,8 +322,9 @@ class Checkpoint:
     Checkpoint) is waited for.
 
     Args:
-      save_path: a checkpoint path, or None.
-      options: a `CheckpointOptions`, or None for the defaults.
+      save_path: a checkpoint path (local or a kvstore URL), or None.
+      options: a `CheckpointOptions` (``experimental_io_device``,
+        ``verify_checksums``, ``timeout_s``), or None for the defaults.
       name_map: TF checkpoints only: called with each default name, returns
         the tracked leaf name to restore that value into, or None to leave it
         out (it is then reported as unused). For a Keras 2 model's
@@ -282,6 +333,9 @@ class Checkpoint:
           name_map=lambda n: "model/" + n.replace("layer_with_weights-", "layers/")
 
         restores ``layer_with_weights-1/kernel`` into ``model/layers/1/kernel``.
+
+    Returns:
+      A `LoadStatus` saying what matched.
 
     Raises:
       CheckpointNotFoundError: nothing at ``save_path`` (a FileNotFoundError).
@@ -293,8 +347,19 @@ class Checkpoint:
         ValueError. Nothing is restored.
       NotACheckpointError, CorruptCheckpointError: the checkpoint is damaged
         (a TF checkpoint's error names the file or tensor).
+      SaveError: a pending async save failed.
 
-    Example:
+    Examples:
+      >>> import jaxckpt, jax.numpy as jnp, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> ckpt = jaxckpt.Checkpoint(w=jnp.ones(2))
+      >>> _ = ckpt.save(d + "/ckpt")
+      >>> ckpt.w = jnp.zeros(2)
+      >>> ckpt.restore(jaxckpt.latest_checkpoint(d))
+      LoadStatus('...ckpt-1', matched=1, missing=0, unused=0)
+      >>> ckpt.w.tolist()
+      [1.0, 1.0]
+
       A JAX port of TF's "Training checkpoints" guide, restoring the guide's
       checkpoint (one of jaxckpt's test fixtures)::
 
@@ -324,6 +389,27 @@ class Checkpoint:
     As in TF, `save_counter` is restored only if it exists already (this
     Checkpoint saved or restored before); otherwise a stored counter is kept
     for its first save, and the status reports it unused.
+
+    Args:
+      save_path: a checkpoint path (local or a kvstore URL).
+      options: a `CheckpointOptions`, or None for the defaults.
+      name_map: as `restore`'s (TF checkpoints only).
+
+    Returns:
+      A `LoadStatus` saying what matched.
+
+    Raises:
+      CheckpointNotFoundError: as `restore`; also NotACheckpointError,
+        ShapeMismatchError, DtypeMismatchError, CorruptCheckpointError and SaveError.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> ckpt = jaxckpt.Checkpoint(step=3)
+      >>> path = ckpt.write(tempfile.mkdtemp() + "/exported")
+      >>> ckpt.step = 0
+      >>> _ = ckpt.read(path).assert_consumed()
+      >>> ckpt.step, ckpt.save_counter
+      (3, 0)
     """
     with self._lock:
       return self._restore(

@@ -130,7 +130,7 @@ def clear_caches() -> None:
 @_feature(
   "shard_args",
   "JAX's pxla.shard_args",
-  "snapshots use jax.device_put instead (slower save(): ~25 us of Python per array)",
+  "snapshots use jax.device_put instead (slower save(): more Python per array)",
 )
 def _find_shard_args():
   from jax._src.interpreters import pxla
@@ -159,8 +159,8 @@ def _any_deleted(values: list[jax.Array]) -> bool:
 def copy_arrays(values: list[jax.Array], targets: list[jax.sharding.Sharding]) -> list[jax.Array]:
   """New arrays with ``values``' data in ``targets``; issued, not waited for.
 
-  JAX's batched ``shard_args`` (what ``jax.device_put`` ends in) skips ~25 us of
-  Python per array: 1.4-1.7 instead of 4.6-6.1 ms for 200 arrays.
+  JAX's batched ``shard_args`` (what ``jax.device_put`` ends in) skips
+  ``device_put``'s per-array Python, which is on save()'s blocking path.
   """
   found = None if _any_deleted(values) else _FEATURES["shard_args"].get()
   if found is not None:
@@ -182,8 +182,8 @@ def copy_in_place(values: list[jax.Array], targets: list[jax.sharding.Sharding])
   """`copy_arrays` for fully addressable arrays whose targets are their own
   shardings, maybe in another memory kind: straight to the batched C++ copy
   ``shard_args`` ends in, without its per-array Python checks (sharding
-  comparisons and hashing: about half of the blocked time for the 197 arrays of
-  benchmarks/tpu_idle.py)."""
+  comparisons and hashing), which dominate save()'s blocked time for states of
+  many arrays."""
   found = None if _any_deleted(values) else _FEATURES["batched_copy"].get()
   if found is not None:
     batched_copy, always_copy = found
@@ -264,8 +264,9 @@ def uncommitted(value: jax.Array) -> jax.Array:
   """``value`` as an uncommitted array, sharing its buffers (no copy).
 
   JAX has no public way to drop the "committed" flag; the public fallback,
-  ``device_put`` of a numpy copy, cost 0.15 s per 512 MiB (TensorStore's numpy
-  output is 16-byte aligned, and JAX aliases only 64-byte-aligned host memory).
+  ``device_put`` of a numpy copy, copies every byte once more (TensorStore's
+  numpy output is 16-byte aligned, and JAX aliases only 64-byte-aligned host
+  memory).
   """
   array_impl = _FEATURES["uncommit"].get()
   if array_impl is not None and isinstance(value, array_impl):
@@ -553,7 +554,7 @@ def orbax_barrier_timeout(seconds: float) -> Iterator[None]:
   "metrics_fix",
   "Orbax's tensorstore_utils.get_tensorstore_raw_bytes (to divert)",
   "each save or restore through Orbax leaks what "
-  "ts.experimental_collect_matching_metrics returns (~5-25 KB of RSS per call, 2 calls "
+  "ts.experimental_collect_matching_metrics returns (a few KB of RSS per call, 2 calls "
   "per operation)",
 )
 def _find_metrics_fix():

@@ -1,8 +1,8 @@
 """The Orbax PyTree layout's fast writer: the files Orbax writes, written with TensorStore.
 
-Orbax spends about 1 ms of CPU per array in Python around each TensorStore
-write (specs, metrics, per-array asyncio tasks, sharding and metadata files),
-which dominates saves of many small arrays (benchmarks/throughput.py).
+Orbax spends CPU time in Python around each TensorStore write (specs, metrics,
+per-array asyncio tasks, sharding and metadata files), a per-array cost that
+dominates saves of many small arrays (benchmarks/throughput.py measures it).
 
 What is written is what Orbax writes for the same tree, so
 ``ocp.StandardCheckpointer().restore(f"{path}/state")`` and jaxckpt's readers

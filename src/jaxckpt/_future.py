@@ -14,8 +14,21 @@ class CommitFuture(concurrent.futures.Future):
   ``concurrent.futures.Future``: ``result(timeout)``, ``done()``,
   ``exception()``, ``add_done_callback`` and ``concurrent.futures.wait`` work.
 
+  Args:
+    path: the path being saved.
+
   Attributes:
     path: the path being saved (known before the save completes).
+
+  Examples:
+    >>> import jaxckpt, tempfile, concurrent.futures
+    >>> ckpt = jaxckpt.Checkpoint(step=1)
+    >>> opts = jaxckpt.CheckpointOptions(enable_async=True)
+    >>> future = ckpt.save(tempfile.mkdtemp() + "/ckpt", options=opts).future
+    >>> isinstance(future, concurrent.futures.Future)
+    True
+    >>> future.result(timeout=60) == future.path
+    True
   """
 
   def __init__(self, path: str):
@@ -38,7 +51,13 @@ class CommitFuture(concurrent.futures.Future):
 class SavePath(str):
   """The ``str`` path TF's ``save``/``write`` return, with its commit future.
 
-  Example:
+  A plain ``str`` everywhere a path is expected; pickles and copies as one.
+  Made by jaxckpt's saves (``SavePath(path, future)``), not by users.
+
+  Attributes:
+    future: the `CommitFuture` that resolves once the save is committed.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> ckpt = jaxckpt.Checkpoint(w=jnp.ones(3))
     >>> opts = jaxckpt.CheckpointOptions(enable_async=True)

@@ -54,12 +54,30 @@ class LoadStatus:
   `read` tracks it once it exists (after a save or restore), and a `write` by a
   Checkpoint that never saved stores none.
 
+  If checkpoint values were not restored and neither `assert_consumed` nor
+  `expect_partial` was called, a WARNING names them when the status is freed.
+
+  Args:
+    path: the checkpoint restored from.
+    tracked: the names the `Checkpoint` tracks.
+    in_checkpoint: the names the checkpoint holds.
+
   Attributes:
+    path: the checkpoint restored from.
     matched: names restored (tracked and in the checkpoint).
     missing: tracked names absent from the checkpoint (left unchanged).
     unused: checkpoint names nothing tracks (not read). An item assigned to the
       Checkpoint later under an unused name is restored then (TF's deferred
       restoration) and moves to ``matched``.
+
+  Examples:
+    >>> import jaxckpt, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> _ = jaxckpt.Checkpoint(a=1, b=2).save(d + "/ckpt")
+    >>> status = jaxckpt.Checkpoint(a=0, c=0).restore(jaxckpt.latest_checkpoint(d))
+    >>> sorted(status.matched), sorted(status.missing), sorted(status.unused)
+    (['a'], ['c'], ['b'])
+    >>> _ = status.expect_partial()
   """
 
   def __init__(
@@ -88,7 +106,20 @@ class LoadStatus:
     self._unused_box[0] = self.unused
 
   def assert_consumed(self) -> LoadStatus:
-    """Every checkpoint value was restored and every tracked value was found."""
+    """Checks that every checkpoint value was restored and every tracked value found.
+
+    Returns:
+      This status.
+
+    Raises:
+      LoadStatusError: a tracked value is missing from the checkpoint, or a
+        checkpoint value is not tracked (an AssertionError).
+
+    Examples:
+      >>> import jaxckpt
+      >>> jaxckpt.LoadStatus("ckpt-1", {"a"}, {"a"}).assert_consumed()
+      LoadStatus('ckpt-1', matched=1, missing=0, unused=0)
+    """
     self.assert_existing_objects_matched()
     if self.unused or self._counter_unused:
       raise LoadStatusError(
@@ -101,7 +132,20 @@ class LoadStatus:
     return self
 
   def assert_existing_objects_matched(self) -> LoadStatus:
-    """Every tracked value was found in the checkpoint (extra values are fine)."""
+    """Checks that every tracked value was found (extra checkpoint values are fine).
+
+    Returns:
+      This status.
+
+    Raises:
+      LoadStatusError: a tracked value is missing from the checkpoint.
+
+    Examples:
+      >>> import jaxckpt
+      >>> status = jaxckpt.LoadStatus("ckpt-1", {"a"}, {"a", "b"})
+      >>> status.expect_partial().assert_existing_objects_matched()
+      LoadStatus('ckpt-1', matched=1, missing=0, unused=1)
+    """
     if self.missing or self._counter_missing:
       raise LoadStatusError(
         f"Tracked values not found in checkpoint {self.path!r}: "
@@ -111,7 +155,20 @@ class LoadStatus:
     return self
 
   def assert_nontrivial_match(self) -> LoadStatus:
-    """At least one tracked value (``save_counter`` included, as in TF) was restored."""
+    """Checks that at least one tracked value (``save_counter`` included, as in TF)
+    was restored.
+
+    Returns:
+      This status.
+
+    Raises:
+      LoadStatusError: nothing tracked matched the checkpoint.
+
+    Examples:
+      >>> import jaxckpt
+      >>> jaxckpt.LoadStatus("ckpt-1", {"a", "c"}, {"a"}).assert_nontrivial_match()
+      LoadStatus('ckpt-1', matched=1, missing=1, unused=0)
+    """
     if not self.matched and not self._counter:
       raise LoadStatusError(
         f"Nothing tracked matched checkpoint {self.path!r} (tracked: "
@@ -120,7 +177,16 @@ class LoadStatus:
     return self
 
   def expect_partial(self) -> LoadStatus:
-    """Silences the warning about checkpoint values that were not restored."""
+    """Silences the warning about checkpoint values that were not restored.
+
+    Returns:
+      This status.
+
+    Examples:
+      >>> import jaxckpt
+      >>> jaxckpt.LoadStatus("ckpt-1", {"a"}, {"a", "b"}).expect_partial().unused
+      frozenset({'b'})
+    """
     self._silenced[0] = True
     return self
 

@@ -99,7 +99,28 @@ class CheckpointManager:
   `restore_or_initialize` restores the newest step that is complete in some
   tier, preferring the local one; ``restored_tier`` says which was used.
 
-  Example:
+  A manager only deletes checkpoints directly in its own ``directory``. Opening
+  one removes what interrupted saves left there, except the staging data of
+  saves still in flight.
+
+  Args:
+    checkpoint: the `Checkpoint` to save and restore.
+    directory: where the checkpoints and the state file live (local or a
+      ``memory://``, ``s3://``, ``gs://`` URL).
+    max_to_keep: how many recent checkpoints to keep; None keeps all.
+    keep_checkpoint_every_n_hours: also keep one checkpoint per this many
+      hours, outside ``max_to_keep``.
+    checkpoint_name: the prefix of the numbered checkpoints.
+    step_counter: the current step (or a callable returning it), for
+      ``checkpoint_interval``.
+    checkpoint_interval: save at most once per this many steps.
+    init_fn: called by `restore_or_initialize` when there is no checkpoint.
+
+  Raises:
+    InvalidOptionsError: a parameter has a bad type or value, or
+      ``checkpoint_interval`` is given without ``step_counter``.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile, os
     >>> d = tempfile.mkdtemp()
     >>> ckpt = jaxckpt.Checkpoint(w=jnp.ones(2))
@@ -216,24 +237,69 @@ class CheckpointManager:
 
   @property
   def directory(self) -> str:
+    """The directory given to the constructor.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), d, max_to_keep=1).directory == d
+      True
+    """
     return self._directory
 
   @property
   def checkpoint(self) -> Checkpoint:
+    """The managed `Checkpoint`.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> ckpt = jaxckpt.Checkpoint()
+      >>> jaxckpt.CheckpointManager(ckpt, tempfile.mkdtemp(), 1).checkpoint is ckpt
+      True
+    """
     return self._checkpoint
 
   @property
   def checkpoint_interval(self) -> int | None:
+    """Minimum steps between saves, or None.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), tempfile.mkdtemp(), 1,
+      ...                                     step_counter=lambda: 0, checkpoint_interval=100)
+      >>> manager.checkpoint_interval
+      100
+    """
     return self._checkpoint_interval
 
   @property
   def checkpoints(self) -> list[str]:
-    """Managed checkpoints, oldest first (those kept forever are not listed)."""
+    """Managed checkpoints, oldest first (those kept forever are not listed).
+
+    Examples:
+      >>> import jaxckpt, tempfile, os
+      >>> manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), tempfile.mkdtemp(), 2)
+      >>> for _ in range(3):
+      ...   _ = manager.save()
+      >>> [os.path.basename(p) for p in manager.checkpoints]
+      ['ckpt-2', 'ckpt-3']
+    """
     with self._lock:
       return list(self._maybe_delete)
 
   @property
   def latest_checkpoint(self) -> str | None:
+    """The newest checkpoint's path (once its save has committed), or None.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), tempfile.mkdtemp(), 1)
+      >>> print(manager.latest_checkpoint)
+      None
+      >>> path = manager.save()
+      >>> manager.latest_checkpoint == path
+      True
+    """
     with self._lock:
       return self._latest
 
@@ -249,6 +315,26 @@ class CheckpointManager:
 
     The sweep beyond ``max_to_keep`` and the state-file update run after the
     commit (on the background thread for async saves).
+
+    Args:
+      checkpoint_number: the number for the path (an int or a scalar array);
+        None uses the checkpoint's save counter.
+      check_interval: False saves regardless of ``checkpoint_interval``.
+      options: a `CheckpointOptions`, or None for the defaults.
+
+    Returns:
+      The checkpoint path (a `SavePath`), or None when
+      ``checkpoint_interval`` says it is not yet time.
+
+    Raises:
+      SaveError: as `Checkpoint.save`; also TreeError, UnknownDeviceError,
+        InvalidOptionsError, InvalidPathError and CoordinationError.
+
+    Examples:
+      >>> import jaxckpt, tempfile, os
+      >>> manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), tempfile.mkdtemp(), 3)
+      >>> os.path.basename(manager.save(checkpoint_number=1000))
+      'ckpt-1000'
     """
     options = _check_options(options)
     with self._save_lock:
@@ -333,7 +419,19 @@ class CheckpointManager:
     )
 
   def sync(self) -> None:
-    """Waits for the pending async save (and its sweep); raises if it failed."""
+    """Waits for the pending async save (and its sweep).
+
+    Raises:
+      SaveError: a pending (or an earlier, unreported) async save failed.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(), tempfile.mkdtemp(), 1)
+      >>> path = manager.save(options=jaxckpt.CheckpointOptions(enable_async=True))
+      >>> manager.sync()
+      >>> manager.latest_checkpoint == path
+      True
+    """
     self._checkpoint.sync()
     if self._local is not None:
       self._local.wait()
@@ -354,6 +452,20 @@ class CheckpointManager:
 
     Raises:
       As `Checkpoint.restore`; CoordinationError if the processes cannot agree.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(step=5), d, 1,
+      ...                                     init_fn=lambda: print("fresh start"))
+      >>> manager.restore_or_initialize()
+      fresh start
+      >>> _ = manager.save()
+      >>> restarted = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(step=0), d, 1)
+      >>> restarted.restore_or_initialize() == manager.latest_checkpoint
+      True
+      >>> restarted.checkpoint.step
+      5
     """
     options = _check_options(options)
     self.sync()

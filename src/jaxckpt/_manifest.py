@@ -1,10 +1,12 @@
 """jaxckpt's own metadata inside each checkpoint (``<ckpt>/jaxckpt/metadata``).
 
-Orbax owns the array data (``<ckpt>/state``, a plain Orbax PyTree checkpoint);
-the manifest records what jaxckpt adds: format version, ``save_counter``,
-each leaf's name, shape, dtype and Python kind, and the values that are not
-arrays (strings, big ints, objects' states: see _values.py), exactly. Its presence at the final path
-is the commit marker, since the directory only gets there by an atomic rename.
+The layout holds the arrays (``<ckpt>/state``, or a ``data-...`` prefix on a
+key-value store); the manifest records what jaxckpt adds: format version,
+``save_counter``, each leaf's name, shape, dtype, Python kind and CRC-32
+(plus incremental sources), and the values that are not arrays (strings, big
+ints, objects' states: see _values.py), exactly. Its presence at the final
+path is the commit marker on every store (see _store.py). docs/format.md
+specifies the schema; this is the only module that parses it.
 """
 
 from __future__ import annotations

@@ -75,54 +75,52 @@ def call_write_callback(callback: WriteCallback, save_path: str) -> None:
 class CheckpointOptions:
   """Options for `Checkpoint.save`/`write`/`restore`/`read`, as in TF.
 
-  The six parameters are TF's, in TF's order and with TF's meaning:
+  The six positional parameters are TF's, in TF's order and with TF's meaning;
+  the others are keyword-only. Unlike TF, assigning ``enable_async`` (or its
+  alias) after construction keeps both in sync and takes effect.
 
-  * ``experimental_io_device``: the device whose host does the file I/O
-    (``None``, a TF device string such as ``"/job:localhost"`` or ``"cpu:0"``,
-    or a ``jax.Device``). Changes where I/O happens, never what is saved.
-  * ``experimental_enable_async_checkpoint``: deprecated alias of
-    ``enable_async`` (passing it warns). The two are OR-merged.
-  * ``experimental_write_callbacks``: callables run in order after each
-    save/write is committed, as ``cb()`` or ``cb(save_path)``; for async saves
-    on the background thread.
-  * ``enable_async``: write in the background; ``save`` returns once the
-    snapshot is taken.
-  * ``experimental_skip_slot_variables``: on restore/read, leave optimizer
-    state (TF's slot variables; here leaves with an ``opt_state`` component in
-    their name) as it is; those values count as neither missing nor unused.
-  * ``experimental_sharding_callback``: TF's says how a checkpoint is split
-    into files; here a callable ``callback(name, shape, dtype)`` returning the
-    ``jax.sharding.Sharding`` each ``jax.Array`` leaf is written in (its
-    on-disk chunks follow it) and restored into, or None to keep the current
-    one. TF's ``ShardingCallback`` objects are not accepted.
+  Args:
+    experimental_io_device: the device whose host does the file I/O: None, a
+      TF device string (``"/job:localhost"``, ``"cpu:0"``, ``"/task:1"``) or a
+      ``jax.Device``. Changes where I/O happens, never what is saved.
+    experimental_enable_async_checkpoint: deprecated alias of
+      ``enable_async`` (passing it warns); the two are OR-merged.
+    experimental_write_callbacks: callables run in order after each save or
+      write is committed, as ``cb()`` or ``cb(save_path)``; for async saves on
+      the background thread.
+    enable_async: write in the background; ``save`` returns once the snapshot
+      is enqueued.
+    experimental_skip_slot_variables: on restore/read, leave optimizer state
+      (TF's slot variables; here leaves with an ``opt_state`` component in
+      their name) as it is; those values count as neither missing nor unused.
+    experimental_sharding_callback: TF's says how a checkpoint is split into
+      files; here a callable ``callback(name, shape, dtype)`` returning the
+      ``jax.sharding.Sharding`` each ``jax.Array`` leaf is written in (its
+      on-disk chunks follow it) and restored into, or None to keep the current
+      one. TF's ``ShardingCallback`` objects are not accepted.
+    compression: zstd-compress array chunks (off by default: random-looking
+      float weights barely compress, and it costs save and restore time).
+    chunk_byte_size: target TensorStore chunk size in bytes (default: one
+      chunk per device shard).
+    max_in_flight: async saves allowed in flight at once (default 1, like TF:
+      the next save waits for the previous commit).
+    memory_budget_bytes: cap on snapshot bytes held by in-flight saves; a save
+      that would exceed it waits for earlier commits and logs the wait.
+      Default: half the machine's physical memory.
+    verify_checksums: on restore/read, check each array against the CRC-32
+      recorded at save time.
+    incremental: do not write leaves unchanged since this Checkpoint's last
+      committed save (same array object, or same bytes); the new checkpoint
+      refers to the earlier one's data. Never overwrites an existing path.
+    timeout_s: with several JAX processes, how long a save or restore waits
+      for the others before failing with an error naming the missing process.
 
-  Unlike TF, assigning ``enable_async`` (or its alias) after construction keeps
-  both in sync and takes effect.
+  Raises:
+    InvalidOptionsError: a field has a bad type or value (a callback that is
+      not callable or takes more than one required argument, a non-positive
+      size, ``incremental`` with ``max_in_flight`` above 1).
 
-  JAX-specific knobs, keyword-only:
-
-  * ``compression``: zstd-compress array chunks. Off by default: on float
-    weights it saved 7.6% of bytes and cost ~2x save and restore time here.
-  * ``chunk_byte_size``: target TensorStore chunk size (default: one chunk per
-    device shard).
-  * ``max_in_flight``: async saves allowed in flight at once (default 1, like
-    TF: the next save waits for the previous commit).
-  * ``memory_budget_bytes``: cap on snapshot bytes held by in-flight saves; a
-    save that would exceed it waits for earlier commits and logs the wait.
-    Default: half the machine's physical memory. On CPU, arrays of 32 MiB and
-    more are snapshotted into the previous save's copies (staging buffers,
-    kept by the `Checkpoint` for up to 10 minutes between saves), so a
-    snapshot in steady state reuses memory instead of adding to it.
-  * ``verify_checksums``: on restore/read, check each array against the CRC-32
-    recorded at save time (default True).
-  * ``incremental``: do not write leaves unchanged since this Checkpoint's last
-    committed save (same array object, or same bytes); the new checkpoint
-    refers to the earlier one's data. Never overwrites an existing path.
-  * ``timeout_s``: with several JAX processes, how long a save or restore
-    waits for the other processes (barriers, the primary's commit) before
-    failing with an error that names the missing process (default 300).
-
-  Example:
+  Examples:
     >>> import jaxckpt
     >>> opts = jaxckpt.CheckpointOptions(enable_async=True,
     ...                                  experimental_write_callbacks=[print])
@@ -203,6 +201,18 @@ class CheckpointOptions:
 
   @property
   def enable_async(self) -> bool:
+    """Whether saves write in the background; assignable, unlike in TF.
+
+    Raises:
+      InvalidOptionsError: on assigning something other than a bool.
+
+    Examples:
+      >>> import jaxckpt
+      >>> opts = jaxckpt.CheckpointOptions()
+      >>> opts.enable_async = True
+      >>> opts.enable_async
+      True
+    """
     return self._async
 
   @enable_async.setter
@@ -215,7 +225,15 @@ class CheckpointOptions:
 
   @property
   def experimental_enable_async_checkpoint(self) -> bool:
-    """Deprecated alias of `enable_async`; reads and writes the same flag."""
+    """Deprecated alias of `enable_async`; reads and writes the same flag.
+
+    Assigning it warns (a DeprecationWarning) and sets `enable_async`.
+
+    Examples:
+      >>> import jaxckpt
+      >>> jaxckpt.CheckpointOptions(enable_async=True).experimental_enable_async_checkpoint
+      True
+    """
     return self._async
 
   @experimental_enable_async_checkpoint.setter
@@ -225,6 +243,18 @@ class CheckpointOptions:
 
   @property
   def experimental_write_callbacks(self) -> list[WriteCallback] | None:
+    """The write callbacks (a list, copied from any iterable), or None.
+
+    Raises:
+      InvalidOptionsError: on assigning a single callable, or a list holding
+        something that is not callable or takes more than one argument.
+
+    Examples:
+      >>> import jaxckpt
+      >>> opts = jaxckpt.CheckpointOptions(experimental_write_callbacks=(print,))
+      >>> opts.experimental_write_callbacks
+      [<built-in function print>]
+    """
     return self._callbacks
 
   @experimental_write_callbacks.setter
@@ -254,7 +284,18 @@ class CheckpointOptions:
     return self.__copy__()
 
   def copy(self) -> CheckpointOptions:
-    """Returns a copy with its own callback list."""
+    """Returns a copy with its own callback list (the callbacks are shared).
+
+    Returns:
+      A new `CheckpointOptions` equal to this one.
+
+    Examples:
+      >>> import jaxckpt
+      >>> opts = jaxckpt.CheckpointOptions(enable_async=True)
+      >>> other = opts.copy()
+      >>> other == opts, other is opts
+      (True, False)
+    """
     return copy.copy(self)
 
   def _key(self):

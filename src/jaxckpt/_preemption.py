@@ -44,6 +44,18 @@ def install_preemption_handler(
 
   Returns:
     A function that restores the previous handlers.
+
+  Raises:
+    InvalidOptionsError: ``target`` is neither a `CheckpointManager` nor a
+      `Checkpoint`, or ``file_prefix`` is missing for a `Checkpoint`.
+
+  Examples:
+    >>> import jaxckpt, signal, tempfile
+    >>> manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(step=0), tempfile.mkdtemp(), 3)
+    >>> uninstall = jaxckpt.install_preemption_handler(manager)
+    >>> signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    True
+    >>> uninstall()
   """
   if isinstance(target, Checkpoint) and file_prefix is None:
     raise InvalidOptionsError("file_prefix is required when target is a Checkpoint.")

@@ -53,7 +53,18 @@ class CheckpointReader:
   As in TF, ``save_counter`` is listed too (int64, shape ``[]``) unless the
   checkpoint was written by a Checkpoint that never saved.
 
-  Example:
+
+  Usually made by `load_checkpoint`. Variable names are the leaves' tree paths
+  joined with ``/`` (``"model/w"``).
+
+  Args:
+    path: a committed checkpoint's path (local or a kvstore URL).
+
+  Raises:
+    CheckpointNotFoundError: nothing is at ``path``.
+    NotACheckpointError: something is there, but not a committed checkpoint.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> d = tempfile.mkdtemp()
     >>> _ = jaxckpt.Checkpoint(model={"w": jnp.ones((2, 3))}).save(d + "/ckpt")
@@ -71,34 +82,109 @@ class CheckpointReader:
 
   @property
   def manifest(self) -> Manifest:
-    """jaxckpt's metadata of this checkpoint (leaf names, shapes, dtypes, CRCs)."""
+    """jaxckpt's metadata of this checkpoint (leaf names, shapes, dtypes, CRCs).
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> _ = jaxckpt.Checkpoint(step=1).save(d + "/ckpt")
+      >>> manifest = jaxckpt.load_checkpoint(d).manifest
+      >>> manifest.version, manifest.kind, sorted(manifest.leaves)
+      (1, 'save', ['step'])
+    """
     return self._manifest
 
   @property
   def save_counter(self) -> int:
+    """The `Checkpoint.save_counter` recorded in the checkpoint.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> _ = jaxckpt.Checkpoint(step=1).save(d + "/ckpt")
+      >>> jaxckpt.load_checkpoint(d).save_counter
+      1
+    """
     return self._manifest.save_counter
 
   def _counter(self) -> dict[str, int]:
     return {COUNTER: self._manifest.save_counter} if self._manifest.counter_saved else {}
 
   def get_variable_to_shape_map(self) -> dict[str, list[int]]:
-    """Every name's shape: arrays, values stored in the manifest (strings: []) and
-    ``save_counter``."""
+    """Returns every variable's shape: arrays, values stored in the manifest
+    (strings: ``[]``) and ``save_counter``.
+
+    Returns:
+      ``{name: shape}``, each shape a list of ints.
+
+    Examples:
+      >>> import jaxckpt, numpy as np, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> _ = jaxckpt.Checkpoint(w=np.zeros((2, 3)), step=4).save(d + "/ckpt")
+      >>> jaxckpt.load_checkpoint(d).get_variable_to_shape_map()
+      {'w': [2, 3], 'step': [], 'save_counter': []}
+    """
     values = {n: list(v.shape) for n, v in self._manifest.values.items()}
     shapes = {**{n: list(i.shape) for n, i in self._manifest.leaves.items()}, **values}
     return shapes | {name: [] for name in self._counter()}
 
   def get_variable_to_dtype_map(self) -> dict[str, np.dtype]:
-    """Every name's dtype; ``object`` for values that are not numpy arrays."""
+    """Returns every variable's stored dtype (``object`` for values that are not
+    numpy arrays).
+
+    Returns:
+      ``{name: numpy dtype}``.
+
+    Examples:
+      >>> import jaxckpt, numpy as np, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> _ = jaxckpt.Checkpoint(w=np.zeros(2, np.float16)).save(d + "/ckpt")
+      >>> jaxckpt.load_checkpoint(d).get_variable_to_dtype_map()
+      {'w': dtype('float16'), 'save_counter': dtype('int64')}
+    """
     values = {n: _value_dtype(v.value()) for n, v in self._manifest.values.items()}
     dtypes = {**{n: stored_dtype(self._manifest, n) for n in self._manifest.leaves}, **values}
     return dtypes | {name: np.dtype(np.int64) for name in self._counter()}
 
   def has_tensor(self, name: str) -> bool:
+    """Returns whether the checkpoint has a variable called ``name``.
+
+    Args:
+      name: a variable name, e.g. ``"model/w"``.
+
+    Returns:
+      True if the checkpoint holds it.
+
+    Examples:
+      >>> import jaxckpt, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> _ = jaxckpt.Checkpoint(model={"w": 1.0}).save(d + "/ckpt")
+      >>> reader = jaxckpt.load_checkpoint(d)
+      >>> reader.has_tensor("model/w"), reader.has_tensor("model/b")
+      (True, False)
+    """
     return name in self._manifest.names or name in self._counter()
 
   def get_tensor(self, name: str) -> Any:
-    """The array (numpy) or value (its Python type) stored under ``name``."""
+    """Reads one variable, checking its CRC-32.
+
+    Args:
+      name: a variable name, e.g. ``"model/w"``.
+
+    Returns:
+      The array (numpy, in its stored dtype) or value (its Python type).
+
+    Raises:
+      VariableNotFoundError: the checkpoint has no such variable (a KeyError).
+      CorruptCheckpointError: its data fails the CRC-32 or cannot be decoded.
+
+    Examples:
+      >>> import jaxckpt, numpy as np, tempfile
+      >>> d = tempfile.mkdtemp()
+      >>> _ = jaxckpt.Checkpoint(model={"w": np.arange(3.0)}).save(d + "/ckpt")
+      >>> jaxckpt.load_checkpoint(d).get_tensor("model/w")
+      array([0., 1., 2.])
+    """
     if name in self._counter() and name not in self._manifest.names:
       return np.asarray(self._counter()[name], np.int64)
     if name not in self._manifest.names:
@@ -123,7 +209,13 @@ class CheckpointReader:
     types, keys with ``/`` or ``.`` as they were. A dict whose keys are exactly
     ``0 .. n-1`` comes back as a list (the names cannot tell them apart).
 
-    Example:
+    Returns:
+      The tree: nested dicts and lists of numpy arrays and Python values.
+
+    Raises:
+      CorruptCheckpointError: an array fails its CRC-32 or cannot be decoded.
+
+    Examples:
       >>> import jaxckpt, jax.numpy as jnp, tempfile
       >>> ckpt = jaxckpt.Checkpoint(model={"w": jnp.ones(2)}, step=3)
       >>> path = ckpt.write(tempfile.mkdtemp() + "/c")
@@ -157,6 +249,27 @@ def load_checkpoint(dir_or_path) -> CheckpointReader | TFCheckpointReader:
   A TensorFlow checkpoint (a prefix with its ``.index`` file, or a directory
   with TF's ``checkpoint`` state file) gives a `TFCheckpointReader`, with TF's
   names and values; TensorFlow need not be installed.
+
+  Args:
+    dir_or_path: a checkpoint's path, or a directory whose state file names
+      its latest checkpoint (local or a kvstore URL).
+
+  Returns:
+    A `CheckpointReader`, or a `TFCheckpointReader` for a TF checkpoint.
+
+  Raises:
+    CheckpointNotFoundError: no committed checkpoint is there.
+    NotACheckpointError: something is there, but not a committed checkpoint
+      (or a TF state file names a checkpoint outside its directory).
+    CorruptCheckpointError: a TF checkpoint's index is damaged.
+
+  Examples:
+    >>> import jaxckpt, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> ckpt = jaxckpt.Checkpoint(step=1)
+    >>> _ = ckpt.save(d + "/ckpt"); _ = ckpt.save(d + "/ckpt")
+    >>> jaxckpt.load_checkpoint(d).path
+    '...ckpt-2'
   """
   tf_prefix = find_tf_checkpoint(dir_or_path)
   if tf_prefix is not None:
@@ -165,5 +278,22 @@ def load_checkpoint(dir_or_path) -> CheckpointReader | TFCheckpointReader:
 
 
 def list_variables(dir_or_path) -> list[tuple[str, list[int]]]:
-  """Returns ``[(name, shape), ...]`` sorted by name, like ``tf.train.list_variables``."""
+  """Lists a checkpoint's variables, like ``tf.train.list_variables``.
+
+  Args:
+    dir_or_path: a checkpoint's path, or a directory (its latest checkpoint).
+
+  Returns:
+    ``[(name, shape), ...]`` sorted by name, each shape a list of ints.
+
+  Raises:
+    CheckpointNotFoundError: as `load_checkpoint`; also NotACheckpointError.
+
+  Examples:
+    >>> import jaxckpt, numpy as np, tempfile
+    >>> d = tempfile.mkdtemp()
+    >>> _ = jaxckpt.Checkpoint(params={"b": np.zeros(2), "w": np.zeros((2, 2))}).save(d + "/c")
+    >>> jaxckpt.list_variables(d)
+    [('params/b', [2]), ('params/w', [2, 2]), ('save_counter', [])]
+  """
   return sorted(load_checkpoint(dir_or_path).get_variable_to_shape_map().items())

@@ -60,7 +60,7 @@ def exchange(data: bytes | np.ndarray | mmap.mmap, shift: int = 1) -> bytes:
   Returns:
     The bytes of process ``(me + shift) % process_count()``.
 
-  Example:
+  Examples:
     >>> exchange(b"abc")  # One process: its own bytes come back.
     b'abc'
   """

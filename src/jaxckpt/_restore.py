@@ -1,9 +1,9 @@
 """Restore: checkpoint leaves → values shaped like the currently tracked ones.
 
-Only leaves present both in the checkpoint and in the tracked items are read
-(Orbax partial restore). Each is read in its stored dtype, checked against its
-CRC-32, then cast to the tracked value's dtype and placed in its sharding (so a
-new mesh reshards) and Python type. Shapes and dtype kinds are checked for every
+Only leaves present both in the checkpoint and in the tracked items are read.
+Each is read in its stored dtype, checked against its CRC-32, then cast to the
+tracked value's dtype and placed in its sharding (so a new mesh reshards) and
+Python type. Shapes and dtype kinds are checked for every
 leaf before anything is read, so a mismatch changes nothing.
 """
 

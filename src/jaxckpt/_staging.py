@@ -235,7 +235,7 @@ class StagingPool:
   sets are kept (least recently returned dropped first), and none longer than
   ``idle_s`` without use (`drop_stale`).
 
-  Example:
+  Examples:
     >>> import jax.numpy as jnp
     >>> from jaxckpt._staging import StagingPool
     >>> pool = StagingPool(min_bytes=0)  # Default: arrays of 32 MiB and more.

@@ -122,7 +122,17 @@ def get_checkpoint_state(checkpoint_dir: str | os.PathLike) -> CheckpointState |
   directory, and ``last_preserved_timestamp`` is 0.0 where the file has none
   (the proto default).
 
-  Example:
+  Args:
+    checkpoint_dir: the directory (local or a kvstore URL).
+
+  Returns:
+    A `CheckpointState` (``model_checkpoint_path``, ``all_model_checkpoint_paths``,
+    ``all_model_checkpoint_timestamps``, ``last_preserved_timestamp``), or None.
+
+  Raises:
+    NotACheckpointError: the state file is damaged.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> d = tempfile.mkdtemp()
     >>> path = jaxckpt.Checkpoint(step=jnp.array(0)).save(d + "/ckpt")
@@ -145,7 +155,17 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
   directory of TensorFlow checkpoints it is TF's latest (a prefix such as
   ``ckpt-3``), which `Checkpoint.restore` and `load_checkpoint` read.
 
-  Example:
+  Args:
+    checkpoint_dir: the directory (local or a kvstore URL).
+
+  Returns:
+    The newest checkpoint's path, or None if there is none (e.g. a fresh
+    directory; `Checkpoint.restore` accepts None).
+
+  Raises:
+    InvalidPathError: ``checkpoint_dir`` is a URL that names no bucket.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> d = tempfile.mkdtemp()
     >>> path = jaxckpt.Checkpoint(step=jnp.array(0)).save(d + "/ckpt")

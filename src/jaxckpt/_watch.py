@@ -48,10 +48,13 @@ def checkpoints_iterator(
     timeout: the most seconds to wait for the next checkpoint; None waits forever.
     timeout_fn: called after a timeout (and after each yield); True stops.
 
-  Yields:
-    Checkpoint paths, as `latest_checkpoint` returns them.
+  Returns:
+    An iterator of checkpoint paths, as `latest_checkpoint` returns them.
 
-  Example:
+  Raises:
+    NotACheckpointError: the directory's state file is damaged.
+
+  Examples:
     >>> import jaxckpt, jax.numpy as jnp, tempfile
     >>> d = tempfile.mkdtemp()
     >>> path = jaxckpt.Checkpoint(w=jnp.ones(2)).save(d + "/ckpt")

@@ -5,7 +5,7 @@ A port can start as an import change: ``tf.train.Checkpoint`` becomes
 ``jaxckpt.train.CheckpointManager``, and so on; each name is the same object
 as its top-level ``jaxckpt`` name.
 
-Example:
+Examples:
   >>> import jaxckpt.train as train, jax.numpy as jnp, tempfile
   >>> d = tempfile.mkdtemp()
   >>> ckpt = train.Checkpoint(step=jnp.array(1))

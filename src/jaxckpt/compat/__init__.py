@@ -1,4 +1,10 @@
-"""``jaxckpt.compat``: aliases for code written against ``tf.compat``."""
+"""``jaxckpt.compat``: aliases for code written against ``tf.compat``.
+
+Examples:
+  >>> import jaxckpt
+  >>> jaxckpt.compat.v1.train.CheckpointOptions is jaxckpt.CheckpointOptions
+  True
+"""
 
 from jaxckpt.compat import v1
 

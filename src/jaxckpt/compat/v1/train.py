@@ -1,6 +1,6 @@
 """``jaxckpt.compat.v1.train``: ``tf.compat.v1.train.CheckpointOptions``.
 
-Example:
+Examples:
   >>> import jaxckpt
   >>> jaxckpt.compat.v1.train.CheckpointOptions is jaxckpt.CheckpointOptions
   True
