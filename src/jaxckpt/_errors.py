@@ -191,7 +191,13 @@ class CorruptCheckpointError(JaxckptError, ValueError):
 
 class UnsupportedTensorError(JaxckptError, TypeError):
   """A TF checkpoint holds a tensor jaxckpt cannot represent (a variant, resource
-  or quantized dtype), or was written big-endian."""
+  or quantized dtype), or was written big-endian.
+
+  Examples:
+    >>> import jaxckpt
+    >>> issubclass(jaxckpt.UnsupportedTensorError, TypeError)
+    True
+  """
 
 
 class SaveError(JaxckptError, RuntimeError):
