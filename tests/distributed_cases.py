@@ -341,3 +341,30 @@ def disagreeing_calls(directory: str):
   out["write_seconds"] = time.perf_counter() - start
   out["listing"] = sorted(os.listdir(directory))
   return out
+
+
+def restore_tf_checkpoint(path: str):
+  """Every process reads a TensorFlow checkpoint onto one global mesh."""
+  mesh = jax.make_mesh((jax.device_count(),), ("x",))
+  ckpt = jaxckpt.Checkpoint(
+    a=jax.ShapeDtypeStruct((2, 3), np.float32, sharding=NamedSharding(mesh, P())),
+    b=jax.ShapeDtypeStruct((40,), np.int32, sharding=NamedSharding(mesh, P("x"))),
+  )
+  ckpt.read(path).assert_consumed()
+  return {
+    "a": full(ckpt.a).tolist(),
+    "b": full(ckpt.b).tolist(),
+    "devices": len(ckpt.b.sharding.device_set),
+    "local_shards": len(ckpt.b.addressable_shards),
+  }
+
+
+def restore_tf_one_process_differs(path: str):
+  """Process 1 tracks `b` in another shape: every process refuses, none restores."""
+  shape = (40,) if jax.process_index() == 0 else (41,)
+  ckpt = jaxckpt.Checkpoint(b=np.zeros(shape, np.int32))
+  try:
+    ckpt.read(path)
+  except jaxckpt.JaxckptError as e:
+    return {"error": type(e).__name__, "restored": bool(ckpt.b.any())}
+  return {"error": None, "restored": bool(ckpt.b.any())}

@@ -502,6 +502,42 @@ def preemption_handler_for_something_else(tmp_path, monkeypatch):
   jaxckpt.install_preemption_handler(object(), signals=(signal.SIGUSR1,))
 
 
+# TensorFlow checkpoints (_tfcheckpoint.py, _tfbundle.py)
+
+_TF_FIXTURES = pathlib.Path(__file__).parent / "fixtures" / "tf"
+
+
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), r"index .*ckpt-3\.index.* damaged")
+def read_a_truncated_tf_index(tmp_path, monkeypatch):
+  directory = shutil.copytree(_TF_FIXTURES / "guide", tmp_path / "guide")
+  index = pathlib.Path(directory, "ckpt-3.index")
+  index.write_bytes(index.read_bytes()[:-10])
+  jaxckpt.load_checkpoint(directory)
+
+
+@_site(jaxckpt.UnsupportedTensorError, (TypeError,), "has dtype variant")
+def read_a_tf_variant(tmp_path, monkeypatch):
+  reader = jaxckpt.load_checkpoint(_TF_FIXTURES / "guide")
+  reader.get_tensor("iterator/.ATTRIBUTES/ITERATOR_STATE")
+
+
+@_site(jaxckpt.NotACheckpointError, (ValueError,), "outside that directory")
+def follow_a_tf_state_file_out_of_its_directory(tmp_path, monkeypatch):
+  directory = shutil.copytree(_TF_FIXTURES / "guide", tmp_path / "guide")
+  pathlib.Path(directory, "checkpoint").write_text('model_checkpoint_path: "../ckpt-3"\n')
+  jaxckpt.Checkpoint(step=0).restore(directory)
+
+
+@_site(jaxckpt.InvalidOptionsError, (TypeError, ValueError), "applies to TensorFlow")
+def restore_a_jaxckpt_checkpoint_with_a_name_map(tmp_path, monkeypatch):
+  jaxckpt.Checkpoint(x=jnp.arange(3.0)).restore(_committed(tmp_path), name_map=str)
+
+
+@_site(jaxckpt.VariableNotFoundError, (KeyError,), "is not in TF checkpoint")
+def get_a_tensor_a_tf_checkpoint_lacks(tmp_path, monkeypatch):
+  jaxckpt.load_checkpoint(_TF_FIXTURES / "guide").get_tensor("nope")
+
+
 @pytest.mark.parametrize("trigger, cls, builtin_bases, match", _SITES)
 def test_public_raise_site(tmp_path, monkeypatch, trigger, cls, builtin_bases, match):
   with pytest.raises(JaxckptError, match=match) as info:

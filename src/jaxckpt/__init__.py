@@ -19,6 +19,7 @@ from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._errors import TreeError
 from jaxckpt._errors import UnknownDeviceError
 from jaxckpt._errors import UnknownItemError
+from jaxckpt._errors import UnsupportedTensorError
 from jaxckpt._errors import VariableNotFoundError
 from jaxckpt._errors import WriteCallbackError
 from jaxckpt._future import CommitFuture
@@ -60,6 +61,7 @@ __all__ = (
   "TreeError",
   "UnknownDeviceError",
   "UnknownItemError",
+  "UnsupportedTensorError",
   "VariableNotFoundError",
   "WriteCallbackError",
   "checkpoints_iterator",

@@ -8,6 +8,7 @@ import os
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -49,6 +50,8 @@ from jaxckpt._state_file import CheckpointState
 from jaxckpt._state_file import write_state
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
+from jaxckpt._tfcheckpoint import find_tf_checkpoint
+from jaxckpt._tfcheckpoint import restore_tf
 from jaxckpt._tree import flatten_items
 
 logger = logging.getLogger("jaxckpt")
@@ -294,7 +297,11 @@ class Checkpoint:
   # -- restoring -----------------------------------------------------------
 
   def restore(
-    self, save_path: str | os.PathLike | None, options: CheckpointOptions | None = None
+    self,
+    save_path: str | os.PathLike | None,
+    options: CheckpointOptions | None = None,
+    *,
+    name_map: Callable[[str], str | None] | None = None,
   ) -> LoadStatus:
     """Restores tracked items and `save_counter` from a checkpoint.
 
@@ -304,16 +311,31 @@ class Checkpoint:
     the same structure, in the dtype and sharding of its current values;
     checkpoint values nothing tracks are not read.
 
+    ``save_path`` may also be a TensorFlow checkpoint (``ckpt-3`` with its
+    ``ckpt-3.index``, or a directory with TF's ``checkpoint`` state file):
+    TF's ``net/l1/kernel/.ATTRIBUTES/VARIABLE_VALUE`` restores the leaf
+    ``net/l1/kernel``, the slot ``net/l1/kernel/.OPTIMIZER_SLOT/optimizer/m/...``
+    restores ``optimizer/m/net/l1/kernel``, and ``save_counter`` the counter
+    (``jaxckpt.load_checkpoint(path).tracked_names()`` lists them all).
+
+    An async save of ``save_path`` still in flight in this process (by any
+    Checkpoint) is waited for.
+
     Args:
       save_path: a checkpoint path (local or a kvstore URL), or None.
       options: a `CheckpointOptions` (``experimental_io_device``,
         ``verify_checksums``, ``timeout_s``), or None for the defaults.
+      name_map: TF checkpoints only: called with each default name, returns
+        the tracked leaf name to restore that value into, or None to leave it
+        out (it is then reported as unused). For a Keras 2 model's
+        ``save_weights`` in a tracked item ``model`` with a ``layers`` list::
+
+          name_map=lambda n: "model/" + n.replace("layer_with_weights-", "layers/")
+
+        restores ``layer_with_weights-1/kernel`` into ``model/layers/1/kernel``.
 
     Returns:
       A `LoadStatus` saying what matched.
-
-    An async save of ``save_path`` still in flight in this process (by any
-    Checkpoint) is waited for.
 
     Raises:
       CheckpointNotFoundError: nothing at ``save_path`` (a FileNotFoundError).
@@ -323,7 +345,8 @@ class Checkpoint:
         without changing values (float to int, complex to real), or a kind
         differs (a string where an array is tracked); a TreeError and a
         ValueError. Nothing is restored.
-      NotACheckpointError, CorruptCheckpointError: the checkpoint is damaged.
+      NotACheckpointError, CorruptCheckpointError: the checkpoint is damaged
+        (a TF checkpoint's error names the file or tensor).
       SaveError: a pending async save failed.
 
     Examples:
@@ -336,12 +359,30 @@ class Checkpoint:
       LoadStatus('...ckpt-1', matched=1, missing=0, unused=0)
       >>> ckpt.w.tolist()
       [1.0, 1.0]
+
+      A JAX port of TF's "Training checkpoints" guide, restoring the guide's
+      checkpoint (one of jaxckpt's test fixtures)::
+
+      >>> import jaxckpt, jax.numpy as jnp
+      >>> net = {"l1": {"kernel": jnp.zeros((1, 5)), "bias": jnp.zeros(5)}}
+      >>> ckpt = jaxckpt.Checkpoint(step=jnp.array(0, jnp.int32), net=net)
+      >>> status = ckpt.restore("tests/fixtures/tf/guide")
+      >>> status.assert_existing_objects_matched().expect_partial()
+      LoadStatus('tests/fixtures/tf/guide/ckpt-3', matched=3, missing=0, unused=10)
+      >>> int(ckpt.step), ckpt.save_counter
+      (4, 3)
     """
     with self._lock:
-      return self._restore(save_path, _check_options(options), restore_counter=True)
+      return self._restore(
+        save_path, _check_options(options), restore_counter=True, name_map=name_map
+      )
 
   def read(
-    self, save_path: str | os.PathLike, options: CheckpointOptions | None = None
+    self,
+    save_path: str | os.PathLike,
+    options: CheckpointOptions | None = None,
+    *,
+    name_map: Callable[[str], str | None] | None = None,
   ) -> LoadStatus:
     """Like `restore`, for checkpoints made by `write`.
 
@@ -352,6 +393,7 @@ class Checkpoint:
     Args:
       save_path: a checkpoint path (local or a kvstore URL).
       options: a `CheckpointOptions`, or None for the defaults.
+      name_map: as `restore`'s (TF checkpoints only).
 
     Returns:
       A `LoadStatus` saying what matched.
@@ -370,9 +412,13 @@ class Checkpoint:
       (3, 0)
     """
     with self._lock:
-      return self._restore(save_path, _check_options(options), restore_counter=False)
+      return self._restore(
+        save_path, _check_options(options), restore_counter=False, name_map=name_map
+      )
 
-  def _restore(self, save_path, options: CheckpointOptions, *, restore_counter: bool) -> LoadStatus:
+  def _restore(
+    self, save_path, options: CheckpointOptions, *, restore_counter: bool, name_map=None
+  ) -> LoadStatus:
     io_device = resolve_io_device(options.experimental_io_device)
     # Numbered before anything that may fail on one process only (see save_checkpoint).
     coordination = begin("restore", options.timeout_s, io_device=io_device)
@@ -390,9 +436,15 @@ class Checkpoint:
     flat = [leaf for item in items for leaf in item.leaves]
     if options.experimental_skip_slot_variables:
       flat = [leaf for leaf in flat if not is_slot(leaf.name)]
-    path, manifest, restored = restore_leaves(
-      plan, reshard_for_restore(flat, options.experimental_sharding_callback)
-    )
+    flat = reshard_for_restore(flat, options.experimental_sharding_callback)
+    tf_prefix = find_tf_checkpoint(plan.path)
+    if tf_prefix is not None:  # A TensorFlow checkpoint (_tfcheckpoint.py).
+      return self._restore_tf(tf_prefix, plan, items, flat, name_map, options)
+    if name_map is not None:
+      raise InvalidOptionsError(
+        f"name_map applies to TensorFlow checkpoints; {plan.path!r} is not one."
+      )
+    path, manifest, restored = restore_leaves(plan, flat)
     if path is None or manifest is None:
       if restore_counter:  # TF's restore(None) creates the counter too.
         self._create_counter()
@@ -422,6 +474,28 @@ class Checkpoint:
       later = set()
     deferred = _Deferred(status.path, manifest, weakref.ref(status), plan.verify_checksums)
     object.__setattr__(self, "_deferred", dict.fromkeys(later, deferred))
+
+  def _restore_tf(self, prefix: str, plan, items, flat, name_map, options) -> LoadStatus:
+    """`_restore` from a TensorFlow checkpoint (no deferred restoration)."""
+    restored, names, counter = restore_tf(
+      prefix,
+      flat,
+      name_map,
+      plan.coordination,
+      skip_slots=options.experimental_skip_slot_variables,
+    )
+    for item in items:
+      if any(leaf.name in restored for leaf in item.leaves):
+        self._items[item.name] = item.rebuild(restored)
+    counter_tracked = plan.restore_counter or self._counter_exists
+    if plan.restore_counter:
+      self._create_counter()
+    if counter is not None:
+      target = "_save_counter" if counter_tracked else "_deferred_counter"
+      object.__setattr__(self, target, counter)
+    object.__setattr__(self, "_deferred", {})
+    tracked = {leaf.name for leaf in flat}
+    return LoadStatus(prefix, tracked, names, counter=(counter_tracked, counter is not None))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from jaxckpt._errors import JaxckptError
+from jaxckpt._errors import UnsupportedTensorError
 from jaxckpt._errors import _ClosedPipe
 from jaxckpt._layout import layout_of
 from jaxckpt._manifest import is_committed
@@ -27,6 +28,9 @@ from jaxckpt._state_file import latest_checkpoint
 from jaxckpt._state_file import read_state
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
+from jaxckpt._tfcheckpoint import TFCheckpointReader
+from jaxckpt._tfcheckpoint import tf_checkpoints_in
+from jaxckpt._tfcheckpoint import tracked_name
 
 
 def _number(name: str) -> int | None:
@@ -109,6 +113,10 @@ def cmd_ls(args) -> tuple[Any, int]:
         "in_state_file": any(store.absolute(p) == store.absolute(path) for p in managed),
       }
     )
+  if store.renames and os.path.isdir(directory):  # TensorFlow's checkpoints, if any.
+    tf_rows, tf_latest = _tf_rows(directory)
+    rows += tf_rows
+    latest = latest or tf_latest
   incomplete = store.incomplete(directory)
   result = {"directory": directory, "checkpoints": rows, "latest": latest, "incomplete": incomplete}
   if not args.json:
@@ -123,7 +131,9 @@ def cmd_ls(args) -> tuple[Any, int]:
         r["time"],
         size,
         str(r["arrays"]),
-        "committed, latest" if r["latest"] else "committed",
+        ("damaged" if r.get("error") else "committed")
+        + (", latest" if r["latest"] else "")
+        + (" (TensorFlow)" if r["kind"] == "tensorflow" else ""),
       )
     console = _console()
     console.print(table)
@@ -136,8 +146,80 @@ def cmd_ls(args) -> tuple[Any, int]:
   return result, 0
 
 
+def _tf_rows(directory: str) -> tuple[list[dict[str, Any]], str | None]:
+  """`cmd_ls` rows of the TensorFlow checkpoints in a local directory, and the latest."""
+  prefixes, latest, listed = tf_checkpoints_in(directory)
+  rows: list[dict[str, Any]] = []
+  for prefix in prefixes:
+    files = [prefix + ".index"] + [
+      os.path.join(directory, n)
+      for n in os.listdir(directory)
+      if n.startswith(os.path.basename(prefix) + ".data-")
+    ]
+    row: dict[str, Any] = {
+      "path": prefix,
+      "number": _number(os.path.basename(prefix)),
+      "kind": "tensorflow",
+      "time": datetime.datetime.fromtimestamp(os.path.getmtime(files[0])).isoformat(
+        timespec="seconds"
+      ),
+      "bytes": sum(os.path.getsize(f) for f in files),
+      "committed": True,
+      "latest": latest is not None and os.path.abspath(prefix) == os.path.abspath(latest),
+      "in_state_file": any(os.path.abspath(prefix) == os.path.abspath(p) for p in listed),
+    }
+    try:
+      reader = TFCheckpointReader(prefix)
+      row.update(save_counter=reader.save_counter, arrays=len(reader.bundle.entries))
+    except JaxckptError as e:
+      row.update(save_counter=None, arrays=0, error=str(e))
+    rows.append(row)
+  return rows, latest if latest in prefixes else None
+
+
+def _inspect_tf(args, reader: TFCheckpointReader) -> tuple[Any, int]:
+  """`cmd_inspect` for a TensorFlow checkpoint: TF's keys, dtypes and shapes."""
+  rows: list[dict[str, Any]] = []
+  for name, entry in sorted(reader.bundle.entries.items()):
+    row: dict[str, Any] = {
+      "name": name,
+      "shape": list(entry.shape),
+      "dtype": entry.dtype_name,
+      "bytes": entry.size if not entry.slices else None,
+      "slices": len(entry.slices),
+      "shard": entry.shard_id if not entry.slices else None,
+      "crc32c": entry.crc32c if not entry.slices else None,  # Masked, as TF stores it.
+      "restores_into": tracked_name(name),
+    }
+    if args.values:
+      try:
+        row["value"] = reader.get_tensor(name).tolist()
+      except JaxckptError as e:
+        row["value"], row["error"] = None, str(e)
+    rows.append(row)
+  result = {"path": reader.path, "format": "tensorflow", "save_counter": reader.save_counter}
+  result["arrays"] = rows
+  if not args.json:
+    table = _table(
+      f"{reader.path} (TensorFlow, save_counter={reader.save_counter})",
+      ("tensor", "shape", "dtype", "bytes", "restores into"),
+    )
+    for r in rows:
+      size = "" if r["bytes"] is None else str(r["bytes"])
+      shape = str(tuple(r["shape"])) + (f", {r['slices']} slices" if r["slices"] else "")
+      table.add_row(r["name"], shape, r["dtype"], size, r["restores_into"] or "")
+    console = _console()
+    console.print(table)
+    if args.values:
+      for r in rows:
+        console.print(f"tensor_name: {r['name']}\n{r.get('error') or np.asarray(r['value'])}")
+  return result, 0
+
+
 def cmd_inspect(args) -> tuple[Any, int]:
   reader = load_checkpoint(args.path)
+  if isinstance(reader, TFCheckpointReader):
+    return _inspect_tf(args, reader)
   manifest = reader.manifest
   dtypes = reader.get_variable_to_dtype_map()
   shardings = layout_of(manifest).describe(reader.path)
@@ -204,6 +286,10 @@ def cmd_verify(args) -> tuple[Any, int]:
   target = fspath(args.path)
   store = store_for(target)
   paths = [target] if is_committed(target) else _checkpoints_in(target)
+  if store.renames and os.path.isdir(target):
+    paths += tf_checkpoints_in(target)[0]  # TensorFlow's, if any.
+  elif not paths and os.path.isfile(target + ".index"):
+    paths = [target]
   if not paths and store.exists(target) and not os.path.isdir(target):
     read_manifest(target)  # Raises, naming what is there instead (nothing, a partial save).
   if not paths:
@@ -214,12 +300,17 @@ def cmd_verify(args) -> tuple[Any, int]:
       entry: dict[str, Any] = {"path": path, "ok": True, "arrays": {}}
       try:
         reader = load_checkpoint(path)
-        names = sorted(reader.manifest.leaves)  # The arrays (not save_counter).
+        if isinstance(reader, TFCheckpointReader):
+          names = sorted(reader.bundle.entries)
+        else:
+          names = sorted(reader.manifest.leaves)  # The arrays (not save_counter).
         task = progress.add_task(f"verify {store.basename(path)}", total=len(names))
         for name in names:
           try:
             reader.get_tensor(name)
             entry["arrays"][name] = "ok"
+          except UnsupportedTensorError:  # A TF variant: not readable, so not checked.
+            entry["arrays"][name] = "not checked (unsupported dtype)"
           except JaxckptError as e:
             entry["arrays"][name] = str(e)
             entry["ok"] = False
@@ -232,7 +323,7 @@ def cmd_verify(args) -> tuple[Any, int]:
     for r in results:
       print(f"{'OK     ' if r['ok'] else 'CORRUPT'} {r['path']} ({len(r['arrays'])} arrays)")
       for name, status in r["arrays"].items():
-        if status != "ok":
+        if status != "ok" and not status.startswith("not checked"):
           print(f"    {name}: {status}")
       if "error" in r:
         print(f"    {r['error']}")

@@ -189,6 +189,17 @@ class CorruptCheckpointError(JaxckptError, ValueError):
   """
 
 
+class UnsupportedTensorError(JaxckptError, TypeError):
+  """A TF checkpoint holds a tensor jaxckpt cannot represent (a variant, resource
+  or quantized dtype), or was written big-endian.
+
+  Examples:
+    >>> import jaxckpt
+    >>> issubclass(jaxckpt.UnsupportedTensorError, TypeError)
+    True
+  """
+
+
 class SaveError(JaxckptError, RuntimeError):
   """A save or write failed; for async saves, raised at the next call.
 
@@ -254,6 +265,11 @@ class _ArrayReadError(JaxckptError):
   def __init__(self, name: str, error: BaseException):
     super().__init__(f"array '{name}' failed to load ({type(error).__name__}: {error})")
     self.name = name
+
+
+class _TableDamage(JaxckptError):
+  """A TF checkpoint's index table is damaged (see _tfbundle.py); `read_table`
+  turns it into a `CorruptCheckpointError` naming the file."""
 
 
 class _ClosedPipe(JaxckptError, BrokenPipeError):

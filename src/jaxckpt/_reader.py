@@ -19,6 +19,8 @@ from jaxckpt._restore import read_leaves
 from jaxckpt._state_file import latest_checkpoint
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
+from jaxckpt._tfcheckpoint import TFCheckpointReader
+from jaxckpt._tfcheckpoint import find_tf_checkpoint
 from jaxckpt._tree import Leaf
 from jaxckpt._tree import nest_keys
 
@@ -241,19 +243,25 @@ def _listify(node: Any) -> Any:
   return node
 
 
-def load_checkpoint(dir_or_path) -> CheckpointReader:
+def load_checkpoint(dir_or_path) -> CheckpointReader | TFCheckpointReader:
   """Returns a `CheckpointReader` for a checkpoint, or a directory's latest one.
+
+  A TensorFlow checkpoint (a prefix with its ``.index`` file, or a directory
+  with TF's ``checkpoint`` state file) gives a `TFCheckpointReader`, with TF's
+  names and values; TensorFlow need not be installed.
 
   Args:
     dir_or_path: a checkpoint's path, or a directory whose state file names
       its latest checkpoint (local or a kvstore URL).
 
   Returns:
-    A `CheckpointReader`.
+    A `CheckpointReader`, or a `TFCheckpointReader` for a TF checkpoint.
 
   Raises:
     CheckpointNotFoundError: no committed checkpoint is there.
-    NotACheckpointError: something is there, but not a committed checkpoint.
+    NotACheckpointError: something is there, but not a committed checkpoint
+      (or a TF state file names a checkpoint outside its directory).
+    CorruptCheckpointError: a TF checkpoint's index is damaged.
 
   Examples:
     >>> import jaxckpt, tempfile
@@ -263,6 +271,9 @@ def load_checkpoint(dir_or_path) -> CheckpointReader:
     >>> jaxckpt.load_checkpoint(d).path
     '...ckpt-2'
   """
+  tf_prefix = find_tf_checkpoint(dir_or_path)
+  if tf_prefix is not None:
+    return TFCheckpointReader(tf_prefix)
   return CheckpointReader(_resolve(dir_or_path))
 
 

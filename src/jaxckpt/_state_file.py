@@ -17,6 +17,7 @@ import os
 import re
 
 from jaxckpt import _knobs
+from jaxckpt._errors import CheckpointNotFoundError
 from jaxckpt._manifest import is_committed
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
@@ -150,7 +151,9 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
 
   Reads the ``checkpoint`` state file that `Checkpoint.save` maintains, like
   ``tf.train.latest_checkpoint``. A path the state file names but that is not a
-  committed checkpoint (deleted, or an interrupted save) gives None.
+  committed checkpoint (deleted, or an interrupted save) gives None. In a
+  directory of TensorFlow checkpoints it is TF's latest (a prefix such as
+  ``ckpt-3``), which `Checkpoint.restore` and `load_checkpoint` read.
 
   Args:
     checkpoint_dir: the directory (local or a kvstore URL).
@@ -172,5 +175,17 @@ def latest_checkpoint(checkpoint_dir: str | os.PathLike) -> str | None:
   directory = fspath(checkpoint_dir)
   state = read_state(directory)
   if state is None or not is_committed(state.model_checkpoint_path):
-    return None
+    return _latest_tf_checkpoint(directory)
   return state.model_checkpoint_path
+
+
+def _latest_tf_checkpoint(directory: str) -> str | None:
+  """The TF checkpoint a directory's state file names (a prefix), or None."""
+  from jaxckpt._tfcheckpoint import find_tf_checkpoint  # Imported late: it builds on _restore.
+
+  if not os.path.isdir(directory):  # Local directories only; a TF prefix is no directory.
+    return None
+  try:
+    return find_tf_checkpoint(directory)
+  except CheckpointNotFoundError:  # Named but gone: None, as tf.train.latest_checkpoint.
+    return None
