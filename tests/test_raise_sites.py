@@ -31,6 +31,7 @@ from jaxckpt import _cli
 from jaxckpt import _commit
 from jaxckpt import _errors
 from jaxckpt import _layout
+from jaxckpt import _manifest
 from jaxckpt import _multihost
 from jaxckpt import _routed
 from jaxckpt import _store
@@ -79,7 +80,7 @@ def _edit_manifest(path: str, edit) -> None:
   file = pathlib.Path(path, "jaxckpt", "metadata")
   data = json.loads(file.read_text())
   edit(data)
-  file.write_text(json.dumps(data))
+  file.write_bytes(_manifest.seal(data))  # Re-sealed: what is tested is the edit itself.
 
 
 # Checkpoint (_checkpoint.py)
@@ -284,10 +285,25 @@ def restore_a_newer_format(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x=1).restore(path)
 
 
-@_site(jaxckpt.NotACheckpointError, (ValueError,), r"damaged jaxckpt manifest \(KeyError")
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), "field 'save_counter' should be present")
 def restore_a_manifest_missing_a_field(tmp_path, monkeypatch):
   path = _committed(tmp_path)
   _edit_manifest(path, lambda data: data.pop("save_counter"))
+  jaxckpt.Checkpoint(x=1).restore(path)
+
+
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), "field 'leaves\\[\"x\"\\].dtype' should be")
+def restore_a_manifest_with_a_field_of_the_wrong_type(tmp_path, monkeypatch):
+  path = _committed(tmp_path)
+  _edit_manifest(path, lambda data: data["leaves"]["x"].update(dtype=4))
+  jaxckpt.Checkpoint(x=1).restore(path)
+
+
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), "checksum does not match")
+def restore_a_manifest_that_fails_its_checksum(tmp_path, monkeypatch):
+  path = _committed(tmp_path)
+  file = pathlib.Path(path, "jaxckpt", "metadata")
+  file.write_text(file.read_text().replace('"float32"', '"float16"'))
   jaxckpt.Checkpoint(x=1).restore(path)
 
 
