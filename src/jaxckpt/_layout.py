@@ -338,6 +338,11 @@ def _orbax_read(
     node = restored
     for part in leaf.name.split("/"):
       node = node[part]
+    if isinstance(node, jax.ShapeDtypeStruct):  # Orbax's partial restore hands the template back.
+      raise CorruptCheckpointError(
+        f"Checkpoint {path!r} is corrupt: its manifest lists array '{leaf.name}', "
+        "which its data does not hold."
+      )
     out[leaf.name] = node
   return out
 
