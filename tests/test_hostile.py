@@ -1,0 +1,112 @@
+"""Concurrent writers, failed state-file updates, lost checkpoints, undeletable leftovers."""
+
+import errno
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxckpt
+from jaxckpt import _manager
+from jaxckpt import _store
+
+SRC = str(pathlib.Path(jaxckpt.__file__).parent.parent)
+
+
+def _python(script: str, *args: str) -> subprocess.Popen:
+  env = {**os.environ, "PYTHONPATH": SRC, "JAX_PLATFORMS": "cpu"}
+  return subprocess.Popen(
+    [sys.executable, "-c", textwrap.dedent(script), *args],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+    env=env,
+  )
+
+
+@pytest.mark.slow
+def test_a_second_writing_process_gets_a_clear_error(tmp_path):
+  writer = _python(
+    """
+    import sys, jax.numpy as jnp, jaxckpt
+    manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.ones(4)), sys.argv[1], 5)
+    print(manager.save(), flush=True)
+    sys.stdin.readline()  # Holds the directory until told to exit.
+    """,
+    str(tmp_path),
+  )
+  try:
+    first = writer.stdout.readline().strip()
+    assert first.endswith("ckpt-1")
+    manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.zeros(4)), tmp_path, 5)
+    with pytest.raises(jaxckpt.ConcurrentWriterError, match="Another process is saving"):
+      manager.save()
+    assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]  # Nothing written.
+  finally:
+    writer.communicate("exit\n", timeout=60)
+  assert writer.returncode == 0
+  assert manager.restore_or_initialize() == first
+  np.testing.assert_array_equal(manager.checkpoint.w, np.ones(4))
+  assert manager.save().endswith("ckpt-2")  # The first writer is gone, and its lock.
+
+
+def test_managers_in_one_process_share_the_writer_lock(tmp_path):
+  ckpt = jaxckpt.Checkpoint(w=jnp.ones(2))
+  first = jaxckpt.CheckpointManager(ckpt, tmp_path, 3)
+  first.save()
+  assert jaxckpt.CheckpointManager(ckpt, tmp_path, 3).save().endswith("ckpt-2")
+
+
+def test_a_failed_state_file_update_names_the_committed_checkpoint(tmp_path, monkeypatch):
+  ckpt = jaxckpt.Checkpoint(w=jnp.arange(3.0))
+  manager = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+  first = manager.save()
+
+  def full(directory, state):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+  monkeypatch.setattr(_manager, "write_state", full)
+  with pytest.raises(jaxckpt.SaveError, match="ckpt-2' was committed, but updating") as info:
+    manager.save()
+  assert "No space left" in str(info.value)
+  assert jaxckpt.latest_checkpoint(tmp_path) == first  # The old state file is intact...
+  assert os.path.isdir(first)  # ...and what it names was not swept.
+  monkeypatch.undo()
+  reopened = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+  lost = os.path.join(tmp_path, "ckpt-2")
+  assert reopened.latest_checkpoint == lost == jaxckpt.latest_checkpoint(tmp_path)
+  assert reopened.checkpoints == [first, lost]  # Adopted; the next save sweeps both.
+  third = reopened.save()
+  assert reopened.checkpoints == [third] and sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-3"]
+
+
+def test_a_manager_adopts_committed_checkpoints_the_state_file_lost(tmp_path):
+  ckpt = jaxckpt.Checkpoint(w=jnp.ones(2))
+  manager = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=5)
+  paths = [manager.save() for _ in range(3)]
+  state = tmp_path / "checkpoint"
+  state.write_text(state.read_text().replace("ckpt-3", "ckpt-1"))  # Lost the newest two.
+  jaxckpt.Checkpoint(w=jnp.ones(2)).write(tmp_path / "other-9")  # Not its name: left alone.
+  (tmp_path / "ckpt-7").mkdir()  # Not committed: not adopted.
+  reopened = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=5)
+  assert reopened.checkpoints == paths and reopened.latest_checkpoint == paths[-1]
+  assert jaxckpt.latest_checkpoint(tmp_path) == paths[-1]  # State file rewritten.
+
+
+def test_an_undeletable_leftover_is_logged(tmp_path, monkeypatch, caplog):
+  leftover = tmp_path / ".ckpt-1.jaxckpt-del-0123456789ab"
+  (leftover / "state").mkdir(parents=True)
+
+  def stuck(path, onerror=None, onexc=None):
+    (onexc or onerror)(os.rmdir, path, PermissionError(errno.EACCES, "Permission denied"))
+
+  monkeypatch.setattr(_store.shutil, "rmtree", stuck)
+  with caplog.at_level(logging.WARNING, "jaxckpt"):
+    jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.ones(2)), tmp_path, 1)
+  assert leftover.exists() and "Could not delete" in caplog.text and leftover.name in caplog.text
