@@ -7,12 +7,14 @@ import pathlib
 import subprocess
 import sys
 import textwrap
+import threading
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxckpt
+from jaxckpt import _fastread
 from jaxckpt import _manager
 from jaxckpt import _store
 
@@ -110,3 +112,54 @@ def test_an_undeletable_leftover_is_logged(tmp_path, monkeypatch, caplog):
   with caplog.at_level(logging.WARNING, "jaxckpt"):
     jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.ones(2)), tmp_path, 1)
   assert leftover.exists() and "Could not delete" in caplog.text and leftover.name in caplog.text
+
+
+def test_a_checkpoint_deleted_during_the_read_says_so(tmp_path, monkeypatch):
+  path = jaxckpt.Checkpoint(w=jnp.arange(8.0)).save(tmp_path / "ckpt")
+  read = _fastread.read
+
+  def swept_meanwhile(state_dir, *args, **kwargs):
+    _store.LocalStore().remove_checkpoint(path)  # What a manager's sweep does.
+    return read(state_dir, *args, **kwargs)
+
+  monkeypatch.setattr(_fastread, "read", swept_meanwhile)
+  target = jaxckpt.Checkpoint(w=jnp.zeros(8))
+  with pytest.raises(jaxckpt.CheckpointDeletedError, match="deleted while it was being read"):
+    target.restore(path)
+  assert isinstance(jaxckpt.CheckpointDeletedError("x"), FileNotFoundError)
+  np.testing.assert_array_equal(target.w, np.zeros(8))  # Nothing restored.
+
+
+@pytest.mark.slow
+def test_reads_racing_a_sweeping_writer_are_right_or_deleted(tmp_path):
+  step = {"w": jnp.zeros(2048)}
+  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(step=step), tmp_path, max_to_keep=1)
+  manager.save()
+  stop = threading.Event()
+
+  def write():
+    for i in range(1, 40):
+      step["w"] = jnp.full(2048, float(i))
+      manager.save()
+    stop.set()
+
+  writer = threading.Thread(target=write)
+  writer.start()
+  outcomes = set()
+  try:
+    while not stop.is_set():
+      target = jaxckpt.Checkpoint(step={"w": jnp.zeros(2048)})
+      latest = jaxckpt.latest_checkpoint(tmp_path)
+      if latest is None:  # Named by the state file, swept before the check.
+        continue
+      try:
+        target.read(latest).assert_consumed()
+      except jaxckpt.CheckpointNotFoundError as e:  # Swept before or during the read.
+        outcomes.add(type(e).__name__)
+        continue
+      w = np.asarray(target.step["w"])
+      assert w[0] == int(latest.rsplit("-", 1)[1]) - 1 and (w == w[0]).all()
+      outcomes.add("read")
+  finally:
+    writer.join(timeout=120)
+  assert "read" in outcomes, outcomes
