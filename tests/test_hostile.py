@@ -163,3 +163,76 @@ def test_reads_racing_a_sweeping_writer_are_right_or_deleted(tmp_path):
   finally:
     writer.join(timeout=120)
   assert "read" in outcomes, outcomes
+
+
+# -- SIGTERM at the moments that used to deadlock or exit 1 ---------------------------
+
+_TRAP = """
+import os, signal, sys, threading, jax.numpy as jnp, jaxckpt
+from jaxckpt import _layout, _locks
+manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.arange(4.0)), sys.argv[1], 5)
+"""
+
+
+def _run_child(script: str, directory) -> subprocess.CompletedProcess:
+  env = {**os.environ, "PYTHONPATH": SRC, "JAX_PLATFORMS": "cpu"}
+  return subprocess.run(
+    [sys.executable, "-c", _TRAP + textwrap.dedent(script), str(directory)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=120,
+  )
+
+
+@pytest.mark.slow
+def test_sigterm_while_the_main_thread_holds_the_manager_lock(tmp_path):
+  # An async save's state-file update needs the lock the main thread holds when
+  # the signal lands: the old handler waited for that save there, forever.
+  child = _run_child(
+    """
+    class Trap(_locks.TrackedRLock):
+      armed = False
+      def acquire(self, *args):
+        got = super().acquire(*args)
+        if Trap.armed and threading.current_thread() is threading.main_thread():
+          Trap.armed = False
+          os.kill(os.getpid(), signal.SIGTERM)  # Handled inside `with manager._lock`.
+        return got
+    manager._lock = Trap()
+    jaxckpt.install_preemption_handler(manager)
+    manager.save(options=jaxckpt.CheckpointOptions(enable_async=True))
+    Trap.armed = True
+    manager.checkpoints
+    print("not reached")
+    """,
+    tmp_path,
+  )
+  assert child.returncode == 0, child.stderr
+  assert "not reached" not in child.stdout
+  assert jaxckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-2")
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1", "ckpt-2"]
+
+
+@pytest.mark.slow
+def test_sigterm_during_a_sync_save_and_again_during_the_final_one(tmp_path):
+  child = _run_child(
+    """
+    write = _layout.OrbaxLayout.write
+    def interrupted(self, job, data_dir):
+      os.kill(os.getpid(), signal.SIGTERM)  # Every write: the second lands in the final save.
+      return write(self, job, data_dir)
+    _layout.OrbaxLayout.write = interrupted
+    jaxckpt.install_preemption_handler(manager, checkpoint_number=lambda: 100)
+    print(manager.save(), flush=True)
+    """,
+    tmp_path,
+  )
+  assert child.returncode == 0, child.stderr
+  assert "SaveError" not in child.stderr and "ignored" in child.stderr
+  assert child.stdout == ""  # The handler exited as the interrupted save returned.
+  assert jaxckpt.latest_checkpoint(tmp_path) == str(tmp_path / "ckpt-100")
+  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.zeros(4)), tmp_path, 5)
+  assert manager.checkpoints == [str(tmp_path / "ckpt-1"), str(tmp_path / "ckpt-100")]
+  manager.restore_or_initialize()
+  np.testing.assert_array_equal(manager.checkpoint.w, np.arange(4.0))

@@ -7,7 +7,6 @@ import contextlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -25,6 +24,7 @@ from jaxckpt._errors import JaxckptError
 from jaxckpt._future import SavePath
 from jaxckpt._incremental import retire_or_remove
 from jaxckpt._io_device import resolve_io_device
+from jaxckpt._locks import TrackedRLock
 from jaxckpt._manifest import data_of
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
@@ -179,10 +179,10 @@ class CheckpointManager:
     self._last_checkpoint_step: int | None = last_checkpoint_step
     self._local = _tiers.local_tier(local_directory, local_interval, local_max_to_keep)
     self.restored_tier: str | None = None  # "local" or "persistent" after restore_or_initialize.
-    # Guards the recorded state (also used by the save thread). Reentrant: a
-    # SIGTERM handler's save may run while the main thread holds it.
-    self._lock = threading.RLock()
-    self._save_lock = threading.RLock()  # One interval decision and save at a time.
+    # Guards the recorded state (also used by the save thread). A preemption
+    # handler defers its save while the main thread holds it (see _locks.py).
+    self._lock = TrackedRLock()
+    self._save_lock = TrackedRLock()  # One interval decision and save at a time.
     self._recover()
 
   def _recover(self) -> None:
