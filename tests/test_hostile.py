@@ -1,6 +1,7 @@
 """Concurrent writers, failed state-file updates, lost checkpoints, undeletable leftovers."""
 
 import errno
+import json
 import logging
 import os
 import pathlib
@@ -12,11 +13,13 @@ import threading
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorstore as ts
 
 import jaxckpt
 from jaxckpt import _fastread
 from jaxckpt import _manager
 from jaxckpt import _store
+from jaxckpt._cli import main
 
 SRC = str(pathlib.Path(jaxckpt.__file__).parent.parent)
 
@@ -236,3 +239,34 @@ def test_sigterm_during_a_sync_save_and_again_during_the_final_one(tmp_path):
   assert manager.checkpoints == [str(tmp_path / "ckpt-1"), str(tmp_path / "ckpt-100")]
   manager.restore_or_initialize()
   np.testing.assert_array_equal(manager.checkpoint.w, np.arange(4.0))
+
+
+# -- bounded reads -------------------------------------------------------------------
+
+
+def _zstd_bomb(inflated: int) -> bytes:
+  """A zstd frame of RLE blocks: 4 bytes per 128 KiB of zeros once inflated."""
+  blocks = inflated // 131072
+  out = bytearray((0xFD2FB528).to_bytes(4, "little") + bytes([0x00, 0x38]))  # 128 KiB window.
+  for i in range(blocks):
+    header = (131072 << 3) | (1 << 1) | (i == blocks - 1)  # RLE block; the last one flagged.
+    out += header.to_bytes(3, "little") + b"\x00"
+  return bytes(out)
+
+
+def test_a_chunk_grid_larger_than_the_array_is_refused_before_decoding(tmp_path, capsys):
+  opts = jaxckpt.CheckpointOptions(compression=True)
+  path = jaxckpt.Checkpoint(w=np.ones(1024, np.float32)).save(tmp_path / "c", options=opts)
+  kv = ts.KvStore.open({"driver": "ocdbt", "base": f"file://{path}/state/"}).result()
+  meta = json.loads(kv.read(b"w/.zarray").result().value)
+  assert meta["compressor"]["id"] == "zstd"
+  meta["chunks"] = [2**28]  # 1 GiB of float32 per chunk, from a 32 KiB chunk.
+  kv.write(b"w/.zarray", json.dumps(meta).encode()).result()
+  kv.write(b"w/0", _zstd_bomb(2**30)).result()
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match=r"'w': its chunks \[268435456\] exceed"):
+    jaxckpt.load_checkpoint(path).get_tensor("w")
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match="nothing was decoded"):
+    jaxckpt.Checkpoint(w=np.zeros(1024, np.float32)).restore(path)
+  assert main(["inspect", "--values", path]) == 1
+  assert main(["verify", path]) == 1
+  assert "exceed its shape" in capsys.readouterr().out

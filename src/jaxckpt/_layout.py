@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxckpt import _bounds
 from jaxckpt import _compat
 from jaxckpt import _fastread
 from jaxckpt import _fastwrite
@@ -375,6 +376,7 @@ def _read_group(
         del fast[name]
   wanted = [l for l in wanted if l.name not in fast]
   if wanted:
+    _bounds.check_chunks(path, manifest, [l.name for l in wanted])
     fast.update(_orbax_read_named(path, manifest, wanted, io_device, reader))
   return fast, verified
 
