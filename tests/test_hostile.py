@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import uuid
 
 import jax.numpy as jnp
 import numpy as np
@@ -88,7 +89,10 @@ def test_a_failed_state_file_update_names_the_committed_checkpoint(tmp_path, mon
   assert reopened.latest_checkpoint == lost == jaxckpt.latest_checkpoint(tmp_path)
   assert reopened.checkpoints == [first, lost]  # Adopted; the next save sweeps both.
   third = reopened.save()
-  assert reopened.checkpoints == [third] and sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-3"]
+  assert reopened.checkpoints == [third] and sorted(os.listdir(tmp_path)) == [
+    "checkpoint",
+    "ckpt-3",
+  ]
 
 
 def test_a_manager_adopts_committed_checkpoints_the_state_file_lost(tmp_path):
@@ -270,3 +274,14 @@ def test_a_chunk_grid_larger_than_the_array_is_refused_before_decoding(tmp_path,
   assert main(["inspect", "--values", path]) == 1
   assert main(["verify", path]) == 1
   assert "exceed its shape" in capsys.readouterr().out
+
+
+def test_an_older_writer_on_a_key_value_store_stops(tmp_path):
+  url = f"memory://{uuid.uuid4().hex}/run"
+  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(w=jnp.ones(2)), url, 3)
+  manager.save()
+  manager.save()  # Still the directory's writer.
+  _store.KV.replace_file(f"{url}/.jaxckpt-writer", b"another-process")  # What it writes.
+  with pytest.raises(jaxckpt.ConcurrentWriterError, match="Another process started saving"):
+    manager.save()
+  assert manager.latest_checkpoint == f"{url}/ckpt-2" == jaxckpt.latest_checkpoint(url)

@@ -28,9 +28,9 @@ from jaxckpt._incremental import History
 from jaxckpt._incremental import reuse_by_identity
 from jaxckpt._incremental import weak
 from jaxckpt._io_device import resolve_io_device
-from jaxckpt._locks import TrackedRLock
 from jaxckpt._load_status import InitializationOnlyStatus
 from jaxckpt._load_status import LoadStatus
+from jaxckpt._locks import TrackedRLock
 from jaxckpt._multihost import begin
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._plan import FAST

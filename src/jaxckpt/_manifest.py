@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import jax
+
 from jaxckpt import _knobs
 from jaxckpt import _values
 from jaxckpt._errors import CheckpointNotFoundError

@@ -565,6 +565,11 @@ def _in_flight(directory: str, name: str) -> bool:
 _DATA_NAME = re.compile(r"^data-[0-9a-f]+(-[0-9a-f]{12})?$")
 
 
+_WRITER_KEY = ".jaxckpt-writer"  # A key-value-store directory's newest writing process.
+_WRITER_ID = uuid.uuid4().hex
+_kv_writers: set[str] = set()  # Directories this process has claimed.
+
+
 def _range(prefix: str) -> ts.KvStore.KeyRange:
   prefix = prefix.rstrip("/") + "/"
   return ts.KvStore.KeyRange(prefix, prefix[:-1] + "0")  # "0" sorts right after "/".
@@ -713,6 +718,21 @@ class KvStore(Store):
           self.delete_prefix(self.join(checkpoint, prefix))
           removed.append(f"{name}/{prefix}")
     return removed
+
+  def lock_writer(self, directory: str) -> None:
+    """No locks on object stores: the newest writer records its id next to the state
+    file, and an older writer still saving there stops at its next save."""
+    key, url = self.join(directory, _WRITER_KEY), self.absolute(directory)
+    current = self.read_bytes(key)
+    if url not in _kv_writers:
+      self.replace_file(key, _WRITER_ID.encode())
+      _kv_writers.add(url)
+    elif current is not None and current != _WRITER_ID.encode():
+      raise ConcurrentWriterError(
+        f"Another process started saving checkpoints into {directory!r} (its id "
+        f"{current[:40]!r} is in {_WRITER_KEY} there); this one stops instead of "
+        "overwriting its checkpoints and state file."
+      )
 
   def incomplete(self, directory: str) -> list[str]:
     return [
