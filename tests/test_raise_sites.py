@@ -307,6 +307,28 @@ def restore_a_manifest_that_fails_its_checksum(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x=1).restore(path)
 
 
+@_site(jaxckpt.CheckpointDeletedError, (FileNotFoundError,), "deleted while it was being read")
+def restore_a_checkpoint_swept_during_the_read(tmp_path, monkeypatch):
+  path = _committed(tmp_path)
+  read = _layout._fastread.read
+
+  def swept(*args, **kwargs):
+    _store.LOCAL.remove_checkpoint(path)
+    return read(*args, **kwargs)
+
+  monkeypatch.setattr(_layout._fastread, "read", swept)
+  jaxckpt.Checkpoint(x=jnp.zeros(3)).restore(path)
+
+
+@_site(jaxckpt.ConcurrentWriterError, (RuntimeError,), "Another process started saving")
+def save_into_a_store_directory_another_writer_took_over(tmp_path, monkeypatch):
+  url = f"memory://{uuid.uuid4().hex}/run"
+  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=1), url, max_to_keep=2)
+  manager.save()
+  _store.KV.replace_file(f"{url}/.jaxckpt-writer", b"another process")
+  manager.save()
+
+
 @_site(jaxckpt.CheckpointNotFoundError, (FileNotFoundError,), "No checkpoint found")
 def restore_a_missing_url(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x=1).restore(f"memory://{uuid.uuid4().hex}/c")

@@ -62,7 +62,9 @@ def check_chunks(path: str, manifest: Manifest, names: list[str]) -> None:
     if (
       not isinstance(chunks, list)
       or len(chunks) != len(shape)
-      or not all(isinstance(c, int) and 0 < c <= max(s, 1) for c, s in zip(chunks, shape, strict=True))
+      or not all(
+        isinstance(c, int) and 0 < c <= max(s, 1) for c, s in zip(chunks, shape, strict=True)
+      )
     ):
       raise _bad(path, name, f"its chunks {chunks!r:.80} exceed its shape {shape}")
 

@@ -486,7 +486,10 @@ def remove_tree(path: str) -> None:
   def record(_function, failed, error) -> None:
     errors.append(f"{failed}: {error if isinstance(error, BaseException) else error[1]}")
 
-  shutil.rmtree(path, **{"onexc" if sys.version_info >= (3, 12) else "onerror": record})
+  if sys.version_info >= (3, 12):
+    shutil.rmtree(path, onexc=record)
+  else:
+    shutil.rmtree(path, onerror=record)
   if errors and os.path.lexists(path):
     logger.warning(
       "Could not delete %s (%d errors, first: %s); delete it by hand.", path, len(errors), errors[0]
