@@ -7,6 +7,8 @@ key-value store); the manifest records what jaxckpt adds: format version,
 ints, objects' states: see _values.py), exactly. Its presence at the final
 path is the commit marker on every store (see _store.py). docs/format.md
 specifies the schema; this is the only module that parses it.
+Since format version 2 it carries a sha256 of its own canonical JSON, checked on
+every read, so a changed byte is an error rather than a silently different leaf.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
 import time
 from typing import Any
@@ -242,7 +245,9 @@ def _leaf(where: str, name: Any, info: Any) -> tuple:
   if not isinstance(name, str) or not name:
     raise _damaged(where, "leaves", "keyed by non-empty names", name)
   shape = _field(info, "shape", list, where, at=at)
-  if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+  if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or (
+    math.prod(shape) >= 1 << 60  # numpy refuses larger arrays with a bare ValueError.
+  ):
     raise _damaged(where, f"{at}.shape", "a list of non-negative integers", shape)
   dtype = _field(info, "dtype", str, where, at=at)
   try:
