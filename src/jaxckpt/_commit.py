@@ -120,6 +120,8 @@ def _run_callbacks(plan: SavePlan, *, recorded: bool) -> None:
 
 
 def _on_commit(plan: SavePlan, owner: bool) -> None:
+  if plan.on_commit is None:
+    return
   try:
     plan.on_commit(plan.path, owner)
   except OSError as e:  # ENOSPC, a read-only remount: name what is committed.

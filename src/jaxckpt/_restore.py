@@ -20,8 +20,8 @@ import numpy as np
 from jaxckpt import _compat
 from jaxckpt import _values
 from jaxckpt._errors import CheckpointDeletedError
-from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import CoordinationError
+from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import DtypeMismatchError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._integrity import verify_all
