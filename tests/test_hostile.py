@@ -285,3 +285,15 @@ def test_an_older_writer_on_a_key_value_store_stops(tmp_path):
   with pytest.raises(jaxckpt.ConcurrentWriterError, match="Another process started saving"):
     manager.save()
   assert manager.latest_checkpoint == f"{url}/ckpt-2" == jaxckpt.latest_checkpoint(url)
+
+
+def test_a_store_chunk_grid_larger_than_the_array_is_refused(tmp_path):
+  url = f"memory://{uuid.uuid4().hex}/c"
+  path = jaxckpt.Checkpoint(w=np.ones(1024, np.float32)).write(url)
+  data = json.loads(_store.KV.read_bytes(f"{path}/jaxckpt/metadata"))["data"]
+  key = f"{path}/{data}/w/zarr.json"
+  meta = json.loads(_store.KV.read_bytes(key))
+  meta["chunk_grid"]["configuration"]["chunk_shape"] = [2**28]
+  _store.KV.replace_file(key, json.dumps(meta).encode())
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match=r"chunks \(268435456,\) exceed"):
+    jaxckpt.load_checkpoint(path).get_tensor("w")

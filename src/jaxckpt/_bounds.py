@@ -69,6 +69,19 @@ def check_chunks(path: str, manifest: Manifest, names: list[str]) -> None:
       raise _bad(path, name, f"its chunks {chunks!r:.80} exceed its shape {shape}")
 
 
+def check_opened(store: Any, shape: tuple[int, ...]) -> None:
+  """The same bound for an opened zarr v3 TensorStore (key-value-store checkpoints):
+  its shape must be ``shape`` and its read and write chunks no larger."""
+  if tuple(store.shape) != tuple(shape):
+    raise CorruptCheckpointError(f"stored shape {tuple(store.shape)}, expected {tuple(shape)}")
+  layout = store.chunk_layout
+  for kind, chunk in (("read", layout.read_chunk.shape), ("write", layout.write_chunk.shape)):
+    if chunk is not None and not all(0 < c <= max(s, 1) for c, s in zip(chunk, shape, strict=True)):
+      raise CorruptCheckpointError(
+        f"its {kind} chunks {tuple(chunk)} exceed its shape {tuple(shape)}; nothing was decoded"
+      )
+
+
 def _bad(path: str, name: str, what: str) -> CorruptCheckpointError:
   return CorruptCheckpointError(
     f"Checkpoint {path!r} is corrupt: array '{name}': {what}; nothing was decoded. "

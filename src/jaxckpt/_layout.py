@@ -473,7 +473,10 @@ class Zarr3Layout(Layout):
         l.name: _zarr3.read_sharded(url, l.name, l.shape, _global_target(l), l.dtype)
         for l in partial
       }
-      out.raw = _zarr3.read_arrays(url, [l.name for l in wanted if l.name not in out.placed])
+      out.raw = _zarr3.read_arrays(
+        url,
+        {l.name: manifest.leaves[l.name].shape for l in wanted if l.name not in out.placed},
+      )
     except ArrayReadError as e:
       raise CorruptCheckpointError(f"Checkpoint {path!r} is unreadable: {e}.") from e
     return out
