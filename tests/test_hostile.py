@@ -297,3 +297,19 @@ def test_a_store_chunk_grid_larger_than_the_array_is_refused(tmp_path):
   _store.KV.replace_file(key, json.dumps(meta).encode())
   with pytest.raises(jaxckpt.CorruptCheckpointError, match=r"chunks \(268435456,\) exceed"):
     jaxckpt.load_checkpoint(path).get_tensor("w")
+
+
+def test_a_sweep_killed_after_the_state_file_write_is_finished_on_open(tmp_path, monkeypatch):
+  ckpt = jaxckpt.Checkpoint(w=jnp.ones(2))
+  manager = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+  manager.save()
+  killed = []
+  monkeypatch.setattr(_manager, "retire_or_remove", lambda doomed, d: killed.extend(doomed))
+  manager.save()  # "Killed" after its state-file write, before deleting ckpt-1.
+  assert killed == [str(tmp_path / "ckpt-1")] and (tmp_path / "ckpt-1").is_dir()
+  assert '# jaxckpt_sweeping: "ckpt-1"' in (tmp_path / "checkpoint").read_text()
+  monkeypatch.undo()
+  jaxckpt.Checkpoint(w=jnp.ones(2)).write(tmp_path / "ckpt-0")  # Not named there: kept.
+  reopened = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=1)
+  assert reopened.checkpoints == [str(tmp_path / "ckpt-2")]
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-0", "ckpt-2"]

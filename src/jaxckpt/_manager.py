@@ -212,6 +212,22 @@ class CheckpointManager:
       if min(stamp, now) > self._last_preserved and self._owns(path) and is_committed(path):
         self._maybe_delete[self._user_path(path)] = min(stamp, now)
     self._adopt_lost(state)
+    self._finish_sweep(state.sweeping)
+
+  def _finish_sweep(self, sweeping: list[str]) -> None:
+    """Deletes what the last manager's sweep named but may not have finished (a
+    kill right after its state-file write): only its own, unlisted checkpoints."""
+    listed = {self._store.absolute(p) for p in [*self._maybe_delete, self._latest or ""]}
+    doomed = [
+      self._user_path(p)
+      for p in sweeping
+      if self._number(p) is not None
+      and self._store.absolute(p) not in listed
+      and is_committed(p)  # (A retired one goes with the next sweep.)
+    ]
+    if doomed and is_primary():
+      retire_or_remove(doomed, self._directory)
+      logger.info("Finished an interrupted sweep: %s.", ", ".join(doomed))
 
   def _number(self, path: str | None) -> int | None:
     """N of ``<checkpoint_name>-N`` in this manager's directory, else None."""
@@ -439,7 +455,7 @@ class CheckpointManager:
       if not owner:  # Every process tracks the list; one owns the files.
         return
       try:
-        self._record_state(path)
+        self._record_state(path, sweeping=doomed)
       except BaseException:  # The old state file still names them: swept next time.
         kept = collections.OrderedDict((p, before[p]) for p in doomed)
         kept.update(self._maybe_delete)
@@ -466,7 +482,7 @@ class CheckpointManager:
       doomed.append(path)
     return doomed
 
-  def _record_state(self, latest: str) -> None:
+  def _record_state(self, latest: str, sweeping: list[str] | None = None) -> None:
     write_state(
       self._directory,
       CheckpointState(
@@ -474,6 +490,7 @@ class CheckpointManager:
         all_model_checkpoint_paths=list(self._maybe_delete),
         all_model_checkpoint_timestamps=list(self._maybe_delete.values()),
         last_preserved_timestamp=self._last_preserved,
+        sweeping=sweeping or [],
       ),
     )
 
