@@ -1,4 +1,5 @@
-"""Concurrent writers, failed state-file updates, lost checkpoints, undeletable leftovers."""
+"""Hostile and concurrent use: two writers, failed state-file updates, lost checkpoints and
+sweeps, undeletable leftovers, reads racing a sweep, SIGTERM at awkward moments, bounded reads."""
 
 import errno
 import json

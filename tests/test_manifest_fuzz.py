@@ -86,3 +86,19 @@ def test_unsealed_manifest_flips_end_in_jaxckpt_errors(saved):
       codes.add(main(["inspect", "--values", "--json", str(copy)]))
       codes.add(main(["ls", str(copy.parent)]))
   assert codes <= {0, 1, 2} and {1, 2} & codes
+
+
+def test_version_1_manifests_without_a_checksum_are_still_read(saved):
+  original, copy = saved
+  body = json.loads(original)
+  body.pop(_manifest.CHECKSUM_FIELD)
+  manifest = copy / "jaxckpt" / "metadata"
+  manifest.write_text(json.dumps({**body, "version": 1}))  # What jaxckpt wrote before.
+  target = jaxckpt.Checkpoint(w=jnp.zeros(6), n=np.zeros(2, np.int32))
+  target.restore(copy).assert_consumed()
+  np.testing.assert_array_equal(np.asarray(target.w), W)
+  np.testing.assert_array_equal(target.n, N)
+  assert jaxckpt.load_checkpoint(copy).manifest.version == 1
+  manifest.write_text(json.dumps(body))  # Version 2 must carry one.
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match="sha256 checksum is missing"):
+    jaxckpt.load_checkpoint(copy)
