@@ -510,8 +510,11 @@ def _lock_writer(directory: str) -> None:
   key = os.path.realpath(directory)
   if fcntl is None or key in _writer_locks:
     return
-  os.makedirs(directory, exist_ok=True)
-  fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+  except OSError:  # Unreadable: the save itself says what is wrong.
+    return
   try:
     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
   except BlockingIOError:
@@ -522,6 +525,10 @@ def _lock_writer(directory: str) -> None:
       "each other's checkpoints and state file. Stop the other process or give this "
       "one its own directory."
     ) from None
+  except OSError as e:  # A filesystem without flock: two writers go undetected there.
+    os.close(fd)
+    logger.debug("No writer lock on %s: %s", directory, e)
+    return
   except BaseException:
     os.close(fd)
     raise
