@@ -261,11 +261,11 @@ class CheckpointManager:
       ):
         continue
       try:
-        created = read_manifest(path).created
+        manifest = read_manifest(path)
       except JaxckptError:  # Damaged: never adopted, never swept.
         continue
-      if created > max(stamps):
-        found.append((created, path))
+      if manifest.kind == "save" and manifest.created > max(stamps):  # Not a user's write().
+        found.append((manifest.created, path))
     for created, path in sorted(found):
       self._maybe_delete[path] = created
       self._latest = path
