@@ -410,7 +410,7 @@ def restore_a_state_the_object_refuses(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(it=Refusing()).restore(path)
 
 
-@_site(jaxckpt.NotACheckpointError, (ValueError,), "damaged jaxckpt manifest")
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), "damaged jaxckpt manifest")
 def restore_a_damaged_value(tmp_path, monkeypatch):
   path = jaxckpt.Checkpoint(x="text").write(tmp_path / "c")
   _edit_manifest(path, lambda data: data["values"]["x"].update(value={"int": "zz"}))
