@@ -48,7 +48,7 @@ def _list(directory: str) -> list[str]:
   if directory.startswith("s3://"):
     from jaxckpt import _store
 
-    return sorted(_store.KV.names(directory))
+    return sorted(n for n in _store.KV.names(directory) if n != ".jaxckpt-writer")
   return sorted(os.listdir(directory))
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 import jaxckpt
+from jaxckpt import _manifest
 from jaxckpt import _store
 from jaxckpt._cli import main
 
@@ -204,8 +205,9 @@ def test_a_manifest_with_a_bad_time_is_an_error_not_a_traceback(tmp_path, capsys
   path = jaxckpt.Checkpoint(w=np.ones(2, np.float32)).save(tmp_path / "ckpt")
   manifest = Path(path, "jaxckpt", "metadata")
   text = manifest.read_text()
-  manifest.write_text(text.replace(json.dumps(json.loads(text)["created"]), created))
-  assert main(["ls", str(tmp_path)]) == 2
+  body = json.loads(text.replace(json.dumps(json.loads(text)["created"]), created))
+  manifest.write_bytes(_manifest.seal(body))  # Damaged before it was sealed.
+  assert main(["ls", str(tmp_path)]) == 1
   assert "damaged jaxckpt manifest" in capsys.readouterr().err
 
 

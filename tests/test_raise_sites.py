@@ -31,6 +31,7 @@ from jaxckpt import _cli
 from jaxckpt import _commit
 from jaxckpt import _errors
 from jaxckpt import _layout
+from jaxckpt import _manifest
 from jaxckpt import _multihost
 from jaxckpt import _routed
 from jaxckpt import _store
@@ -79,7 +80,7 @@ def _edit_manifest(path: str, edit) -> None:
   file = pathlib.Path(path, "jaxckpt", "metadata")
   data = json.loads(file.read_text())
   edit(data)
-  file.write_text(json.dumps(data))
+  file.write_bytes(_manifest.seal(data))  # Re-sealed: what is tested is the edit itself.
 
 
 # Checkpoint (_checkpoint.py)
@@ -284,11 +285,48 @@ def restore_a_newer_format(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(x=1).restore(path)
 
 
-@_site(jaxckpt.NotACheckpointError, (ValueError,), r"damaged jaxckpt manifest \(KeyError")
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), "field 'save_counter' should be present")
 def restore_a_manifest_missing_a_field(tmp_path, monkeypatch):
   path = _committed(tmp_path)
   _edit_manifest(path, lambda data: data.pop("save_counter"))
   jaxckpt.Checkpoint(x=1).restore(path)
+
+
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), "field 'leaves\\[\"x\"\\].dtype' should be")
+def restore_a_manifest_with_a_field_of_the_wrong_type(tmp_path, monkeypatch):
+  path = _committed(tmp_path)
+  _edit_manifest(path, lambda data: data["leaves"]["x"].update(dtype=4))
+  jaxckpt.Checkpoint(x=1).restore(path)
+
+
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), "checksum does not match")
+def restore_a_manifest_that_fails_its_checksum(tmp_path, monkeypatch):
+  path = _committed(tmp_path)
+  file = pathlib.Path(path, "jaxckpt", "metadata")
+  file.write_text(file.read_text().replace('"float32"', '"float16"'))
+  jaxckpt.Checkpoint(x=1).restore(path)
+
+
+@_site(jaxckpt.CheckpointDeletedError, (FileNotFoundError,), "deleted while it was being read")
+def restore_a_checkpoint_swept_during_the_read(tmp_path, monkeypatch):
+  path = _committed(tmp_path)
+  read = _layout._fastread.read
+
+  def swept(*args, **kwargs):
+    _store.LOCAL.remove_checkpoint(path)
+    return read(*args, **kwargs)
+
+  monkeypatch.setattr(_layout._fastread, "read", swept)
+  jaxckpt.Checkpoint(x=jnp.zeros(3)).restore(path)
+
+
+@_site(jaxckpt.ConcurrentWriterError, (RuntimeError,), "Another process started saving")
+def save_into_a_store_directory_another_writer_took_over(tmp_path, monkeypatch):
+  url = f"memory://{uuid.uuid4().hex}/run"
+  manager = jaxckpt.CheckpointManager(jaxckpt.Checkpoint(x=1), url, max_to_keep=2)
+  manager.save()
+  _store.KV.replace_file(f"{url}/.jaxckpt-writer", b"another process")
+  manager.save()
 
 
 @_site(jaxckpt.CheckpointNotFoundError, (FileNotFoundError,), "No checkpoint found")
@@ -372,7 +410,7 @@ def restore_a_state_the_object_refuses(tmp_path, monkeypatch):
   jaxckpt.Checkpoint(it=Refusing()).restore(path)
 
 
-@_site(jaxckpt.NotACheckpointError, (ValueError,), "damaged jaxckpt manifest")
+@_site(jaxckpt.CorruptCheckpointError, (ValueError,), "damaged jaxckpt manifest")
 def restore_a_damaged_value(tmp_path, monkeypatch):
   path = jaxckpt.Checkpoint(x="text").write(tmp_path / "c")
   _edit_manifest(path, lambda data: data["values"]["x"].update(value={"int": "zz"}))

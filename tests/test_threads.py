@@ -28,14 +28,15 @@ def _run_threads(target, count: int) -> list:
   return results
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("enable_async", [False, True])
 def test_concurrent_saves_get_distinct_complete_checkpoints(tmp_path, enable_async):
   ckpt = jaxckpt.Checkpoint(w=jnp.arange(4096.0))
   opts = jaxckpt.CheckpointOptions(enable_async=enable_async)
-  paths = _run_threads(lambda i: [ckpt.save(tmp_path / "c", options=opts) for _ in range(3)], 4)
+  paths = _run_threads(lambda i: [ckpt.save(tmp_path / "c", options=opts) for _ in range(6)], 8)
   ckpt.sync()
   flat = [p for per_thread in paths for p in per_thread]
-  assert len(set(flat)) == 12 and ckpt.save_counter == 12
+  assert len(set(flat)) == 48 and ckpt.save_counter == 48
   for path in flat:
     target = jaxckpt.Checkpoint(w=jnp.zeros(4096))
     target.restore(path).assert_consumed()
@@ -70,6 +71,25 @@ def test_concurrent_manager_saves_and_restores(tmp_path):
   saved = results[1] + results[3]
   assert len(set(saved)) == 6 and restore_latest()
   assert manager.checkpoints == sorted(saved, key=lambda p: int(p.rsplit("-", 1)[1]))[-3:]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("enable_async", [False, True])
+def test_eight_threads_saving_through_one_manager(tmp_path, enable_async):
+  ckpt = jaxckpt.Checkpoint(w=jnp.arange(1024.0), n=np.arange(3, dtype=np.int32))
+  manager = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=None)
+  opts = jaxckpt.CheckpointOptions(enable_async=enable_async)
+  paths = _run_threads(lambda i: [manager.save(options=opts) for _ in range(6)], 8)
+  manager.sync()
+  flat = [str(p) for per_thread in paths for p in per_thread]
+  flat.sort(key=lambda p: int(p.rsplit("-", 1)[1]))
+  assert len(set(flat)) == 48 and manager.checkpoints == flat
+  assert manager.latest_checkpoint == flat[-1] == jaxckpt.latest_checkpoint(tmp_path)
+  for path in flat:
+    target = jaxckpt.Checkpoint(w=jnp.zeros(1024), n=np.zeros(3, np.int32))
+    target.restore(path).assert_consumed()
+    np.testing.assert_array_equal(target.w, np.arange(1024.0))
+    np.testing.assert_array_equal(target.n, np.arange(3))
 
 
 def test_a_save_while_the_manager_lock_is_held_does_not_deadlock(tmp_path):

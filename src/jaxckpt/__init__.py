@@ -3,7 +3,9 @@
 from jaxckpt import compat  # noqa: E402 - After the names its modules import.
 from jaxckpt import train  # noqa: E402
 from jaxckpt._checkpoint import Checkpoint
+from jaxckpt._errors import CheckpointDeletedError
 from jaxckpt._errors import CheckpointNotFoundError
+from jaxckpt._errors import ConcurrentWriterError
 from jaxckpt._errors import CoordinationError
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import DtypeMismatchError
@@ -39,7 +41,9 @@ __version__ = "0.1.0"
 
 __all__ = (
   "Checkpoint",
+  "CheckpointDeletedError",
   "CheckpointNotFoundError",
+  "ConcurrentWriterError",
   "CheckpointManager",
   "CheckpointOptions",
   "CheckpointReader",

@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import threading
 import time
 import weakref
 from collections.abc import Callable
@@ -31,6 +30,7 @@ from jaxckpt._incremental import weak
 from jaxckpt._io_device import resolve_io_device
 from jaxckpt._load_status import InitializationOnlyStatus
 from jaxckpt._load_status import LoadStatus
+from jaxckpt._locks import TrackedRLock
 from jaxckpt._multihost import begin
 from jaxckpt._options import CheckpointOptions
 from jaxckpt._plan import FAST
@@ -131,8 +131,8 @@ class Checkpoint:
     object.__setattr__(self, "_deferred", {})  # item name -> _Deferred, see restore().
     object.__setattr__(self, "_stale", StaleSaves())
     # Serialises save/write/restore calls from several threads (reentrant: a
-    # write callback or signal handler on the calling thread may save again).
-    object.__setattr__(self, "_lock", threading.RLock())
+    # write callback on the calling thread may save again; see _locks.py).
+    object.__setattr__(self, "_lock", TrackedRLock())
     for name, value in items.items():
       setattr(self, name, value)
 

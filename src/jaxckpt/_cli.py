@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import UnsupportedTensorError
 from jaxckpt._errors import _ClosedPipe
@@ -86,6 +87,22 @@ def _table(title: str, columns):
 _PIPE_WIDTH = 10_000
 
 
+def _ls_row(store, path: str, latest: str | None, managed: set[str]) -> dict[str, Any]:
+  manifest = read_manifest(path)
+  return {
+    "path": path,
+    "number": _number(store.basename(path)),
+    "save_counter": manifest.save_counter,
+    "kind": manifest.kind,
+    "time": datetime.datetime.fromtimestamp(manifest.created).isoformat(timespec="seconds"),
+    "bytes": store.size(path),
+    "arrays": len(manifest.leaves),
+    "committed": True,
+    "latest": latest is not None and store.absolute(path) == store.absolute(latest),
+    "in_state_file": any(store.absolute(p) == store.absolute(path) for p in managed),
+  }
+
+
 def cmd_ls(args) -> tuple[Any, int]:
   directory = fspath(args.directory)
   store = store_for(directory)
@@ -98,21 +115,10 @@ def cmd_ls(args) -> tuple[Any, int]:
   managed = set(state.all_model_checkpoint_paths) if state else set()
   rows: list[dict[str, Any]] = []
   for path in _checkpoints_in(directory):
-    manifest = read_manifest(path)
-    rows.append(
-      {
-        "path": path,
-        "number": _number(store.basename(path)),
-        "save_counter": manifest.save_counter,
-        "kind": manifest.kind,
-        "time": datetime.datetime.fromtimestamp(manifest.created).isoformat(timespec="seconds"),
-        "bytes": store.size(path),
-        "arrays": len(manifest.leaves),
-        "committed": True,
-        "latest": latest is not None and store.absolute(path) == store.absolute(latest),
-        "in_state_file": any(store.absolute(p) == store.absolute(path) for p in managed),
-      }
-    )
+    try:
+      rows.append(_ls_row(store, path, latest, managed))
+    except JaxckptError as e:  # One damaged checkpoint: the others are still listed.
+      rows.append({"path": path, "number": _number(store.basename(path)), "error": str(e)})
   if store.renames and os.path.isdir(directory):  # TensorFlow's checkpoints, if any.
     tf_rows, tf_latest = _tf_rows(directory)
     rows += tf_rows
@@ -124,6 +130,10 @@ def cmd_ls(args) -> tuple[Any, int]:
       f"Checkpoints in {directory}", ("name", "number", "time", "size", "arrays", "status")
     )
     for r in rows:
+      if "error" in r:
+        table.add_row(store.basename(r["path"]), str(r["number"] or ""), "", "", "", "corrupt")
+        print(f"jaxckpt ls: {r['error']}", file=sys.stderr)
+        continue
       size = _size(r["bytes"])
       table.add_row(
         store.basename(r["path"]),
@@ -143,7 +153,7 @@ def cmd_ls(args) -> tuple[Any, int]:
         f"({'hidden, ' if store.renames else ''}never restored; removed when a "
         "CheckpointManager opens the directory)."
       )
-  return result, 0
+  return result, 1 if any("error" in r for r in rows) else 0
 
 
 def _tf_rows(directory: str) -> tuple[list[dict[str, Any]], str | None]:
@@ -353,8 +363,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-  """Runs the CLI; returns the exit code (0 ok, 1 corrupt checkpoint found, 2 error,
-  141 when the reader of its output went away, as for a command killed by SIGPIPE)."""
+  """Runs the CLI; returns the exit code (0 ok, 1 corrupt checkpoint found, 2 missing or
+  unreadable, 141 when the reader of its output went away, as for a command killed by
+  SIGPIPE)."""
   try:
     code = _main(argv)
     sys.stdout.flush()  # A closed pipe shows here, not in the interpreter's exit flush.
@@ -389,7 +400,7 @@ def _main(argv: list[str] | None) -> int:
       print(json.dumps({"error": str(e)}))
     else:
       print(f"jaxckpt {args.command}: {e}", file=sys.stderr)
-    return 2
+    return 1 if isinstance(e, CorruptCheckpointError) else 2
   if args.json:
     print(json.dumps(result, indent=2, default=str))
   return code

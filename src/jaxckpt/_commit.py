@@ -82,10 +82,10 @@ def run_save(job: SaveJob) -> str:
       if plan.on_commit is not None and coord is not None:
         # Recorded first: the checkpoint is committed for every process, and a
         # callback failing on one of them must not leave its manager behind.
-        plan.on_commit(plan.path, coord.is_primary)
+        _on_commit(plan, coord.is_primary)
       _run_callbacks(plan, recorded=coord is not None)
       if plan.on_commit is not None and coord is None:
-        plan.on_commit(plan.path, True)
+        _on_commit(plan, True)
     finally:
       if coord is not None and coord.is_primary:  # Committed, whatever the callbacks did.
         coord.publish("committed", "ok")
@@ -117,6 +117,19 @@ def _run_callbacks(plan: SavePlan, *, recorded: bool) -> None:
         f"{callback!r} raised {type(e).__name__}: {e}. Later callbacks did not "
         f"run and {state}."
       ) from e
+
+
+def _on_commit(plan: SavePlan, owner: bool) -> None:
+  if plan.on_commit is None:
+    return
+  try:
+    plan.on_commit(plan.path, owner)
+  except OSError as e:  # ENOSPC, a read-only remount: name what is committed.
+    raise SaveError(
+      f"Checkpoint {plan.path!r} was committed, but updating the state file next to it "
+      f"failed ({type(e).__name__}: {e}); latest_checkpoint does not name it yet. A "
+      "CheckpointManager opened on the directory adopts it."
+    ) from e
 
 
 def _write_and_commit(job: SaveJob) -> None:

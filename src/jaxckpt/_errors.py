@@ -166,6 +166,20 @@ class CheckpointNotFoundError(JaxckptError, FileNotFoundError):
   """
 
 
+class CheckpointDeletedError(CheckpointNotFoundError):
+  """The checkpoint was deleted while it was being read (e.g. swept by a manager
+  with a small ``max_to_keep`` in another process or thread).
+
+  Nothing is wrong with the data: reading the directory's latest checkpoint
+  again usually succeeds.
+
+  Examples:
+    >>> import jaxckpt
+    >>> issubclass(jaxckpt.CheckpointDeletedError, FileNotFoundError)
+    True
+  """
+
+
 class NotACheckpointError(JaxckptError, ValueError):
   """The path exists but is not a (complete) jaxckpt checkpoint.
 
@@ -180,7 +194,9 @@ class NotACheckpointError(JaxckptError, ValueError):
 
 
 class CorruptCheckpointError(JaxckptError, ValueError):
-  """Array data failed its checksum or could not be decoded; names the array.
+  """Array data failed its checksum or could not be decoded (names the array), or
+  the manifest failed its own checksum or has a field of the wrong type (names
+  the field).
 
   Examples:
     >>> import jaxckpt
@@ -213,6 +229,17 @@ class SaveError(JaxckptError, RuntimeError):
     ... except jaxckpt.SaveError as e:
     ...   print(type(e).__name__)
     WriteCallbackError
+  """
+
+
+class ConcurrentWriterError(SaveError):
+  """Another process is saving into the same directory through its own
+  `CheckpointManager`; this one stops instead of overwriting its checkpoints.
+
+  Examples:
+    >>> import jaxckpt
+    >>> issubclass(jaxckpt.ConcurrentWriterError, jaxckpt.SaveError)
+    True
   """
 
 

@@ -29,7 +29,8 @@ STATE_ITEM: str = "state"
 MANIFEST_ITEM: str = "jaxckpt"
 
 # Format version written into every manifest; readers refuse newer versions.
-FORMAT_VERSION: int = 1
+# Version 2 adds the manifest's own checksum; version 1 manifests are still read.
+FORMAT_VERSION: int = 2
 
 # Seconds `checkpoints_iterator` sleeps between looks at the state file (TF: 1).
 POLL_INTERVAL_S: float = 1.0

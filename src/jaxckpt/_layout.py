@@ -24,6 +24,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from jaxckpt import _bounds
 from jaxckpt import _compat
 from jaxckpt import _fastread
 from jaxckpt import _fastwrite
@@ -338,6 +339,11 @@ def _orbax_read(
     node = restored
     for part in leaf.name.split("/"):
       node = node[part]
+    if isinstance(node, jax.ShapeDtypeStruct):  # Orbax's partial restore hands the template back.
+      raise CorruptCheckpointError(
+        f"Checkpoint {path!r} is corrupt: its manifest lists array '{leaf.name}', "
+        "which its data does not hold."
+      )
     out[leaf.name] = node
   return out
 
@@ -370,6 +376,7 @@ def _read_group(
         del fast[name]
   wanted = [l for l in wanted if l.name not in fast]
   if wanted:
+    _bounds.check_chunks(path, manifest, [l.name for l in wanted])
     fast.update(_orbax_read_named(path, manifest, wanted, io_device, reader))
   return fast, verified
 
@@ -466,7 +473,10 @@ class Zarr3Layout(Layout):
         l.name: _zarr3.read_sharded(url, l.name, l.shape, _global_target(l), l.dtype)
         for l in partial
       }
-      out.raw = _zarr3.read_arrays(url, [l.name for l in wanted if l.name not in out.placed])
+      out.raw = _zarr3.read_arrays(
+        url,
+        {l.name: manifest.leaves[l.name].shape for l in wanted if l.name not in out.placed},
+      )
     except ArrayReadError as e:
       raise CorruptCheckpointError(f"Checkpoint {path!r} is unreadable: {e}.") from e
     return out

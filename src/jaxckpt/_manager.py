@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import logging
 import os
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,11 +20,14 @@ from jaxckpt._checkpoint import Checkpoint
 from jaxckpt._checkpoint import _check_options
 from jaxckpt._checkpoint import save_checkpoint
 from jaxckpt._errors import InvalidOptionsError
+from jaxckpt._errors import JaxckptError
 from jaxckpt._future import SavePath
 from jaxckpt._incremental import retire_or_remove
 from jaxckpt._io_device import resolve_io_device
+from jaxckpt._locks import TrackedRLock
 from jaxckpt._manifest import data_of
 from jaxckpt._manifest import is_committed
+from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import begin
 from jaxckpt._multihost import is_primary
 from jaxckpt._options import CheckpointOptions
@@ -176,10 +179,10 @@ class CheckpointManager:
     self._last_checkpoint_step: int | None = last_checkpoint_step
     self._local = _tiers.local_tier(local_directory, local_interval, local_max_to_keep)
     self.restored_tier: str | None = None  # "local" or "persistent" after restore_or_initialize.
-    # Guards the recorded state (also used by the save thread). Reentrant: a
-    # SIGTERM handler's save may run while the main thread holds it.
-    self._lock = threading.RLock()
-    self._save_lock = threading.RLock()  # One interval decision and save at a time.
+    # Guards the recorded state (also used by the save thread). A preemption
+    # handler defers its save while the main thread holds it (see _locks.py).
+    self._lock = TrackedRLock()
+    self._save_lock = TrackedRLock()  # One interval decision and save at a time.
     self._recover()
 
   def _recover(self) -> None:
@@ -208,6 +211,69 @@ class CheckpointManager:
     for path, stamp in zip(state.all_model_checkpoint_paths, timestamps, strict=False):
       if min(stamp, now) > self._last_preserved and self._owns(path) and is_committed(path):
         self._maybe_delete[self._user_path(path)] = min(stamp, now)
+    self._adopt_lost(state)
+    self._finish_sweep(state.sweeping)
+
+  def _finish_sweep(self, sweeping: list[str]) -> None:
+    """Deletes what the last manager's sweep named but may not have finished (a
+    kill right after its state-file write): only its own, unlisted checkpoints."""
+    listed = {self._store.absolute(p) for p in [*self._maybe_delete, self._latest or ""]}
+    doomed = [
+      self._user_path(p)
+      for p in sweeping
+      if self._number(p) is not None
+      and self._store.absolute(p) not in listed
+      and is_committed(p)  # (A retired one goes with the next sweep.)
+    ]
+    if doomed and is_primary():
+      retire_or_remove(doomed, self._directory)
+      logger.info("Finished an interrupted sweep: %s.", ", ".join(doomed))
+
+  def _number(self, path: str | None) -> int | None:
+    """N of ``<checkpoint_name>-N`` in this manager's directory, else None."""
+    if not path or not self._owns(path):
+      return None
+    name, base = self._store.basename(path), self._store.basename(self._prefix)
+    suffix = name[len(base) + 1 :]
+    return int(suffix) if name.startswith(base + "-") and suffix.isdigit() else None
+
+  def _adopt_lost(self, state: CheckpointState) -> None:
+    """Adopts committed ``<checkpoint_name>-N`` checkpoints the state file does not
+    name and that were created after everything it names (a save whose state-file
+    update failed, or a kill just before it), so they are listed, restorable and
+    eventually swept; the state file is rewritten to name them. Older unlisted
+    ones may be kept on purpose (keep_checkpoint_every_n_hours) and stay alone."""
+    listed = {
+      self._store.absolute(p)
+      for p in [*state.all_model_checkpoint_paths, state.model_checkpoint_path]
+    }
+    stamps = list(state.all_model_checkpoint_timestamps)
+    if is_committed(state.model_checkpoint_path):
+      with contextlib.suppress(JaxckptError):
+        stamps.append(read_manifest(state.model_checkpoint_path).created)
+    if not stamps:
+      return
+    found = []
+    for name in self._store.names(self._directory):
+      path = self._store.join(self._directory, name)
+      if (
+        self._number(path) is None or self._store.absolute(path) in listed or not is_committed(path)
+      ):
+        continue
+      try:
+        manifest = read_manifest(path)
+      except JaxckptError:  # Damaged: never adopted, never swept.
+        continue
+      if manifest.kind == "save" and manifest.created > max(stamps):  # Not a user's write().
+        found.append((manifest.created, path))
+    for created, path in sorted(found):
+      self._maybe_delete[path] = created
+      self._latest = path
+    if found and is_primary():
+      logger.warning(
+        "Adopted checkpoints the state file did not list: %s.", [p for _, p in sorted(found)]
+      )
+      self._record_state(sorted(found)[-1][1])
 
   def _sweep_leftovers(self) -> None:
     """Deletes what interrupted saves left (by the process that writes the files:
@@ -361,6 +427,8 @@ class CheckpointManager:
     if checkpoint_number is not None:
       checkpoint_number = _checkpoint_number(checkpoint_number)
     prefix = self._prefix
+    if is_primary():  # A second writing process gets an error, not each other's checkpoints.
+      self._store.lock_writer(self._directory)
 
     def path_for(counter: int) -> str:
       return f"{prefix}-{counter if checkpoint_number is None else checkpoint_number}"
@@ -382,10 +450,17 @@ class CheckpointManager:
       self._maybe_delete.pop(path, None)
       self._maybe_delete[path] = time.time()
       self._latest = path
+      before = dict(self._maybe_delete)
       doomed = self._sweep()
       if not owner:  # Every process tracks the list; one owns the files.
         return
-      self._record_state(path)
+      try:
+        self._record_state(path, sweeping=doomed)
+      except BaseException:  # The old state file still names them: swept next time.
+        kept = collections.OrderedDict((p, before[p]) for p in doomed)
+        kept.update(self._maybe_delete)
+        self._maybe_delete = kept
+        raise
       if not self._swept_leftovers:  # The I/O task's storage may be its own.
         self._sweep_leftovers()
     if doomed:  # After the state file stops naming them.
@@ -407,7 +482,7 @@ class CheckpointManager:
       doomed.append(path)
     return doomed
 
-  def _record_state(self, latest: str) -> None:
+  def _record_state(self, latest: str, sweeping: list[str] | None = None) -> None:
     write_state(
       self._directory,
       CheckpointState(
@@ -415,6 +490,7 @@ class CheckpointManager:
         all_model_checkpoint_paths=list(self._maybe_delete),
         all_model_checkpoint_timestamps=list(self._maybe_delete.values()),
         last_preserved_timestamp=self._last_preserved,
+        sweeping=sweeping or [],
       ),
     )
 

@@ -7,20 +7,27 @@ key-value store); the manifest records what jaxckpt adds: format version,
 ints, objects' states: see _values.py), exactly. Its presence at the final
 path is the commit marker on every store (see _store.py). docs/format.md
 specifies the schema; this is the only module that parses it.
+Since format version 2 it carries a sha256 of its own canonical JSON, checked on
+every read, so a changed byte is an error rather than a silently different leaf.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
+import math
 import os
 import time
 from typing import Any
 
+import jax
+
 from jaxckpt import _knobs
 from jaxckpt import _values
 from jaxckpt._errors import CheckpointNotFoundError
+from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import JaxckptError
 from jaxckpt._errors import NotACheckpointError
 from jaxckpt._store import fspath
@@ -55,7 +62,7 @@ def _dtype_name(dtype: Any) -> str:
 def _timestamp(value: Any, where: str) -> float:
   created = float(value)
   if not 0 <= created < 1e11:  # NaN, inf and far-future times fail here, not in a caller.
-    raise NotACheckpointError(
+    raise CorruptCheckpointError(
       f"{where} is a damaged jaxckpt manifest: created={value!r} is not a Unix time."
     )
   return created
@@ -167,42 +174,99 @@ class Manifest:
     if not isinstance(data, dict) or data.get("format") != "jaxckpt":
       raise NotACheckpointError(f"{where} is not a jaxckpt manifest.")
     version = data.get("version")
-    if not isinstance(version, int) or version > _knobs.FORMAT_VERSION:
+    if not isinstance(version, int) or isinstance(version, bool) or version > _knobs.FORMAT_VERSION:
       raise NotACheckpointError(
         f"{where} has format version {version!r}; this jaxckpt reads versions "
         f"<= {_knobs.FORMAT_VERSION}. Upgrade jaxckpt to read it."
       )
-    try:
-      return cls(
-        version=version,
-        save_counter=int(data["save_counter"]),
-        kind=data["kind"],
-        created=_timestamp(data["created"], where),
-        leaves={
-          n: LeafInfo(tuple(i["shape"]), i["dtype"], i["kind"]) for n, i in data["leaves"].items()
-        },
-        checksums={n: i.get("crc32") for n, i in data["leaves"].items()},
-        sources={n: i["source"] for n, i in data["leaves"].items() if i.get("source")},
-        digests={n: i.get("sha1") for n, i in data["leaves"].items()},
-        data=data.get("data"),
-        counter_saved=data.get("save_counter_saved", True) is not False,
-        shard_checksums={
-          n: {k: int(v) for k, v in i["shard_crc32"].items()}
-          for n, i in data["leaves"].items()
-          if i.get("shard_crc32")
-        },
-        values=_values_from_json(data.get("values", {})),
-        key_paths={
-          n: tuple(str(k) for k in i["key_path"])
-          for n, i in [*data["leaves"].items(), *data.get("values", {}).items()]
-          if "key_path" in i
-        },
-      )
-    except (KeyError, TypeError, ValueError, AttributeError) as e:
-      # A truncated or hand-edited manifest: a NotACheckpointError, not a bare KeyError.
-      raise NotACheckpointError(
-        f"{where} is a damaged jaxckpt manifest ({type(e).__name__}: {e})."
-      ) from e
+    parsed = {n: _leaf(where, n, i) for n, i in _field(data, "leaves", dict, where).items()}
+    values, key_paths = _values_and_key_paths(data, where)
+    return cls(
+      version=version,
+      save_counter=_field(data, "save_counter", int, where),
+      kind=_field(data, "kind", str, where),
+      created=_timestamp(_field(data, "created", (int, float), where), where),
+      leaves={n: p[0] for n, p in parsed.items()},
+      checksums={n: p[1] for n, p in parsed.items()},
+      sources={n: p[2] for n, p in parsed.items() if p[2]},
+      digests={n: p[3] for n, p in parsed.items()},
+      data=_field(data, "data", str, where, optional=True),
+      counter_saved=data.get("save_counter_saved", True) is not False,
+      shard_checksums={n: p[4] for n, p in parsed.items() if p[4]},
+      values=values,
+      key_paths=key_paths,
+    )
+
+
+def _values_and_key_paths(data: dict[str, Any], where: str) -> tuple[dict[str, ValueInfo], dict]:
+  """The manifest's non-array values and each entry's tree key path."""
+  values = _field(data, "values", dict, where, optional=True) or {}
+  try:
+    key_paths = {
+      n: tuple(str(k) for k in i["key_path"])
+      for n, i in [*data["leaves"].items(), *values.items()]
+      if "key_path" in i
+    }
+    return _values_from_json(values), key_paths
+  except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+    raise CorruptCheckpointError(
+      f"{where} is a damaged jaxckpt manifest: its values or key paths are unreadable "
+      f"({type(e).__name__}: {e}). Restore an earlier checkpoint."
+    ) from e
+
+
+def _damaged(where: str, field: str, expected: str, got: Any) -> CorruptCheckpointError:
+  return CorruptCheckpointError(
+    f"{where} is a damaged jaxckpt manifest: field '{field}' should be "
+    f"{expected}, got {got!r:.80}. Restore an earlier checkpoint."
+  )
+
+
+def _field(data: Any, key: str, types, where: str, *, at: str = "", optional: bool = False) -> Any:
+  """``data[key]`` checked against ``types``: a missing or mistyped field raises
+  `CorruptCheckpointError` naming it (a bare KeyError would escape the CLI)."""
+  field = f"{at}.{key}" if at else key
+  if not isinstance(data, dict):
+    raise _damaged(where, at, "an object", data)
+  if key not in data or (optional and data[key] is None):
+    if optional:
+      return None
+    raise _damaged(where, field, "present", "nothing")
+  value = data[key]
+  if isinstance(value, bool) or not isinstance(value, types):  # JSON true is no number.
+    names = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+    raise _damaged(where, field, f"of type {names}", value)
+  return value
+
+
+def _leaf(where: str, name: Any, info: Any) -> tuple:
+  """One leaf's (LeafInfo, crc32, source, sha1, shard_crc32), each field type-checked."""
+  at = f'leaves["{name}"]'
+  if not isinstance(name, str) or not name:
+    raise _damaged(where, "leaves", "keyed by non-empty names", name)
+  shape = _field(info, "shape", list, where, at=at)
+  if not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape) or (
+    math.prod(shape) >= 1 << 60  # numpy refuses larger arrays with a bare ValueError.
+  ):
+    raise _damaged(where, f"{at}.shape", "a list of non-negative integers", shape)
+  dtype = _field(info, "dtype", str, where, at=at)
+  try:
+    jax.numpy.dtype(dtype)
+  except TypeError as e:
+    raise _damaged(where, f"{at}.dtype", "a dtype name", dtype) from e
+  crc = _field(info, "crc32", int, where, at=at, optional=True)
+  if crc is not None and not 0 <= crc < 1 << 32:
+    raise _damaged(where, f"{at}.crc32", "a CRC-32", crc)
+  shards = _field(info, "shard_crc32", dict, where, at=at, optional=True) or {}
+  for key in shards:
+    _field(shards, key, int, where, at=f"{at}.shard_crc32")
+  return (
+    LeafInfo(tuple(shape), dtype, _field(info, "kind", str, where, at=at)),
+    crc,
+    _field(info, "source", str, where, at=at, optional=True),
+    _field(info, "sha1", str, where, at=at, optional=True),
+    shards,
+  )
 
 
 def _values_from_json(data: dict[str, Any]) -> dict[str, ValueInfo]:
@@ -229,25 +293,59 @@ def is_committed(path: str | os.PathLike | None) -> bool:
   return store_for(path).is_file(manifest_file(path))
 
 
+CHECKSUM_FIELD = "sha256"  # Of the canonical JSON of every other field (format version >= 2).
+
+
+def _body_digest(body: dict[str, Any]) -> str:
+  # Canonical (sorted keys, no spaces), so the digest survives a parse and re-encode.
+  canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=True)
+  return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def seal(body: dict[str, Any]) -> bytes:
+  """The manifest file for the JSON ``body``: the body plus its own checksum."""
+  body = {k: v for k, v in body.items() if k != CHECKSUM_FIELD}
+  return json.dumps({**body, CHECKSUM_FIELD: _body_digest(body)}).encode()
+
+
 def encode(manifest: Manifest) -> tuple[str, bytes]:
   """The commit marker: (key inside the checkpoint, bytes)."""
-  return MANIFEST_KEY, json.dumps(manifest.to_json()).encode()
+  return MANIFEST_KEY, seal(manifest.to_json())
+
+
+def _check_digest(parsed: dict[str, Any], where: str) -> None:
+  """A flipped byte anywhere in the manifest (a leaf name, a dtype, a CRC's key)
+  fails here, instead of restoring some leaves and silently skipping others.
+  Version 1 manifests carry no checksum and are read as before."""
+  version = parsed.get("version")
+  digest = parsed.pop(CHECKSUM_FIELD, None)
+  if not isinstance(version, int) or isinstance(version, bool):
+    version = None  # from_json says what is wrong with it.
+  if version is not None and (version > _knobs.FORMAT_VERSION or (version < 2 and digest is None)):
+    return  # Newer: from_json asks for an upgrade. Older: written before checksums.
+  if not isinstance(digest, str) or digest != _body_digest(parsed):
+    raise CorruptCheckpointError(
+      f"{where!r} is a damaged jaxckpt manifest: its {CHECKSUM_FIELD} checksum "
+      f"{'is missing' if digest is None else 'does not match its contents'}. "
+      "Restore an earlier checkpoint; `jaxckpt verify` checks the others."
+    )
 
 
 def _parse(data: bytes, where: str) -> Manifest:
   try:
     parsed = json.loads(data)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+  except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
     raise NotACheckpointError(f"{where!r} is not valid JSON: {e}.") from e
-  if not isinstance(parsed, dict):
+  if not isinstance(parsed, dict) or parsed.get("format") != "jaxckpt":
     raise NotACheckpointError(f"{where!r} is not a jaxckpt manifest.")
+  _check_digest(parsed, where)
   try:
     return Manifest.from_json(parsed, where)
-  except (KeyError, TypeError, ValueError, AttributeError) as e:
+  except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
     if isinstance(e, JaxckptError):
       raise
-    raise NotACheckpointError(
-      f"{where!r} is not a valid jaxckpt manifest ({type(e).__name__}: {e})."
+    raise CorruptCheckpointError(
+      f"{where!r} is a damaged jaxckpt manifest ({type(e).__name__}: {e})."
     ) from e
 
 

@@ -90,7 +90,7 @@ class CheckpointReader:
       >>> _ = jaxckpt.Checkpoint(step=1).save(d + "/ckpt")
       >>> manifest = jaxckpt.load_checkpoint(d).manifest
       >>> manifest.version, manifest.kind, sorted(manifest.leaves)
-      (1, 'save', ['step'])
+      (2, 'save', ['step'])
     """
     return self._manifest
 

@@ -19,7 +19,9 @@ import numpy as np
 
 from jaxckpt import _compat
 from jaxckpt import _values
+from jaxckpt._errors import CheckpointDeletedError
 from jaxckpt._errors import CoordinationError
+from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import DtypeMismatchError
 from jaxckpt._errors import ShapeMismatchError
 from jaxckpt._integrity import verify_all
@@ -31,6 +33,7 @@ from jaxckpt._layout import layout_of
 from jaxckpt._layout import stored_dtype
 from jaxckpt._layout import target_sharding
 from jaxckpt._manifest import Manifest
+from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import Coordination
 from jaxckpt._multihost import timed_out
@@ -174,14 +177,25 @@ def read_leaves(
     ShapeMismatchError, DtypeMismatchError: a tracked value cannot take the saved one.
     CorruptCheckpointError: an array's data is unreadable or fails its CRC; the
       message names the checkpoint and the array.
+    CheckpointDeletedError: the checkpoint was deleted while it was being read.
   """
   check_compatible(path, manifest, leaves)
   wanted = stored_arrays(manifest, leaves)
   if not wanted:
     return {} if reader.host_only else without_data(manifest, leaves)
-  read = layout_of(manifest).read(
-    path, manifest, wanted, io_device=io_device, reader=reader, verify_checksums=verify_checksums
-  )
+  try:
+    read = layout_of(manifest).read(
+      path, manifest, wanted, io_device=io_device, reader=reader, verify_checksums=verify_checksums
+    )
+  except CorruptCheckpointError as e:
+    if is_committed(path):
+      raise
+    # Its data vanished because the checkpoint did: a sweep, not corruption.
+    raise CheckpointDeletedError(
+      f"Checkpoint {path!r} was deleted while it was being read (e.g. swept by a "
+      "CheckpointManager with a small max_to_keep); nothing was restored. Reading the "
+      "directory's latest checkpoint again makes sense."
+    ) from e
   raw, placed = read.raw, read.placed
   wanted = [l for l in wanted if l.name not in placed]
   if verify_checksums:

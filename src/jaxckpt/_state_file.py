@@ -29,9 +29,14 @@ class CheckpointState:
   all_model_checkpoint_paths: list[str]
   all_model_checkpoint_timestamps: list[float] = dataclasses.field(default_factory=list)
   last_preserved_timestamp: float | None = None
+  # Checkpoints a manager deletes right after writing this file; written as
+  # comments (TF's parser skips them) so a kill before the deletion is finished
+  # by the next manager instead of leaving them on disk, unlisted, forever.
+  sweeping: list[str] = dataclasses.field(default_factory=list)
 
 
 _LINE = re.compile(r"^\s*(\w+)\s*:\s*(.+?)\s*$")
+_SWEEPING = "# jaxckpt_sweeping: "
 
 
 def _quote(text: str) -> str:
@@ -79,6 +84,7 @@ def format_state(directory: str, state: CheckpointState) -> str:
   ]
   if state.last_preserved_timestamp is not None:
     lines.append(f"last_preserved_timestamp: {state.last_preserved_timestamp!r}")
+  lines += [f"{_SWEEPING}{_quote(_relative(directory, p))}" for p in state.sweeping]
   return "\n".join(lines) + "\n"
 
 
@@ -97,6 +103,12 @@ def read_state(directory: str) -> CheckpointState | None:
     return None
   state = CheckpointState("", [])
   for line in data.decode(errors="replace").splitlines():
+    if line.startswith(_SWEEPING):
+      try:
+        state.sweeping.append(_absolute(directory, _unquote(line[len(_SWEEPING) :])))
+      except (ValueError, TypeError):
+        pass
+      continue
     m = _LINE.match(line)
     if not m:
       continue

@@ -25,9 +25,11 @@ import abc
 import contextlib
 import functools
 import json
+import logging
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -37,6 +39,7 @@ from typing import Any
 import tensorstore as ts
 
 from jaxckpt import _knobs
+from jaxckpt._errors import ConcurrentWriterError
 from jaxckpt._errors import InvalidPathError
 from jaxckpt._errors import PathExistsError
 
@@ -44,6 +47,8 @@ try:
   import fcntl
 except ImportError:  # pragma: no cover - Windows: no flock; in-flight saves are not marked.
   fcntl = None  # type: ignore[assignment]
+
+logger = logging.getLogger("jaxckpt")
 
 SCHEMES = ("memory://", "s3://", "gs://")
 
@@ -156,6 +161,9 @@ class Store(abc.ABC):
   @abc.abstractmethod
   def remove_checkpoint(self, path: str) -> None:
     """Deletes a committed checkpoint so that it is never half there."""
+
+  def lock_writer(self, directory: str) -> None:  # noqa: B027 - No locks on key-value stores.
+    """Marks this process as ``directory``'s one writing manager (see `_lock_writer`)."""
 
   @abc.abstractmethod
   def remove_leftovers(self, directory: str, live_data: Callable[[str], str | None]) -> list[str]:
@@ -395,7 +403,7 @@ class LocalStore(Store):
       raise
     fsync_dir(self.dirname(target))
     if old is not None:
-      shutil.rmtree(old, ignore_errors=True)
+      remove_tree(old)
 
   def abort(
     self, staging: str, target: str, *, settle_s: float = 0.1, limit_s: float = 2.0
@@ -417,6 +425,9 @@ class LocalStore(Store):
         return
       time.sleep(0.02)
 
+  def lock_writer(self, directory: str) -> None:
+    _lock_writer(directory)
+
   def remove_checkpoint(self, path: str) -> None:
     # Renamed aside first, so a half-deleted directory is never taken for a checkpoint.
     if not os.path.isdir(path) or os.path.islink(path):
@@ -424,7 +435,7 @@ class LocalStore(Store):
     doomed = _sibling(path, "del")
     os.rename(path, doomed)
     fsync_dir(self.dirname(path))
-    shutil.rmtree(doomed, ignore_errors=True)
+    remove_tree(doomed)
 
   def retire(self, path: str, key: str, suffix: str) -> None:
     """Renames ``path/key`` to ``path/key+suffix`` (see _incremental.py)."""
@@ -450,7 +461,7 @@ class LocalStore(Store):
         and not _in_flight(directory, name)
       ):
         if os.path.isdir(path) and not os.path.islink(path):
-          shutil.rmtree(path, ignore_errors=True)
+          remove_tree(path)
         else:
           with contextlib.suppress(OSError):
             os.unlink(path)
@@ -465,6 +476,63 @@ class LocalStore(Store):
       and any(m in n for m in LEFTOVER_MARKERS)
       and not n.endswith(_LOCK_SUFFIX)
     ]
+
+
+def remove_tree(path: str) -> None:
+  """``rmtree``; what cannot be deleted (permissions, a busy mount) is logged, not
+  raised: it is hidden, never listed, and the next manager tries again."""
+  errors: list[str] = []
+
+  def record(_function, failed, error) -> None:
+    errors.append(f"{failed}: {error if isinstance(error, BaseException) else error[1]}")
+
+  if sys.version_info >= (3, 12):
+    shutil.rmtree(path, onexc=record)
+  else:
+    shutil.rmtree(path, onerror=record)
+  if errors and os.path.lexists(path):
+    logger.warning(
+      "Could not delete %s (%d errors, first: %s); delete it by hand.", path, len(errors), errors[0]
+    )
+
+
+_writer_locks: dict[str, int] = {}  # realpath -> fd, one per directory per process.
+
+
+def _lock_writer(directory: str) -> None:
+  """Takes this process's exclusive ``flock`` on ``directory`` itself (no file is
+  added to it), kept until the process exits; managers within one process share
+  it. The kernel releases it when the process dies, so a restarted job saves at once.
+
+  Raises:
+    ConcurrentWriterError: another live process holds it.
+  """
+  key = os.path.realpath(directory)
+  if fcntl is None or key in _writer_locks:
+    return
+  try:
+    os.makedirs(directory, exist_ok=True)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+  except OSError:  # Unreadable: the save itself says what is wrong.
+    return
+  try:
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+  except BlockingIOError:
+    os.close(fd)
+    raise ConcurrentWriterError(
+      f"Another process is saving checkpoints into {directory!r} through its own "
+      "CheckpointManager (it holds the directory's flock); two writers would overwrite "
+      "each other's checkpoints and state file. Stop the other process or give this "
+      "one its own directory."
+    ) from None
+  except OSError as e:  # A filesystem without flock: two writers go undetected there.
+    os.close(fd)
+    logger.debug("No writer lock on %s: %s", directory, e)
+    return
+  except BaseException:
+    os.close(fd)
+    raise
+  _writer_locks[key] = fd
 
 
 def _remove_staging_once(staging: str) -> bool:
@@ -505,6 +573,11 @@ def _in_flight(directory: str, name: str) -> bool:
 # -- key-value stores -----------------------------------------------------------------
 
 _DATA_NAME = re.compile(r"^data-[0-9a-f]+(-[0-9a-f]{12})?$")
+
+
+_WRITER_KEY = ".jaxckpt-writer"  # A key-value-store directory's newest writing process.
+_WRITER_ID = uuid.uuid4().hex
+_kv_writers: set[str] = set()  # Directories this process has claimed.
 
 
 def _range(prefix: str) -> ts.KvStore.KeyRange:
@@ -655,6 +728,21 @@ class KvStore(Store):
           self.delete_prefix(self.join(checkpoint, prefix))
           removed.append(f"{name}/{prefix}")
     return removed
+
+  def lock_writer(self, directory: str) -> None:
+    """No locks on object stores: the newest writer records its id next to the state
+    file, and an older writer still saving there stops at its next save."""
+    key, url = self.join(directory, _WRITER_KEY), self.absolute(directory)
+    current = self.read_bytes(key)
+    if url not in _kv_writers:
+      self.replace_file(key, _WRITER_ID.encode())
+      _kv_writers.add(url)
+    elif current is not None and current != _WRITER_ID.encode():
+      raise ConcurrentWriterError(
+        f"Another process started saving checkpoints into {directory!r} (its id "
+        f"{current[:40]!r} is in {_WRITER_KEY} there); this one stops instead of "
+        "overwriting its checkpoints and state file."
+      )
 
   def incomplete(self, directory: str) -> list[str]:
     return [

@@ -15,6 +15,7 @@ import jax
 import numpy as np
 import tensorstore as ts
 
+from jaxckpt import _bounds
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import _ArrayReadError as ArrayReadError
 from jaxckpt._store import KV
@@ -94,13 +95,16 @@ def write_arrays(stores: dict[str, Any], values: dict[str, Any], *, host_values:
     future.result()
 
 
-def read_arrays(url: str, names: list[str]) -> dict[str, np.ndarray]:
-  """Reads the arrays ``names`` under ``url``, all reads in flight at once."""
-  opened = {name: ts.open(_array_spec(url, name), open=True, context=KV.context) for name in names}
+def read_arrays(url: str, shapes: dict[str, tuple[int, ...]]) -> dict[str, np.ndarray]:
+  """Reads the arrays named in ``shapes`` (their manifest shapes) under ``url``, all
+  reads in flight at once; a stored chunk grid beyond the shape is refused unread."""
+  opened = {name: ts.open(_array_spec(url, name), open=True, context=KV.context) for name in shapes}
   reads: dict[str, Any] = {}
   for name, opening in opened.items():
     try:
-      reads[name] = opening.result().read()
+      store = opening.result()
+      _bounds.check_opened(store, shapes[name])
+      reads[name] = store.read()
     except Exception as e:
       raise ArrayReadError(name, e) from e
   out: dict[str, np.ndarray] = {}
