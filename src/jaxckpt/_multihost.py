@@ -103,7 +103,18 @@ class Coordination:
     return max(1, int(self.timeout_s * 1000))
 
   def publish(self, name: str, value: str) -> None:
-    _client().key_value_set(self._key(name), value)
+    """Sets this operation's key ``name`` for the other processes to `receive`.
+
+    Raises:
+      CoordinationError: the coordination service refused or is gone.
+    """
+    try:
+      _client().key_value_set(self._key(name), value)
+    except Exception as e:  # JaxRuntimeError: the service is gone, or the key exists.
+      raise CoordinationError(
+        f"The {self.what} could not reach the coordination service to report '{name}' "
+        f"({type(e).__name__}: {e}); another process may have died."
+      ) from e
 
   def receive(self, name: str, sender: int | None = None) -> str:
     """Waits for ``publish(name, ...)`` by ``sender`` (default: the primary)."""
@@ -145,7 +156,7 @@ class Coordination:
     for field, entries in (trees or {}).items():
       fields[field] = hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
     mine = json.dumps(fields, sort_keys=True)
-    _client().key_value_set(self._key(f"agree/{name}/{me}"), mine)
+    self.publish(f"agree/{name}/{me}", mine)
     late = self._gave_up(name)
     if late is not None:
       raise CoordinationError(
@@ -174,7 +185,7 @@ class Coordination:
       )
     for field, entries in (trees or {}).items():
       if len({v.get(field) for v in said.values()}) > 1:  # Everyone sees it: exchange the trees.
-        _client().key_value_set(self._key(f"agree/{name}/{field}/{me}"), json.dumps(entries))
+        self.publish(f"agree/{name}/{field}/{me}", json.dumps(entries))
         for process in said:
           said[process][field] = (
             entries
