@@ -426,12 +426,13 @@ def test_cli_inspect_and_ls_on_tf_checkpoints(capsys):
   assert "3 slices" in capsys.readouterr().out
 
 
-def test_cli_inspect_of_a_damaged_index_exits_2(tmp_path, capsys):
+def test_cli_inspect_of_a_damaged_index_exits_1(tmp_path, capsys):
+  # Exit 1: corrupt (2 is for missing or unreadable), as for jaxckpt's own checkpoints.
   index = _copy(tmp_path, "guide") / "ckpt-3.index"
   index.write_bytes(index.read_bytes()[:100])
-  assert _cli.main(["inspect", str(index.parent)]) == 2
+  assert _cli.main(["inspect", str(index.parent)]) == 1
   assert "ckpt-3.index" in capsys.readouterr().err
-  assert _cli.main(["ls", str(index.parent), "--json"]) == 0
+  assert _cli.main(["ls", str(index.parent), "--json"]) == 1
   rows = json.loads(capsys.readouterr().out)["checkpoints"]
   assert [bool(r.get("error")) for r in rows] == [False, True]
 

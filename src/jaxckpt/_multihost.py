@@ -183,15 +183,7 @@ class Coordination:
         + ". Nothing was written or read by this operation on any process; the next "
         "identical call works once the cause is fixed."
       )
-    for field, entries in (trees or {}).items():
-      if len({v.get(field) for v in said.values()}) > 1:  # Everyone sees it: exchange the trees.
-        self.publish(f"agree/{name}/{field}/{me}", json.dumps(entries))
-        for process in said:
-          said[process][field] = (
-            entries
-            if process == me
-            else json.loads(self.receive(f"agree/{name}/{field}/{process}", sender=process))
-          )
+    self._exchange_differing_trees(name, said, trees or {})
     differ = _differences(said)
     if differ:
       raise CoordinationError(
@@ -200,6 +192,22 @@ class Coordination:
         + ". Every process must make the same save/restore calls, in the same order, "
         "with the same paths, options and tree; nothing was read or written."
       )
+
+  def _exchange_differing_trees(
+    self, name: str, said: dict[int, dict[str, Any]], trees: dict[str, list]
+  ) -> None:
+    """Replaces differing tree digests in ``said`` by the trees themselves (every
+    process sees the same digests, so all exchange, or none)."""
+    me = jax.process_index()
+    for field, entries in trees.items():
+      if len({v.get(field) for v in said.values()}) > 1:
+        self.publish(f"agree/{name}/{field}/{me}", json.dumps(entries))
+        for process in said:
+          said[process][field] = (
+            entries
+            if process == me
+            else json.loads(self.receive(f"agree/{name}/{field}/{process}", sender=process))
+          )
 
   def _gave_up(self, name: str) -> int | None:
     """A process that stopped waiting for this agreement, if any."""

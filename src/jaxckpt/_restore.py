@@ -199,23 +199,7 @@ def read_leaves(
   raw, placed = read.raw, read.placed
   wanted = [l for l in wanted if l.name not in placed]
   if verify_checksums:
-    verify_all(
-      path,
-      [
-        (
-          leaf.name,
-          raw[leaf.name],
-          stored_dtype(manifest, leaf.name),
-          manifest.checksums.get(leaf.name),
-        )
-        for leaf in wanted
-        if leaf.name not in read.verified
-      ],
-    )
-    for name, value in [*((l.name, raw[l.name]) for l in wanted), *placed.items()]:
-      sums = manifest.shard_checksums.get(name)
-      if sums and value.dtype == stored_dtype(manifest, name):
-        verify_shards(path, name, value, sums)
+    _verify(path, manifest, wanted, read)
   if reader.host_only:
     return raw
   out = {**without_data(manifest, leaves), **placed, **_placed_together(wanted, raw)}
@@ -223,6 +207,28 @@ def read_leaves(
     (leaf.name, as_tracked_type(leaf, raw[leaf.name])) for leaf in wanted if leaf.name in raw
   )
   return out
+
+
+def _verify(path: str, manifest: Manifest, wanted: list[Leaf], read: Any) -> None:
+  """Checks what ``read`` holds against the manifest's CRC-32s (whole arrays and shards)."""
+  raw, placed = read.raw, read.placed
+  verify_all(
+    path,
+    [
+      (
+        leaf.name,
+        raw[leaf.name],
+        stored_dtype(manifest, leaf.name),
+        manifest.checksums.get(leaf.name),
+      )
+      for leaf in wanted
+      if leaf.name not in read.verified
+    ],
+  )
+  for name, value in [*((l.name, raw[l.name]) for l in wanted), *placed.items()]:
+    sums = manifest.shard_checksums.get(name)
+    if sums and value.dtype == stored_dtype(manifest, name):
+      verify_shards(path, name, value, sums)
 
 
 def stored_arrays(manifest: Manifest, leaves: list[Leaf]) -> list[Leaf]:
