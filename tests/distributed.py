@@ -104,8 +104,14 @@ def collect(procs, outdir: str, *, timeout: float = 120, expect_fail: set[int] =
   deadline = time.monotonic() + timeout
   results_at = None
   timed_out = False
+  release = os.path.join(outdir, "release")
   while any(p.poll() is None for p in procs):
     now = time.monotonic()
+    if not os.path.exists(release) and all(
+      p.poll() is not None or os.path.exists(os.path.join(outdir, f"result.{i}"))
+      for i, p in enumerate(procs)
+    ):  # Every process is done: process 0 (the coordination service) may go.
+      open(release, "w").close()
     # jax.distributed.shutdown() occasionally hangs after every process has
     # returned its result (seen once in ~30 runs); that teardown is JAX's, not
     # what a test checks, so processes still there 20 s after all results are
@@ -198,6 +204,11 @@ def _child() -> None:
   os.replace(spec["out"] + ".tmp", spec["out"])
   sys.stdout.flush()
   if result[0] != "ok" or spec["hard_exit"]:
+    if spec["id"] == 0:  # It hosts the coordination service: the others may still need it.
+      release = os.path.join(os.path.dirname(spec["out"]), "release")
+      deadline = time.monotonic() + 120
+      while not os.path.exists(release) and time.monotonic() < deadline:
+        time.sleep(0.05)
     os._exit(0 if result[0] == "ok" else 1)  # Skip the shutdown barrier: peers may be gone.
   jax.distributed.shutdown()
 
