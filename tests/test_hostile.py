@@ -88,7 +88,8 @@ def test_a_failed_state_file_update_names_the_committed_checkpoint(tmp_path, mon
   reopened = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=1)
   lost = os.path.join(tmp_path, "ckpt-2")
   assert reopened.latest_checkpoint == lost == jaxckpt.latest_checkpoint(tmp_path)
-  assert reopened.checkpoints == [first, lost]  # Adopted; the next save sweeps both.
+  assert reopened.checkpoints == [lost]  # Adopted, and the lost save's sweep done.
+  assert not os.path.exists(first)
   third = reopened.save()
   assert reopened.checkpoints == [third] and sorted(os.listdir(tmp_path)) == [
     "checkpoint",
@@ -109,6 +110,23 @@ def test_a_manager_adopts_committed_checkpoints_the_state_file_lost(tmp_path):
   reopened = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=5)
   assert reopened.checkpoints == paths and reopened.latest_checkpoint == paths[-1]
   assert jaxckpt.latest_checkpoint(tmp_path) == paths[-1]  # State file rewritten.
+
+
+def test_adopted_checkpoints_beyond_max_to_keep_are_swept_on_open(tmp_path):
+  # A kill between a save's commit and its state-file update also skipped its sweep.
+  ckpt = jaxckpt.Checkpoint(w=jnp.ones(2))
+  manager = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=2)
+  paths = [manager.save() for _ in range(2)]
+  state = tmp_path / "checkpoint"
+  after_two = state.read_text()
+  paths.append(manager.save())
+  state.write_text(after_two)
+  (tmp_path / "ckpt-1").mkdir()  # What the lost sweep deleted, back again: a committed copy.
+  jaxckpt.Checkpoint(w=jnp.ones(2)).write(tmp_path / "ckpt-1")
+  reopened = jaxckpt.CheckpointManager(ckpt, tmp_path, max_to_keep=2)
+  assert reopened.checkpoints == paths[1:] and reopened.latest_checkpoint == paths[-1]
+  assert not (tmp_path / "ckpt-1").exists()
+  assert sorted(n for n in os.listdir(tmp_path) if n.startswith("ckpt-")) == ["ckpt-2", "ckpt-3"]
 
 
 def test_an_undeletable_leftover_is_logged(tmp_path, monkeypatch, caplog):

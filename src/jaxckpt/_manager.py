@@ -269,11 +269,16 @@ class CheckpointManager:
     for created, path in sorted(found):
       self._maybe_delete[path] = created
       self._latest = path
-    if found and is_primary():
+    if not found:
+      return
+    doomed = self._sweep()  # The sweep the interrupted saves did not get to.
+    if is_primary():
       logger.warning(
         "Adopted checkpoints the state file did not list: %s.", [p for _, p in sorted(found)]
       )
-      self._record_state(sorted(found)[-1][1])
+      self._record_state(sorted(found)[-1][1], sweeping=doomed)
+      if doomed:  # After the state file stops naming them, as in a save's sweep.
+        retire_or_remove(doomed, self._directory)
 
   def _sweep_leftovers(self) -> None:
     """Deletes what interrupted saves left (by the process that writes the files:
