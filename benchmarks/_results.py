@@ -73,3 +73,33 @@ def write(results: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
   print(f"wrote {json_path}")
   results["json_path"] = str(json_path)
   return results
+
+
+def files_under(root: str) -> list[str]:
+  return [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
+
+
+def evict(paths: list[str], method: str) -> str:
+  """Drops ``paths`` (files or directories) from the page cache; returns the method used."""
+  if method == "none":
+    return "none"
+  os.sync()
+  if method in ("auto", "drop_caches"):
+    try:
+      with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+      return "drop_caches"
+    except OSError:
+      if method == "drop_caches":
+        return "none"
+  files = [f for p in paths for f in (files_under(p) if os.path.isdir(p) else [p])]
+  try:
+    for name in files:
+      fd = os.open(name, os.O_RDONLY)
+      try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+      finally:
+        os.close(fd)
+  except (OSError, AttributeError):
+    return "none"
+  return "fadvise_dontneed"

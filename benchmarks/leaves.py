@@ -270,26 +270,7 @@ class Peers:
 
 def evict(paths: list[str]) -> str:
   """Drops ``paths`` from the page cache; returns how (or "none": warm reads)."""
-  os.sync()
-  try:
-    with open("/proc/sys/vm/drop_caches", "w") as f:
-      f.write("3\n")
-    return "drop_caches"
-  except OSError:
-    pass
-  files = [os.path.join(d, n) for p in paths for d, _, names in os.walk(p) for n in names] + [
-    p for p in paths if os.path.isfile(p)
-  ]
-  try:
-    for name in files:
-      fd = os.open(name, os.O_RDONLY)
-      try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-      finally:
-        os.close(fd)
-  except (OSError, AttributeError):
-    return "none"
-  return "fadvise_dontneed"
+  return _results.evict(paths, "auto")
 
 
 # -- one point of a sweep ---------------------------------------------------------

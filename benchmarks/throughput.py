@@ -140,39 +140,9 @@ def memcpy_first_touch(src: np.ndarray) -> float:
   return took
 
 
-def files_under(root: str) -> list[str]:
-  return [os.path.join(d, f) for d, _, names in os.walk(root) for f in names]
-
-
-def evict(paths: list[str], method: str) -> str:
-  """Drops ``paths`` (files or directories) from the page cache; returns the method used."""
-  if method == "none":
-    return "none"
-  os.sync()
-  if method in ("auto", "drop_caches"):
-    try:
-      with open("/proc/sys/vm/drop_caches", "w") as f:
-        f.write("3\n")
-      return "drop_caches"
-    except OSError:
-      if method == "drop_caches":
-        return "none"
-  files = [f for p in paths for f in (files_under(p) if os.path.isdir(p) else [p])]
-  try:
-    for name in files:
-      fd = os.open(name, os.O_RDONLY)
-      try:
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-      finally:
-        os.close(fd)
-  except (OSError, AttributeError):
-    return "none"
-  return "fadvise_dontneed"
-
-
 def resident_bytes(paths: list[str]) -> int | None:
   """Bytes of ``paths`` in the page cache per ``fincore`` (None if unavailable)."""
-  files = [f for p in paths for f in (files_under(p) if os.path.isdir(p) else [p])]
+  files = [f for p in paths for f in (_results.files_under(p) if os.path.isdir(p) else [p])]
   if not files or shutil.which("fincore") is None:
     return None
   try:
@@ -234,7 +204,7 @@ def measure(
       fn()
 
     targets = [os.path.dirname(jx_prefix), ob_path, dd_path]
-    t["evict"] = evict(targets, evict_method)
+    t["evict"] = _results.evict(targets, evict_method)
     resident = resident_bytes(targets)
     t["resident_after_evict_bytes"] = resident
 

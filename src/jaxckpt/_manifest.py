@@ -302,6 +302,11 @@ def _body_digest(body: dict[str, Any]) -> str:
   return hashlib.sha256(canonical.encode()).hexdigest()
 
 
+def digest(manifest: Manifest) -> str:
+  """The manifest's checksum, as `seal` writes it: its identity across processes."""
+  return _body_digest(manifest.to_json())
+
+
 def seal(body: dict[str, Any]) -> bytes:
   """The manifest file for the JSON ``body``: the body plus its own checksum."""
   body = {k: v for k, v in body.items() if k != CHECKSUM_FIELD}

@@ -9,8 +9,6 @@ leaf before anything is read, so a mismatch changes nothing.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import math
 from typing import Any
 
@@ -33,6 +31,7 @@ from jaxckpt._layout import layout_of
 from jaxckpt._layout import stored_dtype
 from jaxckpt._layout import target_sharding
 from jaxckpt._manifest import Manifest
+from jaxckpt._manifest import digest
 from jaxckpt._manifest import is_committed
 from jaxckpt._manifest import read_manifest
 from jaxckpt._multihost import Coordination
@@ -359,8 +358,7 @@ def _restore_fields(
   fields: dict[str, Any] = {"path": path}
   trees: dict[str, list] = {}
   if manifest is not None:
-    body = json.dumps(manifest.to_json(), sort_keys=True).encode()
-    fields["checkpoint"] = f"saved at {manifest.created!r}, {hashlib.sha256(body).hexdigest()[:12]}"
+    fields["checkpoint"] = f"saved at {manifest.created!r}, {digest(manifest)[:12]}"
     trees["tracked arrays"] = [
       [l.name, list(l.shape), l.dtype.name] for l in leaves if l.name in manifest.leaves
     ]

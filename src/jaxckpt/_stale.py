@@ -55,9 +55,10 @@ class StaleSaves:
     scalars = {leaf.name: leaf.value for leaf in leaves if np.ndim(leaf.value) == 0}
     previous, previous_scalars = self._arrays, self._scalars
     self._arrays = {name: _ref(value) for name, value in arrays.items()}
-    self._scalars = {
-      name: (_ref(value), value if _ref(value) is None else None) for name, value in scalars.items()
-    }
+    self._scalars = {}
+    for name, value in scalars.items():
+      ref = _ref(value)
+      self._scalars[name] = (ref, value if ref is None else None)
     if self._warned or previous is None or not arrays or set(previous) != set(arrays):
       return
     if not all(previous[n] is not None and previous[n]() is v for n, v in arrays.items()):

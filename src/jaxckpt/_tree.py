@@ -352,14 +352,7 @@ def flatten_items(
 
 def nest(named: Mapping[str, Any]) -> dict[str, Any]:
   """``{"a/b": x}`` → ``{"a": {"b": x}}``: the tree Orbax saves."""
-  root: dict[str, Any] = {}
-  for name, value in named.items():
-    node = root
-    *parents, last = name.split("/")
-    for part in parents:
-      node = node.setdefault(part, {})
-    node[last] = value
-  return root
+  return nest_keys({tuple(name.split("/")): value for name, value in named.items()})
 
 
 def nest_keys(named: Mapping[tuple[str, ...], Any]) -> dict[str, Any]:
