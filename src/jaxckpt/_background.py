@@ -159,7 +159,7 @@ class Saver:
         job.future.set_exception(e)
       else:
         # Before the future resolves: a caller woken by it may save again at once.
-        job.snapshot = None
+        job.snapshot, job.described = None, {}
         self.staging.give_back(job.staged)
         job.staged = []
         job.future.set_result(path)

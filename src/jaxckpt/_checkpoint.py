@@ -608,6 +608,7 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
   # Values go into the manifest; zero-size arrays have no bytes (the manifest rebuilds them).
   to_copy = [leaf for leaf in flat if leaf.has_data and leaf.name not in reused]
   staged: list = []
+  described: dict[str, jax.Array] = {}
   coord, io_device = plan.coordination, plan.io_device
   if plan.routed and coord is not None and io_device is not None:
     # The gather is an XLA collective, which has no timeout: enter it only once
@@ -623,6 +624,7 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
       io_device=plan.io_device,
       pool=saver.staging,
       keep_bytes=plan.keep_staging_bytes,
+      views=described if plan.host_views else None,
     )
   coordination = plan.coordination
   if coordination is not None:
@@ -634,6 +636,7 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
     future=CommitFuture(plan.path),
     leaves=flat,
     snapshot=snapshot,
+    described=described,
     staged=staged,
     history=history,
     reused=reused,

@@ -49,6 +49,9 @@ class SaveJob:
   future: CommitFuture
   leaves: list[Leaf] | None  # For the manifest; holds the caller's arrays until built.
   snapshot: dict[str, Any] | None  # name -> value; dropped once written and checksummed.
+  # Snapshot entries that are numpy views of these jax.Arrays (see _snapshot.py):
+  # written as the arrays they view.
+  described: dict[str, Any] = dataclasses.field(default_factory=dict)
   # The snapshot's staging buffers (see _staging.py), returned to the pool after a
   # successful save; the save must hold nothing else that reads them by then.
   staged: list = dataclasses.field(default_factory=list)
@@ -280,7 +283,7 @@ def _take_checksums(
     name: known[name] if name in known else checksum(value) for name, value in snapshot.items()
   }
   shard_sums = _shard_checksums(snapshot, checksums, coord)
-  job.snapshot = None
+  job.snapshot, job.described = None, {}
   return checksums, shard_sums
 
 

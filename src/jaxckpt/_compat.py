@@ -357,6 +357,8 @@ def _find_replica_slices():
 def orbax_write_shape(value: jax.Array) -> tuple[int, ...]:
   """Orbax's chunk grid for ``value``: its shard shape, split among replicas where
   Orbax's replica-parallel saving would split it (Orbax's own function decides)."""
+  if len(value.sharding.device_set) == 1:  # One shard, no replicas (may be deleted: a view).
+    return tuple(value.shape)
   found = _FEATURES["replica_slices"].get()
   if found is not None:
     get_replica_slices, use_replica_parallel = found

@@ -236,15 +236,18 @@ _SPECS: dict[tuple, _Spec] = {}
 _json_str = json.encoder.encode_basestring_ascii  # A str as JSON, in C (json.dumps: 3x slower).
 
 
-def _spec(value: Any, kind: str, chunk_byte_size: int | None) -> _Spec:
-  """``value``'s `_Spec` (a jax.Array, or a C-ordered numpy array)."""
+def _signature(value: Any, kind: str, chunk_byte_size: int | None) -> tuple:
   sharding = value.sharding if kind == "jax.Array" else None
-  key = (kind, value.shape, value.dtype, sharding, chunk_byte_size)
-  spec = _SPECS.get(key)
+  return (kind, value.shape, value.dtype, sharding, chunk_byte_size)
+
+
+def _lookup_spec(signature: tuple, value: Any) -> _Spec:
+  """``value``'s `_Spec` (a jax.Array, or a C-ordered numpy array)."""
+  spec = _SPECS.get(signature)
   if spec is None:
     if len(_SPECS) > 4096:
       _SPECS.clear()
-    spec = _SPECS[key] = _new_spec(value, kind, chunk_byte_size)
+    spec = _SPECS[signature] = _new_spec(value, signature[0], signature[4])
   return spec
 
 
@@ -291,20 +294,64 @@ def _zarray(dtype: np.dtype, shape: tuple[int, ...]) -> bytes:
   ).encode()
 
 
-def _record(key: str, parts: list[str], spec: _Spec, metadata: _Metadata) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Entry:
+  """One leaf's part of the metadata files and its OCDBT keys, for one signature
+  (kind, shape, dtype, sharding, chunking). Cached by leaf name: a model saves
+  the same names with the same signatures every time, and formatting them was a
+  fifth of the writer's time for thousands of small arrays."""
+
+  signature: tuple
+  spec: _Spec
+  prefix: str  # The array's OCDBT key prefix ("a.b/").
+  zarray_key: str  # Its ".zarray" key and its chunk's key (one-chunk arrays).
+  chunk_key: str
+  tree: str  # Its `_METADATA` tree_metadata member.
+  sharding_key: str  # Its `_sharding` key.
+  array: str | None  # Its array_metadatas entry.
+
+
+_ENTRIES: dict[str, _Entry] = {}
+
+
+def _entry(name: str, value: Any, kind: str, chunk_byte_size: int | None) -> _Entry:
+  signature = _signature(value, kind, chunk_byte_size)
+  entry = _ENTRIES.get(name)
+  if entry is None or entry.signature != signature:
+    if len(_ENTRIES) > 1 << 16:
+      _ENTRIES.clear()
+    entry = _ENTRIES[name] = _new_entry(name, signature, _lookup_spec(signature, value))
+  return entry
+
+
+def _new_entry(name: str, signature: tuple, spec: _Spec) -> _Entry:
+  parts = name.split("/")
+  key = ".".join(parts)
   keys = ", ".join(f'{{"key": {_json_str(p)}, "key_type": 2}}' for p in parts)
-  metadata.tree.append(
-    f'{_json_str(str(tuple(parts)))}: {{"key_metadata": [{keys}], "value_metadata": {spec.meta}}}'
+  return _Entry(
+    signature,
+    spec,
+    f"{key}/",
+    f"{key}/.zarray",
+    f"{key}/{spec.chunk_key}",
+    f'{_json_str(str(tuple(parts)))}: {{"key_metadata": [{keys}], "value_metadata": {spec.meta}}}',
+    base64.b64encode(key.encode()).decode(),
+    None
+    if spec.array_metadata is None
+    else f'{{"array_metadata": {{"param_name": {_json_str(key)}, {spec.array_metadata}}}',
   )
-  if spec.sharding is not None:
-    metadata.shardings[base64.b64encode(key.encode()).decode()] = spec.sharding
-  if spec.array_metadata is not None:
-    metadata.arrays.append(
-      f'{{"array_metadata": {{"param_name": {_json_str(key)}, {spec.array_metadata}}}'
-    )
+
+
+def _record(entry: _Entry, metadata: _Metadata) -> None:
+  metadata.tree.append(entry.tree)
+  if entry.spec.sharding is not None:
+    metadata.shardings[entry.sharding_key] = entry.spec.sharding
+  if entry.array is not None:
+    metadata.arrays.append(entry.array)
 
 
 def _pieces(value: Any, spec: _Spec) -> list[tuple[Any, Any]]:
+  """(index, data) of what to write: the whole value, or this process's shards."""
   if spec.whole:
     return [((), value)]
   return [(s.index, s.data) for s in value.addressable_shards if s.replica_id == 0]
@@ -328,9 +375,15 @@ def _open_array(kvstore: ts.KvStore, spec: _Spec, context: ts.Context, txn: ts.T
 
 
 def start(
-  state_dir: str, snapshot: dict[str, Any], *, chunk_byte_size: int | None = None
+  state_dir: str,
+  snapshot: dict[str, Any],
+  *,
+  chunk_byte_size: int | None = None,
+  described: dict[str, jax.Array] | None = None,
 ) -> Pending:
-  """Starts writing ``snapshot`` ({"a/b": value}) as the Orbax item at ``state_dir``."""
+  """Starts writing ``snapshot`` ({"a/b": value}) as the Orbax item at ``state_dir``;
+  an entry named in ``described`` is a numpy view of that jax.Array, written as it."""
+  described = described or {}
   started_ns = time.time_ns()
   os.makedirs(state_dir)
   context = ts.Context(_CONTEXT)  # One context: one OCDBT writer for all arrays.
@@ -341,17 +394,22 @@ def start(
   metadata = _Metadata()
   checksums: dict[str, int] = {}
   for name, value in snapshot.items():
-    parts = name.split("/")
-    key = ".".join(parts)
+    data = None
+    if name in described:  # A view: described by its array, written from the view.
+      value, data = described[name], value
     kind = cast(str, _kind(value))
     if kind != "jax.Array":
       value = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
-    spec = _spec(value, kind, chunk_byte_size)
-    _record(key, parts, spec, metadata)
+    entry = _entry(name, value, kind, chunk_byte_size)
+    spec = entry.spec
+    _record(entry, metadata)
+    if data is None:
+      data = value
     if spec.zarray is not None:
-      checksums[name] = batch.put(f"{key}/", spec, np.asarray(value))
+      checksums[name] = batch.put(entry, np.asarray(data))
     else:
-      batch.add(_open_array(kvstore / f"{key}/", spec, context, batch.txn), _pieces(value, spec))
+      opening = _open_array(kvstore / entry.prefix, spec, context, batch.txn)
+      batch.add(opening, _pieces(data, spec))
     if batch.nbytes >= COMMIT_BYTES:
       batch.commit(futures, commits)
       batch = _Batch(kvstore)
@@ -378,14 +436,14 @@ class _Batch:
     self.opens: list[tuple[Any, list]] = []
     self.nbytes = 0
 
-  def put(self, prefix: str, spec: _Spec, array: np.ndarray) -> int:
+  def put(self, entry: _Entry, array: np.ndarray) -> int:
     """Writes a one-chunk array as the keys the zarr driver writes; returns the
     CRC-32 of its bytes. The writes' futures resolve with the commit, whose own
     future reports any failure."""
     data = array.tobytes()
-    self.kv.write(prefix + ".zarray", cast(bytes, spec.zarray))
-    self.kv.write(prefix + spec.chunk_key, data)
-    self.nbytes += spec.nbytes
+    self.kv.write(entry.zarray_key, cast(bytes, entry.spec.zarray))
+    self.kv.write(entry.chunk_key, data)
+    self.nbytes += entry.spec.nbytes
     return crc32(data)
 
   def add(self, opening, pieces: list[tuple[Any, Any]]) -> None:

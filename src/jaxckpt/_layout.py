@@ -168,7 +168,10 @@ class OrbaxLayout(Layout):
       return _Done()
     if plan.writer == "fast":
       return _fastwrite.start(
-        os.path.join(data_dir, _knobs.STATE_ITEM), snapshot, chunk_byte_size=plan.chunk_byte_size
+        os.path.join(data_dir, _knobs.STATE_ITEM),
+        snapshot,
+        chunk_byte_size=plan.chunk_byte_size,
+        described=job.described,
       )
     tree = nest(snapshot)
     save_args = None

@@ -70,6 +70,9 @@ class SavePlan:
   on_commit: Callable[[str, bool], None] | None
   nbytes: int
   counter_saved: bool = True  # Whether the manifest records save_counter (see _manifest.py).
+  # The snapshot may hold small CPU arrays as numpy views (see _snapshot.py):
+  # the fast Orbax-layout writer describes them by the arrays they view.
+  host_views: bool = False
 
 
 def _check_leaves(leaves: list[Leaf]) -> None:
@@ -175,6 +178,7 @@ def plan_save(
     on_commit=request.on_commit,
     nbytes=sum(leaf.nbytes for leaf in leaves),
     counter_saved=counter_saved,
+    host_views=fast and not routed,
   )
 
 

@@ -122,7 +122,7 @@ class CheckpointReader:
       >>> d = tempfile.mkdtemp()
       >>> _ = jaxckpt.Checkpoint(w=np.zeros((2, 3)), step=4).save(d + "/ckpt")
       >>> jaxckpt.load_checkpoint(d).get_variable_to_shape_map()
-      {'w': [2, 3], 'step': [], 'save_counter': []}
+      {'step': [], 'w': [2, 3], 'save_counter': []}
     """
     values = {n: list(v.shape) for n, v in self._manifest.values.items()}
     shapes = {**{n: list(i.shape) for n, i in self._manifest.leaves.items()}, **values}

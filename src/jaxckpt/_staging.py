@@ -156,7 +156,7 @@ class StagingPool:
   """
 
   def __init__(self, *, max_idle: int = 2, idle_s: float = 600.0, min_bytes: int | None = None):
-    self._min_bytes = MIN_BYTES if min_bytes is None else min_bytes
+    self.min_bytes = MIN_BYTES if min_bytes is None else min_bytes
     self._max_idle = max_idle
     self._idle_s = idle_s
     self._lock = threading.Lock()
@@ -182,7 +182,7 @@ class StagingPool:
     out: list[jax.Array | None] = [None] * len(values)
     if nbytes is None:
       nbytes = [array_nbytes(v) for v in values]
-    taken = [i for i, n in enumerate(nbytes) if n >= self._min_bytes]  # Most arrays are small.
+    taken = [i for i, n in enumerate(nbytes) if n >= self.min_bytes]  # Most arrays are small.
     if not taken:
       return out, []
     values = [values[i] for i in taken]

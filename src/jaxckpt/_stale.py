@@ -42,26 +42,52 @@ def _same(ref: Any, old: Any, value: Any) -> bool:
     return False
 
 
+# Arrays held by weak reference per save; the others are compared by id (see `check`).
+_SAMPLED = 16
+
+
 class StaleSaves:
   """One per `Checkpoint`: what its previous save held, and whether it warned."""
 
   def __init__(self):
-    self._arrays: dict[str, Any] | None = None
+    # (names, ids, {index: weak reference}) of the previous save's arrays.
+    self._arrays: tuple[tuple[str, ...], tuple[int, ...], dict[int, Any]] | None = None
     self._scalars: dict[str, tuple[Any, Any]] = {}
     self._warned = False
 
   def check(self, leaves: list[Leaf], path: str) -> None:
-    arrays = {leaf.name: leaf.value for leaf in leaves if _is_array(leaf.value)}
-    scalars = {leaf.name: leaf.value for leaf in leaves if np.ndim(leaf.value) == 0}
+    """Records this save's arrays and scalars; warns if every array is the object
+    of the previous save while a scalar moved.
+
+    Arrays are compared by id, and a sample of them by weak reference: an id is
+    reused only once its array is freed, and every array replaced by one at the
+    same address, in the same order, while the sampled ones stayed, is not what
+    a training loop does. One weak reference per array was a GC-tracked object
+    per leaf per save, kept until the next one (for thousands of leaves, a full
+    collection of the process almost every save).
+    """
+    names, values, scalars = [], [], {}
+    for leaf in leaves:
+      if _is_array(leaf.value):
+        names.append(leaf.name)
+        values.append(leaf.value)
+      elif np.ndim(leaf.value) == 0:
+        scalars[leaf.name] = leaf.value
     previous, previous_scalars = self._arrays, self._scalars
-    self._arrays = {name: _ref(value) for name, value in arrays.items()}
+    every = max(1, len(values) // _SAMPLED)
+    current = (
+      tuple(names),
+      tuple(map(id, values)),
+      {i: weakref.ref(values[i]) for i in range(0, len(values), every)},
+    )
+    self._arrays = current
     self._scalars = {}
     for name, value in scalars.items():
       ref = _ref(value)
       self._scalars[name] = (ref, value if ref is None else None)
-    if self._warned or previous is None or not arrays or set(previous) != set(arrays):
+    if self._warned or previous is None or not values or previous[:2] != current[:2]:
       return
-    if not all(previous[n] is not None and previous[n]() is v for n, v in arrays.items()):
+    if not all(ref() is values[i] for i, ref in previous[2].items()):
       return
     moved = [
       name

@@ -47,7 +47,7 @@ def is_numeric_dtype(dtype) -> bool:
   return dtype.kind in "biufc" or dtype.name == "bfloat16"
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, slots=True)  # Slots: one GC-tracked object per leaf.
 class Leaf:
   """One named leaf of a tracked item; ``value`` is what gets saved."""
 
@@ -58,6 +58,9 @@ class Leaf:
   value_shape: tuple[int, ...] = ()  # A value leaf's shape as list_variables shows it.
   # Where the name escapes a key: its full original path (item names, then keys).
   keys: tuple[str, ...] | None = None
+  # Computed once (read by the plan and the snapshot): see `nbytes`, `has_data`.
+  _nbytes: int | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
+  _has_data: bool | None = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
   @property
   def abstract(self) -> bool:
@@ -72,7 +75,9 @@ class Leaf:
   def has_data(self) -> bool:
     """Whether the layout stores bytes for it: arrays with at least one element
     (Orbax refuses zero-size arrays; the manifest's shape and dtype rebuild them)."""
-    return self.value_kind is None and math.prod(self.shape) > 0
+    if self._has_data is None:
+      object.__setattr__(self, "_has_data", self.value_kind is None and math.prod(self.shape) > 0)
+    return cast(bool, self._has_data)
 
   @property
   def shape(self) -> tuple[int, ...]:
@@ -101,8 +106,15 @@ class Leaf:
       return "numpy"
     return type(self.value).__name__  # bool / int / float
 
-  @functools.cached_property  # Read by save() twice (budget, snapshot); once computed.
+  @property
   def nbytes(self) -> int:
+    # Read by save() twice (budget, snapshot): computed once. (Not a
+    # cached_property: on Python 3.11 its lock costs more than the value.)
+    if self._nbytes is None:
+      object.__setattr__(self, "_nbytes", self._count_bytes())
+    return cast(int, self._nbytes)
+
+  def _count_bytes(self) -> int:
     if self.value_kind is not None:
       return 0  # Held by the manifest, not by the snapshot.
     if isinstance(self.value, jax.Array):
