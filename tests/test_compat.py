@@ -116,6 +116,7 @@ def test_every_private_fast_path_is_there_and_stays_taken(tmp_path, caplog, fres
       "barrier_timeout",
       "metrics_fix",
       "ocdbt_dump",
+      "host_put",
     ]
   )
   # Each path once, as saves and restores use them: none fails at call time.
@@ -158,6 +159,33 @@ def test_without_shard_args_snapshots_use_device_put(monkeypatch, caplog):
       (copy,) = _compat.copy_arrays([jnp.arange(6.0)], [target])
       np.testing.assert_array_equal(np.asarray(copy), np.arange(6.0))
       assert copy.sharding == target
+
+
+def _placed_like_device_put():
+  one = jax.sharding.SingleDeviceSharding(jax.devices()[1])
+  mesh = jax.sharding.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d"))
+  values = [np.arange(12.0, dtype=np.float32).reshape(3, 4), np.arange(8, dtype=np.int64)]
+  values += [np.ones((2, 2), jnp.bfloat16), np.arange(16.0)[::2], np.arange(8.0, dtype=np.float32)]
+  targets = [one, one, one, one, mesh]
+  for committed in (True, False):
+    placed = _compat.put_host_arrays(values, targets, committed=committed)
+    expected = jax.device_put(values, targets) if committed else jax.device_put(values)
+    for got, want in zip(placed, expected, strict=True):
+      assert got.dtype == want.dtype and got.shape == want.shape  # int64: int32 without x64.
+      assert got.sharding == want.sharding and got.committed == want.committed == committed
+      np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_host_arrays_are_placed_as_jax_device_put_places_them(caplog, fresh):
+  caplog.set_level(logging.WARNING, logger="jaxckpt")
+  _placed_like_device_put()
+  assert not _unavailable(caplog) and _compat.fast_paths()["host_put"]
+
+
+def test_without_the_batched_device_put_restores_use_device_put(tmp_path, monkeypatch, caplog):
+  with _without("host_put", monkeypatch, caplog):
+    _placed_like_device_put()
+    _save_and_restore(tmp_path, x=jnp.arange(8.0), n=np.arange(3))
 
 
 def test_deleted_arrays_get_jax_s_own_error_and_no_warning(caplog, fresh):

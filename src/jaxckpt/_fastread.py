@@ -34,6 +34,7 @@ import numpy as np
 
 from jaxckpt import _compat
 from jaxckpt._errors import _FastReadUnsupported
+from jaxckpt._gcpause import paused
 from jaxckpt._integrity import checksum
 
 logger = logging.getLogger("jaxckpt")
@@ -46,6 +47,7 @@ _THREADS = 8  # I/O-bound: more reads in flight than cores.
 _IOV_MAX = 1024
 
 
+@functools.lru_cache(maxsize=256)  # dtype.name is computed in Python: per array.
 def _zarr_dtype(dtype: np.dtype) -> str:
   return "bfloat16" if dtype.name == "bfloat16" else dtype.str
 
@@ -87,22 +89,7 @@ def _plan(
   meta_entry = entries.get(f"{key}/.zarray".encode())
   if meta_entry is None:
     raise _FastReadUnsupported("no zarr v2 metadata")
-  meta = _zarray(_small_value(meta_entry))
-  if not isinstance(meta, dict):
-    raise _FastReadUnsupported(f"metadata {meta!r}")
-  if (
-    meta.get("zarr_format") != 2
-    or meta.get("compressor") is not None
-    or meta.get("filters") is not None
-    or meta.get("order") != "C"
-    or meta.get("dtype") != _zarr_dtype(dtype)
-    or tuple(meta.get("shape", ())) != shape
-    or len(meta.get("chunks", ())) != len(shape)
-    or 0 in shape
-  ):
-    raise _FastReadUnsupported(f"metadata {meta}")
-  chunks = tuple(meta["chunks"])
-  sep = meta.get("dimension_separator", ".")
+  chunks, sep = _chunking(_small_value(meta_entry), shape, _zarr_dtype(dtype))
   chunk_bytes = math.prod(chunks) * dtype.itemsize
   # A chunk whole in every dimension but the first is one contiguous run of
   # ``out`` (its valid rows are a prefix of the stored, full-size chunk).
@@ -110,7 +97,13 @@ def _plan(
   flat = out.reshape(-1).view(np.uint8)
   row_bytes = math.prod(shape[1:]) * dtype.itemsize
   reads: list[tuple[Any, Any, Any, Any]] = []
-  for index in itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks, strict=True))):
+  one = chunks == shape  # One chunk (most small arrays): no grid to walk.
+  grid = (
+    [(0,) * len(shape)]
+    if one
+    else itertools.product(*(range(-(-s // c)) for s, c in zip(shape, chunks, strict=True)))
+  )
+  for index in grid:
     entry = entries.get(f"{key}/{sep.join(map(str, index)) or '0'}".encode())
     if entry is None:  # E.g. equal to the fill value, or stored where this code does not read.
       raise _FastReadUnsupported(f"chunk {index} missing")
@@ -136,10 +129,24 @@ def _plan(
   return reads
 
 
-@functools.lru_cache(maxsize=1024)
-def _zarray(data: bytes) -> dict[str, Any]:
-  """Parsed ``.zarray`` (cached: thousands of arrays share a few; callers only read it)."""
-  return json.loads(data)
+@functools.lru_cache(maxsize=1024)  # Thousands of arrays share a few .zarray files.
+def _chunking(data: bytes, shape: tuple[int, ...], zarr_dtype: str) -> tuple[tuple[int, ...], str]:
+  """(chunk shape, dimension separator) of a ``.zarray`` this reader handles exactly."""
+  meta = json.loads(data)
+  if not isinstance(meta, dict):
+    raise _FastReadUnsupported(f"metadata {meta!r}")
+  if (
+    meta.get("zarr_format") != 2
+    or meta.get("compressor") is not None
+    or meta.get("filters") is not None
+    or meta.get("order") != "C"
+    or meta.get("dtype") != zarr_dtype
+    or tuple(meta.get("shape", ())) != shape
+    or len(meta.get("chunks", ())) != len(shape)
+    or 0 in shape
+  ):
+    raise _FastReadUnsupported(f"metadata {meta}")
+  return tuple(meta["chunks"]), meta.get("dimension_separator", ".")
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
@@ -286,17 +293,19 @@ def read(
   if entries is None:  # Not an OCDBT layout this code knows: Orbax reads everything.
     return {}, {}
   out, plans = {}, {}
-  for name, shape, dtype in wanted:
-    array = aligned_empty(tuple(shape), np.dtype(dtype))
-    try:
-      plans[name] = _plan(name, tuple(shape), np.dtype(dtype), entries, array)
-    except (_FastReadUnsupported, OSError, ValueError, KeyError, TypeError) as e:
-      logger.debug("Array %s of %s is read by Orbax: %s", name, state_dir, e)
-      continue
-    out[name] = array
+  with paused():  # Objects per array: see _gcpause.py.
+    for name, shape, dtype in wanted:
+      array = aligned_empty(tuple(shape), np.dtype(dtype))
+      try:
+        plans[name] = _plan(name, tuple(shape), np.dtype(dtype), entries, array)
+      except (_FastReadUnsupported, OSError, ValueError, KeyError, TypeError) as e:
+        logger.debug("Array %s of %s is read by Orbax: %s", name, state_dir, e)
+        continue
+      out[name] = array
   reading = _Reading(out, checksums)
   try:
-    jobs = reading.jobs(plans)
+    with paused():
+      jobs = reading.jobs(plans)
     with concurrent.futures.ThreadPoolExecutor(min(_THREADS, max(1, len(jobs)))) as pool:
       for future in [pool.submit(reading.run, job) for job in jobs]:
         future.result()

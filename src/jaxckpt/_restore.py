@@ -9,6 +9,7 @@ leaf before anything is read, so a mismatch changes nothing.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -22,6 +23,7 @@ from jaxckpt._errors import CoordinationError
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import DtypeMismatchError
 from jaxckpt._errors import ShapeMismatchError
+from jaxckpt._gcpause import paused
 from jaxckpt._integrity import verify_all
 from jaxckpt._integrity import verify_shards
 from jaxckpt._layout import ONE_PROCESS
@@ -41,6 +43,7 @@ from jaxckpt._tree import SCALAR_TYPES
 from jaxckpt._tree import Leaf
 
 
+@functools.lru_cache(maxsize=256)  # Per leaf of a restore; a model has few dtypes.
 def _group(dtype: np.dtype) -> str:
   if jax.numpy.issubdtype(dtype, jax.numpy.bool_):
     return "bool"
@@ -178,8 +181,9 @@ def read_leaves(
       message names the checkpoint and the array.
     CheckpointDeletedError: the checkpoint was deleted while it was being read.
   """
-  check_compatible(path, manifest, leaves)
-  wanted = stored_arrays(manifest, leaves)
+  with paused():  # Objects per leaf: see _gcpause.py.
+    check_compatible(path, manifest, leaves)
+    wanted = stored_arrays(manifest, leaves)
   if not wanted:
     return {} if reader.host_only else without_data(manifest, leaves)
   try:
@@ -201,10 +205,11 @@ def read_leaves(
     _verify(path, manifest, wanted, read)
   if reader.host_only:
     return raw
-  out = {**without_data(manifest, leaves), **placed, **_placed_together(wanted, raw)}
-  out.update(
-    (leaf.name, as_tracked_type(leaf, raw[leaf.name])) for leaf in wanted if leaf.name in raw
-  )
+  with paused():
+    out = {**without_data(manifest, leaves), **placed, **_placed_together(wanted, raw)}
+    out.update(
+      (leaf.name, as_tracked_type(leaf, raw[leaf.name])) for leaf in wanted if leaf.name in raw
+    )
   return out
 
 
@@ -266,13 +271,14 @@ def _placed_together(wanted: list[Leaf], raw: dict[str, Any]) -> dict[str, Any]:
     elif isinstance(leaf.value, (jax.Array, jax.ShapeDtypeStruct)):
       committed.append(leaf)
   out: dict[str, Any] = {}
-  if uncommitted:
-    arrays = jax.device_put([raw.pop(leaf.name) for leaf in uncommitted])
-    out.update((leaf.name, a) for leaf, a in zip(uncommitted, arrays, strict=True))
-  if committed:
-    targets = [target_sharding(leaf) for leaf in committed]
-    arrays = jax.device_put([raw.pop(leaf.name) for leaf in committed], targets)
-    out.update((leaf.name, a) for leaf, a in zip(committed, arrays, strict=True))
+  for group, commit in ((uncommitted, False), (committed, True)):
+    if group:
+      arrays = _compat.put_host_arrays(
+        [raw.pop(leaf.name) for leaf in group],
+        [target_sharding(leaf) for leaf in group],
+        committed=commit,
+      )
+      out.update((leaf.name, a) for leaf, a in zip(group, arrays, strict=True))
   return out
 
 
