@@ -24,6 +24,7 @@ from jaxckpt._errors import TreeError
 from jaxckpt._errors import UnknownItemError
 from jaxckpt._future import CommitFuture
 from jaxckpt._future import SavePath
+from jaxckpt._gcpause import paused
 from jaxckpt._incremental import History
 from jaxckpt._incremental import reuse_by_identity
 from jaxckpt._incremental import weak
@@ -549,17 +550,18 @@ def _save(
   if coordination is not None:  # For the same reason the number is used up now.
     object.__setattr__(checkpoint, "_save_counter", counter)
   try:
-    tracked = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
-    flat = reshard_for_save(tracked, options.experimental_sharding_callback)
-    plan = plan_save(
-      request,
-      options,
-      flat,
-      save_counter=counter,
-      io_device=io_device,
-      coordination=coordination,
-      counter_saved=checkpoint._counter_exists,
-    )
+    with paused():  # An object per leaf, most of them dead once the save is: see _gcpause.py.
+      tracked = [leaf for item in flatten_items(checkpoint._items) for leaf in item.leaves]
+      flat = reshard_for_save(tracked, options.experimental_sharding_callback)
+      plan = plan_save(
+        request,
+        options,
+        flat,
+        save_counter=counter,
+        io_device=io_device,
+        coordination=coordination,
+        counter_saved=checkpoint._counter_exists,
+      )
     job = _snapshot(checkpoint, plan, flat, options)
   except BaseException as e:
     if coordination is not None:  # The others must not wait for this process.
@@ -618,14 +620,15 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
     if plan.writer != FAST:  # Orbax writes them: numpy only (see _layout.new_checkpointer).
       snapshot = {name: np.asarray(value) for name, value in snapshot.items()}
   else:
-    snapshot, staged = take_snapshot(
-      to_copy,
-      copy=plan.background,
-      io_device=plan.io_device,
-      pool=saver.staging,
-      keep_bytes=plan.keep_staging_bytes,
-      views=described if plan.host_views else None,
-    )
+    with paused():
+      snapshot, staged = take_snapshot(
+        to_copy,
+        copy=plan.background,
+        io_device=plan.io_device,
+        pool=saver.staging,
+        keep_bytes=plan.keep_staging_bytes,
+        views=described if plan.host_views else None,
+      )
   coordination = plan.coordination
   if coordination is not None:
     plan = dataclasses.replace(

@@ -202,11 +202,11 @@ def _write_and_commit_bounded(job: SaveJob) -> None:
     previous = data_of(target) if primary and not store.renames else None
     if primary:  # Other processes' CheckpointManagers must not sweep it meanwhile.
       held = store.hold(staging)
-    manifest = _write(job, store.data_dir(staging, target), staging)
+    marker = _write(job, store.data_dir(staging, target), staging)
     if coord is not None and coord.writers is None:
       coord.barrier("written")
     if coord is None or coord.is_primary:
-      store.commit(staging, target, encode(manifest))  # Published by run_save.
+      store.commit(staging, target, marker)  # Published by run_save.
     else:
       _await_commit(coord)
   except BaseException as e:
@@ -218,8 +218,9 @@ def _write_and_commit_bounded(job: SaveJob) -> None:
     store.drop_data(target, previous)  # The data of the checkpoint write() replaced.
 
 
-def _write(job: SaveJob, data_dir: str, staging: str) -> Manifest:
-  """The layout writes the snapshot while its CRC-32s are computed; builds the manifest."""
+def _write(job: SaveJob, data_dir: str, staging: str) -> tuple[str, bytes]:
+  """The layout writes the snapshot while its CRC-32s are computed; builds and
+  encodes the manifest meanwhile; returns the encoded commit marker."""
   plan, leaves = job.plan, job.leaves or []
   digests: dict[str, str | None] = {}
   if job.history is not None:  # Must hash before deciding what to write.
@@ -243,8 +244,9 @@ def _write(job: SaveJob, data_dir: str, staging: str) -> Manifest:
     counter_saved=plan.counter_saved,
   )
   job.leaves = None  # Holds the caller's arrays; not needed any more.
+  marker = encode(manifest)  # Also while the last writes finish.
   pending.wait()
-  return manifest
+  return marker
 
 
 def _fail(job: SaveJob, error: BaseException, staging: str | None) -> None:

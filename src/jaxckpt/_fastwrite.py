@@ -396,10 +396,11 @@ def start(
   for name, value in snapshot.items():
     data = None
     if name in described:  # A view: described by its array, written from the view.
-      value, data = described[name], value
-    kind = cast(str, _kind(value))
-    if kind != "jax.Array":
-      value = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
+      value, data, kind = described[name], value, "jax.Array"  # (writes_all: a plain one.)
+    else:
+      kind = cast(str, _kind(value))
+      if kind != "jax.Array":
+        value = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
     entry = _entry(name, value, kind, chunk_byte_size)
     spec = entry.spec
     _record(entry, metadata)
