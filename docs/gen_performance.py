@@ -202,33 +202,72 @@ def multiprocess(result: dict) -> str:
   )
 
 
-def leaves(result: dict) -> str:
-  peers = [p for p in ("jaxckpt", "safetensors", "raw", "orbax") if p in result["config"]["peers"]]
-
+def _leaf_ratios(result: dict, sweep: str, peers: list[str]) -> str:
   def cell(entry: dict, peer: str, op: str, key: str) -> str:
     value = entry["peers"].get(peer, {}).get(op, {}).get(key)
     return "–" if value is None else f"{value:.3f}"
 
   rows = []
-  for entry in result["leaf_sweep"]:
+  for entry in result[sweep]:
     st = entry["peers"].get("safetensors", {}).get("save", {}).get("durable_s")
     ours = entry["peers"]["jaxckpt"]["save"]["durable_s"]
     raw = entry["peers"].get("raw", {}).get("restore", {}).get("s")
     restore = entry["peers"]["jaxckpt"]["restore"]["s"]
     rows.append(
-      [f"{entry['leaves']}", f"{entry['leaf_bytes'] / 2**10:.0f} KiB"]
+      [f"{entry['leaves']}", f"{entry['total_bytes'] / 2**20:.0f} MiB"]
       + [cell(entry, p, "save", "durable_s") for p in peers]
       + [f"{ours / st:.2f}×" if st else "–"]
       + [cell(entry, p, "restore", "s") for p in peers]
       + [f"{restore / raw:.2f}×" if raw else "–"]
     )
   headers = (
-    ["leaves", "each"]
+    ["leaves", "total"]
     + [f"{p} save (s)" for p in peers]
     + ["jaxckpt / safetensors"]
     + [f"{p} restore (s)" for p in peers]
     + ["jaxckpt / raw read"]
   )
+  return _table(headers, rows)
+
+
+def _leaf_details(result: dict, sweep: str) -> str:
+  """Every peer's medians: blocked, durable, CPU-seconds, RSS and staging held."""
+  rows = []
+  for entry in result[sweep]:
+    for peer, got in entry["peers"].items():
+      save, restore = got["save"], got["restore"]
+      held = save.get("staging_held_mib")
+      rows.append(
+        [
+          f"{entry['leaves']}",
+          f"{entry['total_bytes'] / 2**20:.0f} MiB",
+          f"`{peer}`",
+          f"{save['blocked_s']:.3f}",
+          f"{save['durable_s']:.3f}",
+          f"{save['cpu_s']:.2f}",
+          f"{save['peak_rss_mib']:.0f} / {save['held_rss_mib']:.0f}",
+          "–" if held is None else f"{held:.0f}",
+          f"{restore['s']:.3f}",
+          f"{restore['cpu_s']:.2f}",
+        ]
+      )
+  headers = [
+    "leaves",
+    "total",
+    "peer",
+    "blocked (s)",
+    "durable (s)",
+    "save CPU (s)",
+    "save RSS peak / held (MiB)",
+    "staging kept (MiB)",
+    "restore (s)",
+    "restore CPU (s)",
+  ]
+  return _table(headers, rows)
+
+
+def leaves(result: dict) -> str:
+  peers = [p for p in ("jaxckpt", "safetensors", "raw", "orbax") if p in result["config"]["peers"]]
   first = [
     [
       f"`{f['peer']}`",
@@ -239,15 +278,28 @@ def leaves(result: dict) -> str:
     ]
     for f in result.get("first_save", [])
   ]
+  sizes = ""
+  if result.get("size_sweep"):
+    sizes = (
+      f"The same at {result['config']['size_leaves']} leaves and growing sizes:\n\n"
+      f"{_leaf_ratios(result, 'size_sweep', peers)}\n\n"
+      f"{_leaf_details(result, 'size_sweep')}\n\n"
+    )
   return (
     "## Many leaves\n\n"
-    f"{result['config']['total_mib']} MiB of {result['config']['dtype']} split into more and "
-    "more arrays, one process; saves are durable (fsynced) commits, restores read from a cold "
-    "page cache and are checked bit for bit. `safetensors` is a synchronous `save_file` plus "
-    "fsync, `raw` one file written and fsynced (and read back).\n\n"
-    f"{_table(headers, rows)}\n\n"
-    "First and second save in a fresh process (seconds the caller is blocked; XLA compiles during "
-    "the first):\n\n"
+    f"{result['config']['total_mib']:g} MiB of {result['config']['dtype']} split into more and "
+    "more arrays, one process, all peers on the same state in the same run, their order rotated; "
+    "saves are durable (fsynced) commits, restores read from a cold page cache and are checked "
+    "bit for bit; medians. `safetensors` is a synchronous `save_file` plus fsync, `raw` one file "
+    "written with `writev` and fsynced (and read back into fresh memory), `jaxckpt-free` jaxckpt "
+    "with `keep_staging_bytes=0`.\n\n"
+    f"{_leaf_ratios(result, 'leaf_sweep', peers)}\n\n"
+    "Every peer, with CPU-seconds of the whole process, RSS over the RSS before (peak during, "
+    "held after) and the staging buffers jaxckpt keeps for the next save:\n\n"
+    f"{_leaf_details(result, 'leaf_sweep')}\n\n"
+    f"{sizes}"
+    "First and second save in a fresh process (seconds the caller is blocked; XLA compilations "
+    "during each):\n\n"
     f"{_table(['peer', 'leaves', 'first save blocked (s)', 'second (s)', 'compiles'], first)}"
     f"\n\n{_provenance(result)}\n"
   )

@@ -39,10 +39,14 @@ RUNS = {
     "1024",
     "8192",
     "--sizes-mib",
+    "64",
+    "1024",
+    "--size-leaves",
+    "256",
     "--first-save-leaves",
     "8192",
     "--repeats",
-    "2",
+    "3",
   ],
 }
 

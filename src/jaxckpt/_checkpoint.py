@@ -433,8 +433,9 @@ class Checkpoint:
     self._saver.wait()
     if plan.path is not None:  # Another Checkpoint of this process may be writing it.
       wait_for_saves_into(plan.path)
-    items = flatten_items(self._items)
-    flat = [leaf for item in items for leaf in item.leaves]
+    with paused():  # An object per leaf: see _gcpause.py.
+      items = flatten_items(self._items)
+      flat = [leaf for item in items for leaf in item.leaves]
     if options.experimental_skip_slot_variables:
       flat = [leaf for leaf in flat if not is_slot(leaf.name)]
     flat = reshard_for_restore(flat, options.experimental_sharding_callback)
@@ -450,9 +451,10 @@ class Checkpoint:
       if restore_counter:  # TF's restore(None) creates the counter too.
         self._create_counter()
       return InitializationOnlyStatus({leaf.name for leaf in flat})
-    for item in items:
-      if item.owner is not None and any(leaf.name in restored for leaf in item.leaves):
-        item.owner[item.attr] = item.rebuild(restored)
+    with paused():
+      for item in items:
+        if item.owner is not None and any(leaf.name in restored for leaf in item.leaves):
+          item.owner[item.attr] = item.rebuild(restored)
     counter_tracked = restore_counter or self._counter_exists
     if restore_counter:
       self._create_counter()

@@ -289,7 +289,8 @@ def read(
   """
   if sys.byteorder != "little" or not wanted:
     return {}, {}
-  entries = _compat.ocdbt_chunk_entries(state_dir)
+  with paused():  # A dict per key, from one read of the B-tree.
+    entries = _compat.ocdbt_chunk_entries(state_dir)
   if entries is None:  # Not an OCDBT layout this code knows: Orbax reads everything.
     return {}, {}
   out, plans = {}, {}
@@ -306,8 +307,16 @@ def read(
   try:
     with paused():
       jobs = reading.jobs(plans)
-    with concurrent.futures.ThreadPoolExecutor(min(_THREADS, max(1, len(jobs)))) as pool:
-      for future in [pool.submit(reading.run, job) for job in jobs]:
+      # Chunks stored inline in the B-tree (up to 1 KiB) are copied here: a
+      # thread-pool job each cost more than the copy.
+      files = []
+      for job in jobs:
+        if isinstance(job[0][2], bytes):  # (Such a run has one read.)
+          reading.run(job)
+        else:
+          files.append(job)
+    with concurrent.futures.ThreadPoolExecutor(min(_THREADS, max(1, len(files)))) as pool:
+      for future in [pool.submit(reading.run, job) for job in files]:
         future.result()
   finally:
     reading.close()

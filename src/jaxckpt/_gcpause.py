@@ -1,15 +1,18 @@
-"""Python's cyclic garbage collector, paused while a save builds big temporary structures.
+"""Python's cyclic garbage collector, paused while jaxckpt creates an object per leaf.
 
-Encoding the manifest of thousands of leaves builds tens of thousands of dicts
-and lists at once, all freed by reference counting a moment later. With the
-collector running they trigger dozens of young collections while alive, are
-promoted, and set off a full collection, which traverses every object of the
-process (about 70 ms in a small one), almost every save. Paused, they are freed
-by reference counting and never seen by the collector.
+A save or restore of thousands of leaves creates tens of thousands of small
+objects at once (leaves, views, manifest entries), most freed by reference
+counting a moment later. With the collector running they trigger dozens of
+young collections while alive, are promoted, and set off a full collection,
+which traverses every object of the process (about 70 ms in a small one),
+almost every save. Paused, the short-lived ones are never seen by the collector.
 
-The pause is process-wide, so it is kept to CPU-bound sections that never wait
-for I/O or for other threads, and pauses overlapping on several threads keep
-the collector paused until the last one ends.
+The pause is process-wide, so it is kept to sections bound by CPU (at most a
+read of a few kilobytes of metadata), never around waits for data or for other
+threads; pauses overlapping on several threads keep the collector paused until
+the last one ends. Sections: a save's flatten, plan and snapshot, the manifest's
+encoding and parsing, a restore's flatten, checks, read planning, placement and
+rebuild.
 """
 
 from __future__ import annotations
