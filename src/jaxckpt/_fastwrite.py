@@ -144,7 +144,7 @@ class Pending:
   futures: list[Any]
   commits: list[Any]  # The transactions' commit futures.
   tree_metadata: list[str]  # JSON "key": value members (see `_Metadata`).
-  shardings: dict[str, str]
+  shardings: list[str]  # JSON "key": value members.
   array_metadatas: list[str]  # JSON objects.
   started_ns: int
   # CRC-32s of the arrays written as OCDBT keys, from the bytes written: the
@@ -160,7 +160,7 @@ class Pending:
       '"custom_metadata": null}',
     )
     if self.shardings:
-      write_json(os.path.join(self.state_dir, "_sharding"), self.shardings)
+      _write_text(os.path.join(self.state_dir, "_sharding"), "{" + ", ".join(self.shardings) + "}")
     if self.array_metadatas:
       _write_text(
         os.path.join(self.state_dir, "array_metadatas", "process_0"),
@@ -210,7 +210,7 @@ class _Metadata:
   cost a tenth of a save of thousands of small arrays."""
 
   tree: list[str] = dataclasses.field(default_factory=list)
-  shardings: dict[str, str] = dataclasses.field(default_factory=dict)
+  shardings: list[str] = dataclasses.field(default_factory=list)
   arrays: list[str] = dataclasses.field(default_factory=list)
 
 
@@ -234,11 +234,6 @@ class _Spec:
 
 _SPECS: dict[tuple, _Spec] = {}
 _json_str = json.encoder.encode_basestring_ascii  # A str as JSON, in C (json.dumps: 3x slower).
-
-
-def _signature(value: Any, kind: str, chunk_byte_size: int | None) -> tuple:
-  sharding = value.sharding if kind == "jax.Array" else None
-  return (kind, value.shape, value.dtype, sharding, chunk_byte_size)
 
 
 def _lookup_spec(signature: tuple, value: Any) -> _Spec:
@@ -307,7 +302,7 @@ class _Entry:
   zarray_key: str  # Its ".zarray" key and its chunk's key (one-chunk arrays).
   chunk_key: str
   tree: str  # Its `_METADATA` tree_metadata member.
-  sharding_key: str  # Its `_sharding` key.
+  sharding: str | None  # Its `_sharding` member.
   array: str | None  # Its array_metadatas entry.
 
 
@@ -315,7 +310,8 @@ _ENTRIES: dict[str, _Entry] = {}
 
 
 def _entry(name: str, value: Any, kind: str, chunk_byte_size: int | None) -> _Entry:
-  signature = _signature(value, kind, chunk_byte_size)
+  sharding = value.sharding if kind == "jax.Array" else None
+  signature = (kind, value.shape, value.dtype, sharding, chunk_byte_size)
   entry = _ENTRIES.get(name)
   if entry is None or entry.signature != signature:
     if len(_ENTRIES) > 1 << 16:
@@ -335,19 +331,13 @@ def _new_entry(name: str, signature: tuple, spec: _Spec) -> _Entry:
     f"{key}/.zarray",
     f"{key}/{spec.chunk_key}",
     f'{_json_str(str(tuple(parts)))}: {{"key_metadata": [{keys}], "value_metadata": {spec.meta}}}',
-    base64.b64encode(key.encode()).decode(),
+    None
+    if spec.sharding is None
+    else f"{_json_str(base64.b64encode(key.encode()).decode())}: {_json_str(spec.sharding)}",
     None
     if spec.array_metadata is None
     else f'{{"array_metadata": {{"param_name": {_json_str(key)}, {spec.array_metadata}}}',
   )
-
-
-def _record(entry: _Entry, metadata: _Metadata) -> None:
-  metadata.tree.append(entry.tree)
-  if entry.spec.sharding is not None:
-    metadata.shardings[entry.sharding_key] = entry.spec.sharding
-  if entry.array is not None:
-    metadata.arrays.append(entry.array)
 
 
 def _pieces(value: Any, spec: _Spec) -> list[tuple[Any, Any]]:
@@ -392,20 +382,23 @@ def start(
   futures: list[Any] = []
   commits: list[Any] = []
   metadata = _Metadata()
+  tree, shardings, arrays = metadata.tree, metadata.shardings, metadata.arrays
   checksums: dict[str, int] = {}
   for name, value in snapshot.items():
-    data = None
+    data = value
     if name in described:  # A view: described by its array, written from the view.
-      value, data, kind = described[name], value, "jax.Array"  # (writes_all: a plain one.)
+      value, kind = described[name], "jax.Array"  # (writes_all: a plain one.)
     else:
       kind = cast(str, _kind(value))
       if kind != "jax.Array":
-        value = np.asarray(value, order="C")  # (ascontiguousarray would make 0-d arrays 1-d.)
+        value = data = np.asarray(value, order="C")  # (ascontiguousarray: 0-d would be 1-d.)
     entry = _entry(name, value, kind, chunk_byte_size)
     spec = entry.spec
-    _record(entry, metadata)
-    if data is None:
-      data = value
+    tree.append(entry.tree)
+    if entry.sharding is not None:
+      shardings.append(entry.sharding)
+    if entry.array is not None:
+      arrays.append(entry.array)
     if spec.zarray is not None:
       checksums[name] = batch.put(entry, np.asarray(data))
     else:
