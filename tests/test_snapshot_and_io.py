@@ -180,11 +180,17 @@ def test_small_cpu_arrays_are_snapshotted_as_views_that_outlive_donation_and_del
 
   step = jax.jit(lambda w: w * 2.0 + 1.0, donate_argnums=0)
   w, b = jnp.arange(4096.0), jnp.full((64,), 3.0, jnp.bfloat16)
+  big = jnp.ones((1 << 18) // 4 + 1)
   expected = {"w": np.asarray(w).copy(), "b": np.asarray(b).copy()}
   views: dict = {}
   snap, _ = _snapshot.take_snapshot(
-    [jaxckpt._tree.Leaf("w", w), jaxckpt._tree.Leaf("b", b)], copy=True, io_device=None, views=views
+    [jaxckpt._tree.Leaf("w", w), jaxckpt._tree.Leaf("b", b), jaxckpt._tree.Leaf("big", big)],
+    copy=True,
+    io_device=None,
+    views=views,
+    view_max_bytes=1 << 18,
   )
+  assert isinstance(snap.pop("big"), jax.Array)  # Over view_max_bytes: copied.
   assert views == {"w": w, "b": b} and all(isinstance(v, np.ndarray) for v in snap.values())
   view = snap["w"]
   assert not view.flags.writeable

@@ -114,8 +114,8 @@ class CheckpointOptions:
       next save of the same shapes copies into them: no fresh memory to
       page-fault in, at the price of holding them between saves. ``0`` frees
       them at every commit. Default None: an eighth of the machine's physical
-      memory. GPU/TPU snapshots are never kept; smaller CPU arrays that are
-      ready are not copied at all (the snapshot holds read-only views of them).
+      memory. GPU/TPU snapshots are never kept; ready CPU arrays of up to
+      256 KiB are not copied at all (the snapshot holds read-only views).
     verify_checksums: on restore/read, check each array against the CRC-32
       recorded at save time.
     incremental: do not write leaves unchanged since this Checkpoint's last

@@ -70,9 +70,12 @@ class SavePlan:
   on_commit: Callable[[str, bool], None] | None
   nbytes: int
   counter_saved: bool = True  # Whether the manifest records save_counter (see _manifest.py).
-  # The snapshot may hold small CPU arrays as numpy views (see _snapshot.py):
-  # the fast Orbax-layout writer describes them by the arrays they view.
-  host_views: bool = False
+  # CPU arrays up to this size may be snapshotted as numpy views (see
+  # _snapshot.py), which the fast writer describes by the arrays they view: the
+  # ones it stores as single OCDBT keys, for which a copy each cost more than
+  # their bytes. Larger ones keep their copy: a view keeps the next donating
+  # step from reusing the buffer, which raised a training loop's peak memory.
+  view_max_bytes: int = 0
 
 
 def _check_leaves(leaves: list[Leaf]) -> None:
@@ -178,7 +181,7 @@ def plan_save(
     on_commit=request.on_commit,
     nbytes=sum(leaf.nbytes for leaf in leaves),
     counter_saved=counter_saved,
-    host_views=fast and not routed,
+    view_max_bytes=_fastwrite.DIRECT_BYTES if fast and not routed else 0,
   )
 
 

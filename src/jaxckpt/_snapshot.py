@@ -15,14 +15,16 @@ save own its data, without waiting for anything:
   `Checkpoint` copy arrays of 32 MiB and more into staging buffers instead
   (see _staging.py), which ``keep_staging_bytes`` may keep for the next save.
   Nothing on this path compiles.
-* Smaller CPU arrays that are ready, when jaxckpt's own writer writes them
-  (``views``): no copy, a read-only numpy view of the array's buffer (the
-  writer takes shape, dtype and sharding from the array). XLA:CPU does not
-  donate a buffer that a view still references (the step allocates new
-  memory instead), and the view keeps the buffer alive
-  even if the array is deleted, so the bytes cannot change until the save drops
-  the view. A copy of each of thousands of small arrays was most of save()'s
-  blocked time and of the save's CPU time (benchmarks/leaves.py).
+* Small CPU arrays (up to 256 KiB) that are ready, when jaxckpt's own writer
+  writes them (``views``): no copy, a read-only numpy view of the array's
+  buffer (the writer takes shape, dtype and sharding from the array). XLA:CPU
+  does not donate a buffer that a view still references (the step allocates
+  new memory instead), and the view keeps the buffer alive even if the array
+  is deleted, so the bytes cannot change until the save drops the view. A copy
+  of each of thousands of small arrays was most of save()'s blocked time and
+  of the save's CPU time (benchmarks/leaves.py). Larger arrays are copied: a
+  donating step that cannot reuse a viewed buffer allocates another, which
+  doubled a training loop's peak memory (benchmarks/tpu_idle.py) for no gain.
 * numpy leaves are mutable host memory: copied now (the only blocking copy).
 * Python scalars are immutable: kept as they are.
 
@@ -130,15 +132,15 @@ def _one_cpu_device_cached(sharding: jax.sharding.Sharding) -> bool:
 
 
 def _take_views(
-  leaves: list[Leaf], out: dict[str, object], views: dict[str, jax.Array], staged_from: int
+  leaves: list[Leaf], out: dict[str, object], views: dict[str, jax.Array], max_bytes: int
 ) -> list[Leaf]:
-  """Puts a view in ``out`` (and its array in ``views``) for each leaf that can
-  have one (see the module docstring) and is under ``staged_from`` bytes;
-  returns the others. No object per view but the view (no GC pressure)."""
+  """Puts a view in ``out`` (and its array in ``views``) for each leaf of at most
+  ``max_bytes`` that can have one (see the module docstring); returns the
+  others. No object per view but the view (no GC pressure)."""
   rest = []
   for leaf in leaves:
     value = leaf.value
-    if leaf.nbytes < staged_from and _one_cpu_device(value.sharding) and value.is_ready():
+    if leaf.nbytes <= max_bytes and _one_cpu_device(value.sharding) and value.is_ready():
       # A view of a one-device CPU array's buffer (JAX caches only copies).
       out[leaf.name] = np.asarray(value)
       views[leaf.name] = value
@@ -155,13 +157,15 @@ def take_snapshot(
   pool: StagingPool | None = None,
   keep_bytes: int = 0,
   views: dict[str, jax.Array] | None = None,
+  view_max_bytes: int = 0,
 ) -> tuple[dict[str, object], list]:
   """Returns ``{name: value}`` safe to write after the caller moves on, and the
   staging sets to give back to ``pool`` once the save is done (may be empty;
   ``keep_bytes``: see `StagingPool.copy`). Given ``views`` (and ``copy``), ready
-  one-device CPU arrays under the staging size are read-only numpy views
-  instead of copies, and ``views`` maps their names to the arrays they view:
-  for writers that describe them by those arrays (`_fastwrite`)."""
+  one-device CPU arrays of at most ``view_max_bytes`` (and under the staging
+  size) are read-only numpy views instead of copies, and ``views`` maps their
+  names to the arrays they view: for writers that describe them by those
+  arrays (`_fastwrite`)."""
   out: dict[str, object] = {}
   staged: list = []
   jax_leaves = []
@@ -174,7 +178,7 @@ def take_snapshot(
       out[leaf.name] = leaf.value
   if views is not None and copy and io_device is None:
     staged_from = _staging.MIN_BYTES if pool is None else pool.min_bytes
-    jax_leaves = _take_views(jax_leaves, out, views, staged_from)
+    jax_leaves = _take_views(jax_leaves, out, views, min(view_max_bytes, staged_from - 1))
   jax_names = [leaf.name for leaf in jax_leaves]
   jax_values = [leaf.value for leaf in jax_leaves]
   if jax_values and (copy or io_device is not None):
