@@ -46,7 +46,7 @@ RUNS = {
     "--first-save-leaves",
     "8192",
     "--repeats",
-    "3",
+    "5",
   ],
 }
 
