@@ -130,6 +130,12 @@ def measured(op: Callable[[], dict[str, float]]) -> dict[str, float]:
 # -- savers: each returns blocked/commit/durable seconds --------------------------
 
 
+def _synchronous(start: float) -> dict[str, float]:
+  """A synchronous save's times: blocked for the whole durable commit."""
+  took = time.perf_counter() - start
+  return {"blocked_s": took, "commit_s": took, "durable_s": took}
+
+
 class Peers:
   """The peers' save and restore operations on one state, in one directory."""
 
@@ -194,8 +200,7 @@ class Peers:
       os.fsync(fd)
     finally:
       os.close(fd)
-    took = time.perf_counter() - start
-    return {"blocked_s": took, "commit_s": took, "durable_s": took}
+    return _synchronous(start)
 
   def _save_raw(self, path: str) -> dict[str, float]:
     start = time.perf_counter()
@@ -212,8 +217,7 @@ class Peers:
       os.fsync(fd)
     finally:
       os.close(fd)
-    took = time.perf_counter() - start
-    return {"blocked_s": took, "commit_s": took, "durable_s": took}
+    return _synchronous(start)
 
   # -- restores: each returns seconds and whether every byte matched ------------
 

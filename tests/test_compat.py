@@ -161,14 +161,14 @@ def test_without_shard_args_snapshots_use_device_put(monkeypatch, caplog):
       assert copy.sharding == target
 
 
-def _placed_like_device_put():
+def _assert_placed_like_device_put():
   one = jax.sharding.SingleDeviceSharding(jax.devices()[1])
   mesh = jax.sharding.NamedSharding(jax.make_mesh((4,), ("d",)), jax.P("d"))
   values = [np.arange(12.0, dtype=np.float32).reshape(3, 4), np.arange(8, dtype=np.int64)]
   values += [np.ones((2, 2), jnp.bfloat16), np.arange(16.0)[::2], np.arange(8.0, dtype=np.float32)]
   targets = [one, one, one, one, mesh]
   for committed in (True, False):
-    placed = _compat.put_host_arrays(values, targets, committed=committed)
+    placed = _compat.put_host_arrays(values, targets if committed else None)
     expected = jax.device_put(values, targets) if committed else jax.device_put(values)
     for got, want in zip(placed, expected, strict=True):
       assert got.dtype == want.dtype and got.shape == want.shape  # int64: int32 without x64.
@@ -178,13 +178,14 @@ def _placed_like_device_put():
 
 def test_host_arrays_are_placed_as_jax_device_put_places_them(caplog, fresh):
   caplog.set_level(logging.WARNING, logger="jaxckpt")
-  _placed_like_device_put()
+  _assert_placed_like_device_put()
   assert not _unavailable(caplog) and _compat.fast_paths()["host_put"]
 
 
 def test_without_the_batched_device_put_restores_use_device_put(tmp_path, monkeypatch, caplog):
   with _without("host_put", monkeypatch, caplog):
-    _placed_like_device_put()
+    _assert_placed_like_device_put()
+    assert not _compat.fast_paths()["host_put"]  # The fallback placed them.
     _save_and_restore(tmp_path, x=jnp.arange(8.0), n=np.arange(3))
 
 

@@ -629,7 +629,7 @@ def _snapshot(checkpoint: Checkpoint, plan: SavePlan, flat: list, options) -> Sa
         io_device=plan.io_device,
         pool=saver.staging,
         keep_bytes=plan.keep_staging_bytes,
-        views=described if plan.view_max_bytes else None,
+        views=described,
         view_max_bytes=plan.view_max_bytes,
       )
   coordination = plan.coordination

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from typing import Any
+from typing import cast
 
 import jax
 import numpy as np
@@ -206,7 +207,7 @@ def _write_and_commit_bounded(job: SaveJob) -> None:
     if coord is not None and coord.writers is None:
       coord.barrier("written")
     if coord is None or coord.is_primary:
-      store.commit(staging, target, marker)  # Published by run_save.
+      store.commit(staging, target, cast(tuple, marker))  # Published by run_save.
     else:
       _await_commit(coord)
   except BaseException as e:
@@ -218,9 +219,10 @@ def _write_and_commit_bounded(job: SaveJob) -> None:
     store.drop_data(target, previous)  # The data of the checkpoint write() replaced.
 
 
-def _write(job: SaveJob, data_dir: str, staging: str) -> tuple[str, bytes]:
-  """The layout writes the snapshot while its CRC-32s are computed; builds and
-  encodes the manifest meanwhile; returns the encoded commit marker."""
+def _write(job: SaveJob, data_dir: str, staging: str) -> tuple[str, bytes] | None:
+  """The layout writes the snapshot while its CRC-32s are computed; builds the
+  manifest meanwhile and, on the committing process, encodes it: returns the
+  commit marker (None on the others)."""
   plan, leaves = job.plan, job.leaves or []
   digests: dict[str, str | None] = {}
   if job.history is not None:  # Must hash before deciding what to write.
@@ -244,7 +246,9 @@ def _write(job: SaveJob, data_dir: str, staging: str) -> tuple[str, bytes]:
     counter_saved=plan.counter_saved,
   )
   job.leaves = None  # Holds the caller's arrays; not needed any more.
-  marker = encode(manifest)  # Also while the last writes finish.
+  coord = plan.coordination
+  # The process that commits encodes it, while the last writes finish.
+  marker = encode(manifest) if coord is None or coord.is_primary else None
   pending.wait()
   return marker
 

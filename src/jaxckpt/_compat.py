@@ -217,20 +217,21 @@ def _canonical(dtype: np.dtype) -> bool:
 
 
 def put_host_arrays(
-  values: list[np.ndarray], shardings: list[jax.sharding.Sharding], *, committed: bool
+  values: list[np.ndarray], shardings: list[jax.sharding.Sharding] | None
 ) -> list[jax.Array]:
-  """``jax.device_put(values, shardings)`` for numpy arrays (``committed=False``:
+  """``jax.device_put(values, shardings)`` for numpy arrays (``shardings=None``:
   ``jax.device_put(values)``, uncommitted on the default device).
 
   C-ordered arrays with one-device targets go straight to the C++ call
   ``jax.device_put`` ends in, without its ~25 µs of Python per array (most of a
   restore of thousands of small arrays); the others through jax.device_put.
   """
+  committed = shardings is not None
+  if shardings is None:  # Where jax.device_put(value) puts it: the default device.
+    shardings = [jax.device_put(np.zeros((), np.int8)).sharding] * len(values)
   found = _FEATURES["host_put"].get()
   out: list[Any] = [None] * len(values)
   rest = []
-  if not committed and values:  # Where jax.device_put(value) puts it: the default device.
-    shardings = [jax.device_put(np.zeros((), np.int8)).sharding] * len(values)
   if found is not None:
     put, shaped = found
     try:

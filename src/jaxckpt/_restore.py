@@ -275,8 +275,7 @@ def _placed_together(wanted: list[Leaf], raw: dict[str, Any]) -> dict[str, Any]:
     if group:
       arrays = _compat.put_host_arrays(
         [raw.pop(leaf.name) for leaf in group],
-        [target_sharding(leaf) for leaf in group],
-        committed=commit,
+        [target_sharding(leaf) for leaf in group] if commit else None,
       )
       out.update((leaf.name, a) for leaf, a in zip(group, arrays, strict=True))
   return out

@@ -176,7 +176,7 @@ def take_snapshot(
       out[leaf.name] = np.array(leaf.value, copy=True) if copy else leaf.value
     else:
       out[leaf.name] = leaf.value
-  if views is not None and copy and io_device is None:
+  if views is not None and view_max_bytes and copy and io_device is None:
     staged_from = _staging.MIN_BYTES if pool is None else pool.min_bytes
     jax_leaves = _take_views(jax_leaves, out, views, min(view_max_bytes, staged_from - 1))
   jax_names = [leaf.name for leaf in jax_leaves]
