@@ -244,6 +244,7 @@ def _write(job: SaveJob, data_dir: str, staging: str) -> tuple[str, bytes] | Non
     shard_checksums=shard_sums,
     data=None if plan.store.renames else staging,
     counter_saved=plan.counter_saved,
+    packed=getattr(pending, "packed", ()),
   )
   job.leaves = None  # Holds the caller's arrays; not needed any more.
   coord = plan.coordination
@@ -355,7 +356,7 @@ def _record_history(job: SaveJob, history: History, manifest: Manifest) -> None:
   for name, info in manifest.leaves.items():
     if name in job.reused:
       last[name] = dataclasses.replace(job.reused[name], ref=job.refs.get(name))
-    else:
+    elif name not in manifest.packed:  # Packed data is read only from its own checkpoint.
       last[name] = Written(
         holder=job.plan.target,
         shape=tuple(info.shape),

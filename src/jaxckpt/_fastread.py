@@ -150,11 +150,16 @@ def _chunking(data: bytes, shape: tuple[int, ...], zarr_dtype: str) -> tuple[tup
 
 
 def _pread_into(fd: int, view: memoryview, offset: int) -> None:
-  _preadv_into(fd, [view], offset)
+  preadv_into(fd, [view], offset)
 
 
-def _preadv_into(fd: int, views: list[memoryview], offset: int) -> None:
-  """Fills ``views`` from ``offset`` on, in order (short reads continued)."""
+def preadv_into(fd: int, views: list[memoryview], offset: int) -> None:
+  """Fills ``views`` from ``offset`` on, in order (short reads continued).
+
+  Raises:
+    _FastReadUnsupported: the file ends first.
+    OSError: a read fails.
+  """
   while views:
     n = os.preadv(fd, views[:_IOV_MAX], offset)
     if n <= 0:
@@ -257,7 +262,7 @@ class _Reading:
         self.fill(*run[0])
       else:
         path, offset = run[0][2]
-        _preadv_into(self.fds[path], [memoryview(read[1]) for read in run], offset)
+        preadv_into(self.fds[path], [memoryview(read[1]) for read in run], offset)
     except Exception as e:  # Short file, unreadable: Orbax reads it (and says what is wrong).
       logger.debug("Fast read of %s failed: %s", names, e)
       self.failed.update(names)

@@ -42,6 +42,7 @@ import orbax.checkpoint as ocp
 import tensorstore as ts
 
 from jaxckpt import _compat
+from jaxckpt import _packed
 from jaxckpt._integrity import crc32
 from jaxckpt._store import write_json
 from jaxckpt._tree import Leaf
@@ -150,6 +151,7 @@ class Pending:
   # CRC-32s of the arrays written as OCDBT keys, from the bytes written: the
   # save's checksums need not convert those arrays again.
   checksums: dict[str, int] = dataclasses.field(default_factory=dict)
+  packed: list[str] = dataclasses.field(default_factory=list)  # Names in _packed's file.
 
   def wait(self) -> None:
     # The metadata files first, while the data is still being written.
@@ -230,6 +232,8 @@ class _Spec:
   sharding: str | None  # Orbax's _sharding entry.
   zarray: bytes | None  # Written as OCDBT keys with this .zarray (see the module docstring).
   chunk_key: str
+  packable: bool  # May go into _packed's file (when the plan packs).
+  packed_meta: str  # Orbax's value_metadata there, JSON.
 
 
 _SPECS: dict[tuple, _Spec] = {}
@@ -276,6 +280,8 @@ def _new_spec(value: Any, kind: str, chunk_byte_size: int | None) -> _Spec:
     serialized,
     _zarray(dtype, shape) if direct else None,
     ".".join("0" * len(shape)) or "0",
+    kind != "scalar" and whole and nbytes <= _packed.MAX_BYTES and _packed.packable(dtype),
+    json.dumps({"value_type": kind, "skip_deserialize": True}),
   )
 
 
@@ -302,6 +308,7 @@ class _Entry:
   zarray_key: str  # Its ".zarray" key and its chunk's key (one-chunk arrays).
   chunk_key: str
   tree: str  # Its `_METADATA` tree_metadata member.
+  packed_tree: str  # That member when the array is in _packed's file.
   sharding: str | None  # Its `_sharding` member.
   array: str | None  # Its array_metadatas entry.
 
@@ -324,13 +331,15 @@ def _new_entry(name: str, signature: tuple, spec: _Spec) -> _Entry:
   parts = name.split("/")
   key = ".".join(parts)
   keys = ", ".join(f'{{"key": {_json_str(p)}, "key_type": 2}}' for p in parts)
+  member = f'{_json_str(str(tuple(parts)))}: {{"key_metadata": [{keys}], "value_metadata": '
   return _Entry(
     signature,
     spec,
     f"{key}/",
     f"{key}/.zarray",
     f"{key}/{spec.chunk_key}",
-    f'{_json_str(str(tuple(parts)))}: {{"key_metadata": [{keys}], "value_metadata": {spec.meta}}}',
+    f"{member}{spec.meta}}}",
+    f"{member}{spec.packed_meta}}}",
     None
     if spec.sharding is None
     else f"{_json_str(base64.b64encode(key.encode()).decode())}: {_json_str(spec.sharding)}",
@@ -370,9 +379,11 @@ def start(
   *,
   chunk_byte_size: int | None = None,
   described: dict[str, jax.Array] | None = None,
+  pack: bool = False,
 ) -> Pending:
   """Starts writing ``snapshot`` ({"a/b": value}) as the Orbax item at ``state_dir``;
-  an entry named in ``described`` is a numpy view of that jax.Array, written as it."""
+  an entry named in ``described`` is a numpy view of that jax.Array, written as it.
+  With ``pack``, the arrays `_packed` holds go into its file (see _packed.py)."""
   described = described or {}
   started_ns = time.time_ns()
   os.makedirs(state_dir)
@@ -384,6 +395,7 @@ def start(
   metadata = _Metadata()
   tree, shardings, arrays = metadata.tree, metadata.shardings, metadata.arrays
   checksums: dict[str, int] = {}
+  packed: dict[str, np.ndarray] = {}
   for name, value in snapshot.items():
     data = value
     if name in described:  # A view: described by its array, written from the view.
@@ -394,6 +406,10 @@ def start(
         value = data = np.asarray(value, order="C")  # (ascontiguousarray: 0-d would be 1-d.)
     entry = _entry(name, value, kind, chunk_byte_size)
     spec = entry.spec
+    if pack and spec.packable:
+      tree.append(entry.packed_tree)
+      packed[name] = np.asarray(data)
+      continue
     tree.append(entry.tree)
     if entry.sharding is not None:
       shardings.append(entry.sharding)
@@ -409,6 +425,8 @@ def start(
       batch = _Batch(kvstore)
   if batch.nbytes or batch.opens:
     batch.commit(futures, commits)
+  if packed:
+    futures.append(_packed.start(state_dir, packed))
   return Pending(
     state_dir,
     futures,
@@ -418,6 +436,7 @@ def start(
     metadata.arrays,
     started_ns,
     checksums,
+    sorted(packed),
   )
 
 

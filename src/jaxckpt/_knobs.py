@@ -30,7 +30,9 @@ MANIFEST_ITEM: str = "jaxckpt"
 
 # Format version written into every manifest; readers refuse newer versions.
 # Version 2 adds the manifest's own checksum; version 1 manifests are still read.
-FORMAT_VERSION: int = 2
+# Version 3 adds packed small arrays (_packed.py); it is written only for
+# checkpoints that have them.
+FORMAT_VERSION: int = 3
 
 # Seconds `checkpoints_iterator` sleeps between looks at the state file (TF: 1).
 POLL_INTERVAL_S: float = 1.0

@@ -29,6 +29,7 @@ from jaxckpt import _compat
 from jaxckpt import _fastread
 from jaxckpt import _fastwrite
 from jaxckpt import _knobs
+from jaxckpt import _packed
 from jaxckpt import _zarr3
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import JaxckptError
@@ -172,6 +173,7 @@ class OrbaxLayout(Layout):
         snapshot,
         chunk_byte_size=plan.chunk_byte_size,
         described=job.described,
+        pack=plan.pack,
       )
     tree = nest(snapshot)
     save_args = None
@@ -205,7 +207,8 @@ class OrbaxLayout(Layout):
     reader: Reader,
     verify_checksums: bool,
   ) -> Read:
-    out = Read()
+    out = _read_packed(path, manifest, [l for l in wanted if l.name in manifest.packed])
+    wanted = [l for l in wanted if l.name not in manifest.packed]
     for holder, group in _by_holder(path, manifest, wanted).items():
       if holder != path and not os.path.isdir(os.path.join(holder, _knobs.STATE_ITEM)):
         raise CorruptCheckpointError(
@@ -238,6 +241,25 @@ class OrbaxLayout(Layout):
 
     walk(tree, "")
     return out
+
+
+def _read_packed(path: str, manifest: Manifest, wanted: list[Leaf]) -> Read:
+  """The packed leaves (_packed.py): read by every process that wants them, as
+  host arrays, whoever reads the rest."""
+  out = Read()
+  if not wanted:
+    return out
+  packed = [
+    (name, manifest.leaves[name].shape, manifest.leaves[name].dtype) for name in manifest.packed
+  ]
+  try:
+    out.raw, crcs = _packed.read(
+      os.path.join(path, _knobs.STATE_ITEM), packed, [l.name for l in wanted]
+    )
+  except CorruptCheckpointError as e:
+    raise CorruptCheckpointError(f"Checkpoint {path!r} is unreadable: {e}") from e
+  out.verified = {name for name, crc in crcs.items() if manifest.checksums.get(name) == crc}
+  return out
 
 
 def _describe_sharding(sharding) -> str:
@@ -307,6 +329,9 @@ def _restore_args(leaf: Leaf, dtype: np.dtype, io_device: jax.Device | None, rea
   return ocp.RestoreArgs(restore_type=np.ndarray, dtype=dtype)
 
 
+_NO_AGGREGATE = "jaxckpt-reads-packed-arrays-itself"  # A file name no checkpoint holds.
+
+
 def _orbax_read(
   path: str, manifest: Manifest, leaves: list[Leaf], io_device: jax.Device | None, reader: Reader
 ) -> dict[str, Any]:
@@ -316,8 +341,11 @@ def _orbax_read(
   restore_args = nest(
     {l.name: _restore_args(l, stored_dtype(manifest, l.name), io_device, reader) for l in leaves}
   )
+  # Packed leaves are read by _packed; a handler that saw their file would
+  # take Orbax's legacy path, which has no partial restore.
+  blind = {"aggregate_filename": _NO_AGGREGATE}
   if reader.processes is None:
-    checkpointer = ocp.PyTreeCheckpointer()
+    checkpointer = ocp.Checkpointer(ocp.PyTreeCheckpointHandler(**blind))
   else:  # Orbax's default barrier is an XLA collective; see _multihost.py.
     mp = ocp.options.MultiprocessingOptions(
       primary_host=reader.primary,
@@ -325,7 +353,8 @@ def _orbax_read(
       barrier_sync_key_prefix=reader.key_prefix,
     )
     checkpointer = ocp.Checkpointer(
-      ocp.PyTreeCheckpointHandler(multiprocessing_options=mp), multiprocessing_options=mp
+      ocp.PyTreeCheckpointHandler(multiprocessing_options=mp, **blind),
+      multiprocessing_options=mp,
     )
   bounded = (
     _compat.orbax_barrier_timeout(reader.timeout_s)

@@ -111,6 +111,8 @@ class Manifest:
   values: dict[str, ValueInfo] = dataclasses.field(default_factory=dict)
   # The full original key path of each name that escapes a key's '/' or '.' (_tree.py).
   key_paths: dict[str, tuple[str, ...]] = dataclasses.field(default_factory=dict)
+  # Leaves in the file of small arrays, ``state/checkpoint`` (_packed.py; version 3).
+  packed: frozenset[str] = frozenset()
 
   @property
   def names(self) -> set[str]:
@@ -130,9 +132,13 @@ class Manifest:
     data: str | None = None,
     shard_checksums: dict[str, dict[str, int]] | None = None,
     counter_saved: bool = True,
+    packed: Any = (),
   ) -> Manifest:
+    packed = frozenset(packed)
     return cls(
-      version=_knobs.FORMAT_VERSION,
+      # Version 3 only where it is needed: earlier readers read the rest.
+      version=_knobs.FORMAT_VERSION if packed else 2,
+      packed=packed,
       save_counter=save_counter,
       kind=kind,
       created=time.time(),
@@ -184,6 +190,8 @@ class Manifest:
       out["sha1"] = self.digests[name]
     if self.shard_checksums.get(name):
       out["shard_crc32"] = self.shard_checksums[name]
+    if name in self.packed:
+      out["packed"] = True
     keys = self.key_paths.get(name)
     if keys is not None:
       out["key_path"] = list(keys)
@@ -215,6 +223,7 @@ class Manifest:
       shard_checksums={n: p[4] for n, p in parsed.items() if p[4]},
       values=values,
       key_paths=key_paths,
+      packed=frozenset(n for n, p in parsed.items() if p[5]),
     )
 
 
@@ -260,7 +269,7 @@ def _field(data: Any, key: str, types, where: str, *, at: str = "", optional: bo
 
 
 def _leaf(where: str, name: Any, info: Any) -> tuple:
-  """One leaf's (LeafInfo, crc32, source, sha1, shard_crc32), each field type-checked."""
+  """One leaf's (LeafInfo, crc32, source, sha1, shard_crc32, packed), each field type-checked."""
   at = f'leaves["{name}"]'
   if not isinstance(name, str) or not name:
     raise _damaged(where, "leaves", "keyed by non-empty names", name)
@@ -280,12 +289,17 @@ def _leaf(where: str, name: Any, info: Any) -> tuple:
   shards = _field(info, "shard_crc32", dict, where, at=at, optional=True) or {}
   for key in shards:
     _field(shards, key, int, where, at=f"{at}.shard_crc32")
+  source = _field(info, "source", str, where, at=at, optional=True)
+  packed = info.get("packed")  # (_field takes no bools.)
+  if packed is not None and (packed is not True or source is not None):
+    raise _damaged(where, f"{at}.packed", "true, and only without a source", packed)
   return (
     LeafInfo(tuple(shape), dtype, _field(info, "kind", str, where, at=at)),
     crc,
-    _field(info, "source", str, where, at=at, optional=True),
+    source,
     _field(info, "sha1", str, where, at=at, optional=True),
     shards,
+    packed is True,
   )
 
 

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 
 from jaxckpt import _fastwrite
+from jaxckpt import _packed
 from jaxckpt import _staging
 from jaxckpt._errors import InvalidOptionsError
 from jaxckpt._errors import TreeError
@@ -76,6 +77,9 @@ class SavePlan:
   # their bytes. Larger ones keep their copy: a view keeps the next donating
   # step from reusing the buffer, which raised a training loop's peak memory.
   view_max_bytes: int = 0
+  # Small arrays go into one file (_packed.py): the fast writer's, for states
+  # of many such arrays or as CheckpointOptions.pack_small_arrays says.
+  pack: bool = False
 
 
 def _check_leaves(leaves: list[Leaf]) -> None:
@@ -157,6 +161,7 @@ def plan_save(
     and not options.incremental
     and _fastwrite.writes_all(data)
   )
+  pack = fast and options.chunk_byte_size is None and _packs(options, data)
   return SavePlan(
     path=path,
     target=store.absolute(path),
@@ -182,7 +187,17 @@ def plan_save(
     nbytes=sum(leaf.nbytes for leaf in leaves),
     counter_saved=counter_saved,
     view_max_bytes=_fastwrite.DIRECT_BYTES if fast and not routed else 0,
+    pack=pack,
   )
+
+
+def _packs(options: CheckpointOptions, data: list[Leaf]) -> bool:
+  if options.pack_small_arrays is not None:
+    return options.pack_small_arrays
+  small = 0
+  for leaf in data:
+    small += leaf.nbytes <= _packed.MAX_BYTES
+  return small >= _packed.MIN_ARRAYS
 
 
 @dataclasses.dataclass(frozen=True)
