@@ -124,9 +124,12 @@ def _listing(root: str) -> list[str]:
   return sorted(out)
 
 
-def io_device_save_restore(directory: str, io_task: int = 0, enable_async: bool = True):
+def io_device_save_restore(
+  directory: str, io_task: int = 0, enable_async: bool = True, pack: bool = False
+):
   """TF's host-local /tmp case: a relative path in each process's own working
-  directory, all I/O through task ``io_task``; the others must write nothing."""
+  directory, all I/O through task ``io_task``; the others must write nothing.
+  With ``pack``, the I/O task packs the small arrays (_packed.py)."""
   del directory  # Each process runs in its own cwd (its "host-local disk").
   calls = []
   opts = jaxckpt.CheckpointOptions(
@@ -134,6 +137,7 @@ def io_device_save_restore(directory: str, io_task: int = 0, enable_async: bool 
     enable_async=enable_async,
     experimental_write_callbacks=[calls.append],
     timeout_s=60,
+    pack_small_arrays=True if pack else None,
   )
   ckpt = jaxckpt.Checkpoint(params=_state(3), step=7)
   first = ckpt.save("ckpts/ckpt", options=opts)

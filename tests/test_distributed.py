@@ -129,6 +129,28 @@ def test_restore_2x2_checkpoint_on_two_processes_other_mesh_and_bf16(saved_2x2):
     }
 
 
+def test_packed_one_process_checkpoint_restores_onto_two_processes(tmp_path):
+  # Each process reads the packed arrays itself and places its shards.
+  ckpt = jaxckpt.Checkpoint(
+    params={"w": jax.device_put(cases.reference(3), jax.devices()[1]), "b": np.arange(3) * 3},
+    step=3,
+  )
+  path = ckpt.save(
+    str(tmp_path / "packed"), options=jaxckpt.CheckpointOptions(pack_small_arrays=True)
+  )
+  assert jaxckpt.load_checkpoint(path).manifest.packed == {"params/w", "params/b"}
+  results = distributed.launch(
+    "distributed_cases",
+    "restore_resharded",
+    2,
+    devices=2,
+    kwargs={"path": path, "mesh_shape": [2, 2], "spec": ["x", None], "dtype": "bfloat16"},
+  )
+  for r in results:
+    assert r["w_ok"] and r["devices"] == 4 and r["spec"] == "P('x', None)", r
+    assert r["b"] == [0, 3, 6] and r["step"] == 3
+
+
 def test_four_processes_save_and_restore(tmp_path):
   results = distributed.launch(
     "distributed_cases",
@@ -147,8 +169,8 @@ def test_four_processes_save_and_restore(tmp_path):
   )
 
 
-@pytest.mark.parametrize("io_task", [1, 0])
-def test_io_device_routes_all_files_through_one_task(tmp_path, io_task):
+@pytest.mark.parametrize("io_task, pack", [(1, False), (0, False), (0, True)])
+def test_io_device_routes_all_files_through_one_task(tmp_path, io_task, pack):
   # Each process runs in its own directory with a relative checkpoint path:
   # host-local disks, as in TF's experimental_io_device="/job:worker/task:K" case.
   cwds = [tmp_path / f"host{i}" for i in range(2)]
@@ -160,7 +182,7 @@ def test_io_device_routes_all_files_through_one_task(tmp_path, io_task):
     2,
     devices=2,
     cwds=[str(c) for c in cwds],
-    kwargs={"directory": "", "io_task": io_task, "enable_async": io_task == 1},
+    kwargs={"directory": "", "io_task": io_task, "enable_async": io_task == 1, "pack": pack},
   )
   for pid, r in enumerate(results):
     assert r["callbacks"] == ["ckpts/ckpt-1", "ckpts/ckpt-2"], pid
@@ -173,6 +195,7 @@ def test_io_device_routes_all_files_through_one_task(tmp_path, io_task):
         "ckpts/ckpt-1/jaxckpt/metadata",
         "ckpts/ckpt-2/jaxckpt/metadata",
       } <= set(r["files"])
+      assert ("ckpts/ckpt-2/state/checkpoint" in r["files"]) is pack
     else:
       assert r["latest"] is None and r["files"] == []  # Wrote nothing at all.
   reader = jaxckpt.load_checkpoint(str(cwds[io_task] / "ckpts" / "ckpt-2"))

@@ -232,7 +232,7 @@ def cmd_inspect(args) -> tuple[Any, int]:
     return _inspect_tf(args, reader)
   manifest = reader.manifest
   dtypes = reader.get_variable_to_dtype_map()
-  shardings = layout_of(manifest).describe(reader.path)
+  shardings = layout_of(manifest).describe(reader.path, manifest)
   rows: list[dict[str, Any]] = []
   for name in sorted(manifest.leaves):
     info = manifest.leaves[name]

@@ -99,7 +99,7 @@ class Layout(abc.ABC):
   ) -> Read:
     """Reads ``wanted`` (present in ``manifest``) from the checkpoint at ``path``."""
 
-  def describe(self, path: str) -> dict[str, str]:
+  def describe(self, path: str, manifest: Manifest) -> dict[str, str]:
     """Each array's sharding at save time, where the layout records it."""
     return {}
 
@@ -221,7 +221,8 @@ class OrbaxLayout(Layout):
       out.verified |= matched
     return out
 
-  def describe(self, path: str) -> dict[str, str]:
+  def describe(self, path: str, manifest: Manifest) -> dict[str, str]:
+    packed = dict.fromkeys(manifest.packed, f"packed ({_knobs.STATE_ITEM}/{_packed.FILE})")
     try:
       tree = (
         ocp.PyTreeCheckpointer()
@@ -229,7 +230,7 @@ class OrbaxLayout(Layout):
         .item_metadata.tree
       )
     except Exception:  # Sharding is informative only; an empty checkpoint has none.
-      return {}
+      return packed
     out: dict[str, str] = {}
 
     def walk(node, prefix):
@@ -240,7 +241,7 @@ class OrbaxLayout(Layout):
         out[prefix] = _describe_sharding(getattr(node, "sharding", None))
 
     walk(tree, "")
-    return out
+    return out | packed
 
 
 def _read_packed(path: str, manifest: Manifest, wanted: list[Leaf]) -> Read:
@@ -249,12 +250,9 @@ def _read_packed(path: str, manifest: Manifest, wanted: list[Leaf]) -> Read:
   out = Read()
   if not wanted:
     return out
-  packed = [
-    (name, manifest.leaves[name].shape, manifest.leaves[name].dtype) for name in manifest.packed
-  ]
   try:
     out.raw, crcs = _packed.read(
-      os.path.join(path, _knobs.STATE_ITEM), packed, [l.name for l in wanted]
+      os.path.join(path, _knobs.STATE_ITEM), manifest.packed_arrays, [l.name for l in wanted]
     )
   except CorruptCheckpointError as e:
     raise CorruptCheckpointError(f"Checkpoint {path!r} is unreadable: {e}") from e

@@ -114,6 +114,12 @@ class Manifest:
   # Leaves in the file of small arrays, ``state/checkpoint`` (_packed.py; version 3).
   packed: frozenset[str] = frozenset()
 
+  @functools.cached_property
+  def packed_arrays(self) -> tuple[tuple[str, tuple[int, ...], str], ...]:
+    """(name, shape, dtype) of each packed leaf, sorted: one object per manifest,
+    which `_packed.layout` recognizes without hashing it."""
+    return tuple(sorted((n, self.leaves[n].shape, self.leaves[n].dtype) for n in self.packed))
+
   @property
   def names(self) -> set[str]:
     """Every name in the checkpoint: arrays and values."""

@@ -26,6 +26,7 @@ import stat
 import struct
 import threading
 from typing import Any
+from typing import cast
 
 import msgpack
 import numpy as np
@@ -102,17 +103,40 @@ def dtype_name(dtype: np.dtype) -> str:
   return dtype.name  # (Computed in Python by numpy: ~5 µs, per array.)
 
 
-@functools.lru_cache(maxsize=4)  # A model saves (and restores) the same arrays every time.
-def layout(
-  arrays: tuple[tuple[str, tuple[int, ...], str], ...],
-) -> tuple[tuple[str, ...], tuple[bytes, ...], int]:
-  """The file for ``arrays`` ((name, shape, dtype name)): the names in file
-  order, the bytes before each one's data, and the file's size (each array's
-  data is its C-order bytes).
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """The packed file of some arrays: in file order, each one's name, the bytes
+  before its data (map and key headers, its own header), where those start,
+  and its data's size (its C-order bytes)."""
+
+  names: tuple[str, ...]
+  headers: tuple[bytes, ...]
+  offsets: tuple[int, ...]
+  sizes: tuple[int, ...]
+  shapes: tuple[tuple[int, ...], ...]
+  dtypes: tuple[np.dtype, ...]
+  size: int  # The file's.
+  index: dict[str, int]  # Position of each name.
+
+
+_LAST: tuple[Any, Any] = (None, None)  # (arrays, Layout) of the last call.
+
+
+def layout(arrays: tuple[tuple[str, tuple[int, ...], str], ...]) -> Layout:
+  """The file for ``arrays`` ((name, shape, dtype name)).
 
   Raises:
     CorruptCheckpointError: two names clash (one is a prefix node of the other).
   """
+  global _LAST
+  last = _LAST  # One manifest's readers pass the same tuple: skips hashing it.
+  if last[0] is not arrays:
+    last = _LAST = (arrays, _new_layout(arrays))
+  return last[1]
+
+
+@functools.lru_cache(maxsize=4)  # A model saves (and restores) the same arrays every time.
+def _new_layout(arrays: tuple[tuple[str, tuple[int, ...], str], ...]) -> Layout:
   keyed = sorted((name.split("/"), name, tuple(shape), dtype) for name, shape, dtype in arrays)
   tree: dict[str, Any] = {}
   for parts, name, shape, dtype in keyed:
@@ -124,33 +148,41 @@ def layout(
     if parts[-1] in node:
       raise CorruptCheckpointError(f"packed array '{name}' named twice or as a tree node")
     node[parts[-1]] = (name, shape, dtype)
-  names: list[str] = []
-  headers: list[bytes] = []
+  out: dict[str, list] = {
+    k: [] for k in ("names", "headers", "offsets", "sizes", "shapes", "dtypes")
+  }
   pending = bytearray()
-  size = 0
+  offset = 0
   packer = _packer()
 
   def emit(node: dict[str, Any]) -> None:
-    nonlocal pending, size
+    nonlocal pending, offset
     pending += packer.pack_map_header(len(node))
     for key, value in node.items():
       pending += packer.pack(key)
       if isinstance(value, dict):
         emit(value)
         continue
-      name, shape, dtype = value
-      pending += _array_header(shape, dtype)
-      names.append(name)
-      headers.append(bytes(pending))
-      size += len(pending) + math.prod(shape) * np.dtype(_dtype(dtype)).itemsize
+      name, shape, dtype_name = value
+      dtype = np.dtype(_dtype(dtype_name))
+      pending += _array_header(shape, dtype_name)
+      size = math.prod(shape) * dtype.itemsize
+      for field, item in zip(out, (name, bytes(pending), offset, size, shape, dtype), strict=True):
+        out[field].append(item)
+      offset += len(pending) + size
       pending = bytearray()
 
   emit(tree)
-  return tuple(names), tuple(headers), size
+  fields = {k: tuple(v) for k, v in out.items()}
+  return Layout(**fields, size=offset, index={n: i for i, n in enumerate(out["names"])})
 
 
 def _byte_view(array: np.ndarray) -> np.ndarray:
   return array.reshape(-1).view(np.uint8)  # (bfloat16 has no buffer format.)
+
+
+def _buffer(array: np.ndarray) -> memoryview:
+  return memoryview(cast(Any, array))  # (numpy's stubs do not declare the buffer protocol.)
 
 
 def _write_file(path: str, pieces: list[tuple[bytes, np.ndarray]]) -> None:
@@ -187,7 +219,7 @@ class _Out:
     self.fd, self.written, self.flushed = fd, 0, 0
 
   def write(self, data: np.ndarray) -> None:
-    view = memoryview(data)
+    view = _buffer(data)
     while view:
       n = os.write(self.fd, view)
       view = view[n:]
@@ -202,10 +234,8 @@ class _Out:
 def start(state_dir: str, arrays: dict[str, np.ndarray]) -> concurrent.futures.Future:
   """Starts writing ``arrays`` ({name: C-contiguous array}) as ``state_dir/checkpoint``
   on a thread of its own; returns its future."""
-  names, headers, _ = layout(
-    tuple((n, tuple(a.shape), dtype_name(a.dtype)) for n, a in arrays.items())
-  )
-  pieces = [(h, _byte_view(arrays[n])) for n, h in zip(names, headers, strict=True)]
+  file = layout(tuple((n, tuple(a.shape), dtype_name(a.dtype)) for n, a in arrays.items()))
+  pieces = [(h, _byte_view(arrays[n])) for n, h in zip(file.names, file.headers, strict=True)]
   future: concurrent.futures.Future = concurrent.futures.Future()
 
   def run() -> None:
@@ -246,24 +276,22 @@ class _Run:
   nbytes: int = 0
 
 
-def _runs(names: tuple, headers: tuple, sizes: dict[str, int], out: dict) -> list[_Run]:
+def _runs(file: Layout, out: dict[str, np.ndarray]) -> list[_Run]:
+  """The reads that fill ``out``: one per run of its arrays stored back to back."""
   runs: list[_Run] = []
-  offset, run = 0, None
-  for name, header in zip(names, headers, strict=True):
-    array = out.get(name)
-    if array is None:
-      run = None  # Not wanted: the next wanted array starts a new run.
-    else:
-      if run is None or len(run.buffers) + 2 > _IOV_MAX or run.nbytes >= _RUN_BYTES:
-        run = _Run(offset)
-        runs.append(run)
-      seen = bytearray(len(header))
-      run.names.append(name)
-      run.headers.append(header)
-      run.seen.append(seen)
-      run.buffers += (memoryview(seen), memoryview(_byte_view(array)))
-      run.nbytes += len(header) + sizes[name]
-    offset += len(header) + sizes[name]
+  run, end = None, -1
+  for i in sorted(file.index[name] for name in out):
+    name, header = file.names[i], file.headers[i]
+    if run is None or i != end or len(run.buffers) + 2 > _IOV_MAX or run.nbytes >= _RUN_BYTES:
+      run = _Run(file.offsets[i])
+      runs.append(run)
+    seen = bytearray(len(header))
+    run.names.append(name)
+    run.headers.append(header)
+    run.seen.append(seen)
+    run.buffers += (memoryview(seen), _buffer(_byte_view(out[name])))
+    run.nbytes += len(header) + file.sizes[i]
+    end = i + 1
   return runs
 
 
@@ -285,12 +313,12 @@ def _fill(fd: int, run: _Run, path: str, out: dict, checksums: bool) -> dict[str
 
 def read(
   state_dir: str,
-  packed: list[tuple[str, tuple[int, ...], str]],
+  packed: tuple[tuple[str, tuple[int, ...], str], ...],
   wanted: list[str],
   *,
   checksums: bool = True,
 ) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-  """Reads ``wanted`` from the packed file holding ``packed`` (name, shape, dtype name).
+  """Reads ``wanted`` from the packed file of ``packed`` (name, shape, dtype name).
 
   Returns ``({name: array}, {name: CRC-32 of its bytes})`` (no CRCs without
   ``checksums``).
@@ -302,20 +330,23 @@ def read(
   if not wanted:
     return {}, {}
   path = os.path.join(state_dir, FILE)
-  names, headers, size = layout(tuple(packed))
-  info = {name: (tuple(shape), dtype) for name, shape, dtype in packed}
-  sizes = {n: math.prod(s) * np.dtype(_dtype(d)).itemsize for n, (s, d) in info.items()}
+  file = layout(packed)
   with paused():  # An array and views per leaf: see _gcpause.py.
-    out = {n: aligned_empty(info[n][0], np.dtype(_dtype(info[n][1]))) for n in wanted}
-    runs = _runs(names, headers, sizes, out)
+    out = {}
+    for name in wanted:
+      i = file.index[name]
+      out[name] = aligned_empty(file.shapes[i], file.dtypes[i])
+    runs = _runs(file, out)
   fd = _open(path)
   try:
     actual = os.fstat(fd).st_size
-    if actual != size:
+    if actual != file.size:
       raise CorruptCheckpointError(
-        f"{path} is damaged: its {len(names)} packed arrays take {size} bytes, the file "
-        f"has {actual}."
+        f"{path} is damaged: its {len(file.names)} packed arrays take {file.size} bytes, "
+        f"the file has {actual}."
       )
+    if len(runs) == 1:  # E.g. one array (get_tensor): no thread.
+      return out, _fill(fd, runs[0], path, out, checksums)
     crcs: dict[str, int] = {}
     with concurrent.futures.ThreadPoolExecutor(min(_THREADS, len(runs))) as pool:
       for future in [pool.submit(_fill, fd, run, path, out, checksums) for run in runs]:
