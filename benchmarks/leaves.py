@@ -10,6 +10,9 @@ peers in one process on the same state, their order rotated per repeat:
   ``keep_staging_bytes``: up to an eighth of physical memory).
 * ``jaxckpt-free``: the same with ``CheckpointOptions(keep_staging_bytes=0)``
   (staging buffers freed at every commit).
+* ``jaxckpt-unpacked``: the same with ``CheckpointOptions(pack_small_arrays=False)``
+  (every array its own OCDBT entry; by default, states of 512 or more arrays
+  of up to 256 KiB keep them in one file).
 * ``orbax``: ``ocp.StandardCheckpointer`` (async); commit =
   ``wait_until_finished``, durable = after fsyncing its files and directories
   as jaxckpt does (Orbax 0.12.8 fsyncs only TensorStore's data files).
@@ -57,7 +60,7 @@ import jaxckpt
 from jaxckpt._store import fsync_tree  # The fsyncs a jaxckpt commit does.
 
 MIB = 2**20
-PEERS = ("jaxckpt", "jaxckpt-free", "orbax", "safetensors", "raw")
+PEERS = ("jaxckpt", "jaxckpt-free", "jaxckpt-unpacked", "orbax", "safetensors", "raw")
 _IOV_MAX = 1024
 _PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -143,6 +146,7 @@ class Peers:
     self.state, self.host, self.root = state, host, root
     self.ckpt = jaxckpt.Checkpoint(state=state)
     self.free = jaxckpt.Checkpoint(state=state)
+    self.unpacked = jaxckpt.Checkpoint(state=state)
     self.orbax = ocp.StandardCheckpointer()
     self.nbytes = sum(a.nbytes for a in host.values())
     self.paths: dict[str, str] = {}
@@ -151,6 +155,7 @@ class Peers:
   def close(self) -> None:
     self.ckpt.sync()
     self.free.sync()
+    self.unpacked.sync()
     self.orbax.close()
 
   def _fresh(self, peer: str) -> str:
@@ -180,6 +185,10 @@ class Peers:
   def _save_jaxckpt_free(self, path: str) -> dict[str, float]:
     opts = jaxckpt.CheckpointOptions(enable_async=True, keep_staging_bytes=0)
     return self._jaxckpt(self.free, path, opts)
+
+  def _save_jaxckpt_unpacked(self, path: str) -> dict[str, float]:
+    opts = jaxckpt.CheckpointOptions(enable_async=True, pack_small_arrays=False)
+    return self._jaxckpt(self.unpacked, path, opts)
 
   def _save_orbax(self, path: str) -> dict[str, float]:
     start = time.perf_counter()
@@ -225,7 +234,7 @@ class Peers:
     out: dict[str, Any] = {}
 
     def op() -> dict[str, float]:
-      fn = getattr(self, "_restore_" + peer.replace("-free", "").replace("-", "_"))
+      fn = getattr(self, "_restore_" + peer.split("-")[0])  # (jaxckpt-*: jaxckpt's.)
       start = time.perf_counter()
       restored = fn(self.paths[peer])
       took = time.perf_counter() - start

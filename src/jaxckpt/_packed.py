@@ -40,9 +40,10 @@ from jaxckpt._integrity import checksum
 
 FILE = "checkpoint"  # Orbax's aggregate file name (pytree_checkpoint_handler._CHECKPOINT_FILE).
 MAX_BYTES = 256 << 10  # Arrays up to this size are packed.
-# With at least this many such arrays (default policy, see `SavePlan.pack`):
-# fewer are cheap enough as OCDBT keys, and keep StandardCheckpointer's
-# target-less restore working (benchmarks/leaves.py --pack).
+# The default packs states of at least this many such arrays. Packing saves
+# time at any count (from 32 arrays on), but smaller states keep what
+# Orbax's target-less StandardCheckpointer().restore(path) needs: shapes in
+# its metadata, which Orbax does not record for packed arrays.
 MIN_ARRAYS = 512
 _NDARRAY = 1  # Orbax's msgpack extension type for numpy arrays.
 _IOV_MAX = 1024  # Buffers per preadv (Linux's IOV_MAX).
