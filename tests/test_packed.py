@@ -286,3 +286,28 @@ def test_inspect_says_which_arrays_are_packed(tmp_path, capsys):
   assert rows["model/half"]["sharding"] == "packed (state/checkpoint)"
   assert rows["model/big"]["sharding"].startswith("single device")
   assert main(["verify", path]) == 0
+
+
+def test_a_failed_packed_write_fails_the_save_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+  state = _state()
+  ckpt = jaxckpt.Checkpoint(model=state)
+  first = ckpt.save(str(tmp_path / "ckpt"), options=PACK)
+
+  def full(path, pieces):
+    raise OSError(28, "No space left on device")
+
+  monkeypatch.setattr(_packed, "_write_file", full)
+  with pytest.raises(jaxckpt.SaveError, match="No space left"):
+    ckpt.save(str(tmp_path / "ckpt"), options=PACK)
+  assert jaxckpt.latest_checkpoint(str(tmp_path)) == first
+  assert sorted(os.listdir(tmp_path)) == ["checkpoint", "ckpt-1"]
+  restored = jaxckpt.Checkpoint(model=_zeros(state))
+  restored.read(first).assert_existing_objects_matched()
+  assert _bits(restored.model["half"], state["half"])
+
+
+def test_a_huge_shape_in_a_resealed_manifest_is_refused_before_allocating(tmp_path):
+  state, path = _saved(tmp_path)
+  _resealed(path, lambda body: body["leaves"]["model/host"].update(shape=[1 << 40]))
+  with pytest.raises(jaxckpt.CorruptCheckpointError, match="packed arrays take"):
+    jaxckpt.load_checkpoint(path).get_tensor("model/host")

@@ -396,14 +396,8 @@ def start(
   tree, shardings, arrays = metadata.tree, metadata.shardings, metadata.arrays
   checksums: dict[str, int] = {}
   packed: dict[str, np.ndarray] = {}
-  for name, value in snapshot.items():
-    data = value
-    if name in described:  # A view: described by its array, written from the view.
-      value, kind = described[name], "jax.Array"  # (writes_all: a plain one.)
-    else:
-      kind = cast(str, _kind(value))
-      if kind != "jax.Array":
-        value = data = np.asarray(value, order="C")  # (ascontiguousarray: 0-d would be 1-d.)
+  for name, data in snapshot.items():
+    value, data, kind = _described(name, data, described)
     entry = _entry(name, value, kind, chunk_byte_size)
     spec = entry.spec
     if pack and spec.packable:
@@ -428,16 +422,18 @@ def start(
   if packed:
     futures.append(_packed.start(state_dir, packed))
   return Pending(
-    state_dir,
-    futures,
-    commits,
-    metadata.tree,
-    metadata.shardings,
-    metadata.arrays,
-    started_ns,
-    checksums,
-    sorted(packed),
+    state_dir, futures, commits, tree, shardings, arrays, started_ns, checksums, sorted(packed)
   )
+
+
+def _described(name: str, value: Any, described: dict[str, jax.Array]) -> tuple[Any, Any, str]:
+  """(what describes the leaf, what is written, its kind) for one snapshot entry."""
+  if name in described:  # A view: described by its array, written from the view.
+    return described[name], value, "jax.Array"  # (writes_all: a plain one.)
+  kind = cast(str, _kind(value))
+  if kind != "jax.Array":
+    value = np.asarray(value, order="C")  # (ascontiguousarray: 0-d would be 1-d.)
+  return value, value, kind
 
 
 class _Batch:

@@ -332,20 +332,20 @@ def read(
     return {}, {}
   path = os.path.join(state_dir, FILE)
   file = layout(packed)
-  with paused():  # An array and views per leaf: see _gcpause.py.
-    out = {}
-    for name in wanted:
-      i = file.index[name]
-      out[name] = aligned_empty(file.shapes[i], file.dtypes[i])
-    runs = _runs(file, out)
   fd = _open(path)
   try:
     actual = os.fstat(fd).st_size
-    if actual != file.size:
+    if actual != file.size:  # Checked first: the file bounds what is allocated.
       raise CorruptCheckpointError(
         f"{path} is damaged: its {len(file.names)} packed arrays take {file.size} bytes, "
         f"the file has {actual}."
       )
+    with paused():  # An array and views per leaf: see _gcpause.py.
+      out = {}
+      for name in wanted:
+        i = file.index[name]
+        out[name] = aligned_empty(file.shapes[i], file.dtypes[i])
+      runs = _runs(file, out)
     if len(runs) == 1:  # E.g. one array (get_tensor): no thread.
       return out, _fill(fd, runs[0], path, out, checksums)
     crcs: dict[str, int] = {}

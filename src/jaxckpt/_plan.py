@@ -170,11 +170,7 @@ def plan_save(
     store=store,
     layout=layout,
     writer=FAST if fast or not layout.has_fast_writer else ORBAX,
-    keep_staging_bytes=(
-      _staging.default_keep_bytes()
-      if options.keep_staging_bytes is None
-      else options.keep_staging_bytes
-    ),
+    keep_staging_bytes=_or(options.keep_staging_bytes, _staging.default_keep_bytes),
     background=options.enable_async,
     io_device=io_device,
     routed=routed,
@@ -189,6 +185,10 @@ def plan_save(
     view_max_bytes=_fastwrite.DIRECT_BYTES if fast and not routed else 0,
     pack=pack,
   )
+
+
+def _or(value: int | None, default: Callable[[], int]) -> int:
+  return default() if value is None else value
 
 
 def _packs(options: CheckpointOptions, data: list[Leaf]) -> bool:
