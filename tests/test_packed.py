@@ -309,5 +309,10 @@ def test_a_failed_packed_write_fails_the_save_and_keeps_the_last_checkpoint(tmp_
 def test_a_huge_shape_in_a_resealed_manifest_is_refused_before_allocating(tmp_path):
   state, path = _saved(tmp_path)
   _resealed(path, lambda body: body["leaves"]["model/host"].update(shape=[1 << 40]))
+  reader = jaxckpt.load_checkpoint(path)
+  for name in ("model/host", "model/half"):  # The array itself, or another in the file.
+    with pytest.raises(jaxckpt.CorruptCheckpointError, match="too big to pack"):
+      reader.get_tensor(name)
+  _resealed(path, lambda body: body["leaves"]["model/host"].update(shape=[1 << 20]))
   with pytest.raises(jaxckpt.CorruptCheckpointError, match="packed arrays take"):
-    jaxckpt.load_checkpoint(path).get_tensor("model/host")
+    jaxckpt.load_checkpoint(path).get_tensor("model/half")

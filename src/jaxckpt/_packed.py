@@ -166,8 +166,10 @@ def _new_layout(arrays: tuple[tuple[str, tuple[int, ...], str], ...]) -> Layout:
         continue
       name, shape, dtype_name = value
       dtype = np.dtype(_dtype(dtype_name))
-      pending += _array_header(shape, dtype_name)
       size = math.prod(shape) * dtype.itemsize
+      if size >= 1 << 31:  # (The headers' 32-bit lengths; jaxckpt writes at most MAX_BYTES.)
+        raise CorruptCheckpointError(f"packed array '{name}' of {size} bytes is too big to pack")
+      pending += _array_header(shape, dtype_name)
       for field, item in zip(out, (name, bytes(pending), offset, size, shape, dtype), strict=True):
         out[field].append(item)
       offset += len(pending) + size

@@ -198,8 +198,9 @@ class CheckpointReader:
     if value is not None:
       return Leaf(name, value.data, value_kind=value.kind, value_shape=value.shape)
     info = self._manifest.leaves[name]
-    # np.empty: pages a read fills are never touched twice.
-    return Leaf(name, np.empty(info.shape, stored_dtype(self._manifest, name)))
+    # Only its shape and dtype are used: a zero-byte view, so that a shape in
+    # the manifest allocates nothing before the read checks it.
+    return Leaf(name, np.broadcast_to(np.empty((), stored_dtype(self._manifest, name)), info.shape))
 
   def to_tree(self) -> dict[str, Any]:
     """The whole checkpoint as nested dicts and lists, without a template.
