@@ -316,3 +316,13 @@ def test_a_huge_shape_in_a_resealed_manifest_is_refused_before_allocating(tmp_pa
   _resealed(path, lambda body: body["leaves"]["model/host"].update(shape=[1 << 20]))
   with pytest.raises(jaxckpt.CorruptCheckpointError, match="packed arrays take"):
     jaxckpt.load_checkpoint(path).get_tensor("model/half")
+
+
+def test_a_state_of_packed_arrays_only_has_no_ocdbt_database_and_orbax_reads_it(tmp_path):
+  state = {"a": jnp.arange(4.0), "b": np.ones(3, np.int8)}
+  path = jaxckpt.Checkpoint(m=state).write(str(tmp_path / "c"), options=PACK)
+  assert sorted(os.listdir(os.path.join(path, "state"))) == ["_METADATA", "checkpoint"]
+  restored = ocp.PyTreeCheckpointer().restore(os.path.join(path, "state"))["m"]
+  assert _bits(restored["a"], state["a"]) and _bits(restored["b"], state["b"])
+  reader = jaxckpt.load_checkpoint(path)
+  assert _bits(reader.get_tensor("m/a"), state["a"])

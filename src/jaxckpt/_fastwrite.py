@@ -10,7 +10,8 @@ cannot tell the difference: zarr v2 arrays without compressor in one OCDBT
 database, Orbax's chunk grid (from Orbax's own functions, see _compat.py), and
 Orbax's ``_METADATA``, ``_sharding``, ``array_metadatas`` and
 ``_CHECKPOINT_METADATA`` files. tests/test_fastwrite.py compares them with
-Orbax's own output.
+Orbax's own output. When the plan packs, small arrays go instead into the
+aggregate file Orbax reads them from (_packed.py).
 
 Arrays stored as one chunk of at most `DIRECT_BYTES` skip TensorStore's zarr
 driver: their ``.zarray`` and chunk are written as the two OCDBT keys the
