@@ -132,12 +132,22 @@ def test_one_array_is_read_from_the_middle_of_the_file(tmp_path, no_orbax_reads)
   assert _bits(reader.get_tensor("model/half"), state["half"])
 
 
-def test_target_less_standard_restore_is_orbax_s_limit(tmp_path):
+def test_target_less_and_partial_orbax_restores_are_orbax_s_limits(tmp_path):
   # Documented in the README and CheckpointOptions: Orbax's metadata has no
   # shapes for aggregated arrays, so it cannot build the restore arguments.
-  _, path = _saved(tmp_path)
+  state, path = _saved(tmp_path)
+  state_dir = os.path.join(path, "state")
   with pytest.raises(ValueError, match="Unsupported value_metadata"):
-    ocp.StandardCheckpointer().restore(os.path.join(path, "state"))
+    ocp.StandardCheckpointer().restore(state_dir)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  big = {"model": {"big": jax.ShapeDtypeStruct(state["big"].shape, jnp.float32, sharding=device)}}
+  args = ocp.args.PyTreeRestore(
+    item=big,
+    restore_args={"model": {"big": ocp.ArrayRestoreArgs(sharding=device)}},
+    partial_restore=True,
+  )
+  with pytest.raises(ValueError, match="pytree structure"):  # Nor its partial restore.
+    ocp.PyTreeCheckpointer().restore(state_dir, args=args)
 
 
 @pytest.mark.parametrize(
