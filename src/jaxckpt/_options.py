@@ -194,8 +194,7 @@ class CheckpointOptions:
     _check_restore_extras(experimental_skip_slot_variables, experimental_sharding_callback)
     self.experimental_skip_slot_variables = experimental_skip_slot_variables
     self.experimental_sharding_callback = experimental_sharding_callback
-    if not isinstance(compression, bool):
-      raise InvalidOptionsError(f"compression must be a bool, got {compression!r}.")
+    _check_bool("compression", compression)
     _check_positive("chunk_byte_size", chunk_byte_size, allow_none=True)
     _check_positive("max_in_flight", max_in_flight, allow_none=False)
     _check_positive("memory_budget_bytes", memory_budget_bytes, allow_none=True)
@@ -203,11 +202,9 @@ class CheckpointOptions:
     self.chunk_byte_size = chunk_byte_size
     self.max_in_flight = max_in_flight
     self.memory_budget_bytes = memory_budget_bytes
-    if not isinstance(verify_checksums, bool):
-      raise InvalidOptionsError(f"verify_checksums must be a bool, got {verify_checksums!r}.")
+    _check_bool("verify_checksums", verify_checksums)
     self.verify_checksums = verify_checksums
-    if not isinstance(incremental, bool):
-      raise InvalidOptionsError(f"incremental must be a bool, got {incremental!r}.")
+    _check_bool("incremental", incremental)
     if incremental and max_in_flight != 1:
       # The next save must see the previous one committed (and its sweep done)
       # to know which earlier data is safe to refer to.
@@ -229,10 +226,7 @@ class CheckpointOptions:
         f"keep_staging_bytes must be an int >= 0 or None, got {keep_staging_bytes!r}."
       )
     self.keep_staging_bytes = keep_staging_bytes
-    if pack_small_arrays is not None and not isinstance(pack_small_arrays, bool):
-      raise InvalidOptionsError(
-        f"pack_small_arrays must be a bool or None, got {pack_small_arrays!r}."
-      )
+    _check_bool("pack_small_arrays", pack_small_arrays, allow_none=True)
     self.pack_small_arrays = pack_small_arrays
 
   @property
@@ -373,6 +367,12 @@ _KNOB_DEFAULTS = {
   "keep_staging_bytes": None,
   "pack_small_arrays": None,
 }
+
+
+def _check_bool(name: str, value: Any, *, allow_none: bool = False) -> None:
+  if not (isinstance(value, bool) or (allow_none and value is None)):
+    kinds = "a bool or None" if allow_none else "a bool"
+    raise InvalidOptionsError(f"{name} must be {kinds}, got {value!r}.")
 
 
 def _check_restore_extras(skip_slot_variables: Any, sharding_callback: Any) -> None:
