@@ -2,6 +2,7 @@
 
 import json
 import os
+import threading
 from pathlib import Path
 
 import jax
@@ -336,3 +337,16 @@ def test_a_state_of_packed_arrays_only_has_no_ocdbt_database_and_orbax_reads_it(
   assert _bits(restored["a"], state["a"]) and _bits(restored["b"], state["b"])
   reader = jaxckpt.load_checkpoint(path)
   assert _bits(reader.get_tensor("m/a"), state["a"])
+
+
+def test_no_writer_thread_outlives_its_save(tmp_path):
+  # The writer is joined before the commit: a thread still exiting after the
+  # save would make thread counts (and interpreter exit) racy.
+  state = _state()
+  ckpt = jaxckpt.Checkpoint(model=state)
+  ckpt.write(str(tmp_path / "sync"), options=PACK)
+  ckpt.write(
+    str(tmp_path / "async"),
+    options=jaxckpt.CheckpointOptions(enable_async=True, pack_small_arrays=True),
+  ).future.result()
+  assert [t for t in threading.enumerate() if t.name == "jaxckpt-packed"] == []

@@ -234,23 +234,37 @@ class _Out:
       self.flushed = self.written
 
 
-def start(state_dir: str, arrays: dict[str, np.ndarray]) -> concurrent.futures.Future:
+class _Writing(threading.Thread):
+  """The file's write, on a thread of its own; `result` joins it (so no thread
+  outlives its save) and raises its error."""
+
+  def __init__(self, path: str, pieces: list[tuple[bytes, np.ndarray]]):
+    super().__init__(name="jaxckpt-packed", daemon=True)
+    self.path, self.pieces = path, pieces
+    self.error: BaseException | None = None
+
+  def run(self) -> None:
+    try:
+      _write_file(self.path, self.pieces)
+    except BaseException as e:
+      self.error = e
+    finally:
+      self.pieces = []
+
+  def result(self) -> None:
+    self.join()
+    if self.error is not None:
+      raise self.error
+
+
+def start(state_dir: str, arrays: dict[str, np.ndarray]) -> _Writing:
   """Starts writing ``arrays`` ({name: C-contiguous array}) as ``state_dir/checkpoint``
-  on a thread of its own; returns its future."""
+  on a thread of its own; returns it (``result()`` waits for the write)."""
   file = layout(tuple((n, tuple(a.shape), dtype_name(a.dtype)) for n, a in arrays.items()))
   pieces = [(h, _byte_view(arrays[n])) for n, h in zip(file.names, file.headers, strict=True)]
-  future: concurrent.futures.Future = concurrent.futures.Future()
-
-  def run() -> None:
-    try:
-      _write_file(os.path.join(state_dir, FILE), pieces)
-    except BaseException as e:
-      future.set_exception(e)
-    else:
-      future.set_result(None)
-
-  threading.Thread(target=run, name="jaxckpt-packed", daemon=True).start()
-  return future
+  writing = _Writing(os.path.join(state_dir, FILE), pieces)
+  writing.start()
+  return writing
 
 
 def _open(path: str) -> int:
