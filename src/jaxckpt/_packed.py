@@ -253,8 +253,9 @@ class _Writing(threading.Thread):
 
   def result(self) -> None:
     self.join()
-    if self.error is not None:
-      raise self.error
+    error = self.error  # The write's own error, as it was raised.
+    if error is not None:
+      raise error
 
 
 def start(state_dir: str, arrays: dict[str, np.ndarray]) -> _Writing:
