@@ -206,9 +206,8 @@ def test_without_checksums_no_crcs_are_computed(tmp_path):
 def test_data_files_that_are_not_regular_files_are_refused_without_blocking(tmp_path):
   fifo = tmp_path / "d"
   os.mkfifo(fifo)  # Opened blocking, a FIFO with no writer would hang the restore.
-  reading = _fastread._Reading({}, checksums=False)
   with pytest.raises(_errors._FastReadUnsupported, match="not a regular file"):
-    reading.open(str(fifo))
+    _fastread.open_regular(str(fifo))
 
 
 def test_chunk_references_leaving_the_checkpoint_are_not_followed(tmp_path):

@@ -153,6 +153,23 @@ def _pread_into(fd: int, view: memoryview, offset: int) -> None:
   preadv_into(fd, [view], offset)
 
 
+def open_regular(path: str) -> int:
+  """A read-only descriptor of ``path``, a regular file.
+
+  Opened without blocking: a FIFO planted in the checkpoint would otherwise
+  hang the read.
+
+  Raises:
+    _FastReadUnsupported: ``path`` is not a regular file.
+    OSError: it cannot be opened.
+  """
+  fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+  if not stat.S_ISREG(os.fstat(fd).st_mode):
+    os.close(fd)
+    raise _FastReadUnsupported(f"{path} is not a regular file")
+  return fd
+
+
 def preadv_into(fd: int, views: list[memoryview], offset: int) -> None:
   """Fills ``views`` from ``offset`` on, in order (short reads continued).
 
@@ -201,15 +218,6 @@ class _Reading:
     self.pending: dict[str, int] = {}
     self._lock = threading.Lock()
 
-  def open(self, path: str) -> int:
-    # Regular files only, opened without blocking: a FIFO planted in the
-    # checkpoint would otherwise hang the read.
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-      os.close(fd)
-      raise _FastReadUnsupported(f"{path} is not a regular file")
-    return fd
-
   def jobs(self, plans: dict[str, list[tuple]]) -> list[list[tuple]]:
     """Runs of reads, one job each: large chunks split into pieces (so few
     arrays use all threads), small ones stored back to back merged."""
@@ -218,7 +226,7 @@ class _Reading:
       for dest, source, region, chunks in reads:
         if not isinstance(source, bytes) and source[0] not in self.fds:
           try:
-            self.fds[source[0]] = self.open(source[0])
+            self.fds[source[0]] = open_regular(source[0])
           except (OSError, _FastReadUnsupported):
             self.failed.add(name)
             continue

@@ -34,6 +34,7 @@ from jaxckpt._gcpause import paused
 from jaxckpt._store import fspath
 from jaxckpt._store import store_for
 from jaxckpt._tree import Leaf
+from jaxckpt._tree import dtype_name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,11 +56,6 @@ class ValueInfo:
     return _values.decode(self.data)
 
 
-@functools.lru_cache(maxsize=256)
-def _dtype_name(dtype: Any) -> str:
-  return dtype.name  # ~10 µs uncached (numpy computes it in Python): per leaf of a save.
-
-
 _INFOS: dict[tuple, LeafInfo] = {}
 
 
@@ -68,13 +64,13 @@ def _leaf_info(leaf: Leaf) -> LeafInfo:
   dtype (a model's thousands of leaves have a few dozen)."""
   value = leaf.value
   if leaf.key_impl is not None or leaf.value_kind is not None or not isinstance(value, jax.Array):
-    return LeafInfo(leaf.shape, _dtype_name(leaf.dtype), leaf.kind)
+    return LeafInfo(leaf.shape, dtype_name(leaf.dtype), leaf.kind)
   key = (value.shape, value.dtype)
   info = _INFOS.get(key)
   if info is None:
     if len(_INFOS) > 4096:
       _INFOS.clear()
-    info = _INFOS[key] = LeafInfo(tuple(value.shape), _dtype_name(value.dtype), "jax")
+    info = _INFOS[key] = LeafInfo(tuple(value.shape), dtype_name(value.dtype), "jax")
   return info
 
 

@@ -22,21 +22,23 @@ import dataclasses
 import functools
 import math
 import os
-import stat
 import struct
 import threading
 from typing import Any
 from typing import cast
 
+import jax
 import msgpack
 import numpy as np
 
 from jaxckpt._errors import CorruptCheckpointError
 from jaxckpt._errors import _FastReadUnsupported
 from jaxckpt._fastread import aligned_empty
+from jaxckpt._fastread import open_regular
 from jaxckpt._fastread import preadv_into
 from jaxckpt._gcpause import paused
 from jaxckpt._integrity import checksum
+from jaxckpt._tree import dtype_name
 
 FILE = "checkpoint"  # Orbax's aggregate file name (pytree_checkpoint_handler._CHECKPOINT_FILE).
 MAX_BYTES = 256 << 10  # Arrays up to this size are packed.
@@ -75,33 +77,24 @@ def _packer() -> msgpack.Packer:
 
 
 @functools.lru_cache(maxsize=4096)
-def _array_header(shape: tuple[int, ...], dtype_name: str) -> bytes:
+def _array_header(shape: tuple[int, ...], dtype: str) -> bytes:
   """An array's bytes up to its data: the extension header and (shape, dtype, bin header)."""
   packer = _packer()
-  nbytes = math.prod(shape) * np.dtype(_dtype(dtype_name)).itemsize
+  nbytes = math.prod(shape) * _dtype(dtype).itemsize
   # msgpack's Packer takes extension and bin data only as bytes (a copy of
   # every array), so their ext 32 and bin 32 headers are written here.
   inner = (
     packer.pack_array_header(3)
     + packer.pack(list(shape))
-    + packer.pack(dtype_name)
+    + packer.pack(dtype)
     + b"\xc6"
     + struct.pack(">I", nbytes)
   )
   return b"\xc9" + struct.pack(">I", len(inner) + nbytes) + bytes([_NDARRAY]) + inner
 
 
-def _dtype(name: str) -> Any:
-  if name == "bfloat16":
-    import ml_dtypes  # (jax's dependency; numpy does not know the name.)
-
-    return ml_dtypes.bfloat16
-  return name
-
-
-@functools.lru_cache(maxsize=256)
-def dtype_name(dtype: np.dtype) -> str:
-  return dtype.name  # (Computed in Python by numpy: ~5 µs, per array.)
+def _dtype(name: str) -> np.dtype:
+  return np.dtype(jax.numpy.dtype(name))  # (numpy alone does not know bfloat16.)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,12 +157,12 @@ def _new_layout(arrays: tuple[tuple[str, tuple[int, ...], str], ...]) -> Layout:
       if isinstance(value, dict):
         emit(value)
         continue
-      name, shape, dtype_name = value
-      dtype = np.dtype(_dtype(dtype_name))
+      name, shape, stored = value
+      dtype = _dtype(stored)
       size = math.prod(shape) * dtype.itemsize
       if size >= 1 << 31:  # (The headers' 32-bit lengths; jaxckpt writes at most MAX_BYTES.)
         raise CorruptCheckpointError(f"packed array '{name}' of {size} bytes is too big to pack")
-      pending += _array_header(shape, dtype_name)
+      pending += _array_header(shape, stored)
       for field, item in zip(out, (name, bytes(pending), offset, size, shape, dtype), strict=True):
         out[field].append(item)
       offset += len(pending) + size
@@ -197,18 +190,15 @@ def _write_file(path: str, pieces: list[tuple[bytes, np.ndarray]]) -> None:
   fill = 0
   try:
     for header, data in pieces:
-      if fill + len(header) + len(data) > _WRITE_BYTES:
-        out.write(buffer[:fill])
-        fill = 0
-      buffer[fill : fill + len(header)] = np.frombuffer(header, np.uint8)
-      fill += len(header)
-      if len(data) > _WRITE_BYTES - fill:  # (Only if MAX_BYTES grew past _WRITE_BYTES.)
-        out.write(buffer[:fill])
-        out.write(data)
-        fill = 0
-        continue
-      buffer[fill : fill + len(data)] = data
-      fill += len(data)
+      for chunk in (np.frombuffer(header, np.uint8), data):
+        if fill + len(chunk) > _WRITE_BYTES:
+          out.write(buffer[:fill])
+          fill = 0
+          if len(chunk) > _WRITE_BYTES:  # (A long key path: written as it is.)
+            out.write(chunk)
+            continue
+        buffer[fill : fill + len(chunk)] = chunk
+        fill += len(chunk)
     out.write(buffer[:fill])
     os.fsync(out.fd)  # Here, while the rest is written; the commit's fsync is then cheap.
   finally:
@@ -269,16 +259,10 @@ def start(state_dir: str, arrays: dict[str, np.ndarray]) -> _Writing:
 
 
 def _open(path: str) -> int:
-  # Regular files only, opened without blocking: a FIFO planted in the
-  # checkpoint would otherwise hang the read.
   try:
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
-  except OSError as e:
+    return open_regular(path)
+  except (OSError, _FastReadUnsupported) as e:
     raise CorruptCheckpointError(f"{path} holds packed arrays and cannot be opened ({e}).") from e
-  if not stat.S_ISREG(os.fstat(fd).st_mode):
-    os.close(fd)
-    raise CorruptCheckpointError(f"{path} holds packed arrays and is not a regular file.")
-  return fd
 
 
 @dataclasses.dataclass

@@ -41,6 +41,12 @@ SCALAR_TYPES = (bool, int, float)
 _ESCAPES = (("/", "%2F"), (".", "%2E"))
 
 
+@functools.lru_cache(maxsize=256)
+def dtype_name(dtype: Any) -> str:
+  """``dtype.name``, cached: numpy computes it in Python (~10 µs), per leaf of a save."""
+  return dtype.name
+
+
 def is_numeric_dtype(dtype) -> bool:
   """Numpy's numeric dtypes and bfloat16 (ml_dtypes' others have kind "V")."""
   dtype = np.dtype(dtype)
